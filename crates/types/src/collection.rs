@@ -1,0 +1,167 @@
+//! A collection's specification and the rules it must satisfy.
+
+use crate::error::ApiError;
+use crate::ids::{CollectionName, RegionId};
+use crate::limits::*;
+use crate::routing::RegionShardMap;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Metric {
+    /// `1 - cos`; vectors are normalised on write, so the index computes `1 - dot`.
+    Cosine,
+    /// `1 - dot`; vectors must have norm <= 1 so the distance is never negative.
+    Dot,
+    /// Squared Euclidean distance.
+    L2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HnswParams {
+    pub m: u32,
+    pub ef_construction: u32,
+    pub ef_search: u32,
+}
+
+impl Default for HnswParams {
+    fn default() -> Self {
+        Self { m: 16, ef_construction: 200, ef_search: 128 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionShards {
+    pub region: RegionId,
+    pub shard_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionSpec {
+    pub name: CollectionName,
+    pub dimension: u32,
+    pub metric: Metric,
+    pub hnsw: HnswParams,
+    pub regions: Vec<RegionShards>,
+    pub replication_factor: u32,
+    pub default_retention_seconds: u64,
+    pub require_lawful_basis: bool,
+}
+
+impl CollectionSpec {
+    /// Checks every field against the documented ranges. Defaults (zeros) must
+    /// already have been filled in by whoever built the spec.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.dimension == 0 || self.dimension > MAX_DIMENSION {
+            return Err(ApiError::invalid(format!(
+                "collection.dimension is {}: it must be between 1 and {MAX_DIMENSION}",
+                self.dimension
+            )));
+        }
+        let h = &self.hnsw;
+        if !(MIN_M..=MAX_M).contains(&h.m) {
+            return Err(ApiError::invalid(format!(
+                "collection.hnsw.m is {}: it must be between {MIN_M} and {MAX_M}",
+                h.m
+            )));
+        }
+        if !(MIN_EF_CONSTRUCTION..=MAX_EF_CONSTRUCTION).contains(&h.ef_construction) || h.ef_construction < h.m {
+            return Err(ApiError::invalid(format!(
+                "collection.hnsw.ef_construction is {}: it must be between {MIN_EF_CONSTRUCTION} and {MAX_EF_CONSTRUCTION} and at least m ({})",
+                h.ef_construction, h.m
+            )));
+        }
+        if h.ef_search == 0 || h.ef_search > MAX_EF_SEARCH {
+            return Err(ApiError::invalid(format!(
+                "collection.hnsw.ef_search is {}: it must be between 1 and {MAX_EF_SEARCH}",
+                h.ef_search
+            )));
+        }
+        if self.regions.is_empty() {
+            return Err(ApiError::invalid("collection.regions is empty: name at least one region"));
+        }
+        if self.regions.len() > MAX_REGIONS {
+            return Err(ApiError::invalid(format!(
+                "collection.regions has {} entries: at most {MAX_REGIONS}",
+                self.regions.len()
+            )));
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.shard_count == 0 || r.shard_count > MAX_SHARDS_PER_REGION {
+                return Err(ApiError::invalid(format!(
+                    "collection.regions[{i}].shard_count is {}: it must be between 1 and {MAX_SHARDS_PER_REGION}",
+                    r.shard_count
+                )));
+            }
+            if self.regions[..i].iter().any(|o| o.region == r.region) {
+                return Err(ApiError::invalid(format!(
+                    "collection.regions[{i}]: region {} is listed twice",
+                    r.region
+                )));
+            }
+        }
+        if self.replication_factor == 0 || self.replication_factor > MAX_REPLICATION_FACTOR {
+            return Err(ApiError::invalid(format!(
+                "collection.replication_factor is {}: it must be between 1 and {MAX_REPLICATION_FACTOR}",
+                self.replication_factor
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn region(&self, region: &RegionId) -> Option<&RegionShards> {
+        self.regions.iter().find(|r| &r.region == region)
+    }
+
+    /// The shard map of one region, or INVALID_ARGUMENT naming the regions it spans.
+    pub fn shard_map(&self, region: &RegionId) -> Result<RegionShardMap, ApiError> {
+        match self.region(region) {
+            Some(r) => Ok(RegionShardMap::even(r.shard_count)),
+            None => Err(ApiError::invalid(format!(
+                "region {region} is not spanned by collection {}; it spans: {}",
+                self.name,
+                self.regions.iter().map(|r| r.region.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn spec() -> CollectionSpec {
+        CollectionSpec {
+            name: CollectionName::parse("c").unwrap(),
+            dimension: 4,
+            metric: Metric::L2,
+            hnsw: HnswParams::default(),
+            regions: vec![RegionShards { region: RegionId::parse("eu").unwrap(), shard_count: 2 }],
+            replication_factor: 1,
+            default_retention_seconds: 0,
+            require_lawful_basis: false,
+        }
+    }
+
+    #[test]
+    fn ranges_are_enforced_with_field_names() {
+        assert!(spec().validate().is_ok());
+        let cases: Vec<(fn(&mut CollectionSpec), &str)> = vec![
+            (|s| s.dimension = 0, "collection.dimension"),
+            (|s| s.dimension = MAX_DIMENSION + 1, "collection.dimension"),
+            (|s| s.hnsw.m = 300, "collection.hnsw.m"),
+            (|s| s.hnsw.m = 129, "collection.hnsw.m"),
+            (|s| s.hnsw.ef_construction = 8, "collection.hnsw.ef_construction"),
+            (|s| s.hnsw.ef_search = 0, "collection.hnsw.ef_search"),
+            (|s| s.regions.clear(), "collection.regions"),
+            (|s| s.regions[0].shard_count = 0, "collection.regions[0].shard_count"),
+            (|s| s.replication_factor = 8, "collection.replication_factor"),
+            (|s| s.regions.push(s.regions[0].clone()), "listed twice"),
+        ];
+        for (mutate, needle) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let err = s.validate().unwrap_err();
+            assert!(err.message.contains(needle), "{} lacks {needle}", err.message);
+        }
+    }
+}

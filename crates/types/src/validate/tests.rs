@@ -1,0 +1,84 @@
+use super::*;
+use crate::collection::{HnswParams, RegionShards};
+use crate::error::ErrorCode;
+use crate::ids::{CollectionName, PointId};
+
+fn spec(metric: Metric) -> CollectionSpec {
+    CollectionSpec {
+        name: CollectionName::parse("faces").unwrap(),
+        dimension: 3,
+        metric,
+        hnsw: HnswParams::default(),
+        regions: vec![RegionShards { region: RegionId::parse("eu").unwrap(), shard_count: 1 }],
+        replication_factor: 1,
+        default_retention_seconds: 60,
+        require_lawful_basis: true,
+    }
+}
+
+fn point(v: Vec<f32>) -> PointRecord {
+    PointRecord {
+        id: PointId::Num(1),
+        region: RegionId::parse("eu").unwrap(),
+        vector: v,
+        subject: "s".into(),
+        payload: Default::default(),
+        lawful_basis: LawfulBasis::Consent,
+        source: String::new(),
+        expires_at_ms: 0,
+    }
+}
+
+fn err(spec: &CollectionSpec, p: PointRecord) -> ApiError {
+    prepare_batch(spec, vec![point(vec![1.0, 0.0, 0.0]), p], 1000).unwrap_err()
+}
+
+#[test]
+fn bad_vectors_are_named() {
+    let s = spec(Metric::Cosine);
+    let e = err(&s, point(vec![1.0, 2.0]));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("points[1].vector has dimension 2") && e.message.contains("expects 3"), "{}", e.message);
+    let e = err(&s, point(vec![1.0, f32::NAN, 0.0]));
+    assert!(e.message.contains("points[1].vector[1] is NaN"), "{}", e.message);
+    let e = err(&s, point(vec![1.0, f32::INFINITY, 0.0]));
+    assert!(e.message.contains("points[1].vector[1] is inf"), "{}", e.message);
+    let e = err(&s, point(vec![0.0, 0.0, 0.0]));
+    assert!(e.message.contains("zero vector"), "{}", e.message);
+    let e = err(&spec(Metric::Dot), point(vec![3.0, 0.0, 0.0]));
+    assert!(e.message.contains("norm 3.0000"), "{}", e.message);
+}
+
+#[test]
+fn cosine_vectors_are_normalised_and_retention_resolved() {
+    let out = prepare_batch(&spec(Metric::Cosine), vec![point(vec![3.0, 4.0, 0.0])], 1000).unwrap();
+    assert!((out[0].vector[0] - 0.6).abs() < 1e-6 && (out[0].vector[1] - 0.8).abs() < 1e-6);
+    assert_eq!(out[0].expires_at_ms, 1000 + 60_000);
+    let mut keep = point(vec![1.0, 0.0, 0.0]);
+    keep.expires_at_ms = 5;
+    assert_eq!(prepare_batch(&spec(Metric::L2), vec![keep], 1000).unwrap()[0].expires_at_ms, 5);
+}
+
+#[test]
+fn policy_and_size_errors() {
+    let s = spec(Metric::L2);
+    let mut p = point(vec![1.0, 0.0, 0.0]);
+    p.lawful_basis = LawfulBasis::Unspecified;
+    let e = err(&s, p);
+    assert_eq!(e.code, ErrorCode::FailedPrecondition);
+    assert!(e.message.contains("points[1]") && e.message.contains("lawful basis"));
+
+    let mut p = point(vec![1.0, 0.0, 0.0]);
+    p.region = RegionId::parse("us").unwrap();
+    let e = err(&s, p);
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("points[1]: region us is not spanned") && e.message.contains("spans: eu"), "{}", e.message);
+
+    let mut p = point(vec![1.0, 0.0, 0.0]);
+    p.payload.insert("blob".into(), crate::point::Value::String("x".repeat(MAX_PAYLOAD_BYTES)));
+    assert!(err(&s, p).message.contains("points[1].payload is"));
+
+    let many = vec![point(vec![1.0, 0.0, 0.0]); MAX_BATCH_POINTS + 1];
+    assert!(prepare_batch(&s, many, 0).unwrap_err().message.contains("at most 1000 per request"));
+    assert!(prepare_batch(&s, vec![], 0).unwrap_err().message.contains("empty"));
+}
