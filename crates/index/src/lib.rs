@@ -10,6 +10,7 @@
 mod distance;
 mod exact;
 mod flat;
+pub mod fvecs;
 mod hnsw;
 
 pub use distance::Space;

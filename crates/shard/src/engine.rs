@@ -1,0 +1,257 @@
+//! One shard replica: [`ShardStore`] on disk plus a [`LiveIndex`] in memory,
+//! changed only through [`ShardEngine::apply`].
+//!
+//! `apply(index, command)` is deterministic (no clock, no randomness, no local id
+//! is stored: slots live only in memory) and total (it cannot refuse a command;
+//! only storage failure stops it). Entries at or below `last_applied` are skipped,
+//! so a log can be replayed. The data and `last_applied` go in one sled batch and
+//! are flushed to disk before `apply` returns, so an acknowledged write survives
+//! a crash.
+
+use crate::live::{LiveIndex, SearchPath};
+use crate::store::ShardStore;
+use crate::ShardError;
+use parking_lot::{Mutex, RwLock};
+use sovra_index::{HnswConfig, HnswIndex, Space, VectorIndex};
+use sovra_types::{CollectionSpec, Filter, Metric, PointId, PointRecord, ShardCommand, ShardId};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Points loaded per index batch on start and during a rebuild.
+const LOAD_CHUNK: usize = 10_000;
+
+pub struct ShardEngine {
+    id: ShardId,
+    spec: Arc<CollectionSpec>,
+    store: ShardStore,
+    /// Flushed after every command: the store tree shares the node's `Db`.
+    db: sled::Db,
+    /// Swapped whole by compaction; readers clone the `Arc` and never wait for it.
+    live: RwLock<Arc<LiveIndex>>,
+    /// Serialises `apply` and the last step of a compaction.
+    writer: Mutex<()>,
+    last_applied: AtomicU64,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApplyOutcome {
+    pub index: u64,
+    /// Points inserted or replaced (upsert), or that existed and were removed (delete).
+    pub changed: usize,
+    /// False if the index was at or below `last_applied` and so skipped.
+    pub applied: bool,
+}
+
+pub struct SearchParams<'a> {
+    pub vector: &'a [f32],
+    pub k: usize,
+    pub ef: usize,
+    pub filter: Option<&'a Filter>,
+    /// The caller's clock: points expired at this instant are never returned.
+    pub now_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub id: PointId,
+    pub distance: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardStats {
+    pub live_points: usize,
+    pub tombstones: usize,
+    pub last_applied: u64,
+    pub index_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompactionReport {
+    pub tombstones_dropped: usize,
+    pub live_points: usize,
+    pub rebuild: Duration,
+    /// Time writers were held back for the final catch-up and swap.
+    pub pause: Duration,
+}
+
+pub fn space_of(metric: Metric) -> Space {
+    match metric {
+        Metric::L2 => Space::L2,
+        Metric::Cosine | Metric::Dot => Space::OneMinusDot,
+    }
+}
+
+impl ShardEngine {
+    /// Opens the shard's store and rebuilds its index from it. Slow for big
+    /// shards: the node reports NOT_SERVING until every engine is open.
+    pub fn open(
+        id: ShardId,
+        spec: Arc<CollectionSpec>,
+        db: sled::Db,
+        tree: sled::Tree,
+        pool: Option<Arc<rayon::ThreadPool>>,
+    ) -> Result<Self, ShardError> {
+        let store = ShardStore::new(tree);
+        let last_applied = store.last_applied()?;
+        let engine = Self {
+            live: RwLock::new(Arc::new(new_live(&spec, 0, pool.clone()))),
+            id,
+            spec,
+            store,
+            db,
+            writer: Mutex::new(()),
+            last_applied: AtomicU64::new(last_applied),
+            pool,
+        };
+        let live = engine.live.read().clone();
+        let mut chunk = Vec::with_capacity(LOAD_CHUNK);
+        for rec in engine.store.points() {
+            chunk.push(rec?);
+            if chunk.len() == LOAD_CHUNK {
+                live.upsert(&chunk);
+                chunk.clear();
+            }
+        }
+        live.upsert(&chunk);
+        Ok(engine)
+    }
+
+    pub fn id(&self) -> &ShardId {
+        &self.id
+    }
+
+    pub fn spec(&self) -> &CollectionSpec {
+        &self.spec
+    }
+
+    pub fn last_applied(&self) -> u64 {
+        self.last_applied.load(Ordering::Acquire)
+    }
+
+    /// Stand-in for a replicated log until Raft arrives: gives the command the
+    /// next index and applies it, under the writer lock so indexes are gapless.
+    pub fn apply_next(&self, cmd: &ShardCommand) -> Result<ApplyOutcome, ShardError> {
+        let _w = self.writer.lock();
+        self.apply_locked(self.last_applied() + 1, cmd)
+    }
+
+    pub fn apply(&self, index: u64, cmd: &ShardCommand) -> Result<ApplyOutcome, ShardError> {
+        let _w = self.writer.lock();
+        self.apply_locked(index, cmd)
+    }
+
+    fn apply_locked(&self, index: u64, cmd: &ShardCommand) -> Result<ApplyOutcome, ShardError> {
+        if index <= self.last_applied() {
+            return Ok(ApplyOutcome { index, changed: 0, applied: false });
+        }
+        let mut batch = self.store.batch();
+        let changed = match cmd {
+            ShardCommand::Upsert(points) => {
+                for p in points {
+                    batch.upsert(p)?;
+                }
+                points.len()
+            }
+            ShardCommand::Delete(ids) => {
+                let mut n = 0;
+                for id in ids {
+                    n += batch.delete(id)? as usize;
+                }
+                n
+            }
+        };
+        batch.commit(index)?;
+        self.db.flush()?;
+        // Memory follows disk: if we crash before this line, the index is rebuilt
+        // from the store on start.
+        let live = self.live.read().clone();
+        match cmd {
+            ShardCommand::Upsert(points) => live.upsert(points),
+            ShardCommand::Delete(ids) => live.delete(ids),
+        }
+        self.last_applied.store(index, Ordering::Release);
+        Ok(ApplyOutcome { index, changed, applied: true })
+    }
+
+    pub fn search(&self, p: &SearchParams<'_>) -> (Vec<Hit>, SearchPath) {
+        let live = self.live.read().clone();
+        let (hits, path) = live.search(p.vector, p.k, p.ef, p.filter, p.now_ms);
+        (hits.into_iter().map(|h| Hit { id: h.id, distance: h.distance }).collect(), path)
+    }
+
+    /// A point as stored, unless it is absent or expired at `now_ms`.
+    pub fn get(&self, id: &PointId, now_ms: u64) -> Result<Option<PointRecord>, ShardError> {
+        Ok(self.store.get(id)?.filter(|r| !r.is_expired(now_ms)))
+    }
+
+    pub fn store(&self) -> &ShardStore {
+        &self.store
+    }
+
+    pub fn digest(&self) -> Result<u64, ShardError> {
+        self.store.digest()
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let live = self.live.read().clone();
+        ShardStats {
+            live_points: live.live_count(),
+            tombstones: live.tombstones(),
+            last_applied: self.last_applied(),
+            index_bytes: live.memory_bytes(),
+        }
+    }
+
+    /// Rebuilds the index without tombstones while searches and writes go on:
+    /// copy the live points into a new graph, catch up with what was written
+    /// meanwhile, then, with writers held back only for the last catch-up, swap.
+    pub fn compact(&self) -> CompactionReport {
+        let started = Instant::now();
+        let old = self.live.read().clone();
+        let before_tombstones = old.tombstones();
+        let fresh = new_live(&self.spec, old.live_count(), self.pool.clone());
+        let mut mark = old.copy_into(&fresh, 0);
+        // A second pass without the lock shortens the pause under steady writes.
+        mark = old.copy_into(&fresh, mark);
+        let rebuild = started.elapsed();
+        let paused = Instant::now();
+        {
+            let _w = self.writer.lock();
+            old.copy_into(&fresh, mark);
+            old.reconcile_deletes(&fresh);
+            *self.live.write() = Arc::new(fresh);
+        }
+        let pause = paused.elapsed();
+        let live = self.live.read().clone();
+        CompactionReport {
+            tombstones_dropped: before_tombstones.saturating_sub(live.tombstones()),
+            live_points: live.live_count(),
+            rebuild,
+            pause,
+        }
+    }
+
+    /// Whether tombstones are a large enough share to make a rebuild worth it.
+    pub fn needs_compaction(&self, threshold: f64) -> bool {
+        let s = self.stats();
+        let total = s.live_points + s.tombstones;
+        total > 0 && s.tombstones as f64 / total as f64 >= threshold
+    }
+
+    /// The stored vector as indexed (normalised under cosine).
+    pub fn vector_of(&self, id: &PointId) -> Option<Vec<f32>> {
+        self.live.read().vector_of(id)
+    }
+}
+
+fn new_live(spec: &CollectionSpec, expected: usize, pool: Option<Arc<rayon::ThreadPool>>) -> LiveIndex {
+    let cfg = HnswConfig {
+        m: spec.hnsw.m as usize,
+        ef_construction: spec.hnsw.ef_construction as usize,
+        expected_points: expected,
+    };
+    let index: Box<dyn VectorIndex> = Box::new(HnswIndex::new(spec.dimension as usize, space_of(spec.metric), &cfg, pool));
+    LiveIndex::new(index)
+}

@@ -1,0 +1,19 @@
+use thiserror::Error;
+
+/// Failures of the storage layer. Any of these means this replica can no longer be
+/// trusted to have written what it was told: the node stops rather than carry on.
+#[derive(Debug, Error)]
+pub enum ShardError {
+    #[error("storage I/O failed")]
+    Storage(#[from] sled::Error),
+    #[error("stored record at {what} cannot be decoded")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("encoding a record failed")]
+    Encode(#[source] postcard::Error),
+    #[error("data directory has format version {found}, this build reads {expected}")]
+    FormatVersion { found: u32, expected: u32 },
+}

@@ -1,0 +1,215 @@
+//! The searchable view of a shard: an index of slots plus the slot table that
+//! maps slots to points and marks tombstones.
+//!
+//! Search strategy, so that a filter never starves the top-k:
+//! 1. If a filter is given and a sample says it matches under
+//!    [`EXACT_SCAN_FRACTION`] of live points, scan exactly the matching set.
+//! 2. Otherwise search the HNSW graph with the full predicate (tombstone, expiry,
+//!    filter) applied inside the search.
+//! 3. Re-check every hit (hnsw_rs can return its unfiltered entry point).
+//! 4. If fewer than `k` survive, fall back to an exact scan of every accepted
+//!    slot: a search returns `k` results whenever `k` points are accepted.
+
+use parking_lot::RwLock;
+use sovra_index::{Neighbour, VectorIndex};
+use sovra_types::point::expired;
+use sovra_types::{Filter, Payload, PointId, PointRecord};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Below this estimated share of matching live points, an exact scan of the
+/// matching set beats walking the graph past mostly-refused nodes.
+pub const EXACT_SCAN_FRACTION: f64 = 0.03;
+/// Slots sampled to estimate a filter's selectivity.
+const SAMPLE: usize = 512;
+
+pub(crate) struct SlotMeta {
+    pub id: PointId,
+    pub expires_at_ms: u64,
+    pub payload: Arc<Payload>,
+    pub live: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct SlotTable {
+    pub slots: Vec<SlotMeta>,
+    pub by_id: HashMap<PointId, usize>,
+    pub live: usize,
+}
+
+impl SlotTable {
+    fn accepts(&self, slot: usize, now_ms: u64, filter: Option<&Filter>) -> bool {
+        self.slots.get(slot).is_some_and(|m| {
+            m.live && !expired(m.expires_at_ms, now_ms) && filter.is_none_or(|f| f.matches(&m.payload))
+        })
+    }
+
+    fn kill(&mut self, slot: usize) {
+        if let Some(m) = self.slots.get_mut(slot)
+            && m.live
+        {
+            m.live = false;
+            self.live -= 1;
+        }
+    }
+}
+
+/// What a search found, before the engine attaches payloads and vectors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LiveHit {
+    pub id: PointId,
+    pub slot: usize,
+    pub distance: f32,
+}
+
+/// Which path answered, for metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchPath {
+    Graph,
+    ExactFiltered,
+    ExactFallback,
+}
+
+pub struct LiveIndex {
+    index: Box<dyn VectorIndex>,
+    table: RwLock<SlotTable>,
+}
+
+impl LiveIndex {
+    pub fn new(index: Box<dyn VectorIndex>) -> Self {
+        Self { index, table: RwLock::new(SlotTable::default()) }
+    }
+
+    /// Adds records (callers serialise writers); later records of one id win.
+    pub fn upsert(&self, records: &[PointRecord]) {
+        let vectors: Vec<&[f32]> = records.iter().map(|r| r.vector.as_slice()).collect();
+        let metas = records
+            .iter()
+            .map(|r| SlotMeta { id: r.id, expires_at_ms: r.expires_at_ms, payload: Arc::new(r.payload.clone()), live: true });
+        self.insert(&vectors, metas.collect());
+    }
+
+    /// The one place slots become searchable: the graph first (while the slot is
+    /// still unknown to the table and so refused), then the table, so a point is
+    /// replaced atomically for readers.
+    fn insert(&self, vectors: &[&[f32]], metas: Vec<SlotMeta>) {
+        let slots = self.index.add_batch(vectors);
+        let mut t = self.table.write();
+        debug_assert_eq!(slots.start, t.slots.len(), "one writer at a time keeps slots aligned");
+        for (slot, meta) in slots.zip(metas) {
+            let id = meta.id;
+            t.slots.push(meta);
+            t.live += 1;
+            if let Some(old) = t.by_id.insert(id, slot) {
+                t.kill(old);
+            }
+        }
+    }
+
+    pub fn delete(&self, ids: &[PointId]) {
+        let mut t = self.table.write();
+        for id in ids {
+            if let Some(slot) = t.by_id.remove(id) {
+                t.kill(slot);
+            }
+        }
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.table.read().live
+    }
+
+    pub fn tombstones(&self) -> usize {
+        let t = self.table.read();
+        t.slots.len() - t.live
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.index.memory_bytes()
+    }
+
+    pub fn vector_of(&self, id: &PointId) -> Option<Vec<f32>> {
+        let slot = *self.table.read().by_id.get(id)?;
+        self.index.vectors().get(slot)
+    }
+
+    pub fn search(&self, query: &[f32], k: usize, ef: usize, filter: Option<&Filter>, now_ms: u64) -> (Vec<LiveHit>, SearchPath) {
+        let t = self.table.read();
+        if k == 0 || t.live == 0 {
+            return (Vec::new(), SearchPath::Graph);
+        }
+        let accept = |slot: usize| t.accepts(slot, now_ms, filter);
+        let to_hits = |ns: Vec<Neighbour>| -> Vec<LiveHit> {
+            let mut hits: Vec<LiveHit> = ns
+                .into_iter()
+                .filter(|n| accept(n.slot)) // re-check every hit
+                .map(|n| LiveHit { id: t.slots[n.slot].id, slot: n.slot, distance: n.distance })
+                .collect();
+            // Equal distances come back in graph order; break ties by id so that
+            // answers are the same on every replica and after every rebuild.
+            hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
+            hits
+        };
+        if filter.is_some() && self.estimated_fraction(&t, &accept) < EXACT_SCAN_FRACTION {
+            let matching: Vec<usize> = (0..t.slots.len()).filter(|&s| accept(s)).collect();
+            let hits = self.index.vectors().exact_search(query, k, Some(&matching), &accept);
+            return (to_hits(hits), SearchPath::ExactFiltered);
+        }
+        let hits = to_hits(self.index.search(query, k, ef, &accept));
+        if hits.len() >= k {
+            return (hits, SearchPath::Graph);
+        }
+        let hits = self.index.vectors().exact_search(query, k, None, &accept);
+        (to_hits(hits), SearchPath::ExactFallback)
+    }
+
+    /// Share of live slots the predicate accepts, from an evenly strided sample.
+    fn estimated_fraction(&self, t: &SlotTable, accept: &dyn Fn(usize) -> bool) -> f64 {
+        let n = t.slots.len();
+        let step = (n / SAMPLE).max(1);
+        let (mut seen, mut hit) = (0usize, 0usize);
+        for s in (0..n).step_by(step) {
+            if t.slots[s].live {
+                seen += 1;
+                hit += accept(s) as usize;
+            }
+        }
+        if seen == 0 { 0.0 } else { hit as f64 / seen as f64 }
+    }
+
+    /// Copies the live points (vector and metadata) from slot `from` on, for a
+    /// rebuild; returns them and the slot count at the time of the copy.
+    fn live_from(&self, from: usize) -> (Vec<Vec<f32>>, Vec<SlotMeta>, usize) {
+        let t = self.table.read();
+        let mut vectors = Vec::new();
+        let mut metas = Vec::new();
+        for (slot, m) in t.slots.iter().enumerate().skip(from) {
+            if m.live
+                && let Some(v) = self.index.vectors().get(slot)
+            {
+                vectors.push(v);
+                metas.push(SlotMeta { id: m.id, expires_at_ms: m.expires_at_ms, payload: m.payload.clone(), live: true });
+            }
+        }
+        (vectors, metas, t.slots.len())
+    }
+
+    /// Copies live slots from `from` on into `target`; returns the new mark.
+    pub(crate) fn copy_into(&self, target: &LiveIndex, from: usize) -> usize {
+        let (vectors, metas, mark) = self.live_from(from);
+        let refs: Vec<&[f32]> = vectors.iter().map(Vec::as_slice).collect();
+        target.insert(&refs, metas);
+        mark
+    }
+
+    /// Final step of a rebuild (with writers stopped): anything deleted here since
+    /// it was copied is deleted in `target` too.
+    pub(crate) fn reconcile_deletes(&self, target: &LiveIndex) {
+        let gone: Vec<PointId> = {
+            let src = self.table.read();
+            let dst = target.table.read();
+            dst.by_id.keys().filter(|id| !src.by_id.contains_key(id)).copied().collect()
+        };
+        target.delete(&gone);
+    }
+}

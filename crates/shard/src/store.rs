@@ -1,0 +1,187 @@
+//! On-disk layout of one shard, in its own sled tree:
+//!
+//! | key | value |
+//! |---|---|
+//! | `p` + point key | postcard [`PointRecord`] |
+//! | `s` + u16 BE subject length + subject + point key | empty (subject index) |
+//! | `e` + u64 BE `expires_at_ms` + point key | empty (expiry index) |
+//! | `m` + `last_applied` | u64 BE |
+//!
+//! Point keys are [`PointId::key_bytes`], so `p` keys sort by id and the state
+//! digest is a pure function of the points.
+
+use crate::ShardError;
+use sled::{Batch, Tree};
+use sovra_types::{PointId, PointRecord};
+use xxhash_rust::xxh3::Xxh3;
+
+const POINT: u8 = b'p';
+const SUBJECT: u8 = b's';
+const EXPIRY: u8 = b'e';
+const LAST_APPLIED: &[u8] = b"mlast_applied";
+
+pub struct ShardStore {
+    tree: Tree,
+}
+
+fn point_key(id: &PointId) -> Vec<u8> {
+    let mut k = vec![POINT];
+    k.extend_from_slice(&id.key_bytes());
+    k
+}
+
+fn subject_key(subject: &str, id: &PointId) -> Vec<u8> {
+    let mut k = vec![SUBJECT];
+    // Subjects are at most 256 bytes (validated), so u16 always fits.
+    k.extend_from_slice(&(subject.len() as u16).to_be_bytes());
+    k.extend_from_slice(subject.as_bytes());
+    k.extend_from_slice(&id.key_bytes());
+    k
+}
+
+fn expiry_key(at: u64, id: &PointId) -> Vec<u8> {
+    let mut k = vec![EXPIRY];
+    k.extend_from_slice(&at.to_be_bytes());
+    k.extend_from_slice(&id.key_bytes());
+    k
+}
+
+fn decode(what: &[u8], bytes: &[u8]) -> Result<PointRecord, ShardError> {
+    postcard::from_bytes(bytes).map_err(|source| ShardError::Corrupt { what: format!("{what:?}"), source })
+}
+
+/// A batch of changes being prepared for one command; it reads through to the
+/// tree but sees its own pending writes, so several upserts of one id in a batch
+/// leave exactly one record and consistent index entries.
+pub struct PendingBatch<'a> {
+    store: &'a ShardStore,
+    batch: Batch,
+    overlay: std::collections::HashMap<PointId, Option<PointRecord>>,
+}
+
+impl<'a> PendingBatch<'a> {
+    fn current(&self, id: &PointId) -> Result<Option<PointRecord>, ShardError> {
+        match self.overlay.get(id) {
+            Some(r) => Ok(r.clone()),
+            None => self.store.get(id),
+        }
+    }
+
+    fn remove_indexes(&mut self, old: &PointRecord) {
+        self.batch.remove(subject_key(&old.subject, &old.id));
+        if old.expires_at_ms != 0 {
+            self.batch.remove(expiry_key(old.expires_at_ms, &old.id));
+        }
+    }
+
+    /// Returns whether the id existed before.
+    pub fn upsert(&mut self, rec: &PointRecord) -> Result<bool, ShardError> {
+        let old = self.current(&rec.id)?;
+        if let Some(old) = &old {
+            self.remove_indexes(old);
+        }
+        self.batch.insert(point_key(&rec.id), postcard::to_allocvec(rec).map_err(ShardError::Encode)?);
+        self.batch.insert(subject_key(&rec.subject, &rec.id), &[][..]);
+        if rec.expires_at_ms != 0 {
+            self.batch.insert(expiry_key(rec.expires_at_ms, &rec.id), &[][..]);
+        }
+        self.overlay.insert(rec.id, Some(rec.clone()));
+        Ok(old.is_some())
+    }
+
+    /// Returns whether the id existed.
+    pub fn delete(&mut self, id: &PointId) -> Result<bool, ShardError> {
+        let Some(old) = self.current(id)? else { return Ok(false) };
+        self.remove_indexes(&old);
+        self.batch.remove(point_key(id));
+        self.overlay.insert(*id, None);
+        Ok(true)
+    }
+
+    /// Writes everything and `last_applied` atomically.
+    pub fn commit(mut self, index: u64) -> Result<(), ShardError> {
+        self.batch.insert(LAST_APPLIED, &index.to_be_bytes());
+        self.store.tree.apply_batch(self.batch)?;
+        Ok(())
+    }
+}
+
+impl ShardStore {
+    pub fn new(tree: Tree) -> Self {
+        Self { tree }
+    }
+
+    pub fn batch(&self) -> PendingBatch<'_> {
+        PendingBatch { store: self, batch: Batch::default(), overlay: Default::default() }
+    }
+
+    pub fn last_applied(&self) -> Result<u64, ShardError> {
+        Ok(self
+            .tree
+            .get(LAST_APPLIED)?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0))
+    }
+
+    pub fn get(&self, id: &PointId) -> Result<Option<PointRecord>, ShardError> {
+        let key = point_key(id);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Every point in key order.
+    pub fn points(&self) -> impl Iterator<Item = Result<PointRecord, ShardError>> + '_ {
+        self.tree.scan_prefix([POINT]).map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        })
+    }
+
+    /// Ids of a subject's points, from the subject index.
+    pub fn ids_of_subject(&self, subject: &str) -> Result<Vec<PointId>, ShardError> {
+        let prefix = {
+            let mut k = vec![SUBJECT];
+            k.extend_from_slice(&(subject.len() as u16).to_be_bytes());
+            k.extend_from_slice(subject.as_bytes());
+            k
+        };
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            if let Some(id) = PointId::from_key_bytes(&k[prefix.len()..]) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ids whose `expires_at_ms` is at or before `now_ms`, oldest first.
+    pub fn expired_ids(&self, now_ms: u64, limit: usize) -> Result<Vec<PointId>, ShardError> {
+        let end = expiry_key(now_ms, &PointId::Uuid(uuid_max()));
+        let mut out = Vec::new();
+        for kv in self.tree.range(vec![EXPIRY, 0, 0, 0, 0, 0, 0, 0, 1]..=end).take(limit) {
+            let (k, _) = kv?;
+            if let Some(id) = PointId::from_key_bytes(&k[9..]) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// xxh3-64 over every point's key and encoded record in key order: equal
+    /// digests mean equal points, whatever order the commands came in.
+    pub fn digest(&self) -> Result<u64, ShardError> {
+        let mut h = Xxh3::new();
+        for kv in self.tree.scan_prefix([POINT]) {
+            let (k, v) = kv?;
+            h.update(&(k.len() as u32).to_be_bytes());
+            h.update(&k);
+            h.update(&(v.len() as u32).to_be_bytes());
+            h.update(&v);
+        }
+        Ok(h.digest())
+    }
+}
+
+fn uuid_max() -> uuid::Uuid {
+    uuid::Uuid::max()
+}

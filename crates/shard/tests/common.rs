@@ -1,0 +1,53 @@
+//! Helpers shared by the shard tests.
+#![allow(dead_code)]
+
+use sovra_shard::{NodeStore, ShardEngine};
+use sovra_types::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub fn spec(name: &str, dim: u32, metric: Metric) -> CollectionSpec {
+    CollectionSpec {
+        name: CollectionName::parse(name).unwrap(),
+        dimension: dim,
+        metric,
+        hnsw: HnswParams { m: 16, ef_construction: 200, ef_search: 128 },
+        regions: vec![RegionShards { region: RegionId::parse("eu").unwrap(), shard_count: 1 }],
+        replication_factor: 1,
+        default_retention_seconds: 0,
+        require_lawful_basis: false,
+    }
+}
+
+pub fn pool() -> Arc<rayon::ThreadPool> {
+    Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap())
+}
+
+pub fn open(store: &NodeStore, spec: &CollectionSpec) -> ShardEngine {
+    let id = ShardId { collection: spec.name.clone(), region: RegionId::parse("eu").unwrap(), number: 0 };
+    let tree = store.shard_tree(&id).unwrap();
+    ShardEngine::open(id, Arc::new(spec.clone()), store.db().clone(), tree, Some(pool())).unwrap()
+}
+
+pub fn record(id: u64, vector: Vec<f32>, payload: Payload) -> PointRecord {
+    PointRecord {
+        id: PointId::Num(id),
+        region: RegionId::parse("eu").unwrap(),
+        vector,
+        subject: format!("subject-{}", id % 97),
+        payload,
+        lawful_basis: LawfulBasis::Consent,
+        source: "test".into(),
+        expires_at_ms: 0,
+    }
+}
+
+/// `shared/bench/data` beside the checkout (as in CI), or `SOVRA_BENCH_DATA`.
+pub fn data_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("SOVRA_BENCH_DATA") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/data");
+    assert!(p.is_dir(), "benchmark data not found at {}: clone with ../shared beside it or set SOVRA_BENCH_DATA", p.display());
+    p
+}

@@ -1,0 +1,116 @@
+//! Recall@10 of the engine's search path against the exact oracle, on the
+//! benchmark datasets: plain, with a ~10% filter, a ~0.1% filter, and after
+//! deleting 30% of points and compacting. Prints every figure.
+
+mod common;
+
+use common::*;
+use sovra_index::fvecs::read_fvecs;
+use sovra_index::{ExactIndex, Space, VectorIndex};
+use sovra_shard::{NodeStore, SearchParams, ShardEngine};
+use sovra_types::*;
+use std::collections::HashSet;
+
+const QUERIES: usize = 300;
+const K: usize = 10;
+const EF: usize = 128;
+
+fn bucket_payload(row: usize) -> Payload {
+    [
+        ("tenth".to_string(), Value::Integer((row % 10) as i64)),
+        ("thousandth".to_string(), Value::Integer((row % 1000) as i64)),
+    ]
+    .into()
+}
+
+fn eq(key: &str, v: i64) -> Filter {
+    Filter::Condition(Condition::Match { key: key.into(), value: Value::Integer(v) })
+}
+
+struct Bench {
+    base: Vec<Vec<f32>>,
+    queries: Vec<Vec<f32>>,
+    engine: ShardEngine,
+    _dir: tempfile::TempDir,
+}
+
+fn load(set: &str, metric: Metric) -> Bench {
+    let dir = data_dir().join(set);
+    let base = read_fvecs(&dir.join("base.fvecs")).unwrap();
+    let queries: Vec<_> = read_fvecs(&dir.join("query.fvecs")).unwrap().into_iter().take(QUERIES).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = NodeStore::open(tmp.path(), 64 << 20).unwrap();
+    let spec = spec("bench", base[0].len() as u32, metric);
+    let engine = open(&store, &spec);
+    for chunk in base.chunks(1000).enumerate() {
+        let (c, rows) = chunk;
+        let recs = rows
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let row = c * 1000 + i;
+                let v = validate::prepare_vector(&spec, v.clone(), "v").unwrap();
+                record(row as u64, v, bucket_payload(row))
+            })
+            .collect();
+        engine.apply_next(&ShardCommand::Upsert(recs)).unwrap();
+    }
+    Bench { base, queries, engine, _dir: tmp }
+}
+
+/// Mean recall@K of the engine against an exact scan of the rows `keep` accepts.
+fn recall(b: &Bench, metric: Metric, filter: Option<&Filter>, keep: &(dyn Fn(usize) -> bool + Sync)) -> f64 {
+    let space = if metric == Metric::L2 { Space::L2 } else { Space::OneMinusDot };
+    let oracle = ExactIndex::new(b.base[0].len(), space);
+    let rows: Vec<&[f32]> = b.base.iter().map(Vec::as_slice).collect();
+    oracle.add_batch(&rows);
+    let (mut found, mut wanted) = (0usize, 0usize);
+    for q in &b.queries {
+        let truth: HashSet<u64> = oracle.search(q, K, 0, &|s| keep(s)).iter().map(|n| n.slot as u64).collect();
+        let params = SearchParams { vector: q, k: K, ef: EF, filter, now_ms: 1 };
+        let (hits, _) = b.engine.search(&params);
+        assert_eq!(hits.len(), truth.len().min(K), "a search returns k hits whenever k points match");
+        for h in &hits {
+            let PointId::Num(row) = h.id else { panic!("numeric ids only") };
+            assert!(keep(row as usize), "hit {row} does not satisfy the filter or was deleted");
+        }
+        found += hits.iter().filter(|h| matches!(h.id, PointId::Num(r) if truth.contains(&r))).count();
+        wanted += truth.len();
+    }
+    found as f64 / wanted as f64
+}
+
+fn check_dataset(set: &str, metric: Metric, floor: f64) {
+    let b = load(set, metric);
+    let all = recall(&b, metric, None, &|_| true);
+    let f10 = recall(&b, metric, Some(&eq("tenth", 3)), &|r| r % 10 == 3);
+    let f01 = recall(&b, metric, Some(&eq("thousandth", 7)), &|r| r % 1000 == 7);
+    // Delete 30% (rows whose tenth is 0, 1 or 2), then compact.
+    let doomed: Vec<PointId> = (0..b.base.len()).filter(|r| r % 10 < 3).map(|r| PointId::Num(r as u64)).collect();
+    for chunk in doomed.chunks(1000) {
+        b.engine.apply_next(&ShardCommand::Delete(chunk.to_vec())).unwrap();
+    }
+    let deleted_before_compaction = recall(&b, metric, None, &|r| r % 10 >= 3);
+    let report = b.engine.compact();
+    assert_eq!(b.engine.stats().tombstones, 0);
+    let after = recall(&b, metric, None, &|r| r % 10 >= 3);
+    println!(
+        "recall@{K} ef={EF} {set}: plain {all:.4}, filter 10% {f10:.4}, filter 0.1% {f01:.4}, \
+         30% deleted {deleted_before_compaction:.4}, after compaction {after:.4} \
+         (rebuild {:?}, pause {:?})",
+        report.rebuild, report.pause
+    );
+    for (what, r) in [("plain", all), ("filter 10%", f10), ("filter 0.1%", f01), ("deleted", deleted_before_compaction), ("compacted", after)] {
+        assert!(r >= floor, "{set} {what}: recall {r:.4} below {floor}");
+    }
+}
+
+#[test]
+fn recall_minilm_384_ip() {
+    check_dataset("minilm-384-ip", Metric::Cosine, 0.95);
+}
+
+#[test]
+fn recall_gmm_128_l2() {
+    check_dataset("gmm-128-l2", Metric::L2, 0.90);
+}
