@@ -1,1 +1,17 @@
-//! x
+//! The `sovra` node: typed config, node state (collections and their shard
+//! engines), the public gRPC services, metrics, and the wiring that starts and
+//! stops it (`run(config, shutdown)`), plus `sovra dev` and `sovra bench`.
+//!
+//! Everything below this crate is pure or storage; this crate is where the
+//! runtime, the network and the clock come in.
+
+pub mod bench;
+pub mod config;
+pub mod dev;
+pub mod metrics;
+pub mod run;
+mod service;
+pub mod state;
+
+pub use config::NodeConfig;
+pub use run::{RunningNode, run, start};

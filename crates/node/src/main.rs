@@ -1,1 +1,74 @@
-fn main(){}
+//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sovra_node::{NodeConfig, bench, dev};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "sovra", version, about = "Sovra: a sharded vector-search cluster for data about people")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node from a config file (SOVRA_* environment variables override it).
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a local node with sample data and example searches, until Ctrl-C.
+    Dev(dev::DevArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The index peer for shared/bench/peers.py --sovra.
+    Index(bench::IndexBenchArgs),
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Logs go to stderr: stdout carries the bench protocol and the dev transcript.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sled=warn,hnsw_rs=warn".into()))
+        .init();
+    match cli.command {
+        Command::Bench { what: BenchCommand::Index(args) } => bench::index(args),
+        Command::Node { config } => {
+            let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
+            runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {
+                // One parseable line so scripts and tests learn the bound ports.
+                println!("sovra node listening grpc={} metrics={}", n.grpc_addr, n.metrics_addr);
+            }))
+        }
+        Command::Dev(args) => runtime()?.block_on(dev::dev(args, shutdown_signal())),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

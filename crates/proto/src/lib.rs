@@ -1,1 +1,28 @@
-//! placeholder
+//! The wire layer: code generated from `proto/`, conversions between wire
+//! messages and `sovra-types`, and the one mapping from [`ApiError`] codes to
+//! gRPC statuses. Depends on `sovra-types` only; never on the engine.
+
+pub mod convert;
+
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sovra.v1");
+}
+
+/// For the gRPC reflection service, so `grpcurl` works without the protos.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sovra_descriptor");
+
+use sovra_types::{ApiError, ErrorCode};
+
+pub fn status_of(e: &ApiError) -> tonic::Status {
+    let code = match e.code {
+        ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorCode::NotFound => tonic::Code::NotFound,
+        ErrorCode::AlreadyExists => tonic::Code::AlreadyExists,
+        ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
+        ErrorCode::Unavailable => tonic::Code::Unavailable,
+        ErrorCode::Internal => tonic::Code::Internal,
+    };
+    tonic::Status::new(code, e.message.clone())
+}

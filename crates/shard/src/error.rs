@@ -12,6 +12,8 @@ pub enum ShardError {
         #[source]
         source: postcard::Error,
     },
+    #[error("data directory I/O failed")]
+    Io(#[from] std::io::Error),
     #[error("encoding a record failed")]
     Encode(#[source] postcard::Error),
     #[error("data directory has format version {found}, this build reads {expected}")]

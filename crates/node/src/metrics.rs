@@ -1,0 +1,40 @@
+//! Metric names and units of the node, and the Prometheus `/metrics` endpoint.
+//! Labels never carry personal data: only collection, region and shard numbers.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const REQUESTS: &str = "sovra_requests_total";
+pub const REQUEST_SECONDS: &str = "sovra_request_seconds";
+pub const SEARCH_PATH: &str = "sovra_search_path_total";
+pub const SHARD_LIVE_POINTS: &str = "sovra_shard_live_points";
+pub const SHARD_TOMBSTONES: &str = "sovra_shard_tombstones";
+pub const SHARD_APPLIED_INDEX: &str = "sovra_shard_applied_index";
+pub const SHARD_INDEX_BYTES: &str = "sovra_shard_index_bytes";
+pub const COMPACTIONS: &str = "sovra_compactions_total";
+pub const COMPACTION_PAUSE_SECONDS: &str = "sovra_compaction_pause_seconds";
+
+/// The process-wide recorder: `metrics` has one global recorder, so several
+/// nodes in one process (tests, `sovra dev`) share it.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first; then ours
+            // simply renders nothing, which tests would notice.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::describe_counter!(REQUESTS, "gRPC requests by method and status code");
+            metrics::describe_histogram!(REQUEST_SECONDS, metrics::Unit::Seconds, "gRPC request latency by method");
+            metrics::describe_counter!(SEARCH_PATH, "shard searches by path: graph, exact_filtered, exact_fallback");
+            metrics::describe_gauge!(SHARD_LIVE_POINTS, "live points per shard");
+            metrics::describe_gauge!(SHARD_TOMBSTONES, "index tombstones per shard awaiting compaction");
+            metrics::describe_gauge!(SHARD_APPLIED_INDEX, "last applied log index per shard");
+            metrics::describe_gauge!(SHARD_INDEX_BYTES, metrics::Unit::Bytes, "estimated index memory per shard");
+            metrics::describe_counter!(COMPACTIONS, "index compactions");
+            metrics::describe_histogram!(COMPACTION_PAUSE_SECONDS, metrics::Unit::Seconds, "writer pause at compaction swap");
+            handle
+        })
+        .clone()
+}

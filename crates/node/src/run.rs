@@ -1,0 +1,187 @@
+//! Starting and stopping a node: `start(config)` binds the ports and returns at
+//! once (health says NOT_SERVING while shards load); `run(config, shutdown)`
+//! serves until `shutdown` resolves or storage fails. Several nodes can run in
+//! one process (tests, `sovra dev`).
+
+use crate::config::NodeConfig;
+use crate::metrics as m;
+use crate::service::{CollectionsService, PointsService, SearchService};
+use crate::state::NodeState;
+use anyhow::Context;
+use sovra_proto::v1::{collections_server::CollectionsServer, points_server::PointsServer, search_server::SearchServer};
+use sovra_types::limits::MAX_MESSAGE_BYTES;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+pub struct RunningNode {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub state: Arc<NodeState>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+const SERVICES: [&str; 3] = ["sovra.v1.Collections", "sovra.v1.Points", "sovra.v1.Search"];
+
+pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
+    config.validate()?;
+    let grpc = tokio::net::TcpListener::bind(config.grpc_listen).await.with_context(|| format!("binding grpc_listen {}", config.grpc_listen))?;
+    let metrics_listener =
+        tokio::net::TcpListener::bind(config.metrics_listen).await.with_context(|| format!("binding metrics_listen {}", config.metrics_listen))?;
+    let grpc_addr = grpc.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let state = tokio::task::spawn_blocking(move || NodeState::open(config)).await?.context("opening the data directory")?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for s in ["", SERVICES[0], SERVICES[1], SERVICES[2]] {
+        health.set_service_status(s, ServingStatus::NotServing).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let shutdown = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(CollectionsServer::new(CollectionsService { state: state.clone() }))
+        .add_service(
+            PointsServer::new(PointsService { state: state.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            SearchServer::new(SearchService { state: state.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown);
+    let server = tokio::spawn(server);
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(serve_metrics(metrics_listener, state.clone(), stop_rx.clone())));
+    // Load shards off the runtime, then report SERVING.
+    {
+        let state = state.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.load()).await {
+                Ok(Ok(())) => {
+                    for s in ["", SERVICES[0], SERVICES[1], SERVICES[2]] {
+                        health.set_service_status(s, ServingStatus::Serving).await;
+                    }
+                    tracing::info!("all shards loaded; serving");
+                }
+                Ok(Err(e)) => {
+                    state.storage_failed(e);
+                }
+                Err(e) => tracing::error!(error = %e, "shard load task failed"),
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(compaction_loop(state.clone(), stop_rx)));
+    Ok(RunningNode { grpc_addr, metrics_addr, state, stop, tasks, server })
+}
+
+impl RunningNode {
+    /// Resolves when storage has failed, with the reason.
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.state.fatal();
+        match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.send_replace(true);
+        self.server.await?.context("gRPC server")?;
+        for t in self.tasks {
+            t.abort();
+        }
+        // Everything acknowledged was flushed already; this flush only shortens
+        // the next start's recovery.
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || state.flush()).await??;
+        Ok(())
+    }
+}
+
+/// Serves until `shutdown` resolves (clean exit) or storage fails (error).
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>, on_start: impl FnOnce(&RunningNode)) -> anyhow::Result<()> {
+    let node = start(config).await?;
+    on_start(&node);
+    let failure = tokio::select! {
+        _ = shutdown => None,
+        reason = node.fatal() => Some(reason),
+    };
+    node.stop().await?;
+    match failure {
+        None => Ok(()),
+        Some(reason) => anyhow::bail!("node stopped after a storage failure: {reason}"),
+    }
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let handle = m::handle();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let state = state.clone();
+            let handle = handle.clone();
+            async move {
+                for e in state.engines() {
+                    let s = e.stats();
+                    let id = e.id();
+                    let labels = [("collection", id.collection.to_string()), ("region", id.region.to_string()), ("shard", id.number.to_string())];
+                    metrics::gauge!(m::SHARD_LIVE_POINTS, &labels).set(s.live_points as f64);
+                    metrics::gauge!(m::SHARD_TOMBSTONES, &labels).set(s.tombstones as f64);
+                    metrics::gauge!(m::SHARD_APPLIED_INDEX, &labels).set(s.last_applied as f64);
+                    metrics::gauge!(m::SHARD_INDEX_BYTES, &labels).set(s.index_bytes as f64);
+                }
+                handle.render()
+            }
+        }),
+    );
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+}
+
+/// Rebuilds the graph of any shard whose tombstones pass the configured share.
+async fn compaction_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_secs(state.config.compaction_check_seconds);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let ratio = state.config.compaction_tombstone_ratio;
+        for engine in state.engines() {
+            if engine.needs_compaction(ratio) {
+                let e = engine.clone();
+                if let Ok(report) = tokio::task::spawn_blocking(move || e.compact()).await {
+                    metrics::counter!(m::COMPACTIONS).increment(1);
+                    metrics::histogram!(m::COMPACTION_PAUSE_SECONDS).record(report.pause.as_secs_f64());
+                    tracing::info!(shard = %engine.id(), dropped = report.tombstones_dropped, pause = ?report.pause, "compacted");
+                }
+            }
+        }
+    }
+}

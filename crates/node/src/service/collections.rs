@@ -1,0 +1,64 @@
+use super::observe;
+use crate::state::{Collection, NodeState};
+use sovra_proto::convert::{spec_from, spec_to};
+use sovra_proto::v1::{self, collections_server::Collections};
+use sovra_types::ApiError;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct CollectionsService {
+    pub state: Arc<NodeState>,
+}
+
+fn info(c: &Collection) -> v1::CollectionInfo {
+    let mut shards = Vec::new();
+    for r in &c.spec.regions {
+        let map = sovra_types::RegionShardMap::even(r.shard_count);
+        for (number, range) in map.shards() {
+            let stats = c.shards.get(&(r.region.clone(), number)).map(|e| e.stats());
+            shards.push(v1::ShardInfo {
+                region: r.region.to_string(),
+                number,
+                hash_start: range.start,
+                hash_end: range.end,
+                live_points: stats.map_or(0, |s| s.live_points as u64),
+                tombstones: stats.map_or(0, |s| s.tombstones as u64),
+                applied_index: stats.map_or(0, |s| s.last_applied),
+            });
+        }
+    }
+    v1::CollectionInfo { spec: Some(spec_to(&c.spec)), shards }
+}
+
+#[tonic::async_trait]
+impl Collections for CollectionsService {
+    async fn create_collection(&self, req: Request<v1::CreateCollectionRequest>) -> Result<Response<v1::CollectionInfo>, Status> {
+        observe("create_collection", async {
+            let spec = req.into_inner().collection.ok_or_else(|| ApiError::invalid("collection is missing: send a CollectionSpec"))?;
+            let spec = spec_from(spec)?;
+            let c = self.state.create(spec).await?;
+            Ok(info(&c))
+        })
+        .await
+    }
+
+    async fn get_collection(&self, req: Request<v1::GetCollectionRequest>) -> Result<Response<v1::CollectionInfo>, Status> {
+        observe("get_collection", async { Ok(info(&*self.state.collection(&req.get_ref().name)?)) }).await
+    }
+
+    async fn list_collections(&self, _req: Request<v1::ListCollectionsRequest>) -> Result<Response<v1::ListCollectionsResponse>, Status> {
+        observe("list_collections", async {
+            self.state.ensure_ready()?;
+            Ok(v1::ListCollectionsResponse { collections: self.state.list().iter().map(|c| info(c)).collect() })
+        })
+        .await
+    }
+
+    async fn drop_collection(&self, req: Request<v1::DropCollectionRequest>) -> Result<Response<v1::DropCollectionResponse>, Status> {
+        observe("drop_collection", async {
+            let n = self.state.drop_collection(&req.get_ref().name).await?;
+            Ok(v1::DropCollectionResponse { shards_dropped: n as u32 })
+        })
+        .await
+    }
+}

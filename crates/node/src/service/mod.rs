@@ -1,0 +1,39 @@
+//! The public gRPC services (`sovra.v1`). Handlers convert and validate, then
+//! call the node state and shard engines on the blocking pool (HNSW searches and
+//! sled flushes must not stall the async runtime).
+
+mod collections;
+mod points;
+mod search;
+
+pub use collections::CollectionsService;
+pub use points::PointsService;
+pub use search::SearchService;
+
+use crate::metrics as m;
+use sovra_proto::status_of;
+use sovra_types::ApiError;
+use std::future::Future;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tonic::{Response, Status};
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("worker task failed: {e}")))
+}
+
+/// Runs a handler body, maps its error to a status and records the request.
+pub(crate) async fn observe<T>(method: &'static str, body: impl Future<Output = Result<T, ApiError>>) -> Result<Response<T>, Status> {
+    let start = Instant::now();
+    let out = body.await;
+    let code = match &out {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("{:?}", e.code),
+    };
+    metrics::counter!(m::REQUESTS, "method" => method, "code" => code).increment(1);
+    metrics::histogram!(m::REQUEST_SECONDS, "method" => method).record(start.elapsed().as_secs_f64());
+    out.map(Response::new).map_err(|e| status_of(&e))
+}

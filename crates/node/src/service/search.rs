@@ -1,0 +1,132 @@
+use super::{blocking, now_ms, observe};
+use crate::metrics as m;
+use crate::state::NodeState;
+use sovra_proto::convert::{filter_from, point_id_to, point_to};
+use sovra_proto::v1::{self, search_server::Search};
+use sovra_shard::live::SearchPath;
+use sovra_shard::{Hit, SearchParams};
+use sovra_types::limits::{MAX_EF_SEARCH, MAX_K};
+use sovra_types::validate::{check_region, prepare_vector};
+use sovra_types::{ApiError, RegionId};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct SearchService {
+    pub state: Arc<NodeState>,
+}
+
+#[tonic::async_trait]
+impl Search for SearchService {
+    async fn search(&self, req: Request<v1::SearchRequest>) -> Result<Response<v1::SearchResponse>, Status> {
+        observe("search", self.run(req.into_inner())).await
+    }
+}
+
+impl SearchService {
+    async fn run(&self, req: v1::SearchRequest) -> Result<v1::SearchResponse, ApiError> {
+        let c = self.state.collection(&req.collection)?;
+        if req.k == 0 || req.k > MAX_K {
+            return Err(ApiError::invalid(format!("k is {}: it must be between 1 and {MAX_K}", req.k)));
+        }
+        let ef = match req.ef {
+            Some(0) => return Err(ApiError::invalid("ef is 0: omit it for the collection default, or give 1 to 4096")),
+            Some(ef) if ef > MAX_EF_SEARCH => return Err(ApiError::invalid(format!("ef is {ef}: at most {MAX_EF_SEARCH}"))),
+            Some(ef) => ef,
+            None => c.spec.hnsw.ef_search,
+        }
+        .max(req.k) as usize;
+        if v1::Consistency::try_from(req.consistency).is_err() {
+            return Err(ApiError::invalid(format!("consistency is {}: use CONSISTENCY_ANY or CONSISTENCY_LINEARIZABLE", req.consistency)));
+        }
+        let vector = Arc::new(prepare_vector(&c.spec, req.vector, "vector")?);
+        let filter = match &req.filter {
+            Some(f) => {
+                let f = filter_from(f, "filter")?;
+                f.validate()?;
+                Some(Arc::new(f))
+            }
+            None => None,
+        };
+        let regions: Vec<RegionId> = if req.regions.is_empty() {
+            c.spec.regions.iter().map(|r| r.region.clone()).collect()
+        } else {
+            req.regions.iter().enumerate().map(|(i, r)| check_region(&c.spec, r).map_err(|e| e.at(&format!("regions[{i}]")))).collect::<Result<_, _>>()?
+        };
+
+        // One task per shard. With a single node every shard is local and
+        // applied synchronously, so `any` and `linearizable` see the same state.
+        let now = now_ms();
+        let k = req.k as usize;
+        let mut tasks = Vec::new();
+        let mut statuses = Vec::new();
+        for region in &regions {
+            let count = c.spec.region(region).map_or(0, |r| r.shard_count);
+            for number in 0..count {
+                match c.shards.get(&(region.clone(), number)) {
+                    Some(engine) => {
+                        let (engine, vector, filter) = (engine.clone(), vector.clone(), filter.clone());
+                        tasks.push((region.clone(), number, tokio::task::spawn_blocking(move || {
+                            let params = SearchParams { vector: &vector, k, ef, filter: filter.as_deref(), now_ms: now };
+                            let (hits, path) = engine.search(&params);
+                            (engine, hits, path)
+                        })));
+                    }
+                    None => statuses.push(v1::ShardStatus {
+                        region: region.to_string(),
+                        shard: number,
+                        answered: false,
+                        error: "shard is not held by this node".into(),
+                    }),
+                }
+            }
+        }
+        let mut merged: Vec<(RegionId, Hit, Arc<sovra_shard::ShardEngine>)> = Vec::new();
+        for (region, number, task) in tasks {
+            match task.await {
+                Ok((engine, hits, path)) => {
+                    let path = match path {
+                        SearchPath::Graph => "graph",
+                        SearchPath::ExactFiltered => "exact_filtered",
+                        SearchPath::ExactFallback => "exact_fallback",
+                    };
+                    metrics::counter!(m::SEARCH_PATH, "path" => path).increment(1);
+                    statuses.push(v1::ShardStatus { region: region.to_string(), shard: number, answered: true, error: String::new() });
+                    merged.extend(hits.into_iter().map(|h| (region.clone(), h, engine.clone())));
+                }
+                Err(e) => statuses.push(v1::ShardStatus { region: region.to_string(), shard: number, answered: false, error: format!("shard search failed: {e}") }),
+            }
+        }
+        let partial = statuses.iter().any(|s| !s.answered);
+        if partial && !req.allow_partial {
+            let missing: Vec<String> = statuses.iter().filter(|s| !s.answered).map(|s| format!("{}/{}", s.region, s.shard)).collect();
+            return Err(ApiError::unavailable(format!(
+                "shards {} did not answer; retry, or set allow_partial to accept results without them",
+                missing.join(", ")
+            )));
+        }
+        merged.sort_by(|a, b| a.1.distance.total_cmp(&b.1.distance).then(a.0.cmp(&b.0)).then(a.1.id.cmp(&b.1.id)));
+        merged.truncate(k);
+
+        let (with_payload, with_vector) = (req.with_payload, req.with_vector);
+        let state = self.state.clone();
+        let hits = blocking(move || -> Result<Vec<v1::ScoredPoint>, ApiError> {
+            let mut out = Vec::with_capacity(merged.len());
+            for (region, hit, engine) in merged {
+                let point = if with_payload || with_vector {
+                    // Re-read under the same clock: a point deleted or expired since
+                    // the index answered is dropped, never returned.
+                    match engine.get(&hit.id, now).map_err(|e| state.storage_failed(e))? {
+                        Some(r) => point_to(&r, with_vector, with_payload),
+                        None => continue,
+                    }
+                } else {
+                    v1::Point { id: Some(point_id_to(&hit.id)), region: region.to_string(), ..Default::default() }
+                };
+                out.push(v1::ScoredPoint { point: Some(point), distance: hit.distance });
+            }
+            Ok(out)
+        })
+        .await??;
+        Ok(v1::SearchResponse { hits, shards: statuses, partial })
+    }
+}
