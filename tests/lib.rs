@@ -1,1 +1,87 @@
-//! x
+//! Test harness: starts real nodes in this process on port 0 through
+//! `sovra_node::start`, waits for them to report SERVING, and hands out clients.
+
+use sovra_node::{NodeConfig, RunningNode};
+use sovra_proto::v1::{self, collections_client::CollectionsClient, points_client::PointsClient, search_client::SearchClient};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub struct TestNode {
+    pub node: Option<RunningNode>,
+    pub collections: CollectionsClient<Channel>,
+    pub points: PointsClient<Channel>,
+    pub search: SearchClient<Channel>,
+    pub channel: Channel,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    pub async fn start(region: &str) -> TestNode {
+        let dir = tempfile::tempdir().unwrap();
+        let node = sovra_node::start(NodeConfig::local(1, region, dir.path().to_path_buf()))
+            .await
+            .unwrap();
+        let channel = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
+            .await
+            .unwrap();
+        TestNode {
+            node: Some(node),
+            collections: CollectionsClient::new(channel.clone()),
+            points: PointsClient::new(channel.clone()),
+            search: SearchClient::new(channel.clone()),
+            channel,
+            dir,
+        }
+    }
+
+    pub fn node(&self) -> &RunningNode {
+        self.node.as_ref().expect("running")
+    }
+
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.node.take().unwrap().stop().await.unwrap();
+        self.dir
+    }
+}
+
+pub fn spec(name: &str, dim: u32, metric: v1::Metric, region: &str) -> v1::CollectionSpec {
+    v1::CollectionSpec {
+        name: name.into(),
+        dimension: dim,
+        metric: metric as i32,
+        regions: vec![v1::RegionShards {
+            region: region.into(),
+            shard_count: 3,
+        }],
+        ..Default::default()
+    }
+}
+
+pub fn num(n: u64) -> v1::PointId {
+    v1::PointId {
+        kind: Some(v1::point_id::Kind::Num(n)),
+    }
+}
+
+pub fn point(id: u64, vector: Vec<f32>, region: &str) -> v1::Point {
+    v1::Point {
+        id: Some(num(id)),
+        vector,
+        subject: format!("s{id}"),
+        region: region.into(),
+        lawful_basis: v1::LawfulBasis::Consent as i32,
+        ..Default::default()
+    }
+}
+
+pub fn ids_of(r: &v1::SearchResponse) -> Vec<u64> {
+    r.hits
+        .iter()
+        .map(
+            |h| match h.point.as_ref().and_then(|p| p.id.as_ref()).and_then(|i| i.kind.clone()) {
+                Some(v1::point_id::Kind::Num(n)) => n,
+                other => panic!("unexpected id {other:?}"),
+            },
+        )
+        .collect()
+}

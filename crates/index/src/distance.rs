@@ -27,9 +27,17 @@ impl SpaceDistance {
     pub fn new(space: Space) -> Self {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Self { space, l2: x86::l2_avx2, dot: x86::dot_avx2 };
+            return Self {
+                space,
+                l2: x86::l2_avx2,
+                dot: x86::dot_avx2,
+            };
         }
-        Self { space, l2: l2_portable, dot: dot_portable }
+        Self {
+            space,
+            l2: l2_portable,
+            dot: dot_portable,
+        }
     }
 
     #[inline]

@@ -9,7 +9,9 @@ pub struct ExactIndex {
 
 impl ExactIndex {
     pub fn new(dimension: usize, space: Space) -> Self {
-        Self { vectors: FlatVectors::new(dimension, space) }
+        Self {
+            vectors: FlatVectors::new(dimension, space),
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! Vectors stored contiguously by slot: the exact scan reads them in order, and a
 //! compaction rebuild reads them back without touching storage.
 
-use crate::distance::{Space, SpaceDistance};
 use crate::Neighbour;
+use crate::distance::{Space, SpaceDistance};
 use parking_lot::RwLock;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -30,7 +30,11 @@ impl Ord for Far {
 
 impl FlatVectors {
     pub fn new(dimension: usize, space: Space) -> Self {
-        Self { dimension, distance: SpaceDistance::new(space), data: RwLock::new(Vec::new()) }
+        Self {
+            dimension,
+            distance: SpaceDistance::new(space),
+            data: RwLock::new(Vec::new()),
+        }
     }
 
     pub fn dimension(&self) -> usize {
@@ -99,7 +103,10 @@ impl FlatVectors {
             Some(s) => s.iter().copied().for_each(&mut consider),
             None => (0..n).for_each(&mut consider),
         }
-        heap.into_sorted_vec().into_iter().map(|Far(distance, slot)| Neighbour { slot, distance }).collect()
+        heap.into_sorted_vec()
+            .into_iter()
+            .map(|Far(distance, slot)| Neighbour { slot, distance })
+            .collect()
     }
 
     pub fn memory_bytes(&self) -> usize {

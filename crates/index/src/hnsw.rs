@@ -34,8 +34,19 @@ impl HnswIndex {
     pub fn new(dimension: usize, space: Space, cfg: &HnswConfig, pool: Option<Arc<rayon::ThreadPool>>) -> Self {
         assert!((2..=128).contains(&cfg.m), "m is validated to 4..=128 before it reaches the index");
         let vectors = FlatVectors::new(dimension, space);
-        let graph = Hnsw::new(cfg.m, cfg.expected_points.max(1024), MAX_LAYER, cfg.ef_construction, vectors.distance());
-        Self { vectors, graph, pool, m: cfg.m }
+        let graph = Hnsw::new(
+            cfg.m,
+            cfg.expected_points.max(1024),
+            MAX_LAYER,
+            cfg.ef_construction,
+            vectors.distance(),
+        );
+        Self {
+            vectors,
+            graph,
+            pool,
+            m: cfg.m,
+        }
     }
 }
 
@@ -58,7 +69,10 @@ impl VectorIndex for HnswIndex {
         self.graph
             .search_filter(query, k, ef.max(k), Some(&filter))
             .into_iter()
-            .map(|n| Neighbour { slot: n.d_id, distance: n.distance })
+            .map(|n| Neighbour {
+                slot: n.d_id,
+                distance: n.distance,
+            })
             .collect()
     }
 

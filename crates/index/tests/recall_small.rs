@@ -15,7 +15,11 @@ fn hnsw_finds_what_exact_finds_and_respects_the_filter() {
     let data = random(3000, 16, 1);
     let refs: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap());
-    let cfg = HnswConfig { m: 16, ef_construction: 100, expected_points: 3000 };
+    let cfg = HnswConfig {
+        m: 16,
+        ef_construction: 100,
+        expected_points: 3000,
+    };
     let hnsw = HnswIndex::new(16, Space::L2, &cfg, Some(pool));
     let exact = ExactIndex::new(16, Space::L2);
     assert_eq!(hnsw.add_batch(&refs), 0..3000);
@@ -23,7 +27,7 @@ fn hnsw_finds_what_exact_finds_and_respects_the_filter() {
 
     let queries = random(50, 16, 2);
     let (mut hit, mut total) = (0, 0);
-    let even = |s: usize| s % 2 == 0;
+    let even = |s: usize| s.is_multiple_of(2);
     for q in &queries {
         let want: Vec<usize> = exact.search(q, 10, 0, &even).iter().map(|n| n.slot).collect();
         let got: Vec<usize> = hnsw.search(q, 10, 128, &even).iter().map(|n| n.slot).collect();

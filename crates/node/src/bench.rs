@@ -39,7 +39,9 @@ pub struct IndexBenchArgs {
 
 fn cpu_seconds() -> f64 {
     // utime + stime from /proc/self/stat, in clock ticks (100 per second on Linux).
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
     let tick = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
@@ -59,18 +61,32 @@ pub fn index(args: IndexBenchArgs) -> anyhow::Result<()> {
         name: CollectionName::parse("bench")?,
         dimension: dim as u32,
         metric,
-        hnsw: HnswParams { m: args.m, ef_construction: args.ef_construction, ef_search: 64 },
-        regions: vec![RegionShards { region: RegionId::parse("bench")?, shard_count: 1 }],
+        hnsw: HnswParams {
+            m: args.m,
+            ef_construction: args.ef_construction,
+            ef_search: 64,
+        },
+        regions: vec![RegionShards {
+            region: RegionId::parse("bench")?,
+            shard_count: 1,
+        }],
         replication_factor: 1,
         default_retention_seconds: 0,
         require_lawful_basis: false,
     };
     spec.validate()?;
-    let queries: Vec<Vec<f32>> = queries.into_iter().map(|q| prepare_vector(&spec, q, "query")).collect::<Result<_, _>>()?;
+    let queries: Vec<Vec<f32>> = queries
+        .into_iter()
+        .map(|q| prepare_vector(&spec, q, "query"))
+        .collect::<Result<_, _>>()?;
 
     let started = Instant::now();
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(args.threads).build()?);
-    let cfg = HnswConfig { m: args.m as usize, ef_construction: args.ef_construction as usize, expected_points: base.len() };
+    let cfg = HnswConfig {
+        m: args.m as usize,
+        ef_construction: args.ef_construction as usize,
+        expected_points: base.len(),
+    };
     let live = LiveIndex::new(Box::new(HnswIndex::new(dim, space_of(metric), &cfg, Some(pool))));
     let region = RegionId::parse("bench")?;
     for (c, chunk) in base.chunks(10_000).enumerate() {
@@ -94,13 +110,22 @@ pub fn index(args: IndexBenchArgs) -> anyhow::Result<()> {
     }
     let build_seconds = started.elapsed().as_secs_f64();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", json!({"ready": true, "build_seconds": build_seconds, "index_bytes": live.memory_bytes()}))?;
+    writeln!(
+        out,
+        "{}",
+        json!({"ready": true, "build_seconds": build_seconds, "index_bytes": live.memory_bytes()})
+    )?;
     out.flush()?;
 
     let k = args.k;
     let search = |q: &[f32], ef: usize| -> Vec<u64> {
         let (hits, _) = live.search(q, k, ef, None, 0);
-        hits.iter().map(|h| match h.id { PointId::Num(n) => n, PointId::Uuid(_) => u64::MAX }).collect()
+        hits.iter()
+            .map(|h| match h.id {
+                PointId::Num(n) => n,
+                PointId::Uuid(_) => u64::MAX,
+            })
+            .collect()
     };
     for line in std::io::stdin().lock().lines() {
         let line = line?;
@@ -135,7 +160,10 @@ pub fn index(args: IndexBenchArgs) -> anyhow::Result<()> {
                         let ids: Vec<Vec<u64>> = if mode == "b2" {
                             let half = queries.len().div_ceil(2);
                             std::thread::scope(|s| {
-                                let parts: Vec<_> = queries.chunks(half).map(|part| s.spawn(move || part.iter().map(|q| search(q, ef)).collect::<Vec<_>>())).collect();
+                                let parts: Vec<_> = queries
+                                    .chunks(half)
+                                    .map(|part| s.spawn(move || part.iter().map(|q| search(q, ef)).collect::<Vec<_>>()))
+                                    .collect();
                                 parts.into_iter().flat_map(|h| h.join().expect("search thread")).collect()
                             })
                         } else {

@@ -112,7 +112,8 @@ impl NodeConfig {
         where
             T::Err: std::fmt::Display,
         {
-            v.parse().map_err(|e: T::Err| invalid(field, format!("SOVRA_{} = {v:?}: {e}", field.to_uppercase())))
+            v.parse()
+                .map_err(|e: T::Err| invalid(field, format!("SOVRA_{} = {v:?}: {e}", field.to_uppercase())))
         }
         if let Some(v) = env("SOVRA_NODE_ID") {
             self.node_id = parse("node_id", v)?;
@@ -153,10 +154,16 @@ impl NodeConfig {
             return Err(invalid("data_dir", "must name a directory"));
         }
         if !(8..=1 << 20).contains(&self.cache_capacity_mb) {
-            return Err(invalid("cache_capacity_mb", format!("is {}: must be between 8 and 1048576", self.cache_capacity_mb)));
+            return Err(invalid(
+                "cache_capacity_mb",
+                format!("is {}: must be between 8 and 1048576", self.cache_capacity_mb),
+            ));
         }
         if !(1..=256).contains(&self.index_threads) {
-            return Err(invalid("index_threads", format!("is {}: must be between 1 and 256", self.index_threads)));
+            return Err(invalid(
+                "index_threads",
+                format!("is {}: must be between 1 and 256", self.index_threads),
+            ));
         }
         if !(self.compaction_tombstone_ratio > 0.0 && self.compaction_tombstone_ratio <= 1.0) {
             return Err(invalid("compaction_tombstone_ratio", "must be in (0, 1]"));

@@ -42,12 +42,24 @@ fn sample(n: usize) -> Vec<v1::Point> {
             let vector = c.iter().map(|x| x + rng.random_range(-0.15..0.15)).collect();
             let age: i64 = rng.random_range(18..88);
             let payload = [
-                ("country".to_string(), v1::Value { kind: Some(v1::value::Kind::StringValue(COUNTRIES[i % 5].into())) }),
-                ("age".to_string(), v1::Value { kind: Some(v1::value::Kind::IntegerValue(age)) }),
+                (
+                    "country".to_string(),
+                    v1::Value {
+                        kind: Some(v1::value::Kind::StringValue(COUNTRIES[i % 5].into())),
+                    },
+                ),
+                (
+                    "age".to_string(),
+                    v1::Value {
+                        kind: Some(v1::value::Kind::IntegerValue(age)),
+                    },
+                ),
             ]
             .into();
             v1::Point {
-                id: Some(v1::PointId { kind: Some(v1::point_id::Kind::Num(i as u64)) }),
+                id: Some(v1::PointId {
+                    kind: Some(v1::point_id::Kind::Num(i as u64)),
+                }),
                 vector,
                 subject: format!("subject-{:06}", i / 3),
                 region: DEV_REGION.into(),
@@ -97,28 +109,49 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let mut points = PointsClient::new(ch.clone());
     let mut search = SearchClient::new(ch);
 
-    let exists = collections.get_collection(v1::GetCollectionRequest { name: DEV_COLLECTION.into() }).await.is_ok();
+    let exists = collections
+        .get_collection(v1::GetCollectionRequest {
+            name: DEV_COLLECTION.into(),
+        })
+        .await
+        .is_ok();
     if !exists {
         let spec = v1::CollectionSpec {
             name: DEV_COLLECTION.into(),
             dimension: DIM as u32,
             metric: v1::Metric::Cosine as i32,
-            regions: vec![v1::RegionShards { region: DEV_REGION.into(), shard_count: 2 }],
+            regions: vec![v1::RegionShards {
+                region: DEV_REGION.into(),
+                shard_count: 2,
+            }],
             require_lawful_basis: true,
             ..Default::default()
         };
-        collections.create_collection(v1::CreateCollectionRequest { collection: Some(spec) }).await.context("creating the sample collection")?;
+        collections
+            .create_collection(v1::CreateCollectionRequest { collection: Some(spec) })
+            .await
+            .context("creating the sample collection")?;
         let all = sample(args.points);
         let t = Instant::now();
         for batch in all.chunks(500) {
             points
-                .upsert(v1::UpsertRequest { collection: DEV_COLLECTION.into(), points: batch.to_vec() })
+                .upsert(v1::UpsertRequest {
+                    collection: DEV_COLLECTION.into(),
+                    points: batch.to_vec(),
+                })
                 .await
                 .context("loading sample points")?;
         }
-        println!("loaded {} sample points into collection {DEV_COLLECTION:?} (2 shards) in {:.1?}", all.len(), t.elapsed());
+        println!(
+            "loaded {} sample points into collection {DEV_COLLECTION:?} (2 shards) in {:.1?}",
+            all.len(),
+            t.elapsed()
+        );
     } else {
-        println!("collection {DEV_COLLECTION:?} already exists in {}; not reloading", data_dir.display());
+        println!(
+            "collection {DEV_COLLECTION:?} already exists in {}; not reloading",
+            data_dir.display()
+        );
     }
 
     let query = sample(1)[0].vector.clone();
@@ -128,29 +161,62 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
                 v1::Filter {
                     kind: Some(v1::filter::Kind::Condition(v1::Condition {
                         key: "country".into(),
-                        test: Some(v1::condition::Test::Match(v1::Value { kind: Some(v1::value::Kind::StringValue("fr".into())) })),
+                        test: Some(v1::condition::Test::Match(v1::Value {
+                            kind: Some(v1::value::Kind::StringValue("fr".into())),
+                        })),
                     })),
                 },
                 v1::Filter {
                     kind: Some(v1::filter::Kind::Condition(v1::Condition {
                         key: "age".into(),
-                        test: Some(v1::condition::Test::Range(v1::Range { gte: Some(30.0), lt: Some(40.0), ..Default::default() })),
+                        test: Some(v1::condition::Test::Range(v1::Range {
+                            gte: Some(30.0),
+                            lt: Some(40.0),
+                            ..Default::default()
+                        })),
                     })),
                 },
             ],
         })),
     };
-    for (title, filter) in [("nearest 5", None), ("nearest 5 with country = fr and 30 <= age < 40", Some(fr_in_thirties))] {
+    for (title, filter) in [
+        ("nearest 5", None),
+        ("nearest 5 with country = fr and 30 <= age < 40", Some(fr_in_thirties)),
+    ] {
         let t = Instant::now();
         let r = search
-            .search(v1::SearchRequest { collection: DEV_COLLECTION.into(), vector: query.clone(), k: 5, filter, with_payload: true, ..Default::default() })
+            .search(v1::SearchRequest {
+                collection: DEV_COLLECTION.into(),
+                vector: query.clone(),
+                k: 5,
+                filter,
+                with_payload: true,
+                ..Default::default()
+            })
             .await?
             .into_inner();
-        println!("search: {title} ({:.1?}, {} shards answered)", t.elapsed(), r.shards.iter().filter(|s| s.answered).count());
+        println!(
+            "search: {title} ({:.1?}, {} shards answered)",
+            t.elapsed(),
+            r.shards.iter().filter(|s| s.answered).count()
+        );
         for h in r.hits {
             let p = h.point.unwrap_or_default();
-            let show = |k: &str| p.payload.get(k).and_then(|v| v.kind.clone()).map(|k| format!("{k:?}")).unwrap_or_default();
-            println!("  id {:?}  distance {:.4}  subject {}  country {}  age {}", p.id.and_then(|i| i.kind), h.distance, p.subject, show("country"), show("age"));
+            let show = |k: &str| {
+                p.payload
+                    .get(k)
+                    .and_then(|v| v.kind.clone())
+                    .map(|k| format!("{k:?}"))
+                    .unwrap_or_default()
+            };
+            println!(
+                "  id {:?}  distance {:.4}  subject {}  country {}  age {}",
+                p.id.and_then(|i| i.kind),
+                h.distance,
+                p.subject,
+                show("country"),
+                show("age")
+            );
         }
     }
     println!("\nconnect: grpcurl -plaintext {addr} list");

@@ -57,7 +57,9 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sled=warn,hnsw_rs=warn".into()))
         .init();
     match cli.command {
-        Command::Bench { what: BenchCommand::Index(args) } => bench::index(args),
+        Command::Bench {
+            what: BenchCommand::Index(args),
+        } => bench::index(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {

@@ -32,12 +32,17 @@ const SERVICES: [&str; 3] = ["sovra.v1.Collections", "sovra.v1.Points", "sovra.v
 
 pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     config.validate()?;
-    let grpc = tokio::net::TcpListener::bind(config.grpc_listen).await.with_context(|| format!("binding grpc_listen {}", config.grpc_listen))?;
-    let metrics_listener =
-        tokio::net::TcpListener::bind(config.metrics_listen).await.with_context(|| format!("binding metrics_listen {}", config.metrics_listen))?;
+    let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("binding grpc_listen {}", config.grpc_listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("binding metrics_listen {}", config.metrics_listen))?;
     let grpc_addr = grpc.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
-    let state = tokio::task::spawn_blocking(move || NodeState::open(config)).await?.context("opening the data directory")?;
+    let state = tokio::task::spawn_blocking(move || NodeState::open(config))
+        .await?
+        .context("opening the data directory")?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for s in ["", SERVICES[0], SERVICES[1], SERVICES[2]] {
@@ -94,7 +99,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         }));
     }
     tasks.push(tokio::spawn(compaction_loop(state.clone(), stop_rx)));
-    Ok(RunningNode { grpc_addr, metrics_addr, state, stop, tasks, server })
+    Ok(RunningNode {
+        grpc_addr,
+        metrics_addr,
+        state,
+        stop,
+        tasks,
+        server,
+    })
 }
 
 impl RunningNode {
@@ -147,7 +159,11 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
                 for e in state.engines() {
                     let s = e.stats();
                     let id = e.id();
-                    let labels = [("collection", id.collection.to_string()), ("region", id.region.to_string()), ("shard", id.number.to_string())];
+                    let labels = [
+                        ("collection", id.collection.to_string()),
+                        ("region", id.region.to_string()),
+                        ("shard", id.number.to_string()),
+                    ];
                     metrics::gauge!(m::SHARD_LIVE_POINTS, &labels).set(s.live_points as f64);
                     metrics::gauge!(m::SHARD_TOMBSTONES, &labels).set(s.tombstones as f64);
                     metrics::gauge!(m::SHARD_APPLIED_INDEX, &labels).set(s.last_applied as f64);

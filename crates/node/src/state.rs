@@ -75,7 +75,11 @@ impl NodeState {
         // region's data (R1/R2).
         for r in spec.regions.iter().filter(|r| r.region == self.region) {
             for number in 0..r.shard_count {
-                let id = ShardId { collection: spec.name.clone(), region: r.region.clone(), number };
+                let id = ShardId {
+                    collection: spec.name.clone(),
+                    region: r.region.clone(),
+                    number,
+                };
                 let tree = self.store.shard_tree(&id)?;
                 let engine = ShardEngine::open(id, spec.clone(), self.store.db().clone(), tree, Some(self.pool.clone()))?;
                 shards.insert((r.region.clone(), number), Arc::new(engine));
@@ -92,7 +96,9 @@ impl NodeState {
         if self.is_ready() {
             Ok(())
         } else {
-            Err(ApiError::unavailable("node is loading its shards; retry shortly (health reports NOT_SERVING until ready)"))
+            Err(ApiError::unavailable(
+                "node is loading its shards; retry shortly (health reports NOT_SERVING until ready)",
+            ))
         }
     }
 
@@ -114,7 +120,10 @@ impl NodeState {
         self.ensure_ready()?;
         let _ddl = self.ddl.lock().await;
         if self.collections.read().contains_key(&spec.name) {
-            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("collection {} already exists", spec.name)));
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("collection {} already exists", spec.name),
+            ));
         }
         // One node serves one region for now: every region the collection spans
         // must be this node's, or its data would have nowhere lawful to live.
@@ -168,7 +177,10 @@ impl NodeState {
         }
         tracing::error!(error = %chain, "storage failure; stopping the node");
         self.fatal.send_replace(Some(chain));
-        ApiError::unavailable(format!("node {} had a storage failure and is stopping; retry on another node", self.config.node_id))
+        ApiError::unavailable(format!(
+            "node {} had a storage failure and is stopping; retry on another node",
+            self.config.node_id
+        ))
     }
 
     pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
@@ -176,7 +188,11 @@ impl NodeState {
     }
 
     pub fn engines(&self) -> Vec<Arc<ShardEngine>> {
-        self.collections.read().values().flat_map(|c| c.shards.values().cloned().collect::<Vec<_>>()).collect()
+        self.collections
+            .read()
+            .values()
+            .flat_map(|c| c.shards.values().cloned().collect::<Vec<_>>())
+            .collect()
     }
 }
 

@@ -32,7 +32,9 @@ pub fn value_from(v: &v1::Value, field: &str) -> Result<t::Value, ApiError> {
         Some(Kind::IntegerValue(i)) => Ok(t::Value::Integer(*i)),
         Some(Kind::DoubleValue(d)) => Ok(t::Value::Double(*d)),
         Some(Kind::BoolValue(b)) => Ok(t::Value::Bool(*b)),
-        None => Err(ApiError::invalid(format!("{field} has no value: set one of string/integer/double/bool"))),
+        None => Err(ApiError::invalid(format!(
+            "{field} has no value: set one of string/integer/double/bool"
+        ))),
     }
 }
 
@@ -102,7 +104,11 @@ pub fn point_to(r: &t::PointRecord, with_vector: bool, with_payload: bool) -> v1
         vector: if with_vector { r.vector.clone() } else { Vec::new() },
         subject: r.subject.clone(),
         region: r.region.to_string(),
-        payload: if with_payload { r.payload.iter().map(|(k, v)| (k.clone(), value_to(v))).collect() } else { Default::default() },
+        payload: if with_payload {
+            r.payload.iter().map(|(k, v)| (k.clone(), value_to(v))).collect()
+        } else {
+            Default::default()
+        },
         lawful_basis: lawful_basis_to(r.lawful_basis) as i32,
         source: r.source.clone(),
         expires_at_ms: r.expires_at_ms,
@@ -114,7 +120,9 @@ pub fn metric_from(raw: i32) -> Result<t::Metric, ApiError> {
         Ok(v1::Metric::Cosine) => Ok(t::Metric::Cosine),
         Ok(v1::Metric::Dot) => Ok(t::Metric::Dot),
         Ok(v1::Metric::L2) => Ok(t::Metric::L2),
-        _ => Err(ApiError::invalid("collection.metric is unset or unknown: choose METRIC_COSINE, METRIC_DOT or METRIC_L2")),
+        _ => Err(ApiError::invalid(
+            "collection.metric is unset or unknown: choose METRIC_COSINE, METRIC_DOT or METRIC_L2",
+        )),
     }
 }
 
@@ -165,8 +173,19 @@ pub fn spec_to(s: &t::CollectionSpec) -> v1::CollectionSpec {
         name: s.name.to_string(),
         dimension: s.dimension,
         metric: metric_to(s.metric) as i32,
-        hnsw: Some(v1::HnswParams { m: s.hnsw.m, ef_construction: s.hnsw.ef_construction, ef_search: s.hnsw.ef_search }),
-        regions: s.regions.iter().map(|r| v1::RegionShards { region: r.region.to_string(), shard_count: r.shard_count }).collect(),
+        hnsw: Some(v1::HnswParams {
+            m: s.hnsw.m,
+            ef_construction: s.hnsw.ef_construction,
+            ef_search: s.hnsw.ef_search,
+        }),
+        regions: s
+            .regions
+            .iter()
+            .map(|r| v1::RegionShards {
+                region: r.region.to_string(),
+                shard_count: r.shard_count,
+            })
+            .collect(),
         replication_factor: s.replication_factor,
         default_retention_seconds: s.default_retention_seconds,
         require_lawful_basis: s.require_lawful_basis,
@@ -178,10 +197,18 @@ pub fn filter_from(f: &v1::Filter, path: &str) -> Result<t::Filter, ApiError> {
     match &f.kind {
         Some(Kind::Condition(c)) => {
             let cond = match &c.test {
-                Some(v1::condition::Test::Match(v)) => t::Condition::Match { key: c.key.clone(), value: value_from(v, &format!("{path}.match"))? },
+                Some(v1::condition::Test::Match(v)) => t::Condition::Match {
+                    key: c.key.clone(),
+                    value: value_from(v, &format!("{path}.match"))?,
+                },
                 Some(v1::condition::Test::Range(r)) => t::Condition::Range {
                     key: c.key.clone(),
-                    range: t::Range { gt: r.gt, gte: r.gte, lt: r.lt, lte: r.lte },
+                    range: t::Range {
+                        gt: r.gt,
+                        gte: r.gte,
+                        lt: r.lt,
+                        lte: r.lte,
+                    },
                 },
                 None => return Err(ApiError::invalid(format!("{path}.condition has no test: set match or range"))),
             };
@@ -195,5 +222,8 @@ pub fn filter_from(f: &v1::Filter, path: &str) -> Result<t::Filter, ApiError> {
 }
 
 fn list(fs: &[v1::Filter], path: &str) -> Result<Vec<t::Filter>, ApiError> {
-    fs.iter().enumerate().map(|(i, f)| filter_from(f, &format!("{path}[{i}]"))).collect()
+    fs.iter()
+        .enumerate()
+        .map(|(i, f)| filter_from(f, &format!("{path}[{i}]")))
+        .collect()
 }

@@ -18,7 +18,10 @@ pub struct NodeStore {
 }
 
 fn decode(bytes: &[u8], what: &str) -> Result<CollectionSpec, ShardError> {
-    postcard::from_bytes(bytes).map_err(|source| ShardError::Corrupt { what: what.to_string(), source })
+    postcard::from_bytes(bytes).map_err(|source| ShardError::Corrupt {
+        what: what.to_string(),
+        source,
+    })
 }
 
 impl NodeStore {
@@ -33,7 +36,10 @@ impl NodeStore {
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4]));
                 if found != FORMAT_VERSION {
-                    return Err(ShardError::FormatVersion { found, expected: FORMAT_VERSION });
+                    return Err(ShardError::FormatVersion {
+                        found,
+                        expected: FORMAT_VERSION,
+                    });
                 }
             }
         }
@@ -48,10 +54,13 @@ impl NodeStore {
     }
 
     pub fn collections(&self) -> Result<Vec<CollectionSpec>, ShardError> {
-        self.catalog.iter().map(|kv| {
-            let (k, v) = kv?;
-            decode(&v, &String::from_utf8_lossy(&k))
-        }).collect()
+        self.catalog
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&v, &String::from_utf8_lossy(&k))
+            })
+            .collect()
     }
 
     pub fn put_collection(&self, spec: &CollectionSpec) -> Result<(), ShardError> {
@@ -79,7 +88,9 @@ impl NodeStore {
     }
 
     pub fn shard_tree(&self, id: &ShardId) -> Result<sled::Tree, ShardError> {
-        Ok(self.db.open_tree(format!("{SHARD_PREFIX}{}/{}/{}", id.collection, id.region, id.number))?)
+        Ok(self
+            .db
+            .open_tree(format!("{SHARD_PREFIX}{}/{}/{}", id.collection, id.region, id.number))?)
     }
 
     fn drop_orphan_shards(&self) -> Result<(), ShardError> {

@@ -8,9 +8,9 @@
 //! are flushed to disk before `apply` returns, so an acknowledged write survives
 //! a crash.
 
+use crate::ShardError;
 use crate::live::{LiveIndex, SearchPath};
 use crate::store::ShardStore;
-use crate::ShardError;
 use parking_lot::{Mutex, RwLock};
 use sovra_index::{HnswConfig, HnswIndex, Space, VectorIndex};
 use sovra_types::{CollectionSpec, Filter, Metric, PointId, PointRecord, ShardCommand, ShardId};
@@ -144,7 +144,11 @@ impl ShardEngine {
 
     fn apply_locked(&self, index: u64, cmd: &ShardCommand) -> Result<ApplyOutcome, ShardError> {
         if index <= self.last_applied() {
-            return Ok(ApplyOutcome { index, changed: 0, applied: false });
+            return Ok(ApplyOutcome {
+                index,
+                changed: 0,
+                applied: false,
+            });
         }
         let mut batch = self.store.batch();
         let changed = match cmd {
@@ -172,13 +176,25 @@ impl ShardEngine {
             ShardCommand::Delete(ids) => live.delete(ids),
         }
         self.last_applied.store(index, Ordering::Release);
-        Ok(ApplyOutcome { index, changed, applied: true })
+        Ok(ApplyOutcome {
+            index,
+            changed,
+            applied: true,
+        })
     }
 
     pub fn search(&self, p: &SearchParams<'_>) -> (Vec<Hit>, SearchPath) {
         let live = self.live.read().clone();
         let (hits, path) = live.search(p.vector, p.k, p.ef, p.filter, p.now_ms);
-        (hits.into_iter().map(|h| Hit { id: h.id, distance: h.distance }).collect(), path)
+        (
+            hits.into_iter()
+                .map(|h| Hit {
+                    id: h.id,
+                    distance: h.distance,
+                })
+                .collect(),
+            path,
+        )
     }
 
     /// A point as stored, unless it is absent or expired at `now_ms`.

@@ -39,9 +39,9 @@ pub(crate) struct SlotTable {
 
 impl SlotTable {
     fn accepts(&self, slot: usize, now_ms: u64, filter: Option<&Filter>) -> bool {
-        self.slots.get(slot).is_some_and(|m| {
-            m.live && !expired(m.expires_at_ms, now_ms) && filter.is_none_or(|f| f.matches(&m.payload))
-        })
+        self.slots
+            .get(slot)
+            .is_some_and(|m| m.live && !expired(m.expires_at_ms, now_ms) && filter.is_none_or(|f| f.matches(&m.payload)))
     }
 
     fn kill(&mut self, slot: usize) {
@@ -77,15 +77,21 @@ pub struct LiveIndex {
 
 impl LiveIndex {
     pub fn new(index: Box<dyn VectorIndex>) -> Self {
-        Self { index, table: RwLock::new(SlotTable::default()) }
+        Self {
+            index,
+            table: RwLock::new(SlotTable::default()),
+        }
     }
 
     /// Adds records (callers serialise writers); later records of one id win.
     pub fn upsert(&self, records: &[PointRecord]) {
         let vectors: Vec<&[f32]> = records.iter().map(|r| r.vector.as_slice()).collect();
-        let metas = records
-            .iter()
-            .map(|r| SlotMeta { id: r.id, expires_at_ms: r.expires_at_ms, payload: Arc::new(r.payload.clone()), live: true });
+        let metas = records.iter().map(|r| SlotMeta {
+            id: r.id,
+            expires_at_ms: r.expires_at_ms,
+            payload: Arc::new(r.payload.clone()),
+            live: true,
+        });
         self.insert(&vectors, metas.collect());
     }
 
@@ -143,7 +149,11 @@ impl LiveIndex {
             let mut hits: Vec<LiveHit> = ns
                 .into_iter()
                 .filter(|n| accept(n.slot)) // re-check every hit
-                .map(|n| LiveHit { id: t.slots[n.slot].id, slot: n.slot, distance: n.distance })
+                .map(|n| LiveHit {
+                    id: t.slots[n.slot].id,
+                    slot: n.slot,
+                    distance: n.distance,
+                })
                 .collect();
             // Equal distances come back in graph order; break ties by id so that
             // answers are the same on every replica and after every rebuild.
@@ -188,7 +198,12 @@ impl LiveIndex {
                 && let Some(v) = self.index.vectors().get(slot)
             {
                 vectors.push(v);
-                metas.push(SlotMeta { id: m.id, expires_at_ms: m.expires_at_ms, payload: m.payload.clone(), live: true });
+                metas.push(SlotMeta {
+                    id: m.id,
+                    expires_at_ms: m.expires_at_ms,
+                    payload: m.payload.clone(),
+                    live: true,
+                });
             }
         }
         (vectors, metas, t.slots.len())

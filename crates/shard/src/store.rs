@@ -47,7 +47,10 @@ fn expiry_key(at: u64, id: &PointId) -> Vec<u8> {
 }
 
 fn decode(what: &[u8], bytes: &[u8]) -> Result<PointRecord, ShardError> {
-    postcard::from_bytes(bytes).map_err(|source| ShardError::Corrupt { what: format!("{what:?}"), source })
+    postcard::from_bytes(bytes).map_err(|source| ShardError::Corrupt {
+        what: format!("{what:?}"),
+        source,
+    })
 }
 
 /// A batch of changes being prepared for one command; it reads through to the
@@ -80,7 +83,8 @@ impl<'a> PendingBatch<'a> {
         if let Some(old) = &old {
             self.remove_indexes(old);
         }
-        self.batch.insert(point_key(&rec.id), postcard::to_allocvec(rec).map_err(ShardError::Encode)?);
+        self.batch
+            .insert(point_key(&rec.id), postcard::to_allocvec(rec).map_err(ShardError::Encode)?);
         self.batch.insert(subject_key(&rec.subject, &rec.id), &[][..]);
         if rec.expires_at_ms != 0 {
             self.batch.insert(expiry_key(rec.expires_at_ms, &rec.id), &[][..]);
@@ -112,7 +116,11 @@ impl ShardStore {
     }
 
     pub fn batch(&self) -> PendingBatch<'_> {
-        PendingBatch { store: self, batch: Batch::default(), overlay: Default::default() }
+        PendingBatch {
+            store: self,
+            batch: Batch::default(),
+            overlay: Default::default(),
+        }
     }
 
     pub fn last_applied(&self) -> Result<u64, ShardError> {

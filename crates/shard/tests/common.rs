@@ -11,8 +11,15 @@ pub fn spec(name: &str, dim: u32, metric: Metric) -> CollectionSpec {
         name: CollectionName::parse(name).unwrap(),
         dimension: dim,
         metric,
-        hnsw: HnswParams { m: 16, ef_construction: 200, ef_search: 128 },
-        regions: vec![RegionShards { region: RegionId::parse("eu").unwrap(), shard_count: 1 }],
+        hnsw: HnswParams {
+            m: 16,
+            ef_construction: 200,
+            ef_search: 128,
+        },
+        regions: vec![RegionShards {
+            region: RegionId::parse("eu").unwrap(),
+            shard_count: 1,
+        }],
         replication_factor: 1,
         default_retention_seconds: 0,
         require_lawful_basis: false,
@@ -24,7 +31,11 @@ pub fn pool() -> Arc<rayon::ThreadPool> {
 }
 
 pub fn open(store: &NodeStore, spec: &CollectionSpec) -> ShardEngine {
-    let id = ShardId { collection: spec.name.clone(), region: RegionId::parse("eu").unwrap(), number: 0 };
+    let id = ShardId {
+        collection: spec.name.clone(),
+        region: RegionId::parse("eu").unwrap(),
+        number: 0,
+    };
     let tree = store.shard_tree(&id).unwrap();
     ShardEngine::open(id, Arc::new(spec.clone()), store.db().clone(), tree, Some(pool())).unwrap()
 }
@@ -48,6 +59,10 @@ pub fn data_dir() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/data");
-    assert!(p.is_dir(), "benchmark data not found at {}: clone with ../shared beside it or set SOVRA_BENCH_DATA", p.display());
+    assert!(
+        p.is_dir(),
+        "benchmark data not found at {}: clone with ../shared beside it or set SOVRA_BENCH_DATA",
+        p.display()
+    );
     p
 }

@@ -13,8 +13,19 @@ fn v(i: u64) -> Vec<f32> {
 }
 
 fn ids(engine: &ShardEngine, q: &[f32], k: usize, now_ms: u64) -> Vec<u64> {
-    let (hits, _) = engine.search(&SearchParams { vector: q, k, ef: 64, filter: None, now_ms });
-    hits.iter().map(|h| match h.id { PointId::Num(n) => n, PointId::Uuid(_) => panic!() }).collect()
+    let (hits, _) = engine.search(&SearchParams {
+        vector: q,
+        k,
+        ef: 64,
+        filter: None,
+        now_ms,
+    });
+    hits.iter()
+        .map(|h| match h.id {
+            PointId::Num(n) => n,
+            PointId::Uuid(_) => panic!(),
+        })
+        .collect()
 }
 
 fn upsert(engine: &ShardEngine, range: std::ops::Range<u64>) {
@@ -70,16 +81,27 @@ fn nothing_is_returned_when_no_live_point_is_reachable() {
     e.apply_next(&ShardCommand::Delete(vec![PointId::Num(199)])).unwrap();
     assert!(ids(&e, &v(3), 10, 0).is_empty());
     // All expired rather than deleted: same answer.
-    let recs: Vec<_> = (0..50).map(|i| {
-        let mut r = record(i, v(i), Payload::new());
-        r.expires_at_ms = 10;
-        r
-    }).collect();
+    let recs: Vec<_> = (0..50)
+        .map(|i| {
+            let mut r = record(i, v(i), Payload::new());
+            r.expires_at_ms = 10;
+            r
+        })
+        .collect();
     e.apply_next(&ShardCommand::Upsert(recs)).unwrap();
     assert!(ids(&e, &v(3), 10, 10).is_empty());
     // A filter no point matches: nothing, not the entry point.
-    let f = Filter::Condition(Condition::Match { key: "none".into(), value: Value::Bool(true) });
-    let (hits, _) = e.search(&SearchParams { vector: &v(3), k: 5, ef: 64, filter: Some(&f), now_ms: 0 });
+    let f = Filter::Condition(Condition::Match {
+        key: "none".into(),
+        value: Value::Bool(true),
+    });
+    let (hits, _) = e.search(&SearchParams {
+        vector: &v(3),
+        k: 5,
+        ef: 64,
+        filter: Some(&f),
+        now_ms: 0,
+    });
     assert!(hits.is_empty());
 }
 
@@ -203,7 +225,19 @@ fn compaction_keeps_writes_made_while_it_runs() {
         let got = ids(&e, &v(probe), 200, 0);
         assert!(got.iter().all(|n| want.contains(n)), "deleted point returned near {probe}");
     }
-    let (hits, _) = e.search(&SearchParams { vector: &v(0), k: 5000, ef: 5000, filter: None, now_ms: 0 });
-    let got: HashSet<u64> = hits.iter().map(|h| match h.id { PointId::Num(n) => n, _ => 0 }).collect();
+    let (hits, _) = e.search(&SearchParams {
+        vector: &v(0),
+        k: 5000,
+        ef: 5000,
+        filter: None,
+        now_ms: 0,
+    });
+    let got: HashSet<u64> = hits
+        .iter()
+        .map(|h| match h.id {
+            PointId::Num(n) => n,
+            _ => 0,
+        })
+        .collect();
     assert_eq!(got, want);
 }

@@ -24,7 +24,10 @@ fn bucket_payload(row: usize) -> Payload {
 }
 
 fn eq(key: &str, v: i64) -> Filter {
-    Filter::Condition(Condition::Match { key: key.into(), value: Value::Integer(v) })
+    Filter::Condition(Condition::Match {
+        key: key.into(),
+        value: Value::Integer(v),
+    })
 }
 
 struct Bench {
@@ -55,7 +58,12 @@ fn load(set: &str, metric: Metric) -> Bench {
             .collect();
         engine.apply_next(&ShardCommand::Upsert(recs)).unwrap();
     }
-    Bench { base, queries, engine, _dir: tmp }
+    Bench {
+        base,
+        queries,
+        engine,
+        _dir: tmp,
+    }
 }
 
 /// Mean recall@K of the engine against an exact scan of the rows `keep` accepts.
@@ -67,14 +75,23 @@ fn recall(b: &Bench, metric: Metric, filter: Option<&Filter>, keep: &(dyn Fn(usi
     let (mut found, mut wanted) = (0usize, 0usize);
     for q in &b.queries {
         let truth: HashSet<u64> = oracle.search(q, K, 0, &|s| keep(s)).iter().map(|n| n.slot as u64).collect();
-        let params = SearchParams { vector: q, k: K, ef: EF, filter, now_ms: 1 };
+        let params = SearchParams {
+            vector: q,
+            k: K,
+            ef: EF,
+            filter,
+            now_ms: 1,
+        };
         let (hits, _) = b.engine.search(&params);
         assert_eq!(hits.len(), truth.len().min(K), "a search returns k hits whenever k points match");
         for h in &hits {
             let PointId::Num(row) = h.id else { panic!("numeric ids only") };
             assert!(keep(row as usize), "hit {row} does not satisfy the filter or was deleted");
         }
-        found += hits.iter().filter(|h| matches!(h.id, PointId::Num(r) if truth.contains(&r))).count();
+        found += hits
+            .iter()
+            .filter(|h| matches!(h.id, PointId::Num(r) if truth.contains(&r)))
+            .count();
         wanted += truth.len();
     }
     found as f64 / wanted as f64
@@ -100,7 +117,13 @@ fn check_dataset(set: &str, metric: Metric, floor: f64) {
          (rebuild {:?}, pause {:?})",
         report.rebuild, report.pause
     );
-    for (what, r) in [("plain", all), ("filter 10%", f10), ("filter 0.1%", f01), ("deleted", deleted_before_compaction), ("compacted", after)] {
+    for (what, r) in [
+        ("plain", all),
+        ("filter 10%", f10),
+        ("filter 0.1%", f01),
+        ("deleted", deleted_before_compaction),
+        ("compacted", after),
+    ] {
         assert!(r >= floor, "{set} {what}: recall {r:.4} below {floor}");
     }
 }

@@ -25,7 +25,11 @@ pub struct HnswParams {
 
 impl Default for HnswParams {
     fn default() -> Self {
-        Self { m: 16, ef_construction: 200, ef_search: 128 }
+        Self {
+            m: 16,
+            ef_construction: 200,
+            ef_search: 128,
+        }
     }
 }
 
@@ -135,7 +139,10 @@ mod tests {
             dimension: 4,
             metric: Metric::L2,
             hnsw: HnswParams::default(),
-            regions: vec![RegionShards { region: RegionId::parse("eu").unwrap(), shard_count: 2 }],
+            regions: vec![RegionShards {
+                region: RegionId::parse("eu").unwrap(),
+                shard_count: 2,
+            }],
             replication_factor: 1,
             default_retention_seconds: 0,
             require_lawful_basis: false,
@@ -145,7 +152,8 @@ mod tests {
     #[test]
     fn ranges_are_enforced_with_field_names() {
         assert!(spec().validate().is_ok());
-        let cases: Vec<(fn(&mut CollectionSpec), &str)> = vec![
+        type Mutation = fn(&mut CollectionSpec);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|s| s.dimension = 0, "collection.dimension"),
             (|s| s.dimension = MAX_DIMENSION + 1, "collection.dimension"),
             (|s| s.hnsw.m = 300, "collection.hnsw.m"),

@@ -29,10 +29,7 @@ pub struct Range {
 
 impl Range {
     fn contains(&self, x: f64) -> bool {
-        self.gt.is_none_or(|b| x > b)
-            && self.gte.is_none_or(|b| x >= b)
-            && self.lt.is_none_or(|b| x < b)
-            && self.lte.is_none_or(|b| x <= b)
+        self.gt.is_none_or(|b| x > b) && self.gte.is_none_or(|b| x >= b) && self.lt.is_none_or(|b| x < b) && self.lte.is_none_or(|b| x <= b)
     }
 }
 
@@ -94,9 +91,7 @@ impl Condition {
                 },
                 (None, _) => false,
             },
-            Condition::Range { key, range } => {
-                payload.get(key).and_then(Value::as_f64).is_some_and(|x| range.contains(x))
-            }
+            Condition::Range { key, range } => payload.get(key).and_then(Value::as_f64).is_some_and(|x| range.contains(x)),
         }
     }
 
@@ -113,10 +108,14 @@ impl Condition {
             Condition::Range { key, range } => {
                 let bounds = [range.gt, range.gte, range.lt, range.lte];
                 if bounds.iter().all(Option::is_none) {
-                    return Err(ApiError::invalid(format!("{path}.range on {key:?} has no bound: set gt, gte, lt or lte")));
+                    return Err(ApiError::invalid(format!(
+                        "{path}.range on {key:?} has no bound: set gt, gte, lt or lte"
+                    )));
                 }
                 if bounds.iter().flatten().any(|b| !b.is_finite()) {
-                    return Err(ApiError::invalid(format!("{path}.range on {key:?} has a bound that is not a finite number")));
+                    return Err(ApiError::invalid(format!(
+                        "{path}.range on {key:?} has a bound that is not a finite number"
+                    )));
                 }
                 key
             }
@@ -133,7 +132,11 @@ mod tests {
     use super::*;
 
     fn payload() -> Payload {
-        [("age".to_string(), Value::Integer(40)), ("country".to_string(), Value::String("fr".into()))].into()
+        [
+            ("age".to_string(), Value::Integer(40)),
+            ("country".to_string(), Value::String("fr".into())),
+        ]
+        .into()
     }
     fn m(key: &str, v: Value) -> Filter {
         Filter::Condition(Condition::Match { key: key.into(), value: v })
@@ -148,9 +151,37 @@ mod tests {
         assert!(m("country", Value::String("fr".into())).matches(&p));
         assert!(m("age", Value::Double(40.0)).matches(&p));
         assert!(!m("missing", Value::Bool(true)).matches(&p));
-        assert!(r("age", Range { gte: Some(40.0), lt: Some(41.0), ..Default::default() }).matches(&p));
-        assert!(!r("age", Range { gt: Some(40.0), ..Default::default() }).matches(&p));
-        assert!(!r("country", Range { gt: Some(0.0), ..Default::default() }).matches(&p));
+        assert!(
+            r(
+                "age",
+                Range {
+                    gte: Some(40.0),
+                    lt: Some(41.0),
+                    ..Default::default()
+                }
+            )
+            .matches(&p)
+        );
+        assert!(
+            !r(
+                "age",
+                Range {
+                    gt: Some(40.0),
+                    ..Default::default()
+                }
+            )
+            .matches(&p)
+        );
+        assert!(
+            !r(
+                "country",
+                Range {
+                    gt: Some(0.0),
+                    ..Default::default()
+                }
+            )
+            .matches(&p)
+        );
         let both = Filter::And(vec![m("country", Value::String("fr".into())), m("age", Value::Integer(40))]);
         assert!(both.matches(&p));
         assert!(!Filter::Not(Box::new(both.clone())).matches(&p));
@@ -167,6 +198,16 @@ mod tests {
         }
         assert!(deep.validate().unwrap_err().message.contains("deeper"));
         assert!(r("a", Range::default()).validate().is_err());
-        assert!(r("a", Range { lt: Some(f64::NAN), ..Default::default() }).validate().is_err());
+        assert!(
+            r(
+                "a",
+                Range {
+                    lt: Some(f64::NAN),
+                    ..Default::default()
+                }
+            )
+            .validate()
+            .is_err()
+        );
     }
 }

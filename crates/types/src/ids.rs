@@ -14,7 +14,8 @@ impl CollectionName {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.as_bytes()[0].is_ascii_lowercase()
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -40,9 +41,7 @@ pub struct RegionId(String);
 
 impl RegionId {
     pub fn parse(s: &str) -> Result<Self, ApiError> {
-        let ok = !s.is_empty()
-            && s.len() <= 32
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let ok = !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -140,7 +139,12 @@ mod tests {
 
     #[test]
     fn key_bytes_round_trip_and_sort_numbers_in_order() {
-        let ids = [PointId::Num(0), PointId::Num(7), PointId::Num(u64::MAX), PointId::Uuid(uuid::Uuid::from_u128(5))];
+        let ids = [
+            PointId::Num(0),
+            PointId::Num(7),
+            PointId::Num(u64::MAX),
+            PointId::Uuid(uuid::Uuid::from_u128(5)),
+        ];
         for id in ids {
             assert_eq!(PointId::from_key_bytes(&id.key_bytes()), Some(id));
         }

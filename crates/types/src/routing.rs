@@ -32,7 +32,16 @@ impl HashRange {
             return None;
         }
         let mid = self.start + (self.end - self.start) / 2;
-        Some((HashRange { start: self.start, end: mid }, HashRange { start: mid + 1, end: self.end }))
+        Some((
+            HashRange {
+                start: self.start,
+                end: mid,
+            },
+            HashRange {
+                start: mid + 1,
+                end: self.end,
+            },
+        ))
     }
 }
 
@@ -51,9 +60,15 @@ impl RegionShardMap {
         let n128 = n as u128;
         let start_of = |i: u128| -> u128 { (i << 64).div_ceil(n128) };
         let ranges = (0..n128)
-            .map(|i| HashRange { start: start_of(i) as u64, end: (start_of(i + 1) - 1) as u64 })
+            .map(|i| HashRange {
+                start: start_of(i) as u64,
+                end: (start_of(i + 1) - 1) as u64,
+            })
             .collect();
-        Self { ranges, numbers: (0..n).collect() }
+        Self {
+            ranges,
+            numbers: (0..n).collect(),
+        }
     }
 
     pub fn shard_for_hash(&self, h: u64) -> u32 {
@@ -94,7 +109,10 @@ mod tests {
             (PointId::Num(0), 0x_313c_2dd2_ec99_6e80),
             (PointId::Num(1), 0x_9842_17a4_c022_55fc),
             (PointId::Num(42), 0x_46bb_72a9_ed34_27e4),
-            (PointId::Uuid(uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef)), 0x_7ba5_509e_105d_359b),
+            (
+                PointId::Uuid(uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef)),
+                0x_7ba5_509e_105d_359b,
+            ),
         ];
         for (id, want) in cases {
             assert_eq!(point_hash(&id), want, "hash of {id} changed");

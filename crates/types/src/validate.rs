@@ -20,7 +20,10 @@ pub fn prepare_vector(spec: &CollectionSpec, mut v: Vec<f32>, what: &str) -> Res
         )));
     }
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(ApiError::invalid(format!("{what}[{i}] is {}: components must be finite numbers", v[i])));
+        return Err(ApiError::invalid(format!(
+            "{what}[{i}] is {}: components must be finite numbers",
+            v[i]
+        )));
     }
     if let Some(i) = v.iter().position(|x| x.abs() > MAX_COMPONENT_ABS) {
         return Err(ApiError::invalid(format!(
@@ -67,10 +70,16 @@ pub fn prepare_point(spec: &CollectionSpec, mut p: PointRecord, i: usize, now_ms
         )));
     }
     if p.subject.len() > MAX_SUBJECT_BYTES {
-        return Err(ApiError::invalid(format!("{at}.subject is {} bytes: at most {MAX_SUBJECT_BYTES}", p.subject.len())));
+        return Err(ApiError::invalid(format!(
+            "{at}.subject is {} bytes: at most {MAX_SUBJECT_BYTES}",
+            p.subject.len()
+        )));
     }
     if p.source.len() > MAX_SOURCE_BYTES {
-        return Err(ApiError::invalid(format!("{at}.source is {} bytes: at most {MAX_SOURCE_BYTES}", p.source.len())));
+        return Err(ApiError::invalid(format!(
+            "{at}.source is {} bytes: at most {MAX_SOURCE_BYTES}",
+            p.source.len()
+        )));
     }
     if p.payload.len() > MAX_PAYLOAD_FIELDS {
         return Err(ApiError::invalid(format!(
@@ -86,7 +95,9 @@ pub fn prepare_point(spec: &CollectionSpec, mut p: PointRecord, i: usize, now_ms
     }
     for (k, v) in &p.payload {
         if k.is_empty() || k.len() > MAX_KEY_BYTES {
-            return Err(ApiError::invalid(format!("{at}.payload key {k:?} must be 1 to {MAX_KEY_BYTES} bytes")));
+            return Err(ApiError::invalid(format!(
+                "{at}.payload key {k:?} must be 1 to {MAX_KEY_BYTES} bytes"
+            )));
         }
         if let crate::point::Value::Double(d) = v
             && !d.is_finite()
@@ -132,7 +143,11 @@ pub fn prepare_batch(spec: &CollectionSpec, points: Vec<PointRecord>, now_ms: u6
             "batch carries {bytes} bytes of vectors and payloads: at most {MAX_BATCH_BYTES}; split it"
         )));
     }
-    points.into_iter().enumerate().map(|(i, p)| prepare_point(spec, p, i, now_ms)).collect()
+    points
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| prepare_point(spec, p, i, now_ms))
+        .collect()
 }
 
 /// Checks that a region named by a get or delete is spanned by the collection.

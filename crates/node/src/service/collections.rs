@@ -27,14 +27,20 @@ fn info(c: &Collection) -> v1::CollectionInfo {
             });
         }
     }
-    v1::CollectionInfo { spec: Some(spec_to(&c.spec)), shards }
+    v1::CollectionInfo {
+        spec: Some(spec_to(&c.spec)),
+        shards,
+    }
 }
 
 #[tonic::async_trait]
 impl Collections for CollectionsService {
     async fn create_collection(&self, req: Request<v1::CreateCollectionRequest>) -> Result<Response<v1::CollectionInfo>, Status> {
         observe("create_collection", async {
-            let spec = req.into_inner().collection.ok_or_else(|| ApiError::invalid("collection is missing: send a CollectionSpec"))?;
+            let spec = req
+                .into_inner()
+                .collection
+                .ok_or_else(|| ApiError::invalid("collection is missing: send a CollectionSpec"))?;
             let spec = spec_from(spec)?;
             let c = self.state.create(spec).await?;
             Ok(info(&c))
@@ -49,7 +55,9 @@ impl Collections for CollectionsService {
     async fn list_collections(&self, _req: Request<v1::ListCollectionsRequest>) -> Result<Response<v1::ListCollectionsResponse>, Status> {
         observe("list_collections", async {
             self.state.ensure_ready()?;
-            Ok(v1::ListCollectionsResponse { collections: self.state.list().iter().map(|c| info(c)).collect() })
+            Ok(v1::ListCollectionsResponse {
+                collections: self.state.list().iter().map(|c| info(c)).collect(),
+            })
         })
         .await
     }

@@ -5,7 +5,7 @@ use sovra_proto::v1::{self, points_server::Points};
 use sovra_shard::ShardEngine;
 use sovra_types::limits::MAX_IDS_PER_REQUEST;
 use sovra_types::validate::{check_region, prepare_batch};
-use sovra_types::{ApiError, PointId, ShardCommand};
+use sovra_types::{ApiError, PointId, RegionId, ShardCommand};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -19,9 +19,15 @@ fn ids_from(ids: &[v1::PointId]) -> Result<Vec<PointId>, ApiError> {
         return Err(ApiError::invalid("ids is empty: name at least one point"));
     }
     if ids.len() > MAX_IDS_PER_REQUEST {
-        return Err(ApiError::invalid(format!("ids has {} entries: at most {MAX_IDS_PER_REQUEST} per request", ids.len())));
+        return Err(ApiError::invalid(format!(
+            "ids has {} entries: at most {MAX_IDS_PER_REQUEST} per request",
+            ids.len()
+        )));
     }
-    ids.iter().enumerate().map(|(i, p)| point_id_from(Some(p), &format!("ids[{i}]"))).collect()
+    ids.iter()
+        .enumerate()
+        .map(|(i, p)| point_id_from(Some(p), &format!("ids[{i}]")))
+        .collect()
 }
 
 /// Applies one command per shard touched. Everything was validated before this
@@ -32,13 +38,20 @@ async fn write(state: &Arc<NodeState>, per_shard: Vec<(Arc<ShardEngine>, ShardCo
         let e = engine.clone();
         let outcome = blocking(move || e.apply_next(&cmd)).await?.map_err(|e| state.storage_failed(e))?;
         out.count += outcome.changed as u64;
-        out.writes.push(v1::ShardWrite { region: engine.id().region.to_string(), shard: engine.id().number, index: outcome.index });
+        out.writes.push(v1::ShardWrite {
+            region: engine.id().region.to_string(),
+            shard: engine.id().number,
+            index: outcome.index,
+        });
     }
     Ok(out)
 }
 
-fn group<T>(c: &Collection, items: Vec<(sovra_types::RegionId, PointId, T)>) -> Result<BTreeMap<(sovra_types::RegionId, u32), (Arc<ShardEngine>, Vec<T>)>, ApiError> {
-    let mut by_shard: BTreeMap<_, (Arc<ShardEngine>, Vec<T>)> = BTreeMap::new();
+/// Items grouped by the shard that owns them, in shard order.
+type PerShard<T> = Vec<(Arc<ShardEngine>, Vec<T>)>;
+
+fn group<T>(c: &Collection, items: Vec<(RegionId, PointId, T)>) -> Result<PerShard<T>, ApiError> {
+    let mut by_shard: BTreeMap<(RegionId, u32), (Arc<ShardEngine>, Vec<T>)> = BTreeMap::new();
     for (region, id, item) in items {
         let engine = c.route(&region, &id)?;
         by_shard
@@ -47,7 +60,7 @@ fn group<T>(c: &Collection, items: Vec<(sovra_types::RegionId, PointId, T)>) -> 
             .1
             .push(item);
     }
-    Ok(by_shard)
+    Ok(by_shard.into_values().collect())
 }
 
 #[tonic::async_trait]
@@ -56,10 +69,18 @@ impl Points for PointsService {
         observe("upsert", async {
             let req = req.into_inner();
             let c = self.state.collection(&req.collection)?;
-            let records = req.points.into_iter().enumerate().map(|(i, p)| point_from(p, i)).collect::<Result<Vec<_>, _>>()?;
+            let records = req
+                .points
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| point_from(p, i))
+                .collect::<Result<Vec<_>, _>>()?;
             let records = prepare_batch(&c.spec, records, now_ms())?;
             let keyed = records.into_iter().map(|r| (r.region.clone(), r.id, r)).collect();
-            let per_shard = group(&c, keyed)?.into_values().map(|(e, recs)| (e, ShardCommand::Upsert(recs))).collect();
+            let per_shard = group(&c, keyed)?
+                .into_iter()
+                .map(|(e, recs)| (e, ShardCommand::Upsert(recs)))
+                .collect();
             write(&self.state, per_shard).await
         })
         .await
@@ -71,7 +92,10 @@ impl Points for PointsService {
             let c = self.state.collection(&req.collection)?;
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
             let ids = ids_from(&req.ids)?;
-            let routed = ids.iter().map(|id| c.route(&region, id).map(|e| (e.clone(), *id))).collect::<Result<Vec<_>, _>>()?;
+            let routed = ids
+                .iter()
+                .map(|id| c.route(&region, id).map(|e| (e.clone(), *id)))
+                .collect::<Result<Vec<_>, _>>()?;
             let now = now_ms();
             let state = self.state.clone();
             let (with_vector, with_payload) = (req.with_vector, req.with_payload);
@@ -96,7 +120,10 @@ impl Points for PointsService {
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
             let ids = ids_from(&req.ids)?;
             let keyed = ids.into_iter().map(|id| (region.clone(), id, id)).collect();
-            let per_shard = group(&c, keyed)?.into_values().map(|(e, ids)| (e, ShardCommand::Delete(ids))).collect();
+            let per_shard = group(&c, keyed)?
+                .into_iter()
+                .map(|(e, ids)| (e, ShardCommand::Delete(ids)))
+                .collect();
             write(&self.state, per_shard).await
         })
         .await

@@ -36,7 +36,10 @@ impl SearchService {
         }
         .max(req.k) as usize;
         if v1::Consistency::try_from(req.consistency).is_err() {
-            return Err(ApiError::invalid(format!("consistency is {}: use CONSISTENCY_ANY or CONSISTENCY_LINEARIZABLE", req.consistency)));
+            return Err(ApiError::invalid(format!(
+                "consistency is {}: use CONSISTENCY_ANY or CONSISTENCY_LINEARIZABLE",
+                req.consistency
+            )));
         }
         let vector = Arc::new(prepare_vector(&c.spec, req.vector, "vector")?);
         let filter = match &req.filter {
@@ -50,7 +53,11 @@ impl SearchService {
         let regions: Vec<RegionId> = if req.regions.is_empty() {
             c.spec.regions.iter().map(|r| r.region.clone()).collect()
         } else {
-            req.regions.iter().enumerate().map(|(i, r)| check_region(&c.spec, r).map_err(|e| e.at(&format!("regions[{i}]")))).collect::<Result<_, _>>()?
+            req.regions
+                .iter()
+                .enumerate()
+                .map(|(i, r)| check_region(&c.spec, r).map_err(|e| e.at(&format!("regions[{i}]"))))
+                .collect::<Result<_, _>>()?
         };
 
         // One task per shard. With a single node every shard is local and
@@ -65,11 +72,21 @@ impl SearchService {
                 match c.shards.get(&(region.clone(), number)) {
                     Some(engine) => {
                         let (engine, vector, filter) = (engine.clone(), vector.clone(), filter.clone());
-                        tasks.push((region.clone(), number, tokio::task::spawn_blocking(move || {
-                            let params = SearchParams { vector: &vector, k, ef, filter: filter.as_deref(), now_ms: now };
-                            let (hits, path) = engine.search(&params);
-                            (engine, hits, path)
-                        })));
+                        tasks.push((
+                            region.clone(),
+                            number,
+                            tokio::task::spawn_blocking(move || {
+                                let params = SearchParams {
+                                    vector: &vector,
+                                    k,
+                                    ef,
+                                    filter: filter.as_deref(),
+                                    now_ms: now,
+                                };
+                                let (hits, path) = engine.search(&params);
+                                (engine, hits, path)
+                            }),
+                        ));
                     }
                     None => statuses.push(v1::ShardStatus {
                         region: region.to_string(),
@@ -90,15 +107,29 @@ impl SearchService {
                         SearchPath::ExactFallback => "exact_fallback",
                     };
                     metrics::counter!(m::SEARCH_PATH, "path" => path).increment(1);
-                    statuses.push(v1::ShardStatus { region: region.to_string(), shard: number, answered: true, error: String::new() });
+                    statuses.push(v1::ShardStatus {
+                        region: region.to_string(),
+                        shard: number,
+                        answered: true,
+                        error: String::new(),
+                    });
                     merged.extend(hits.into_iter().map(|h| (region.clone(), h, engine.clone())));
                 }
-                Err(e) => statuses.push(v1::ShardStatus { region: region.to_string(), shard: number, answered: false, error: format!("shard search failed: {e}") }),
+                Err(e) => statuses.push(v1::ShardStatus {
+                    region: region.to_string(),
+                    shard: number,
+                    answered: false,
+                    error: format!("shard search failed: {e}"),
+                }),
             }
         }
         let partial = statuses.iter().any(|s| !s.answered);
         if partial && !req.allow_partial {
-            let missing: Vec<String> = statuses.iter().filter(|s| !s.answered).map(|s| format!("{}/{}", s.region, s.shard)).collect();
+            let missing: Vec<String> = statuses
+                .iter()
+                .filter(|s| !s.answered)
+                .map(|s| format!("{}/{}", s.region, s.shard))
+                .collect();
             return Err(ApiError::unavailable(format!(
                 "shards {} did not answer; retry, or set allow_partial to accept results without them",
                 missing.join(", ")
@@ -120,13 +151,24 @@ impl SearchService {
                         None => continue,
                     }
                 } else {
-                    v1::Point { id: Some(point_id_to(&hit.id)), region: region.to_string(), ..Default::default() }
+                    v1::Point {
+                        id: Some(point_id_to(&hit.id)),
+                        region: region.to_string(),
+                        ..Default::default()
+                    }
                 };
-                out.push(v1::ScoredPoint { point: Some(point), distance: hit.distance });
+                out.push(v1::ScoredPoint {
+                    point: Some(point),
+                    distance: hit.distance,
+                });
             }
             Ok(out)
         })
         .await??;
-        Ok(v1::SearchResponse { hits, shards: statuses, partial })
+        Ok(v1::SearchResponse {
+            hits,
+            shards: statuses,
+            partial,
+        })
     }
 }

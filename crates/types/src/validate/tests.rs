@@ -9,7 +9,10 @@ fn spec(metric: Metric) -> CollectionSpec {
         dimension: 3,
         metric,
         hnsw: HnswParams::default(),
-        regions: vec![RegionShards { region: RegionId::parse("eu").unwrap(), shard_count: 1 }],
+        regions: vec![RegionShards {
+            region: RegionId::parse("eu").unwrap(),
+            shard_count: 1,
+        }],
         replication_factor: 1,
         default_retention_seconds: 60,
         require_lawful_basis: true,
@@ -38,7 +41,11 @@ fn bad_vectors_are_named() {
     let s = spec(Metric::Cosine);
     let e = err(&s, point(vec![1.0, 2.0]));
     assert_eq!(e.code, ErrorCode::InvalidArgument);
-    assert!(e.message.contains("points[1].vector has dimension 2") && e.message.contains("expects 3"), "{}", e.message);
+    assert!(
+        e.message.contains("points[1].vector has dimension 2") && e.message.contains("expects 3"),
+        "{}",
+        e.message
+    );
     let e = err(&s, point(vec![1.0, f32::NAN, 0.0]));
     assert!(e.message.contains("points[1].vector[1] is NaN"), "{}", e.message);
     let e = err(&s, point(vec![1.0, f32::INFINITY, 0.0]));
@@ -72,10 +79,15 @@ fn policy_and_size_errors() {
     p.region = RegionId::parse("us").unwrap();
     let e = err(&s, p);
     assert_eq!(e.code, ErrorCode::InvalidArgument);
-    assert!(e.message.contains("points[1]: region us is not spanned") && e.message.contains("spans: eu"), "{}", e.message);
+    assert!(
+        e.message.contains("points[1]: region us is not spanned") && e.message.contains("spans: eu"),
+        "{}",
+        e.message
+    );
 
     let mut p = point(vec![1.0, 0.0, 0.0]);
-    p.payload.insert("blob".into(), crate::point::Value::String("x".repeat(MAX_PAYLOAD_BYTES)));
+    p.payload
+        .insert("blob".into(), crate::point::Value::String("x".repeat(MAX_PAYLOAD_BYTES)));
     assert!(err(&s, p).message.contains("points[1].payload is"));
 
     let many = vec![point(vec![1.0, 0.0, 0.0]); MAX_BATCH_POINTS + 1];

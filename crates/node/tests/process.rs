@@ -1,0 +1,205 @@
+//! Real `sovra` processes: durability across SIGKILL, clean exit on SIGTERM, and
+//! `sovra dev` answering a search through the gRPC API.
+
+use sovra_proto::v1;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sovra");
+
+/// Starts `sovra` with `args` and waits (with a deadline) for a stdout line
+/// containing `marker`; returns the child, that line, and the rest of stdout.
+fn spawn_until(args: &[&str], marker: &str) -> (Child, String, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sovra");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.contains(marker) => return (child, line, rx),
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("sovra {args:?} never printed {marker:?}: {e}");
+            }
+        }
+    }
+}
+
+fn addr_after(line: &str, key: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(std::time::Instant::now() < deadline, "sovra did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_node(config: &std::path::Path) -> (Child, SocketAddr) {
+    let (child, line, _) = spawn_until(&["node", "--config", config.to_str().unwrap()], "sovra node listening");
+    (child, addr_after(&line, "grpc="))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 1\nregion = \"eu-west\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let (mut child, addr) = start_node(&config);
+    let ch = sovra_node::dev::wait_serving(addr, Duration::from_secs(60)).await.unwrap();
+    let mut collections = v1::collections_client::CollectionsClient::new(ch.clone());
+    let spec = v1::CollectionSpec {
+        name: "faces".into(),
+        dimension: 3,
+        metric: v1::Metric::L2 as i32,
+        regions: vec![v1::RegionShards {
+            region: "eu-west".into(),
+            shard_count: 2,
+        }],
+        ..Default::default()
+    };
+    collections
+        .create_collection(v1::CreateCollectionRequest { collection: Some(spec) })
+        .await
+        .unwrap();
+
+    let mut acknowledged = Vec::new();
+    for round in 0..3u64 {
+        let mut points = v1::points_client::PointsClient::new(ch.clone());
+        if round > 0 {
+            // Restarted: the node must come back with everything acknowledged so far.
+            let (c, a) = start_node(&config);
+            child = c;
+            let ch2 = sovra_node::dev::wait_serving(a, Duration::from_secs(60)).await.unwrap();
+            points = v1::points_client::PointsClient::new(ch2);
+            let got = points
+                .get(v1::GetPointsRequest {
+                    collection: "faces".into(),
+                    region: "eu-west".into(),
+                    ids: acknowledged.clone(),
+                    with_vector: true,
+                    with_payload: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                got.points.len(),
+                acknowledged.len(),
+                "round {round}: acknowledged points lost after SIGKILL"
+            );
+        }
+        let batch: Vec<v1::Point> = (0..20)
+            .map(|i| v1::Point {
+                id: Some(v1::PointId {
+                    kind: Some(v1::point_id::Kind::Num(round * 100 + i)),
+                }),
+                vector: vec![i as f32, round as f32, 1.0],
+                region: "eu-west".into(),
+                ..Default::default()
+            })
+            .collect();
+        let ack = points
+            .upsert(v1::UpsertRequest {
+                collection: "faces".into(),
+                points: batch.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(ack.get_ref().count, 20);
+        // SIGKILL immediately after the acknowledgement.
+        child.kill().unwrap();
+        wait_exit(&mut child);
+        acknowledged.extend(batch.into_iter().map(|p| p.id.unwrap()));
+    }
+    let (mut child, addr) = start_node(&config);
+    let ch = sovra_node::dev::wait_serving(addr, Duration::from_secs(60)).await.unwrap();
+    let mut points = v1::points_client::PointsClient::new(ch);
+    let got = points
+        .get(v1::GetPointsRequest {
+            collection: "faces".into(),
+            region: "eu-west".into(),
+            ids: acknowledged.clone(),
+            with_vector: false,
+            with_payload: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.points.len(), 60);
+    // SIGTERM is a clean shutdown with exit status 0.
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(wait_exit(&mut child).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sovra_dev_starts_and_answers_a_search() {
+    let (mut child, line, _rest) = spawn_until(
+        &["dev", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--points", "800"],
+        "connect: grpcurl",
+    );
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .expect("address in the connect line");
+    let ch = sovra_node::dev::wait_serving(addr, Duration::from_secs(30)).await.unwrap();
+    let mut search = v1::search_client::SearchClient::new(ch);
+    let r = search
+        .search(v1::SearchRequest {
+            collection: "people".into(),
+            vector: vec![0.5; 64],
+            k: 7,
+            with_payload: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.hits.len(), 7);
+    assert!(r.hits.windows(2).all(|w| w[0].distance <= w[1].distance));
+    assert!(r.hits.iter().all(|h| h.point.as_ref().unwrap().payload.contains_key("country")));
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(wait_exit(&mut child).success());
+}
