@@ -4,13 +4,16 @@
 use crate::config::NodeConfig;
 use parking_lot::RwLock;
 use sovra_shard::{NodeStore, ShardEngine, ShardError};
-use sovra_types::{ApiError, CollectionName, CollectionSpec, ErrorCode, PointId, RegionId, ShardId};
+use sovra_types::{ApiError, CollectionName, CollectionSpec, ErrorCode, PointId, RegionId, RegionShardMap, ShardId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct Collection {
     pub spec: Arc<CollectionSpec>,
+    /// Every region's shard map, built once when the collection opens: routing
+    /// runs for every point of every request.
+    pub maps: BTreeMap<RegionId, RegionShardMap>,
     /// Engines of the shards this node holds, by (region, number).
     pub shards: BTreeMap<(RegionId, u32), Arc<ShardEngine>>,
 }
@@ -18,7 +21,8 @@ pub struct Collection {
 impl Collection {
     /// The engine owning `id` in `region`, by the documented hash routing.
     pub fn route(&self, region: &RegionId, id: &PointId) -> Result<&Arc<ShardEngine>, ApiError> {
-        let n = self.spec.shard_map(region)?.shard_for(id);
+        let map = self.maps.get(region).ok_or_else(|| self.spec.region_not_spanned(region))?;
+        let n = map.shard_for(id);
         self.shards
             .get(&(region.clone(), n))
             .ok_or_else(|| ApiError::unavailable(format!("shard {}/{region}/{n} is not held by this node", self.spec.name)))
@@ -85,7 +89,12 @@ impl NodeState {
                 shards.insert((r.region.clone(), number), Arc::new(engine));
             }
         }
-        Ok(Collection { spec, shards })
+        let maps = spec
+            .regions
+            .iter()
+            .map(|r| (r.region.clone(), RegionShardMap::even(r.shard_count)))
+            .collect();
+        Ok(Collection { spec, maps, shards })
     }
 
     pub fn is_ready(&self) -> bool {

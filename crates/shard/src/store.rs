@@ -30,11 +30,17 @@ fn point_key(id: &PointId) -> Vec<u8> {
     k
 }
 
-fn subject_key(subject: &str, id: &PointId) -> Vec<u8> {
+/// `s` + u16 BE length + subject: the prefix of all of one subject's keys.
+fn subject_prefix(subject: &str) -> Vec<u8> {
     let mut k = vec![SUBJECT];
     // Subjects are at most 256 bytes (validated), so u16 always fits.
     k.extend_from_slice(&(subject.len() as u16).to_be_bytes());
     k.extend_from_slice(subject.as_bytes());
+    k
+}
+
+fn subject_key(subject: &str, id: &PointId) -> Vec<u8> {
+    let mut k = subject_prefix(subject);
     k.extend_from_slice(&id.key_bytes());
     k
 }
@@ -146,12 +152,7 @@ impl ShardStore {
 
     /// Ids of a subject's points, from the subject index.
     pub fn ids_of_subject(&self, subject: &str) -> Result<Vec<PointId>, ShardError> {
-        let prefix = {
-            let mut k = vec![SUBJECT];
-            k.extend_from_slice(&(subject.len() as u16).to_be_bytes());
-            k.extend_from_slice(subject.as_bytes());
-            k
-        };
+        let prefix = subject_prefix(subject);
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix(&prefix) {
             let (k, _) = kv?;
@@ -164,7 +165,7 @@ impl ShardStore {
 
     /// Ids whose `expires_at_ms` is at or before `now_ms`, oldest first.
     pub fn expired_ids(&self, now_ms: u64, limit: usize) -> Result<Vec<PointId>, ShardError> {
-        let end = expiry_key(now_ms, &PointId::Uuid(uuid_max()));
+        let end = expiry_key(now_ms, &PointId::Uuid(uuid::Uuid::max()));
         let mut out = Vec::new();
         for kv in self.tree.range(vec![EXPIRY, 0, 0, 0, 0, 0, 0, 0, 1]..=end).take(limit) {
             let (k, _) = kv?;
@@ -188,8 +189,4 @@ impl ShardStore {
         }
         Ok(h.digest())
     }
-}
-
-fn uuid_max() -> uuid::Uuid {
-    uuid::Uuid::max()
 }

@@ -120,12 +120,17 @@ impl CollectionSpec {
     pub fn shard_map(&self, region: &RegionId) -> Result<RegionShardMap, ApiError> {
         match self.region(region) {
             Some(r) => Ok(RegionShardMap::even(r.shard_count)),
-            None => Err(ApiError::invalid(format!(
-                "region {region} is not spanned by collection {}; it spans: {}",
-                self.name,
-                self.regions.iter().map(|r| r.region.as_str()).collect::<Vec<_>>().join(", ")
-            ))),
+            None => Err(self.region_not_spanned(region)),
         }
+    }
+
+    /// INVALID_ARGUMENT for a region outside the collection, naming the ones it spans.
+    pub fn region_not_spanned(&self, region: &RegionId) -> ApiError {
+        ApiError::invalid(format!(
+            "region {region} is not spanned by collection {}; it spans: {}",
+            self.name,
+            self.regions.iter().map(|r| r.region.as_str()).collect::<Vec<_>>().join(", ")
+        ))
     }
 }
 

@@ -60,7 +60,7 @@ pub fn prepare_vector(spec: &CollectionSpec, mut v: Vec<f32>, what: &str) -> Res
 pub fn prepare_point(spec: &CollectionSpec, mut p: PointRecord, i: usize, now_ms: u64) -> Result<PointRecord, ApiError> {
     let at = format!("points[{i}]");
     if spec.region(&p.region).is_none() {
-        return Err(spec.shard_map(&p.region).unwrap_err().at(&at));
+        return Err(spec.region_not_spanned(&p.region).at(&at));
     }
     p.vector = prepare_vector(spec, std::mem::take(&mut p.vector), &format!("{at}.vector"))?;
     if spec.require_lawful_basis && p.lawful_basis == LawfulBasis::Unspecified {
@@ -153,8 +153,10 @@ pub fn prepare_batch(spec: &CollectionSpec, points: Vec<PointRecord>, now_ms: u6
 /// Checks that a region named by a get or delete is spanned by the collection.
 pub fn check_region(spec: &CollectionSpec, region: &str) -> Result<RegionId, ApiError> {
     let region = RegionId::parse(region)?;
-    spec.shard_map(&region)?;
-    Ok(region)
+    match spec.region(&region) {
+        Some(_) => Ok(region),
+        None => Err(spec.region_not_spanned(&region)),
+    }
 }
 
 #[cfg(test)]

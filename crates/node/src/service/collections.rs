@@ -13,8 +13,7 @@ pub struct CollectionsService {
 fn info(c: &Collection) -> v1::CollectionInfo {
     let mut shards = Vec::new();
     for r in &c.spec.regions {
-        let map = sovra_types::RegionShardMap::even(r.shard_count);
-        for (number, range) in map.shards() {
+        for (number, range) in c.maps[&r.region].shards() {
             let stats = c.shards.get(&(r.region.clone(), number)).map(|e| e.stats());
             shards.push(v1::ShardInfo {
                 region: r.region.to_string(),
