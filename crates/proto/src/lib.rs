@@ -9,6 +9,12 @@ pub mod v1 {
     tonic::include_proto!("sovra.v1");
 }
 
+/// Node-to-node messages of the shard groups (`proto/sovra/raft/v1`).
+pub mod raft {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sovra.raft.v1");
+}
+
 /// For the gRPC reflection service, so `grpcurl` works without the protos.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sovra_descriptor");
 

@@ -10,6 +10,8 @@ pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &[u8] = b"format_version";
 const CATALOG: &str = "catalog";
 const SHARD_PREFIX: &str = "shard/";
+/// A shard group's Raft log lives beside the shard, under the same names.
+const RAFT_LOG_PREFIX: &str = "raftlog/";
 
 #[derive(Clone)]
 pub struct NodeStore {
@@ -75,10 +77,10 @@ impl NodeStore {
     pub fn remove_collection(&self, name: &CollectionName) -> Result<usize, ShardError> {
         self.catalog.remove(name.as_str())?;
         self.db.flush()?;
-        let prefix = format!("{SHARD_PREFIX}{name}/");
+        let prefixes = [format!("{SHARD_PREFIX}{name}/"), format!("{RAFT_LOG_PREFIX}{name}/")];
         let mut dropped = 0;
         for t in self.db.tree_names() {
-            if t.starts_with(prefix.as_bytes()) {
+            if prefixes.iter().any(|p| t.starts_with(p.as_bytes())) {
                 self.db.drop_tree(&t)?;
                 dropped += 1;
             }
@@ -93,10 +95,22 @@ impl NodeStore {
             .open_tree(format!("{SHARD_PREFIX}{}/{}/{}", id.collection, id.region, id.number))?)
     }
 
+    /// The Raft log tree of a shard's group.
+    pub fn raft_log_tree(&self, id: &ShardId) -> Result<sled::Tree, ShardError> {
+        Ok(self
+            .db
+            .open_tree(format!("{RAFT_LOG_PREFIX}{}/{}/{}", id.collection, id.region, id.number))?)
+    }
+
     fn drop_orphan_shards(&self) -> Result<(), ShardError> {
-        let known: Vec<String> = self.collections()?.iter().map(|c| format!("{SHARD_PREFIX}{}/", c.name)).collect();
+        let names: Vec<String> = self.collections()?.iter().map(|c| c.name.to_string()).collect();
+        let known: Vec<String> = names
+            .iter()
+            .flat_map(|n| [format!("{SHARD_PREFIX}{n}/"), format!("{RAFT_LOG_PREFIX}{n}/")])
+            .collect();
         for t in self.db.tree_names() {
-            if t.starts_with(SHARD_PREFIX.as_bytes()) && !known.iter().any(|k| t.starts_with(k.as_bytes())) {
+            let ours = t.starts_with(SHARD_PREFIX.as_bytes()) || t.starts_with(RAFT_LOG_PREFIX.as_bytes());
+            if ours && !known.iter().any(|k| t.starts_with(k.as_bytes())) {
                 self.db.drop_tree(&t)?;
             }
         }

@@ -150,37 +150,124 @@ impl ShardEngine {
                 applied: false,
             });
         }
+        let changed = self.write_entry(index, Some(cmd), None)?;
+        self.db.flush()?;
+        Ok(ApplyOutcome {
+            index,
+            changed,
+            applied: true,
+        })
+    }
+
+    /// Applies entries of a replicated log, in order: each is `(index, command or
+    /// None for the log's own bookkeeping entries, the replication layer's meta
+    /// after it)`, each in its own atomic batch, with one flush at the end. The
+    /// log decides what to apply, so nothing is skipped here.
+    pub fn apply_entries(&self, entries: &[(u64, Option<&ShardCommand>, Vec<u8>)]) -> Result<Vec<usize>, ShardError> {
+        let _w = self.writer.lock();
+        let mut changed = Vec::with_capacity(entries.len());
+        for (index, cmd, meta) in entries {
+            changed.push(self.write_entry(*index, *cmd, Some(meta))?);
+        }
+        self.db.flush()?;
+        Ok(changed)
+    }
+
+    /// One command's store batch, then the in-memory index. Caller holds `writer`.
+    fn write_entry(&self, index: u64, cmd: Option<&ShardCommand>, meta: Option<&[u8]>) -> Result<usize, ShardError> {
         let mut batch = self.store.batch();
         let changed = match cmd {
-            ShardCommand::Upsert(points) => {
+            Some(ShardCommand::Upsert(points)) => {
                 for p in points {
                     batch.upsert(p)?;
                 }
                 points.len()
             }
-            ShardCommand::Delete(ids) => {
+            Some(ShardCommand::Delete(ids)) => {
                 let mut n = 0;
                 for id in ids {
                     n += batch.delete(id)? as usize;
                 }
                 n
             }
+            None => 0,
         };
-        batch.commit(index)?;
-        self.db.flush()?;
-        // Memory follows disk: if we crash before this line, the index is rebuilt
-        // from the store on start.
+        batch.commit_with(index, meta)?;
+        // Memory follows the store: if we crash before the flush, the index is
+        // rebuilt from the store on start.
         let live = self.live.read().clone();
         match cmd {
-            ShardCommand::Upsert(points) => live.upsert(points),
-            ShardCommand::Delete(ids) => live.delete(ids),
+            Some(ShardCommand::Upsert(points)) => live.upsert(points),
+            Some(ShardCommand::Delete(ids)) => live.delete(ids),
+            None => {}
         }
         self.last_applied.store(index, Ordering::Release);
-        Ok(ApplyOutcome {
-            index,
-            changed,
-            applied: true,
-        })
+        Ok(changed)
+    }
+
+    /// Runs `f` with writers held back, so what it reads of the store is exactly
+    /// the state at one log position (an exact snapshot). Returns `f`'s result
+    /// and how long writers waited.
+    pub fn frozen<T>(&self, f: impl FnOnce(&ShardStore) -> T) -> (T, Duration) {
+        let _w = self.writer.lock();
+        let started = Instant::now();
+        let out = f(&self.store);
+        (out, started.elapsed())
+    }
+
+    /// Replaces the whole shard with `records` (from a snapshot) at `index`, then
+    /// rebuilds the index. A crash part way leaves a marker
+    /// ([`ShardStore::install_interrupted`]) so the caller installs again.
+    pub fn install<E>(
+        &self,
+        records: impl Iterator<Item = Result<PointRecord, E>>,
+        index: u64,
+        meta: &[u8],
+    ) -> Result<Result<usize, E>, ShardError> {
+        let _w = self.writer.lock();
+        self.store.begin_install()?;
+        let fresh = new_live(&self.spec, 0, self.pool.clone());
+        let mut chunk = Vec::with_capacity(LOAD_CHUNK);
+        let mut count = 0;
+        for rec in records {
+            match rec {
+                Ok(r) => chunk.push(r),
+                // The marker stays: the shard is unusable until a good install.
+                Err(e) => return Ok(Err(e)),
+            }
+            if chunk.len() == LOAD_CHUNK {
+                count += self.install_chunk(&fresh, &mut chunk)?;
+            }
+        }
+        count += self.install_chunk(&fresh, &mut chunk)?;
+        self.store.finish_install(index, meta)?;
+        self.db.flush()?;
+        *self.live.write() = Arc::new(fresh);
+        self.last_applied.store(index, Ordering::Release);
+        Ok(Ok(count))
+    }
+
+    fn install_chunk(&self, live: &LiveIndex, chunk: &mut Vec<PointRecord>) -> Result<usize, ShardError> {
+        let mut batch = self.store.batch();
+        for r in chunk.iter() {
+            batch.upsert(r)?;
+        }
+        batch.commit_with(self.last_applied(), None)?;
+        live.upsert(chunk);
+        let n = chunk.len();
+        chunk.clear();
+        Ok(n)
+    }
+
+    /// Deletes the shard's stored data and empties its index (the replica was
+    /// removed from its group).
+    pub fn destroy(&self) -> Result<(), ShardError> {
+        let _w = self.writer.lock();
+        self.store.clear()?;
+        self.db.flush()?;
+        *self.live.write() = Arc::new(new_live(&self.spec, 0, self.pool.clone()));
+        self.last_applied.store(0, Ordering::Release);
+        Ok(())
     }
 
     pub fn search(&self, p: &SearchParams<'_>) -> (Vec<Hit>, SearchPath) {

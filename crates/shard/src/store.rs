@@ -6,6 +6,8 @@
 //! | `s` + u16 BE subject length + subject + point key | empty (subject index) |
 //! | `e` + u64 BE `expires_at_ms` + point key | empty (expiry index) |
 //! | `m` + `last_applied` | u64 BE |
+//! | `m` + `replica` | opaque bytes of the replication layer (Raft's applied log id and membership) |
+//! | `m` + `installing` | present only while a snapshot replaces the shard's contents |
 //!
 //! Point keys are [`PointId::key_bytes`], so `p` keys sort by id and the state
 //! digest is a pure function of the points.
@@ -19,6 +21,8 @@ const POINT: u8 = b'p';
 const SUBJECT: u8 = b's';
 const EXPIRY: u8 = b'e';
 const LAST_APPLIED: &[u8] = b"mlast_applied";
+const REPLICA_META: &[u8] = b"mreplica";
+const INSTALLING: &[u8] = b"minstalling";
 
 pub struct ShardStore {
     tree: Tree,
@@ -109,8 +113,17 @@ impl<'a> PendingBatch<'a> {
     }
 
     /// Writes everything and `last_applied` atomically.
-    pub fn commit(mut self, index: u64) -> Result<(), ShardError> {
+    pub fn commit(self, index: u64) -> Result<(), ShardError> {
+        self.commit_with(index, None)
+    }
+
+    /// Writes everything, `last_applied` and the replication layer's `meta`
+    /// atomically, so the state and the log position it reflects never disagree.
+    pub fn commit_with(mut self, index: u64, meta: Option<&[u8]>) -> Result<(), ShardError> {
         self.batch.insert(LAST_APPLIED, &index.to_be_bytes());
+        if let Some(meta) = meta {
+            self.batch.insert(REPLICA_META, meta);
+        }
         self.store.tree.apply_batch(self.batch)?;
         Ok(())
     }
@@ -135,6 +148,46 @@ impl ShardStore {
             .get(LAST_APPLIED)?
             .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
             .unwrap_or(0))
+    }
+
+    /// The replication layer's bytes from the last commit, if any.
+    pub fn replica_meta(&self) -> Result<Option<Vec<u8>>, ShardError> {
+        Ok(self.tree.get(REPLICA_META)?.map(|v| v.to_vec()))
+    }
+
+    /// Whether a snapshot install was cut off part way (the contents are then
+    /// neither the old state nor the new one and must be installed again).
+    pub fn install_interrupted(&self) -> Result<bool, ShardError> {
+        Ok(self.tree.contains_key(INSTALLING)?)
+    }
+
+    /// Marks an install as started and removes every key but the marker.
+    pub(crate) fn begin_install(&self) -> Result<(), ShardError> {
+        self.tree.insert(INSTALLING, &[][..])?;
+        self.tree.flush()?;
+        for k in self.tree.iter().keys() {
+            let k = k?;
+            if k.as_ref() != INSTALLING {
+                self.tree.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends an install: position and meta written, marker removed, in one batch.
+    pub(crate) fn finish_install(&self, index: u64, meta: &[u8]) -> Result<(), ShardError> {
+        let mut b = Batch::default();
+        b.insert(LAST_APPLIED, &index.to_be_bytes());
+        b.insert(REPLICA_META, meta);
+        b.remove(INSTALLING);
+        self.tree.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// Removes every key of the shard (the replica left its group).
+    pub fn clear(&self) -> Result<(), ShardError> {
+        self.tree.clear()?;
+        Ok(())
     }
 
     pub fn get(&self, id: &PointId) -> Result<Option<PointRecord>, ShardError> {

@@ -1,0 +1,24 @@
+//! Replication of shards: every shard is an openraft group whose replicas live
+//! on different nodes of the shard's region.
+//!
+//! - [`types`]: the Raft type configuration (an entry is one client batch).
+//! - [`log_store`]: the Raft log, vote and purge mark on sled.
+//! - [`state_machine`] and [`snapshot`]: the shard engine as the state machine;
+//!   snapshots as streamed, digest-checked files, region-checked on install.
+//!
+//! Depends on `sovra-shard` (the engine) and `sovra-proto` (the node-to-node
+//! messages); nothing here knows the public API.
+
+// openraft's StorageError is large and its traits return it: boxing only here
+// would not make anything smaller.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod metrics;
+pub mod snapshot;
+pub mod state_machine;
+pub mod types;
+
+pub use log_store::LogStore;
+pub use state_machine::ShardStateMachine;
+pub use types::{NodeId, Raft, TypeConfig};

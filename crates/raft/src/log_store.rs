@@ -1,0 +1,209 @@
+//! A shard group's Raft log on sled: one tree per group, beside the shard's own
+//! tree in the node's `Db`.
+//!
+//! | key | value |
+//! |---|---|
+//! | `l` + u64 BE index | postcard [`Entry`] |
+//! | `v` | postcard vote |
+//! | `c` | postcard committed log id |
+//! | `p` | postcard last purged log id |
+//!
+//! `append` reports the entries durable (the callback) only after sled has
+//! flushed them, which is what lets a leader count this replica in a quorum.
+
+use crate::types::{Entry, LogId, NodeId, StorageErr, TypeConfig, io_err};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const LOG: u8 = b'l';
+const VOTE: &[u8] = b"v";
+const COMMITTED: &[u8] = b"c";
+const PURGED: &[u8] = b"p";
+
+fn log_key(index: u64) -> [u8; 9] {
+    let mut k = [LOG; 9];
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Counters the node exports per group.
+#[derive(Default, Debug)]
+pub struct LogStats {
+    /// Last committed index reported by Raft (0 before any).
+    pub committed: AtomicU64,
+    pub purges: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    pub stats: Arc<LogStats>,
+}
+
+impl LogStore {
+    pub fn new(db: sled::Db, tree: sled::Tree) -> Self {
+        Self {
+            db,
+            tree,
+            stats: Arc::default(),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageErr> {
+        match self.tree.get(key).map_err(|e| io_err(e, StorageIOError::read))? {
+            None => Ok(None),
+            Some(v) => postcard::from_bytes(&v).map(Some).map_err(|e| io_err(e, StorageIOError::read)),
+        }
+    }
+
+    async fn put_flushed<T: Serialize>(
+        &self,
+        key: &'static [u8],
+        value: &T,
+        f: fn(openraft::AnyError) -> StorageIOError<NodeId>,
+    ) -> Result<(), StorageErr> {
+        let bytes = postcard::to_allocvec(value).map_err(|e| io_err(e, f))?;
+        self.tree.insert(key, bytes).map_err(|e| io_err(e, f))?;
+        self.flush().await.map_err(|e| io_err(e, f))
+    }
+
+    async fn flush(&self) -> Result<(), sled::Error> {
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(r) => r.map(|_| ()),
+            Err(e) => Err(sled::Error::Io(std::io::Error::other(e))),
+        }
+    }
+
+    fn last_entry_id(&self) -> Result<Option<LogId>, StorageErr> {
+        match self.tree.scan_prefix([LOG]).next_back() {
+            None => Ok(None),
+            Some(kv) => {
+                let (_, v) = kv.map_err(|e| io_err(e, StorageIOError::read_logs))?;
+                let e: Entry = postcard::from_bytes(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?;
+                Ok(Some(e.log_id))
+            }
+        }
+    }
+
+    /// Removes every key of the group (the replica left it).
+    pub fn destroy(&self) -> Result<(), sled::Error> {
+        self.tree.clear()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Number of entries held (for tests and metrics).
+    pub fn entry_count(&self) -> usize {
+        self.tree.scan_prefix([LOG]).count()
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageErr> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => log_key(*i),
+            Bound::Excluded(i) => log_key(i.saturating_add(1)),
+            Bound::Unbounded => log_key(0),
+        };
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..) {
+            let (k, v) = kv.map_err(|e| io_err(e, StorageIOError::read_logs))?;
+            if k.first() != Some(&LOG) {
+                break;
+            }
+            let index = u64::from_be_bytes(k[1..9].try_into().expect("9-byte log key"));
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(postcard::from_bytes(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageErr> {
+        let last_purged_log_id: Option<LogId> = self.get(PURGED)?;
+        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageErr> {
+        self.put_flushed(VOTE, vote, StorageIOError::write_vote).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageErr> {
+        self.get(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageErr> {
+        self.stats.committed.store(committed.map_or(0, |c| c.index), Ordering::Relaxed);
+        // Not flushed: a lost committed index is only re-learned from the leader.
+        let bytes = postcard::to_allocvec(&committed).map_err(|e| io_err(e, StorageIOError::write))?;
+        self.tree.insert(COMMITTED, bytes).map_err(|e| io_err(e, StorageIOError::write))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageErr> {
+        Ok(self.get::<Option<LogId>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageErr>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            let bytes = postcard::to_allocvec(&e).map_err(|err| io_err(err, StorageIOError::write_logs))?;
+            batch.insert(&log_key(e.log_id.index), bytes);
+        }
+        self.tree.apply_batch(batch).map_err(|e| io_err(e, StorageIOError::write_logs))?;
+        let flushed = self.flush().await.map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(flushed);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageErr> {
+        let mut batch = sled::Batch::default();
+        for k in self.tree.range(log_key(log_id.index)..=log_key(u64::MAX)).keys() {
+            batch.remove(k.map_err(|e| io_err(e, StorageIOError::write_logs))?);
+        }
+        self.tree.apply_batch(batch).map_err(|e| io_err(e, StorageIOError::write_logs))?;
+        self.flush().await.map_err(|e| io_err(e, StorageIOError::write_logs))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageErr> {
+        // The purge mark first, so a crash part way never leaves entries below a
+        // gap that `get_log_state` would not know about.
+        let bytes = postcard::to_allocvec(&log_id).map_err(|e| io_err(e, StorageIOError::write_logs))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(PURGED, bytes);
+        for k in self.tree.range(log_key(0)..=log_key(log_id.index)).keys() {
+            batch.remove(k.map_err(|e| io_err(e, StorageIOError::write_logs))?);
+        }
+        self.tree.apply_batch(batch).map_err(|e| io_err(e, StorageIOError::write_logs))?;
+        self.stats.purges.fetch_add(1, Ordering::Relaxed);
+        self.flush().await.map_err(|e| io_err(e, StorageIOError::write_logs))
+    }
+}

@@ -1,0 +1,28 @@
+//! Metric names of the replication layer. Labels name the group
+//! (collection, region, shard): never a point, subject or vector.
+
+use sovra_types::ShardId;
+
+pub const APPLY_SECONDS: &str = "sovra_raft_apply_seconds";
+pub const SNAPSHOT_PAUSE_SECONDS: &str = "sovra_raft_snapshot_pause_seconds";
+pub const TERM: &str = "sovra_raft_term";
+pub const LEADER: &str = "sovra_raft_leader";
+pub const IS_LEADER: &str = "sovra_raft_is_leader";
+pub const COMMIT_INDEX: &str = "sovra_raft_commit_index";
+pub const APPLIED_INDEX: &str = "sovra_raft_applied_index";
+pub const LAST_LOG_INDEX: &str = "sovra_raft_last_log_index";
+pub const SNAPSHOTS_BUILT: &str = "sovra_raft_snapshots_built";
+pub const SNAPSHOTS_INSTALLED: &str = "sovra_raft_snapshots_installed";
+pub const SNAPSHOTS_REFUSED: &str = "sovra_raft_snapshots_refused";
+pub const PURGES: &str = "sovra_raft_log_purges";
+pub const WATCHDOG_RESTARTS: &str = "sovra_raft_watchdog_restarts_total";
+pub const FORWARDED_WRITES: &str = "sovra_raft_forwarded_writes_total";
+pub const RPC_SECONDS: &str = "sovra_raft_rpc_seconds";
+
+pub fn group_labels(id: &ShardId) -> [(&'static str, String); 3] {
+    [
+        ("collection", id.collection.to_string()),
+        ("region", id.region.to_string()),
+        ("shard", id.number.to_string()),
+    ]
+}
