@@ -6,6 +6,12 @@
 //! - [`state_machine`] and [`snapshot`]: the shard engine as the state machine;
 //!   snapshots as streamed, digest-checked files, region-checked on install.
 //!
+//! - [`network`], [`server`]: node-to-node gRPC (`sovra.raft.v1`), one pooled
+//!   channel per peer, an address book, bounded AppendEntries.
+//! - [`fault`]: drop/delay/partition/isolate rules in a tower layer, for tests.
+//! - [`host`]: a node's replicas of many groups: writes to the leader
+//!   (forwarded if needed), read levels, the watchdog, per-group metrics.
+//!
 //! Depends on `sovra-shard` (the engine) and `sovra-proto` (the node-to-node
 //! messages); nothing here knows the public API.
 
@@ -13,12 +19,19 @@
 // would not make anything smaller.
 #![allow(clippy::result_large_err)]
 
+pub mod fault;
+pub mod host;
 pub mod log_store;
 pub mod metrics;
+pub mod network;
+pub mod server;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 
+pub use fault::{Faults, Rule};
+pub use host::{RaftHost, RaftSettings, ReadLevel, WriteAck};
 pub use log_store::LogStore;
+pub use network::AddressBook;
 pub use state_machine::ShardStateMachine;
 pub use types::{NodeId, Raft, TypeConfig};

@@ -91,16 +91,23 @@ impl ShardStateMachine {
             node_region,
             stats: Arc::default(),
         };
-        if sm
+        sm.recover()?;
+        Ok(sm)
+    }
+
+    /// Redoes a snapshot install that was cut off (crash or fatal error part
+    /// way), from the snapshot file kept for exactly this. Blocking.
+    pub fn recover(&self) -> Result<(), StorageErr> {
+        let interrupted = self
             .engine
             .store()
             .install_interrupted()
-            .map_err(|e| io_err(e, StorageIOError::read_state_machine))?
-        {
-            tracing::warn!(shard = %sm.engine.id(), "snapshot install was interrupted; installing it again");
-            sm.install_file(&sm.dir.join(CURRENT), None).map_err(snap_err)?;
+            .map_err(|e| io_err(e, StorageIOError::read_state_machine))?;
+        if interrupted {
+            tracing::warn!(shard = %self.engine.id(), "snapshot install was interrupted; installing it again");
+            self.install_file(&self.dir.join(CURRENT), None).map_err(snap_err)?;
         }
-        Ok(sm)
+        Ok(())
     }
 
     pub fn engine(&self) -> &Arc<ShardEngine> {

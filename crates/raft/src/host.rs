@@ -1,0 +1,504 @@
+//! A node's replicas of many shard groups: created and removed at run time,
+//! writes sent to each group's leader (proposed here, or forwarded), reads at
+//! `any` (local, optionally waiting for an index) or `linearizable`
+//! (read-index through the leader), and a watchdog that restarts a group whose
+//! Raft core has stopped.
+
+use crate::log_store::LogStore;
+use crate::metrics as m;
+use crate::network::{AddressBook, GroupNetwork, Peers, group_pb};
+use crate::state_machine::ShardStateMachine;
+use crate::types::{NodeId, Raft};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Config, SnapshotPolicy};
+use parking_lot::RwLock;
+use sovra_proto::raft as pb;
+use sovra_shard::ShardEngine;
+use sovra_types::{ApiError, RegionId, ShardCommand, ShardId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Timing and log-size knobs of every group on a node.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Entries kept below a snapshot for followers only a little behind.
+    pub keep_logs: u64,
+    /// A write not committed and applied within this is answered UNAVAILABLE.
+    pub write_timeout: Duration,
+    /// How long a read waits for its replica to reach the index it needs.
+    pub read_wait: Duration,
+    /// Bound on one AppendEntries message (a single entry is always sent).
+    pub max_append_bytes: usize,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 150,
+            election_min_ms: 800,
+            election_max_ms: 1600,
+            snapshot_after_logs: 10_000,
+            keep_logs: 1_000,
+            write_timeout: Duration::from_secs(5),
+            read_wait: Duration::from_secs(2),
+            max_append_bytes: crate::network::MAX_APPEND_BYTES,
+        }
+    }
+}
+
+impl RaftSettings {
+    fn openraft(&self) -> Config {
+        Config {
+            cluster_name: "sovra".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: self.keep_logs,
+            ..Default::default()
+        }
+    }
+}
+
+/// The read level of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadLevel {
+    /// This replica's state, once it has applied at least `min_index` (0: at once).
+    Any { min_index: u64 },
+    /// State that reflects every write acknowledged before the read began.
+    Linearizable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAck {
+    pub index: u64,
+    pub changed: u64,
+}
+
+pub struct Group {
+    pub id: ShardId,
+    raft: RwLock<Raft>,
+    pub sm: ShardStateMachine,
+    pub log: LogStore,
+    pub members: BTreeSet<NodeId>,
+    pub restarts: AtomicU64,
+}
+
+impl Group {
+    /// The current Raft handle (the watchdog may have replaced it).
+    pub fn raft(&self) -> Raft {
+        self.raft.read().clone()
+    }
+
+    pub fn engine(&self) -> &Arc<ShardEngine> {
+        self.sm.engine()
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft().metrics().borrow().current_leader
+    }
+}
+
+pub struct RaftHost {
+    pub me: NodeId,
+    pub region: RegionId,
+    pub peers: Peers,
+    pub settings: RaftSettings,
+    config: Arc<Config>,
+    snapshot_root: PathBuf,
+    groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
+    restarts: AtomicU64,
+}
+
+fn unavailable(msg: String) -> ApiError {
+    ApiError::unavailable(msg)
+}
+
+impl RaftHost {
+    pub fn new(
+        me: NodeId,
+        region: RegionId,
+        book: AddressBook,
+        faults: crate::fault::Faults,
+        settings: RaftSettings,
+        snapshot_root: PathBuf,
+    ) -> Arc<Self> {
+        let config = Arc::new(
+            settings
+                .openraft()
+                .validate()
+                .expect("raft settings are validated by the node config"),
+        );
+        Arc::new(Self {
+            me,
+            region,
+            peers: Peers::new(me, book, faults, settings.max_append_bytes),
+            settings,
+            config,
+            snapshot_root,
+            groups: RwLock::new(BTreeMap::new()),
+            restarts: AtomicU64::new(0),
+        })
+    }
+
+    fn snapshot_dir(&self, id: &ShardId) -> PathBuf {
+        self.snapshot_root
+            .join(id.collection.as_str())
+            .join(id.region.as_str())
+            .join(id.number.to_string())
+    }
+
+    pub fn group(&self, id: &ShardId) -> Option<Arc<Group>> {
+        self.groups.read().get(id).cloned()
+    }
+
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups.read().values().cloned().collect()
+    }
+
+    /// Starts this node's replica of group `id` over `engine` and `log`. A group
+    /// never started before is initialised with `members` (every replica does
+    /// the same with the same members, which openraft allows).
+    pub async fn open_group(
+        &self,
+        id: ShardId,
+        engine: Arc<ShardEngine>,
+        log: LogStore,
+        members: BTreeSet<NodeId>,
+    ) -> anyhow::Result<Arc<Group>> {
+        anyhow::ensure!(
+            id.region == self.region,
+            "group {id} is of another region than this node ({})",
+            self.region
+        );
+        anyhow::ensure!(members.contains(&self.me), "node {} is not a member of group {id}", self.me);
+        let dir = self.snapshot_dir(&id);
+        let region = self.region.clone();
+        let sm = tokio::task::spawn_blocking(move || ShardStateMachine::open(engine, dir, region)).await??;
+        let raft = self.new_raft(&id, &sm, &log).await?;
+        if !raft.is_initialized().await? {
+            match raft.initialize(members.clone()).await {
+                Ok(()) | Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let g = Arc::new(Group {
+            id: id.clone(),
+            raft: RwLock::new(raft),
+            sm,
+            log,
+            members,
+            restarts: AtomicU64::new(0),
+        });
+        self.groups.write().insert(id, g.clone());
+        Ok(g)
+    }
+
+    async fn new_raft(&self, id: &ShardId, sm: &ShardStateMachine, log: &LogStore) -> anyhow::Result<Raft> {
+        let network = GroupNetwork {
+            group: id.clone(),
+            peers: self.peers.clone(),
+        };
+        Ok(Raft::new(self.me, self.config.clone(), network, log.clone(), sm.clone()).await?)
+    }
+
+    /// Stops the replica; with `destroy`, deletes its log, snapshots and data.
+    pub async fn remove_group(&self, id: &ShardId, destroy: bool) -> anyhow::Result<()> {
+        let Some(g) = self.groups.write().remove(id) else { return Ok(()) };
+        let _ = g.raft().shutdown().await;
+        if destroy {
+            let g2 = g.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                g2.sm.destroy()?;
+                g2.log.destroy()?;
+                Ok(())
+            })
+            .await??;
+            tracing::info!(group = %id, "replica removed; its data is deleted");
+        }
+        Ok(())
+    }
+
+    /// Stops every group (node shutdown).
+    pub async fn shutdown(&self) {
+        let groups: Vec<_> = std::mem::take(&mut *self.groups.write()).into_values().collect();
+        for g in groups {
+            let _ = g.raft().shutdown().await;
+        }
+    }
+
+    fn group_or_unavailable(&self, id: &ShardId) -> Result<Arc<Group>, ApiError> {
+        self.group(id)
+            .ok_or_else(|| unavailable(format!("shard {id} has no replica on node {}", self.me)))
+    }
+
+    fn leader_text(&self, leader: Option<NodeId>) -> String {
+        match leader {
+            None => "no leader is known".into(),
+            Some(l) => match self.peers.book.get(l) {
+                Some(a) => format!("last known leader: node {l} at {a}"),
+                None => format!("last known leader: node {l}"),
+            },
+        }
+    }
+
+    /// Commits `cmd` in group `id` and waits until it is applied on the leader.
+    /// A follower forwards it to the leader it knows. Fails UNAVAILABLE, naming
+    /// the last known leader, if that does not happen within the write timeout.
+    pub async fn write(&self, id: &ShardId, cmd: ShardCommand) -> Result<WriteAck, ApiError> {
+        let g = self.group_or_unavailable(id)?;
+        let timeout = self.settings.write_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut leader = g.leader();
+        let mut why = String::from("no leader was elected");
+        while Instant::now() < deadline {
+            let remaining = deadline - Instant::now();
+            let raft = g.raft();
+            let current = raft.metrics().borrow().current_leader;
+            leader = current.or(leader);
+            match current {
+                Some(l) if l == self.me => match tokio::time::timeout(remaining, raft.client_write(cmd.clone())).await {
+                    Ok(Ok(r)) => {
+                        return Ok(WriteAck {
+                            index: r.log_id.index,
+                            changed: r.data.changed,
+                        });
+                    }
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                        leader = f.leader_id.or(leader);
+                        why = "leadership moved while proposing".into();
+                    }
+                    Ok(Err(e)) => {
+                        why = format!("this replica's Raft core failed ({e})");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(_) => {
+                        why = "the leader could not reach a quorum; the write may still commit later (retrying is safe: writes are idempotent by id)".into();
+                        break;
+                    }
+                },
+                Some(l) => match self.forward(l, id, &cmd, remaining).await {
+                    Ok(ack) => {
+                        metrics::counter!(m::FORWARDED_WRITES).increment(1);
+                        return Ok(ack);
+                    }
+                    Err(s) => {
+                        why = format!("forwarding to node {l} failed: {}", s.message());
+                        tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
+                    }
+                },
+                None => {
+                    let mut rx = raft.metrics();
+                    let _ = tokio::time::timeout(remaining.min(Duration::from_millis(200)), rx.changed()).await;
+                }
+            }
+        }
+        Err(unavailable(format!(
+            "write to shard {id} was not acknowledged within {} ms: {why}; {}",
+            timeout.as_millis(),
+            self.leader_text(leader)
+        )))
+    }
+
+    async fn forward(&self, to: NodeId, id: &ShardId, cmd: &ShardCommand, within: Duration) -> Result<WriteAck, tonic::Status> {
+        let mut client = self.peers.client(to).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let command = postcard::to_allocvec(cmd).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::ProposeRequest {
+            group: Some(group_pb(id)),
+            from: self.me,
+            command,
+        });
+        req.set_timeout(within);
+        let r = tokio::time::timeout(within, client.propose(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no answer from the leader in time"))??
+            .into_inner();
+        Ok(WriteAck {
+            index: r.index,
+            changed: r.changed,
+        })
+    }
+
+    /// The leader's side of a forwarded write: propose here, never forward again.
+    pub async fn propose_local(&self, id: &ShardId, cmd: ShardCommand) -> Result<WriteAck, tonic::Status> {
+        let g = self
+            .group(id)
+            .ok_or_else(|| tonic::Status::not_found(format!("no replica of {id} here")))?;
+        match tokio::time::timeout(self.settings.write_timeout, g.raft().client_write(cmd)).await {
+            Ok(Ok(r)) => Ok(WriteAck {
+                index: r.log_id.index,
+                changed: r.data.changed,
+            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(tonic::Status::failed_precondition(format!(
+                "node {} is not the leader of {id}; {}",
+                self.me,
+                self.leader_text(f.leader_id)
+            ))),
+            Ok(Err(e)) => Err(tonic::Status::unavailable(e.to_string())),
+            Err(_) => Err(tonic::Status::unavailable("not committed in time: no quorum reachable")),
+        }
+    }
+
+    /// The leader's read index: confirms leadership with a quorum and waits
+    /// until the leader has applied everything committed before.
+    pub async fn read_index_local(&self, id: &ShardId) -> Result<u64, tonic::Status> {
+        let g = self
+            .group(id)
+            .ok_or_else(|| tonic::Status::not_found(format!("no replica of {id} here")))?;
+        match tokio::time::timeout(self.settings.read_wait, g.raft().ensure_linearizable()).await {
+            Ok(Ok(l)) => Ok(l.map_or(0, |l| l.index)),
+            Ok(Err(e)) => Err(tonic::Status::failed_precondition(format!("{e}; {}", self.leader_text(g.leader())))),
+            Err(_) => Err(tonic::Status::unavailable("leadership not confirmed in time")),
+        }
+    }
+
+    /// Returns once this node's replica of `id` may answer a read at `level`.
+    pub async fn read_barrier(&self, id: &ShardId, level: ReadLevel) -> Result<(), ApiError> {
+        let g = self.group_or_unavailable(id)?;
+        let wait = self.settings.read_wait;
+        let need = match level {
+            ReadLevel::Any { min_index: 0 } => return Ok(()),
+            ReadLevel::Any { min_index } => min_index,
+            ReadLevel::Linearizable => {
+                let leader = g.leader();
+                match leader {
+                    Some(l) if l == self.me => {
+                        return self
+                            .read_index_local(id)
+                            .await
+                            .map(|_| ())
+                            .map_err(|s| unavailable(format!("linearizable read of shard {id} failed: {}", s.message())));
+                    }
+                    Some(l) => self.remote_read_index(l, id, wait).await.map_err(|s| {
+                        unavailable(format!(
+                            "linearizable read of shard {id} failed: the leader did not confirm a read index ({}); {}",
+                            s.message(),
+                            self.leader_text(Some(l))
+                        ))
+                    })?,
+                    None => {
+                        return Err(unavailable(format!(
+                            "linearizable read of shard {id} failed: the group has no leader now; retry, or read with consistency any"
+                        )));
+                    }
+                }
+            }
+        };
+        let applied = g.raft().metrics().borrow().last_applied.map_or(0, |l| l.index);
+        if applied >= need {
+            return Ok(());
+        }
+        match g.raft().wait(Some(wait)).applied_index_at_least(Some(need), "read barrier").await {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                let applied = g.raft().metrics().borrow().last_applied.map_or(0, |l| l.index);
+                Err(unavailable(format!(
+                    "the replica of shard {id} on node {} has applied index {applied}, below the {need} this read needs, after waiting {} ms; retry, or read with consistency linearizable",
+                    self.me,
+                    wait.as_millis()
+                )))
+            }
+        }
+    }
+
+    async fn remote_read_index(&self, to: NodeId, id: &ShardId, within: Duration) -> Result<u64, tonic::Status> {
+        let mut client = self.peers.client(to).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::ReadIndexRequest {
+            group: Some(group_pb(id)),
+            from: self.me,
+        });
+        req.set_timeout(within);
+        let r = tokio::time::timeout(within, client.read_index(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no answer from the leader in time"))??;
+        Ok(r.into_inner().index)
+    }
+
+    /// One pass of the watchdog: restarts groups whose Raft core has stopped
+    /// (a fatal error, or openraft #2116's race on small machines) and removes
+    /// replicas that a membership change took out of their group.
+    pub async fn watchdog_pass(&self) {
+        for g in self.groups() {
+            let raft = g.raft();
+            let mut rx = raft.metrics();
+            let core_gone = rx.has_changed().is_err();
+            let (fatal, membership) = {
+                let mm = rx.borrow_and_update();
+                (mm.running_state.clone().err(), mm.membership_config.clone())
+            };
+            if core_gone || fatal.is_some() {
+                if self.group(&g.id).is_none() {
+                    continue; // removed meanwhile: its stop was intended
+                }
+                tracing::error!(group = %g.id, fatal = ?fatal, "raft core stopped; restarting it");
+                let _ = raft.shutdown().await;
+                let sm = g.sm.clone();
+                let reopened = tokio::task::spawn_blocking(move || sm.recover()).await;
+                if !matches!(reopened, Ok(Ok(()))) {
+                    tracing::error!(group = %g.id, "state machine could not be reopened; will retry");
+                    continue;
+                }
+                match self.new_raft(&g.id, &g.sm, &g.log).await {
+                    Ok(r) => {
+                        *g.raft.write() = r;
+                        g.restarts.fetch_add(1, Ordering::Relaxed);
+                        self.restarts.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(m::WATCHDOG_RESTARTS, &m::group_labels(&g.id)).increment(1);
+                    }
+                    Err(e) => tracing::error!(group = %g.id, error = %e, "raft core restart failed; will retry"),
+                }
+                continue;
+            }
+            let m = membership.membership();
+            if membership.log_id().is_some() && !m.voter_ids().any(|v| v == self.me) && !m.learner_ids().any(|v| v == self.me) {
+                tracing::info!(group = %g.id, "this replica is no longer a member; deleting it");
+                if let Err(e) = self.remove_group(&g.id, true).await {
+                    tracing::error!(group = %g.id, error = %e, "removing a departed replica failed");
+                }
+            }
+        }
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Runs the watchdog until `stop` says so.
+    pub async fn run_watchdog(self: Arc<Self>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => self.watchdog_pass().await,
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Sets the per-group gauges on the metrics recorder.
+    pub fn export_metrics(&self) {
+        for g in self.groups() {
+            let labels = m::group_labels(&g.id);
+            let raft = g.raft();
+            let mm = raft.metrics().borrow().clone();
+            metrics::gauge!(m::TERM, &labels).set(mm.current_term as f64);
+            metrics::gauge!(m::LEADER, &labels).set(mm.current_leader.map_or(-1.0, |l| l as f64));
+            metrics::gauge!(m::IS_LEADER, &labels).set(f64::from(u8::from(mm.current_leader == Some(self.me))));
+            metrics::gauge!(m::COMMIT_INDEX, &labels).set(g.log.stats.committed.load(Ordering::Relaxed) as f64);
+            metrics::gauge!(m::APPLIED_INDEX, &labels).set(mm.last_applied.map_or(0, |l| l.index) as f64);
+            metrics::gauge!(m::LAST_LOG_INDEX, &labels).set(mm.last_log_index.unwrap_or(0) as f64);
+            let s = &g.sm.stats;
+            metrics::counter!(m::SNAPSHOTS_BUILT, &labels).absolute(s.snapshots_built.load(Ordering::Relaxed));
+            metrics::counter!(m::SNAPSHOTS_INSTALLED, &labels).absolute(s.snapshots_installed.load(Ordering::Relaxed));
+            metrics::counter!(m::SNAPSHOTS_REFUSED, &labels).absolute(s.snapshots_refused.load(Ordering::Relaxed));
+            metrics::counter!(m::PURGES, &labels).absolute(g.log.stats.purges.load(Ordering::Relaxed));
+        }
+    }
+}

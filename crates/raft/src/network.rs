@@ -1,0 +1,281 @@
+//! The sending side of node-to-node traffic: an address book (node id -> gRPC
+//! address), one pooled channel per peer shared by every group, and openraft's
+//! `RaftNetwork` over the `sovra.raft.v1.Raft` service.
+//!
+//! Every call has a deadline (openraft's TTL for Raft messages, the caller's for
+//! the rest). An AppendEntries that would not fit [`MAX_APPEND_BYTES`] is sent
+//! back to openraft as `PayloadTooLarge` with how many entries do fit, so it
+//! resends fewer: one message never exceeds the receiver's limit.
+
+use crate::fault::{FaultLayer, FaultService, Faults};
+use crate::types::{NodeId, TypeConfig};
+use openraft::EmptyNode;
+use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sovra_proto::raft as pb;
+use sovra_proto::raft::raft_client::RaftClient;
+use sovra_types::ShardId;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest message a node accepts on the Raft service.
+pub const MAX_RAFT_MESSAGE: usize = 64 << 20;
+/// Default bound on one AppendEntries payload: a quarter of the limit leaves room for
+/// the envelope, and a single entry (a client batch is at most 8 MiB of points)
+/// always fits.
+pub const MAX_APPEND_BYTES: usize = 16 << 20;
+
+/// Node ids to addresses. Static config or a test harness fills it now, the
+/// meta group later; a node restarted on a new port is found again as soon as
+/// its entry is updated.
+#[derive(Clone, Default)]
+pub struct AddressBook(Arc<RwLock<HashMap<NodeId, String>>>);
+
+impl AddressBook {
+    /// `addr` is `host:port` or a full `http://` URI.
+    pub fn set(&self, id: NodeId, addr: &str) {
+        let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        self.0.write().insert(id, uri);
+    }
+
+    pub fn get(&self, id: NodeId) -> Option<String> {
+        self.0.read().get(&id).cloned()
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        let mut v: Vec<_> = self.0.read().keys().copied().collect();
+        v.sort();
+        v
+    }
+}
+
+pub type PeerClient = RaftClient<FaultService<Channel>>;
+
+/// The connections of one node to its peers.
+#[derive(Clone)]
+pub struct Peers {
+    pub me: NodeId,
+    pub book: AddressBook,
+    pub faults: Faults,
+    pub max_append_bytes: usize,
+    /// AppendEntries sent back to openraft to be cut smaller (for metrics and tests).
+    pub append_splits: Arc<std::sync::atomic::AtomicU64>,
+    channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+}
+
+pub fn group_pb(id: &ShardId) -> pb::GroupId {
+    pb::GroupId {
+        collection: id.collection.to_string(),
+        region: id.region.to_string(),
+        shard: id.number,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("node {0} has no known address")]
+pub struct NoAddress(pub NodeId);
+
+impl Peers {
+    pub fn new(me: NodeId, book: AddressBook, faults: Faults, max_append_bytes: usize) -> Self {
+        Self {
+            me,
+            book,
+            faults,
+            max_append_bytes,
+            append_splits: Arc::default(),
+            channels: Arc::default(),
+        }
+    }
+
+    /// A client for `to` over the one channel kept per peer (HTTP/2 multiplexes
+    /// every group's calls on it). A changed address gets a new channel.
+    pub fn client(&self, to: NodeId) -> Result<PeerClient, NoAddress> {
+        let addr = self.book.get(to).ok_or(NoAddress(to))?;
+        let channel = {
+            let mut ch = self.channels.lock();
+            match ch.get(&to) {
+                Some((a, c)) if *a == addr => c.clone(),
+                _ => {
+                    let c = Endpoint::from_shared(addr.clone())
+                        .map_err(|_| NoAddress(to))?
+                        .connect_timeout(Duration::from_millis(500))
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(5))
+                        .keep_alive_timeout(Duration::from_secs(5))
+                        .connect_lazy();
+                    ch.insert(to, (addr, c.clone()));
+                    c
+                }
+            }
+        };
+        let svc = tower::ServiceBuilder::new()
+            .layer(FaultLayer {
+                faults: self.faults.clone(),
+                from: self.me,
+                to,
+            })
+            .service(channel);
+        Ok(RaftClient::new(svc)
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE))
+    }
+}
+
+/// openraft's factory for one group: clients name the group in every message.
+#[derive(Clone)]
+pub struct GroupNetwork {
+    pub group: ShardId,
+    pub peers: Peers,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = GroupClient;
+
+    async fn new_client(&mut self, target: NodeId, _node: &EmptyNode) -> Self::Network {
+        GroupClient {
+            target,
+            group: group_pb(&self.group),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+pub struct GroupClient {
+    target: NodeId,
+    group: pb::GroupId,
+    peers: Peers,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, EmptyNode, RaftError<NodeId, E>>;
+
+fn encode<T: Serialize, E: std::error::Error>(v: &T) -> Result<Vec<u8>, RPCError<NodeId, EmptyNode, E>> {
+    postcard::to_allocvec(v).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
+
+fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, EmptyNode, E> {
+    // Anything but a clean answer means "not now": openraft backs off and retries.
+    RPCError::Unreachable(Unreachable::new(&s))
+}
+
+impl GroupClient {
+    async fn call<Req, Resp, E>(
+        &self,
+        method: fn(PeerClient, tonic::Request<pb::RaftRequest>) -> RaftCall,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<NodeId, EmptyNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let payload = encode(req)?;
+        self.send(method, payload, ttl).await
+    }
+
+    async fn send<Resp, E>(
+        &self,
+        method: fn(PeerClient, tonic::Request<pb::RaftRequest>) -> RaftCall,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<NodeId, EmptyNode, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = self
+            .peers
+            .client(self.target)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut req = tonic::Request::new(pb::RaftRequest {
+            group: Some(self.group.clone()),
+            from: self.peers.me,
+            payload,
+        });
+        req.set_timeout(ttl);
+        let started = Instant::now();
+        let reply = match tokio::time::timeout(ttl, method(client, req)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => return Err(status_to_rpc(s)),
+            Err(_) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no reply from node {} within {ttl:?}", self.target),
+                ))));
+            }
+        };
+        metrics::histogram!(crate::metrics::RPC_SECONDS).record(started.elapsed().as_secs_f64());
+        let r: Result<Resp, RaftError<NodeId, E>> =
+            postcard::from_bytes(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+pub type RaftCall = Pin<Box<dyn Future<Output = Result<tonic::Response<pb::RaftReply>, tonic::Status>> + Send>>;
+use std::future::Future;
+use std::pin::Pin;
+
+fn append_call(mut c: PeerClient, r: tonic::Request<pb::RaftRequest>) -> RaftCall {
+    Box::pin(async move { c.append_entries(r).await })
+}
+fn vote_call(mut c: PeerClient, r: tonic::Request<pb::RaftRequest>) -> RaftCall {
+    Box::pin(async move { c.vote(r).await })
+}
+fn snapshot_call(mut c: PeerClient, r: tonic::Request<pb::RaftRequest>) -> RaftCall {
+    Box::pin(async move { c.install_snapshot(r).await })
+}
+
+impl RaftNetwork<TypeConfig> for GroupClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let payload = encode(&rpc)?;
+        let max = self.peers.max_append_bytes;
+        if payload.len() > max && rpc.entries.len() > 1 {
+            // Count how many leading entries fit; always at least one.
+            let mut size = payload.len()
+                - rpc
+                    .entries
+                    .iter()
+                    .map(|e| postcard::to_allocvec(e).map_or(0, |b| b.len()))
+                    .sum::<usize>();
+            let mut fit = 0u64;
+            for e in &rpc.entries {
+                size += postcard::to_allocvec(e).map_or(0, |b| b.len());
+                if size > max && fit > 0 {
+                    break;
+                }
+                fit += 1;
+            }
+            self.peers.append_splits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
+        self.send(append_call, payload, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call(snapshot_call, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call(vote_call, &rpc, option.hard_ttl()).await
+    }
+}

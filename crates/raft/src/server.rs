@@ -1,0 +1,122 @@
+//! The receiving side of `sovra.raft.v1.Raft`: finds the named group on this
+//! node and hands the message to its Raft core (or to the host for forwarded
+//! writes and read-index requests). Only members of a group may send to it.
+
+use crate::host::RaftHost;
+use crate::snapshot;
+use crate::types::{NodeId, TypeConfig};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sovra_proto::raft as pb;
+use sovra_proto::raft::raft_server::Raft as RaftRpc;
+use sovra_types::{CollectionName, RegionId, ShardCommand, ShardId};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tonic::{Request, Response, Status};
+
+/// What the node does with a catalog change told by a peer.
+#[tonic::async_trait]
+pub trait CatalogHandler: Send + Sync + 'static {
+    async fn apply(&self, from: NodeId, change: pb::catalog_request::Change) -> Result<(), Status>;
+}
+
+pub struct RaftService {
+    pub host: Arc<RaftHost>,
+    pub catalog: Arc<dyn CatalogHandler>,
+}
+
+fn shard_of(g: Option<pb::GroupId>) -> Result<ShardId, Status> {
+    let g = g.ok_or_else(|| Status::invalid_argument("group is required"))?;
+    Ok(ShardId {
+        collection: CollectionName::parse(&g.collection).map_err(|e| Status::invalid_argument(e.message))?,
+        region: RegionId::parse(&g.region).map_err(|e| Status::invalid_argument(e.message))?,
+        number: g.shard,
+    })
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
+    postcard::from_bytes(b).map_err(|e| Status::invalid_argument(format!("payload does not decode: {e}")))
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Response<pb::RaftReply>, Status> {
+    Ok(Response::new(pb::RaftReply {
+        payload: postcard::to_allocvec(v).map_err(|e| Status::internal(e.to_string()))?,
+    }))
+}
+
+impl RaftService {
+    fn group(&self, g: Option<pb::GroupId>, from: NodeId) -> Result<Arc<crate::host::Group>, Status> {
+        let id = shard_of(g)?;
+        let group = self
+            .host
+            .group(&id)
+            .ok_or_else(|| Status::not_found(format!("node {} holds no replica of {id} (yet)", self.host.me)))?;
+        if !group.members.contains(&from) {
+            return Err(Status::permission_denied(format!("node {from} is not a member of group {id}")));
+        }
+        Ok(group)
+    }
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let r = req.into_inner();
+        let g = self.group(r.group, r.from)?;
+        let msg: AppendEntriesRequest<TypeConfig> = decode(&r.payload)?;
+        reply(&g.raft().append_entries(msg).await)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let r = req.into_inner();
+        let g = self.group(r.group, r.from)?;
+        let msg: VoteRequest<NodeId> = decode(&r.payload)?;
+        reply(&g.raft().vote(msg).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let r = req.into_inner();
+        let g = self.group(r.group, r.from)?;
+        let msg: InstallSnapshotRequest<TypeConfig> = decode(&r.payload)?;
+        // The first chunk carries the header: refuse another region's or
+        // another shard's data before a byte of it is written here (R2).
+        if msg.offset == 0 {
+            let mut cur = std::io::Cursor::new(&msg.data[..]);
+            let checked = snapshot::parse_header(&mut cur)
+                .map_err(|e| e.to_string())
+                .and_then(|h| snapshot::check_header(&h, &g.id, &self.host.region).map_err(|e| e.to_string()));
+            if let Err(e) = checked {
+                g.sm.stats.snapshots_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(group = %g.id, from = r.from, error = %e, "snapshot refused");
+                return Err(Status::failed_precondition(format!("snapshot refused: {e}")));
+            }
+        }
+        reply(&g.raft().install_snapshot(msg).await)
+    }
+
+    async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+        let r = req.into_inner();
+        let g = self.group(r.group, r.from)?;
+        let cmd: ShardCommand = decode(&r.command)?;
+        let ack = self.host.propose_local(&g.id, cmd).await?;
+        Ok(Response::new(pb::ProposeReply {
+            index: ack.index,
+            changed: ack.changed,
+        }))
+    }
+
+    async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        let r = req.into_inner();
+        let g = self.group(r.group, r.from)?;
+        let index = self.host.read_index_local(&g.id).await?;
+        Ok(Response::new(pb::ReadIndexReply { index }))
+    }
+
+    async fn catalog(&self, req: Request<pb::CatalogRequest>) -> Result<Response<pb::CatalogReply>, Status> {
+        let r = req.into_inner();
+        let change = r.change.ok_or_else(|| Status::invalid_argument("change is required"))?;
+        self.catalog.apply(r.from, change).await?;
+        Ok(Response::new(pb::CatalogReply {}))
+    }
+}

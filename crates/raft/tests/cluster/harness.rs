@@ -1,0 +1,231 @@
+//! N replica hosts in one process, each with its own sled store and a real
+//! gRPC server on a loopback port 0, sharing one fault plan and address book.
+
+use sovra_proto::raft::raft_server::RaftServer;
+use sovra_raft::network::MAX_RAFT_MESSAGE;
+use sovra_raft::server::{CatalogHandler, RaftService};
+use sovra_raft::{AddressBook, Faults, LogStore, NodeId, RaftHost, RaftSettings};
+use sovra_shard::{NodeStore, ShardEngine};
+use sovra_types::*;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+pub struct NoCatalog;
+
+#[tonic::async_trait]
+impl CatalogHandler for NoCatalog {
+    async fn apply(&self, _from: NodeId, _c: sovra_proto::raft::catalog_request::Change) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("no catalog in these tests"))
+    }
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub host: Arc<RaftHost>,
+    pub store: NodeStore,
+    pub _dir: TempDir,
+    server: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Option<Node>>,
+    pub book: AddressBook,
+    pub faults: Faults,
+    pub spec: CollectionSpec,
+}
+
+pub fn region() -> RegionId {
+    RegionId::parse("eu-west").unwrap()
+}
+
+pub fn shard() -> ShardId {
+    ShardId {
+        collection: CollectionName::parse("people").unwrap(),
+        region: region(),
+        number: 0,
+    }
+}
+
+pub fn spec(dim: u32) -> CollectionSpec {
+    CollectionSpec {
+        name: CollectionName::parse("people").unwrap(),
+        dimension: dim,
+        metric: Metric::L2,
+        hnsw: HnswParams {
+            m: 8,
+            ef_construction: 32,
+            ef_search: 32,
+        },
+        regions: vec![RegionShards {
+            region: region(),
+            shard_count: 1,
+        }],
+        replication_factor: 3,
+        default_retention_seconds: 0,
+        require_lawful_basis: false,
+    }
+}
+
+pub fn fast_settings() -> RaftSettings {
+    RaftSettings {
+        heartbeat_ms: 100,
+        election_min_ms: 500,
+        election_max_ms: 1000,
+        snapshot_after_logs: 10_000,
+        keep_logs: 1_000,
+        write_timeout: Duration::from_secs(3),
+        read_wait: Duration::from_secs(2),
+        max_append_bytes: sovra_raft::network::MAX_APPEND_BYTES,
+    }
+}
+
+pub fn point(id: u64, dim: u32, value: f32) -> PointRecord {
+    PointRecord {
+        id: PointId::Num(id),
+        region: region(),
+        vector: (0..dim).map(|i| value + i as f32 * 0.001).collect(),
+        subject: format!("s{id}"),
+        payload: Default::default(),
+        lawful_basis: LawfulBasis::Consent,
+        source: "test".into(),
+        expires_at_ms: 0,
+    }
+}
+
+pub fn upsert(ids: impl IntoIterator<Item = u64>, dim: u32, value: f32) -> ShardCommand {
+    ShardCommand::Upsert(ids.into_iter().map(|i| point(i, dim, value)).collect())
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn eventually<T>(what: &str, within: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+impl Cluster {
+    /// Starts `n` nodes (ids 1..=n) and one shard group over all of them, and
+    /// waits for a leader.
+    pub async fn start(n: u64, settings: RaftSettings, dim: u32, seed: u64) -> Self {
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            book: AddressBook::default(),
+            faults: Faults::seeded(seed),
+            spec: spec(dim),
+        };
+        for id in 1..=n {
+            let node = c.start_node(id, settings.clone()).await;
+            c.nodes.push(Some(node));
+        }
+        let members: BTreeSet<NodeId> = (1..=n).collect();
+        for node in c.nodes.iter().flatten() {
+            let tree = node.store.shard_tree(&shard()).unwrap();
+            let engine = Arc::new(ShardEngine::open(shard(), Arc::new(c.spec.clone()), node.store.db().clone(), tree, None).unwrap());
+            let log = LogStore::new(node.store.db().clone(), node.store.raft_log_tree(&shard()).unwrap());
+            node.host.open_group(shard(), engine, log, members.clone()).await.unwrap();
+        }
+        c.leader().await;
+        c
+    }
+
+    async fn start_node(&self, id: NodeId, settings: RaftSettings) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let store = NodeStore::open(&dir.path().join("db"), 32 << 20).unwrap();
+        store.put_collection(&self.spec).unwrap();
+        let host = RaftHost::new(
+            id,
+            region(),
+            self.book.clone(),
+            self.faults.clone(),
+            settings,
+            dir.path().join("snapshots"),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.book.set(id, &listener.local_addr().unwrap().to_string());
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let svc = RaftService {
+            host: host.clone(),
+            catalog: Arc::new(NoCatalog),
+        };
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(
+                    RaftServer::new(svc)
+                        .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                        .max_encoding_message_size(MAX_RAFT_MESSAGE),
+                )
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+        Node {
+            id,
+            host,
+            store,
+            _dir: dir,
+            server,
+            stop,
+        }
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        self.nodes[(id - 1) as usize].as_ref().expect("node is running")
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().flatten()
+    }
+
+    /// The leader that a majority of live nodes agree on.
+    pub async fn leader(&self) -> NodeId {
+        eventually("a leader", Duration::from_secs(15), async || {
+            let mut votes = std::collections::HashMap::new();
+            for n in self.live() {
+                if let Some(l) = n.host.group(&shard()).and_then(|g| g.leader()) {
+                    *votes.entry(l).or_insert(0) += 1;
+                }
+            }
+            let quorum = self.nodes.len() / 2 + 1;
+            votes
+                .into_iter()
+                .find(|(l, v)| *v >= quorum && self.nodes[(*l - 1) as usize].is_some())
+                .map(|(l, _)| l)
+        })
+        .await
+    }
+
+    /// Stops a node as a crash would look to its peers: its server goes away and
+    /// its Raft cores stop.
+    pub async fn kill(&mut self, id: NodeId) {
+        let node = self.nodes[(id - 1) as usize].take().expect("running");
+        node.stop.send_replace(true);
+        node.server.abort();
+        node.host.shutdown().await;
+    }
+
+    pub fn digest(&self, id: NodeId) -> u64 {
+        self.node(id).host.group(&shard()).unwrap().engine().digest().unwrap()
+    }
+
+    pub fn applied(&self, id: NodeId) -> u64 {
+        self.node(id).host.group(&shard()).unwrap().engine().last_applied()
+    }
+
+    /// Waits until every live node has the same digest and applied index.
+    pub async fn converged(&self, within: Duration) -> u64 {
+        eventually("identical digests on every live replica", within, async || {
+            let ds: Vec<(u64, u64)> = self.live().map(|n| (self.digest(n.id), self.applied(n.id))).collect();
+            ds.windows(2).all(|w| w[0] == w[1]).then(|| ds[0].0)
+        })
+        .await
+    }
+}
