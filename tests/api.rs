@@ -307,6 +307,7 @@ async fn upsert_get_search_delete_round_trip() {
             ids: vec![num(5), num(10), num(999)],
             with_vector: true,
             with_payload: true,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -33,6 +33,102 @@ pub struct NodeConfig {
     pub compaction_tombstone_ratio: f64,
     #[serde(default = "default_check")]
     pub compaction_check_seconds: u64,
+    /// Every node of the cluster (this one may be listed too, and is skipped):
+    /// id, region and gRPC address. Shard replicas are placed on the nodes of
+    /// their region by this list, so every node must be given the same one.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// A TOML file of `[[peers]]` re-read every second for addresses only, so a
+    /// peer restarted on a new port is found again (tests start nodes on port 0).
+    #[serde(default)]
+    pub peers_file: Option<PathBuf>,
+    #[serde(default)]
+    pub raft: RaftConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    pub region: String,
+    /// `host:port` of the peer's gRPC listener; may be left out when `peers_file` gives it.
+    #[serde(default)]
+    pub addr: Option<String>,
+}
+
+/// Timing and log-size knobs of the shard groups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// A snapshot is built after this many entries; the log below it is purged.
+    pub snapshot_after_logs: u64,
+    /// Entries kept below a snapshot for followers only a little behind.
+    pub keep_logs: u64,
+    /// A write not committed and applied within this is answered UNAVAILABLE.
+    pub write_timeout_ms: u64,
+    /// How long a read at `any` with a minimum index, or `linearizable`, waits.
+    pub read_wait_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let d = sovra_raft::RaftSettings::default();
+        Self {
+            heartbeat_ms: d.heartbeat_ms,
+            election_min_ms: d.election_min_ms,
+            election_max_ms: d.election_max_ms,
+            snapshot_after_logs: d.snapshot_after_logs,
+            keep_logs: d.keep_logs,
+            write_timeout_ms: d.write_timeout.as_millis() as u64,
+            read_wait_ms: d.read_wait.as_millis() as u64,
+        }
+    }
+}
+
+impl RaftConfig {
+    pub fn settings(&self) -> sovra_raft::RaftSettings {
+        sovra_raft::RaftSettings {
+            heartbeat_ms: self.heartbeat_ms,
+            election_min_ms: self.election_min_ms,
+            election_max_ms: self.election_max_ms,
+            snapshot_after_logs: self.snapshot_after_logs,
+            keep_logs: self.keep_logs,
+            write_timeout: std::time::Duration::from_millis(self.write_timeout_ms),
+            read_wait: std::time::Duration::from_millis(self.read_wait_ms),
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_ms == 0 {
+            return Err(invalid("raft.heartbeat_ms", "must be at least 1"));
+        }
+        if self.election_min_ms <= self.heartbeat_ms * 2 {
+            return Err(invalid(
+                "raft.election_min_ms",
+                format!(
+                    "is {}: must exceed twice raft.heartbeat_ms ({})",
+                    self.election_min_ms, self.heartbeat_ms
+                ),
+            ));
+        }
+        if self.election_max_ms <= self.election_min_ms {
+            return Err(invalid("raft.election_max_ms", "must exceed raft.election_min_ms"));
+        }
+        if self.snapshot_after_logs == 0 {
+            return Err(invalid("raft.snapshot_after_logs", "must be at least 1"));
+        }
+        if self.write_timeout_ms == 0 || self.read_wait_ms == 0 {
+            return Err(invalid(
+                "raft.write_timeout_ms",
+                "write_timeout_ms and read_wait_ms must be at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_zone() -> String {
@@ -93,7 +189,23 @@ impl NodeConfig {
             index_threads: default_threads(),
             compaction_tombstone_ratio: default_ratio(),
             compaction_check_seconds: default_check(),
+            peers: Vec::new(),
+            peers_file: None,
+            raft: RaftConfig::default(),
         }
+    }
+
+    /// Every node of the cluster by id, with region and known address (this
+    /// node included, without an address).
+    pub fn cluster(&self) -> Vec<PeerConfig> {
+        let mut all: Vec<PeerConfig> = self.peers.iter().filter(|p| p.id != self.node_id).cloned().collect();
+        all.push(PeerConfig {
+            id: self.node_id,
+            region: self.region.clone(),
+            addr: None,
+        });
+        all.sort_by_key(|p| p.id);
+        all
     }
 
     /// Reads `path`, applies overrides from `env` (`SOVRA_<FIELD>` in capitals),
@@ -171,6 +283,23 @@ impl NodeConfig {
         if self.compaction_check_seconds == 0 {
             return Err(invalid("compaction_check_seconds", "must be at least 1"));
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.peers {
+            if p.id == 0 {
+                return Err(invalid("peers", "a peer has id 0; ids start at 1"));
+            }
+            if !seen.insert(p.id) {
+                return Err(invalid("peers", format!("node id {} is listed twice", p.id)));
+            }
+            RegionId::parse(&p.region).map_err(|e| invalid("peers", format!("peer {}: {}", p.id, e.message)))?;
+            if p.id == self.node_id && p.region != self.region {
+                return Err(invalid(
+                    "peers",
+                    format!("lists this node ({}) in region {}, but `region` is {}", p.id, p.region, self.region),
+                ));
+            }
+        }
+        self.raft.validate()?;
         if self.grpc_listen.port() != 0 && self.grpc_listen == self.metrics_listen {
             return Err(invalid("metrics_listen", "must differ from grpc_listen"));
         }

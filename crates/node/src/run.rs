@@ -8,7 +8,11 @@ use crate::metrics as m;
 use crate::service::{CollectionsService, PointsService, SearchService};
 use crate::state::NodeState;
 use anyhow::Context;
+use sovra_proto::raft::raft_server::RaftServer;
 use sovra_proto::v1::{collections_server::CollectionsServer, points_server::PointsServer, search_server::SearchServer};
+use sovra_raft::Faults;
+use sovra_raft::network::MAX_RAFT_MESSAGE;
+use sovra_raft::server::{CatalogHandler, RaftService};
 use sovra_types::limits::MAX_MESSAGE_BYTES;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,6 +35,12 @@ pub struct RunningNode {
 const SERVICES: [&str; 3] = ["sovra.v1.Collections", "sovra.v1.Points", "sovra.v1.Search"];
 
 pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
+    start_with_faults(config, Faults::default()).await
+}
+
+/// As [`start`], with node-to-node calls passing through `faults` (tests share
+/// one plan between the nodes of a cluster and switch it at run time).
+pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Result<RunningNode> {
     config.validate()?;
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
@@ -40,7 +50,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         .with_context(|| format!("binding metrics_listen {}", config.metrics_listen))?;
     let grpc_addr = grpc.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
-    let state = tokio::task::spawn_blocking(move || NodeState::open(config))
+    let state = tokio::task::spawn_blocking(move || NodeState::open(config, faults))
         .await?
         .context("opening the data directory")?;
 
@@ -63,6 +73,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(
+            RaftServer::new(RaftService {
+                host: state.host.clone(),
+                catalog: Arc::new(Catalog(state.clone())),
+            })
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE),
+        )
         .add_service(CollectionsServer::new(CollectionsService { state: state.clone() }))
         .add_service(
             PointsServer::new(PointsService { state: state.clone() })
@@ -83,22 +101,26 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     {
         let state = state.clone();
         tasks.push(tokio::spawn(async move {
-            let s = state.clone();
-            match tokio::task::spawn_blocking(move || s.load()).await {
-                Ok(Ok(())) => {
+            match state.load().await {
+                Ok(()) => {
                     for s in ["", SERVICES[0], SERVICES[1], SERVICES[2]] {
                         health.set_service_status(s, ServingStatus::Serving).await;
                     }
                     tracing::info!("all shards loaded; serving");
                 }
-                Ok(Err(e)) => {
-                    state.storage_failed(e);
+                Err(e) => {
+                    state.storage_failed(sovra_shard::ShardError::Io(std::io::Error::other(format!("{e:#}"))));
                 }
-                Err(e) => tracing::error!(error = %e, "shard load task failed"),
             }
         }));
     }
-    tasks.push(tokio::spawn(compaction_loop(state.clone(), stop_rx)));
+    tasks.push(tokio::spawn(compaction_loop(state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(
+        state.host.clone().run_watchdog(Duration::from_millis(500), stop_rx.clone()),
+    ));
+    if let Some(path) = state.config.peers_file.clone() {
+        tasks.push(tokio::spawn(watch_peers_file(state.clone(), path, stop_rx)));
+    }
     Ok(RunningNode {
         grpc_addr,
         metrics_addr,
@@ -125,6 +147,7 @@ impl RunningNode {
         for t in self.tasks {
             t.abort();
         }
+        self.state.host.shutdown().await;
         // Everything acknowledged was flushed already; this flush only shortens
         // the next start's recovery.
         let state = self.state.clone();
@@ -169,6 +192,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
                     metrics::gauge!(m::SHARD_APPLIED_INDEX, &labels).set(s.last_applied as f64);
                     metrics::gauge!(m::SHARD_INDEX_BYTES, &labels).set(s.index_bytes as f64);
                 }
+                state.host.export_metrics();
                 handle.render()
             }
         }),
@@ -178,6 +202,50 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
+}
+
+/// The public API's collection changes, as told by peers.
+struct Catalog(Arc<NodeState>);
+
+#[tonic::async_trait]
+impl CatalogHandler for Catalog {
+    async fn apply(&self, from: u64, change: sovra_proto::raft::catalog_request::Change) -> Result<(), tonic::Status> {
+        self.0.apply_catalog(from, change).await
+    }
+}
+
+/// Re-reads the peers file every second and updates the address book, so a
+/// peer that restarted on another port is reached again.
+async fn watch_peers_file(state: Arc<NodeState>, path: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        peers: Vec<crate::config::PeerConfig>,
+    }
+    let mut last = String::new();
+    loop {
+        if let Ok(text) = tokio::fs::read_to_string(&path).await
+            && text != last
+        {
+            match toml::from_str::<File>(&text) {
+                Ok(f) => {
+                    for p in f.peers {
+                        if state.peers().any(|k| k.id == p.id)
+                            && let Some(a) = p.addr
+                        {
+                            state.host.peers.book.set(p.id, &a);
+                        }
+                    }
+                    last = text;
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "peers file does not parse; keeping the addresses known"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Rebuilds the graph of any shard whose tombstones pass the configured share.

@@ -1,37 +1,62 @@
-//! What a running node holds: its store, the open collections with one engine per
-//! shard of the region it serves, readiness, and the fatal-error signal.
+//! What a running node holds: its store, the open collections with this node's
+//! replicas of its region's shards (each a Raft group in [`RaftHost`]),
+//! readiness, and the fatal-error signal.
+//!
+//! Placement (R1): the replicas of shard `n` of region X are `replication_factor`
+//! nodes of X taken from the configured node list in id order, starting at
+//! position `n mod |X|`. Every node computes the same placement from the same
+//! list (the meta group replaces this with recorded placements).
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, PeerConfig};
 use parking_lot::RwLock;
+use sovra_proto::raft as pb;
+use sovra_raft::{AddressBook, Faults, LogStore, NodeId, RaftHost};
 use sovra_shard::{NodeStore, ShardEngine, ShardError};
 use sovra_types::{ApiError, CollectionName, CollectionSpec, ErrorCode, PointId, RegionId, RegionShardMap, ShardId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 pub struct Collection {
     pub spec: Arc<CollectionSpec>,
     /// Every region's shard map, built once when the collection opens: routing
     /// runs for every point of every request.
     pub maps: BTreeMap<RegionId, RegionShardMap>,
-    /// Engines of the shards this node holds, by (region, number).
+    /// This node's replicas, by (region, number).
     pub shards: BTreeMap<(RegionId, u32), Arc<ShardEngine>>,
 }
 
 impl Collection {
-    /// The engine owning `id` in `region`, by the documented hash routing.
-    pub fn route(&self, region: &RegionId, id: &PointId) -> Result<&Arc<ShardEngine>, ApiError> {
+    /// The shard owning `id` in `region`, by the documented hash routing.
+    pub fn route(&self, region: &RegionId, id: &PointId) -> Result<ShardId, ApiError> {
         let map = self.maps.get(region).ok_or_else(|| self.spec.region_not_spanned(region))?;
-        let n = map.shard_for(id);
-        self.shards
-            .get(&(region.clone(), n))
-            .ok_or_else(|| ApiError::unavailable(format!("shard {}/{region}/{n} is not held by this node", self.spec.name)))
+        Ok(ShardId {
+            collection: self.spec.name.clone(),
+            region: region.clone(),
+            number: map.shard_for(id),
+        })
     }
+
+    pub fn local(&self, shard: &ShardId) -> Option<&Arc<ShardEngine>> {
+        self.shards.get(&(shard.region.clone(), shard.number))
+    }
+}
+
+/// The replicas of shard `number` among the nodes of its region (sorted ids).
+pub fn placement(region_nodes: &[NodeId], number: u32, replication_factor: u32) -> BTreeSet<NodeId> {
+    let n = region_nodes.len();
+    (0..(replication_factor as usize).min(n))
+        .map(|i| region_nodes[(number as usize + i) % n])
+        .collect()
 }
 
 pub struct NodeState {
     pub config: NodeConfig,
     pub region: RegionId,
+    pub host: Arc<RaftHost>,
+    /// Every node of the cluster (this one included), sorted by id.
+    cluster: Vec<PeerConfig>,
     store: NodeStore,
     pool: Arc<rayon::ThreadPool>,
     collections: RwLock<BTreeMap<CollectionName, Arc<Collection>>>,
@@ -43,7 +68,7 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    pub fn open(config: NodeConfig) -> Result<Arc<Self>, ShardError> {
+    pub fn open(config: NodeConfig, faults: Faults) -> Result<Arc<Self>, ShardError> {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = NodeStore::open(&config.data_dir.join("db"), config.cache_capacity_mb << 20)?;
         let pool = rayon::ThreadPoolBuilder::new()
@@ -51,8 +76,27 @@ impl NodeState {
             .thread_name(|i| format!("sovra-index-{i}"))
             .build()
             .expect("thread pool");
+        let cluster = config.cluster();
+        let book = AddressBook::default();
+        for p in &cluster {
+            if let Some(a) = &p.addr {
+                book.set(p.id, a);
+            }
+        }
+        let region = config.region_id();
+        let host = RaftHost::new(
+            config.node_id,
+            region.clone(),
+            book,
+            faults,
+            config.raft.settings(),
+            config.data_dir.join("snapshots"),
+        );
+        host.set_region_nodes(cluster.iter().filter(|p| p.region == config.region).map(|p| p.id).collect());
         Ok(Arc::new(Self {
-            region: config.region_id(),
+            region,
+            host,
+            cluster,
             config,
             store,
             pool: Arc::new(pool),
@@ -63,30 +107,53 @@ impl NodeState {
         }))
     }
 
-    /// Opens every collection in the catalog and rebuilds its indexes. Blocking.
-    pub fn load(&self) -> Result<(), ShardError> {
-        for spec in self.store.collections()? {
-            let c = self.open_collection(Arc::new(spec))?;
+    /// Node ids of `region`, sorted.
+    pub fn region_nodes(&self, region: &RegionId) -> Vec<NodeId> {
+        self.cluster.iter().filter(|p| p.region == region.as_str()).map(|p| p.id).collect()
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &PeerConfig> {
+        self.cluster.iter().filter(|p| p.id != self.config.node_id)
+    }
+
+    /// Opens every collection in the catalog: rebuilds the indexes, starts the groups.
+    pub async fn load(self: &Arc<Self>) -> anyhow::Result<()> {
+        let this = self.clone();
+        let specs = tokio::task::spawn_blocking(move || this.store.collections()).await??;
+        for spec in specs {
+            let c = self.open_collection(Arc::new(spec)).await?;
             self.collections.write().insert(c.spec.name.clone(), Arc::new(c));
         }
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
 
-    fn open_collection(&self, spec: Arc<CollectionSpec>) -> Result<Collection, ShardError> {
+    async fn open_collection(self: &Arc<Self>, spec: Arc<CollectionSpec>) -> anyhow::Result<Collection> {
         let mut shards = BTreeMap::new();
-        // Only shards of this node's region: a node never opens storage for another
-        // region's data (R1/R2).
+        // Only shards of this node's region, and of those only the ones placed
+        // here: a node never opens storage for another region's data (R1/R2).
+        let nodes = self.region_nodes(&self.region);
         for r in spec.regions.iter().filter(|r| r.region == self.region) {
             for number in 0..r.shard_count {
+                let members = placement(&nodes, number, spec.replication_factor);
+                if !members.contains(&self.config.node_id) {
+                    continue;
+                }
                 let id = ShardId {
                     collection: spec.name.clone(),
                     region: r.region.clone(),
                     number,
                 };
-                let tree = self.store.shard_tree(&id)?;
-                let engine = ShardEngine::open(id, spec.clone(), self.store.db().clone(), tree, Some(self.pool.clone()))?;
-                shards.insert((r.region.clone(), number), Arc::new(engine));
+                let (this, sid, sp) = (self.clone(), id.clone(), spec.clone());
+                let (engine, log) = tokio::task::spawn_blocking(move || -> Result<_, ShardError> {
+                    let tree = this.store.shard_tree(&sid)?;
+                    let engine = ShardEngine::open(sid.clone(), sp, this.store.db().clone(), tree, Some(this.pool.clone()))?;
+                    let log = LogStore::new(this.store.db().clone(), this.store.raft_log_tree(&sid)?);
+                    Ok((Arc::new(engine), log))
+                })
+                .await??;
+                self.host.open_group(id, engine.clone(), log, members).await?;
+                shards.insert((r.region.clone(), number), engine);
             }
         }
         let maps = spec
@@ -125,6 +192,37 @@ impl NodeState {
         self.collections.read().values().cloned().collect()
     }
 
+    /// Checks a new collection against the cluster: every region served by some
+    /// node, and enough nodes there for the replication factor.
+    fn check_placeable(&self, spec: &CollectionSpec) -> Result<(), ApiError> {
+        let served: BTreeSet<&str> = self.cluster.iter().map(|p| p.region.as_str()).collect();
+        for r in &spec.regions {
+            let nodes = self.region_nodes(&r.region);
+            if nodes.is_empty() {
+                return Err(ApiError::precondition(format!(
+                    "region {} is served by no node of this cluster (it serves: {}); create the collection without it or add a node in {}",
+                    r.region,
+                    served.into_iter().collect::<Vec<_>>().join(", "),
+                    r.region
+                )));
+            }
+            if (spec.replication_factor as usize) > nodes.len() {
+                return Err(ApiError::precondition(format!(
+                    "replication_factor {} needs {} nodes in region {}; this cluster has {}",
+                    spec.replication_factor,
+                    spec.replication_factor,
+                    r.region,
+                    nodes.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a collection on every node: the peers first (each opens its own
+    /// replicas), then here. A peer that cannot be reached fails the create with
+    /// nothing created here; peers that did get it keep it, and a retry with the
+    /// same spec completes it (a peer accepts an identical spec again).
     pub async fn create(self: &Arc<Self>, spec: CollectionSpec) -> Result<Arc<Collection>, ApiError> {
         self.ensure_ready()?;
         let _ddl = self.ddl.lock().await;
@@ -134,38 +232,128 @@ impl NodeState {
                 format!("collection {} already exists", spec.name),
             ));
         }
-        // One node serves one region for now: every region the collection spans
-        // must be this node's, or its data would have nowhere lawful to live.
-        if let Some(r) = spec.regions.iter().find(|r| r.region != self.region) {
-            return Err(ApiError::precondition(format!(
-                "region {} is served by no node of this cluster (it serves: {}); create the collection without it or add a node in {}",
-                r.region, self.region, r.region
-            )));
-        }
-        if spec.replication_factor > 1 {
-            return Err(ApiError::precondition(format!(
-                "replication_factor {} needs {} nodes in region {}; this cluster has 1",
-                spec.replication_factor, spec.replication_factor, self.region
-            )));
-        }
+        self.check_placeable(&spec)?;
+        let bytes = postcard::to_allocvec(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
+        self.broadcast(
+            pb::catalog_request::Change::Create(bytes),
+            &format!("create collection {}", spec.name),
+        )
+        .await?;
+        self.create_local(spec).await
+    }
+
+    async fn create_local(self: &Arc<Self>, spec: CollectionSpec) -> Result<Arc<Collection>, ApiError> {
         let this = self.clone();
         let spec = Arc::new(spec);
-        let c = tokio::task::spawn_blocking(move || -> Result<Collection, ShardError> {
-            this.store.put_collection(&spec)?;
-            this.open_collection(spec)
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("create task failed: {e}")))?
-        .map_err(|e| self.storage_failed(e))?;
+        let s2 = spec.clone();
+        tokio::task::spawn_blocking(move || this.store.put_collection(&s2))
+            .await
+            .map_err(|e| ApiError::internal(format!("create task failed: {e}")))?
+            .map_err(|e| self.storage_failed(e))?;
+        let c = self
+            .open_collection(spec)
+            .await
+            .map_err(|e| ApiError::internal(format!("opening the collection's replicas failed: {e:#}")))?;
         let c = Arc::new(c);
         self.collections.write().insert(c.spec.name.clone(), c.clone());
         Ok(c)
     }
 
+    /// A peer told us of a collection change.
+    pub async fn apply_catalog(self: &Arc<Self>, from: NodeId, change: pb::catalog_request::Change) -> Result<(), tonic::Status> {
+        if !self.cluster.iter().any(|p| p.id == from) {
+            return Err(tonic::Status::permission_denied(format!(
+                "node {from} is not in this node's cluster list"
+            )));
+        }
+        self.ensure_ready().map_err(|e| sovra_proto::status_of(&e))?;
+        match change {
+            pb::catalog_request::Change::Create(bytes) => {
+                let spec: CollectionSpec =
+                    postcard::from_bytes(&bytes).map_err(|e| tonic::Status::invalid_argument(format!("spec does not decode: {e}")))?;
+                let _ddl = self.ddl.lock().await;
+                if let Some(have) = self.collections.read().get(&spec.name) {
+                    return if *have.spec == spec {
+                        Ok(())
+                    } else {
+                        Err(tonic::Status::already_exists(format!(
+                            "collection {} exists on node {} with another spec",
+                            spec.name, self.config.node_id
+                        )))
+                    };
+                }
+                self.create_local(spec).await.map(|_| ()).map_err(|e| sovra_proto::status_of(&e))
+            }
+            pb::catalog_request::Change::Drop(name) => {
+                let _ddl = self.ddl.lock().await;
+                match self.drop_local(&name).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+                    Err(e) => Err(sovra_proto::status_of(&e)),
+                }
+            }
+        }
+    }
+
+    async fn broadcast(&self, change: pb::catalog_request::Change, what: &str) -> Result<(), ApiError> {
+        let mut calls = Vec::new();
+        for p in self.peers() {
+            let id = p.id;
+            let client = self.host.peers.client(id);
+            let change = change.clone();
+            let me = self.config.node_id;
+            calls.push(async move {
+                let mut client = client.map_err(|e| (id, e.to_string()))?;
+                let mut req = tonic::Request::new(pb::CatalogRequest {
+                    from: me,
+                    change: Some(change),
+                });
+                req.set_timeout(Duration::from_secs(30));
+                client.catalog(req).await.map(|_| ()).map_err(|s| (id, s.message().to_string()))
+            });
+        }
+        let failed: Vec<String> = futures_join(calls)
+            .await
+            .into_iter()
+            .filter_map(|r| r.err())
+            .map(|(id, why)| format!("node {id}: {why}"))
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::unavailable(format!(
+                "{what} did not reach every node ({}); nothing was changed on this node; retry once they are up",
+                failed.join("; ")
+            )))
+        }
+    }
+
     pub async fn drop_collection(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
         let c = self.collection(name)?;
         let _ddl = self.ddl.lock().await;
+        self.broadcast(
+            pb::catalog_request::Change::Drop(c.spec.name.to_string()),
+            &format!("drop collection {}", c.spec.name),
+        )
+        .await?;
+        self.drop_local(c.spec.name.as_str()).await
+    }
+
+    /// Stops this node's replicas of the collection and deletes its data.
+    async fn drop_local(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
+        let c = self.collection(name)?;
         self.collections.write().remove(&c.spec.name);
+        for (region, number) in c.shards.keys() {
+            let id = ShardId {
+                collection: c.spec.name.clone(),
+                region: region.clone(),
+                number: *number,
+            };
+            self.host
+                .remove_group(&id, true)
+                .await
+                .map_err(|e| ApiError::internal(format!("removing replica {id}: {e:#}")))?;
+        }
         let this = self.clone();
         let name = c.spec.name.clone();
         drop(c);
@@ -203,11 +391,23 @@ impl NodeState {
             .flat_map(|c| c.shards.values().cloned().collect::<Vec<_>>())
             .collect()
     }
-}
 
-impl NodeState {
     pub fn flush(&self) -> Result<(), ShardError> {
         self.store.db().flush()?;
         Ok(())
     }
+}
+
+/// Runs the futures concurrently and returns their outputs in order.
+async fn futures_join<F>(fs: Vec<F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("catalog call task panicked"));
+    }
+    out
 }

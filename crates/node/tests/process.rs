@@ -109,6 +109,7 @@ async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
                     ids: acknowledged.clone(),
                     with_vector: true,
                     with_payload: false,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -152,6 +153,7 @@ async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
             ids: acknowledged.clone(),
             with_vector: false,
             with_payload: false,
+            ..Default::default()
         })
         .await
         .unwrap()

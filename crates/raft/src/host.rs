@@ -116,6 +116,9 @@ pub struct RaftHost {
     config: Arc<Config>,
     snapshot_root: PathBuf,
     groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
+    /// Nodes of this node's region: they may forward writes to groups they
+    /// hold no replica of.
+    region_nodes: RwLock<BTreeSet<NodeId>>,
     restarts: AtomicU64,
 }
 
@@ -146,8 +149,48 @@ impl RaftHost {
             config,
             snapshot_root,
             groups: RwLock::new(BTreeMap::new()),
+            region_nodes: RwLock::new(BTreeSet::new()),
             restarts: AtomicU64::new(0),
         })
+    }
+
+    pub fn set_region_nodes(&self, nodes: BTreeSet<NodeId>) {
+        *self.region_nodes.write() = nodes;
+    }
+
+    pub fn is_region_node(&self, n: NodeId) -> bool {
+        self.region_nodes.read().contains(&n)
+    }
+
+    /// Like [`Self::write`], for a node that may hold no replica of `id`: then
+    /// the write goes to the group's `members`, each tried in turn (a member
+    /// that is not the leader forwards it on).
+    pub async fn write_to(&self, id: &ShardId, members: &BTreeSet<NodeId>, cmd: ShardCommand) -> Result<WriteAck, ApiError> {
+        if self.group(id).is_some() {
+            return self.write(id, cmd).await;
+        }
+        let timeout = self.settings.write_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut why = Vec::new();
+        for to in members.iter().cycle() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.forward(*to, id, &cmd, deadline - now).await {
+                Ok(ack) => return Ok(ack),
+                Err(s) => {
+                    why.push(format!("node {to}: {}", s.message()));
+                    tokio::time::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()))).await;
+                }
+            }
+        }
+        why.dedup();
+        Err(unavailable(format!(
+            "write to shard {id} was not acknowledged within {} ms; no replica node took it ({})",
+            timeout.as_millis(),
+            why.into_iter().rev().take(3).collect::<Vec<_>>().join("; ")
+        )))
     }
 
     fn snapshot_dir(&self, id: &ShardId) -> PathBuf {
@@ -476,9 +519,10 @@ impl RaftHost {
     pub async fn run_watchdog(self: Arc<Self>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => self.watchdog_pass().await,
+                _ = tokio::time::sleep(every) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            self.watchdog_pass().await;
         }
     }
 

@@ -97,9 +97,25 @@ impl RaftRpc for RaftService {
 
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
         let r = req.into_inner();
-        let g = self.group(r.group, r.from)?;
+        let id = shard_of(r.group)?;
+        let g = self
+            .host
+            .group(&id)
+            .ok_or_else(|| Status::not_found(format!("node {} holds no replica of {id} (yet)", self.host.me)))?;
         let cmd: ShardCommand = decode(&r.command)?;
-        let ack = self.host.propose_local(&g.id, cmd).await?;
+        let ack = if g.members.contains(&r.from) {
+            // From a replica that believes we lead: propose here or fail, so
+            // forwarding never loops between members.
+            self.host.propose_local(&g.id, cmd).await?
+        } else if self.host.is_region_node(r.from) {
+            // From a node of the region without a replica: pass it on to the leader.
+            self.host.write(&g.id, cmd).await.map_err(|e| sovra_proto::status_of(&e))?
+        } else {
+            return Err(Status::permission_denied(format!(
+                "node {} may not write to group {id}: it is not a node of region {}",
+                r.from, self.host.region
+            )));
+        };
         Ok(Response::new(pb::ProposeReply {
             index: ack.index,
             changed: ack.changed,

@@ -82,7 +82,8 @@ impl NodeStore {
         for t in self.db.tree_names() {
             if prefixes.iter().any(|p| t.starts_with(p.as_bytes())) {
                 self.db.drop_tree(&t)?;
-                dropped += 1;
+                // Count shards, not their log trees.
+                dropped += usize::from(t.starts_with(prefixes[0].as_bytes()));
             }
         }
         self.db.flush()?;

@@ -42,3 +42,42 @@ pub(crate) async fn observe<T>(method: &'static str, body: impl Future<Output = 
     metrics::histogram!(m::REQUEST_SECONDS, "method" => method).record(start.elapsed().as_secs_f64());
     out.map(Response::new).map_err(|e| status_of(&e))
 }
+
+/// The read level each shard must reach before it answers: `linearizable`, or
+/// `any` after the writes in `after` that belong to it.
+pub(crate) struct ReadLevels {
+    linearizable: bool,
+    after: std::collections::BTreeMap<(sovra_types::RegionId, u32), u64>,
+}
+
+impl ReadLevels {
+    pub(crate) fn parse(consistency: i32, after: &[sovra_proto::v1::ShardWrite]) -> Result<Self, ApiError> {
+        use sovra_proto::v1::Consistency;
+        let linearizable = match Consistency::try_from(consistency) {
+            Ok(Consistency::Linearizable) => true,
+            Ok(_) => false,
+            Err(_) => {
+                return Err(ApiError::invalid(format!(
+                    "consistency is {consistency}: use CONSISTENCY_ANY or CONSISTENCY_LINEARIZABLE"
+                )));
+            }
+        };
+        let mut map = std::collections::BTreeMap::new();
+        for (i, w) in after.iter().enumerate() {
+            let region = sovra_types::RegionId::parse(&w.region).map_err(|e| e.at(&format!("after[{i}].region")))?;
+            let e = map.entry((region, w.shard)).or_insert(0);
+            *e = (*e).max(w.index);
+        }
+        Ok(Self { linearizable, after: map })
+    }
+
+    pub(crate) fn for_shard(&self, shard: &sovra_types::ShardId) -> sovra_raft::ReadLevel {
+        if self.linearizable {
+            sovra_raft::ReadLevel::Linearizable
+        } else {
+            sovra_raft::ReadLevel::Any {
+                min_index: self.after.get(&(shard.region.clone(), shard.number)).copied().unwrap_or(0),
+            }
+        }
+    }
+}

@@ -1,11 +1,10 @@
-use super::{blocking, now_ms, observe};
-use crate::state::{Collection, NodeState};
+use super::{ReadLevels, blocking, now_ms, observe};
+use crate::state::{Collection, NodeState, placement};
 use sovra_proto::convert::{point_from, point_id_from, point_to};
 use sovra_proto::v1::{self, points_server::Points};
-use sovra_shard::ShardEngine;
 use sovra_types::limits::MAX_IDS_PER_REQUEST;
 use sovra_types::validate::{check_region, prepare_batch};
-use sovra_types::{ApiError, PointId, RegionId, ShardCommand};
+use sovra_types::{ApiError, PointId, RegionId, ShardCommand, ShardId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -30,37 +29,62 @@ fn ids_from(ids: &[v1::PointId]) -> Result<Vec<PointId>, ApiError> {
         .collect()
 }
 
-/// Applies one command per shard touched. Everything was validated before this
-/// point; the only failure left is storage, which stops the node.
-async fn write(state: &Arc<NodeState>, per_shard: Vec<(Arc<ShardEngine>, ShardCommand)>) -> Result<v1::WriteResponse, ApiError> {
+/// Commits one command per shard touched, each through its Raft group. Every
+/// point was validated before this. Shards are independent groups: if one fails
+/// after others committed, the error says which committed (retrying the whole
+/// request is safe: writes are idempotent by id).
+async fn write(state: &Arc<NodeState>, c: &Collection, per_shard: Vec<(ShardId, ShardCommand)>) -> Result<v1::WriteResponse, ApiError> {
     let mut out = v1::WriteResponse::default();
-    for (engine, cmd) in per_shard {
-        let e = engine.clone();
-        let outcome = blocking(move || e.apply_next(&cmd)).await?.map_err(|e| state.storage_failed(e))?;
-        out.count += outcome.changed as u64;
-        out.writes.push(v1::ShardWrite {
-            region: engine.id().region.to_string(),
-            shard: engine.id().number,
-            index: outcome.index,
-        });
+    for (shard, cmd) in per_shard {
+        // R2: a region's data enters the cluster only through that region's nodes.
+        if shard.region != state.region {
+            return Err(ApiError::precondition(format!(
+                "points of region {} must be written through a node of {} (nodes {:?}); this node is in {}",
+                shard.region,
+                shard.region,
+                state.region_nodes(&shard.region),
+                state.region
+            )));
+        }
+        let members = placement(&state.region_nodes(&shard.region), shard.number, c.spec.replication_factor);
+        match state.host.write_to(&shard, &members, cmd).await {
+            Ok(ack) => {
+                out.count += ack.changed;
+                out.writes.push(v1::ShardWrite {
+                    region: shard.region.to_string(),
+                    shard: shard.number,
+                    index: ack.index,
+                });
+            }
+            Err(mut e) => {
+                if !out.writes.is_empty() {
+                    let done: Vec<String> = out
+                        .writes
+                        .iter()
+                        .map(|w| format!("{}/{} at index {}", w.region, w.shard, w.index))
+                        .collect();
+                    e.message = format!(
+                        "{}; shards {} did commit their part (retrying the whole request is safe)",
+                        e.message,
+                        done.join(", ")
+                    );
+                }
+                return Err(e);
+            }
+        }
     }
     Ok(out)
 }
 
 /// Items grouped by the shard that owns them, in shard order.
-type PerShard<T> = Vec<(Arc<ShardEngine>, Vec<T>)>;
+type PerShard<T> = Vec<(ShardId, Vec<T>)>;
 
 fn group<T>(c: &Collection, items: Vec<(RegionId, PointId, T)>) -> Result<PerShard<T>, ApiError> {
-    let mut by_shard: BTreeMap<(RegionId, u32), (Arc<ShardEngine>, Vec<T>)> = BTreeMap::new();
+    let mut by_shard: BTreeMap<ShardId, Vec<T>> = BTreeMap::new();
     for (region, id, item) in items {
-        let engine = c.route(&region, &id)?;
-        by_shard
-            .entry((region, engine.id().number))
-            .or_insert_with(|| (engine.clone(), Vec::new()))
-            .1
-            .push(item);
+        by_shard.entry(c.route(&region, &id)?).or_default().push(item);
     }
-    Ok(by_shard.into_values().collect())
+    Ok(by_shard.into_iter().collect())
 }
 
 #[tonic::async_trait]
@@ -81,7 +105,7 @@ impl Points for PointsService {
                 .into_iter()
                 .map(|(e, recs)| (e, ShardCommand::Upsert(recs)))
                 .collect();
-            write(&self.state, per_shard).await
+            write(&self.state, &c, per_shard).await
         })
         .await
     }
@@ -92,10 +116,22 @@ impl Points for PointsService {
             let c = self.state.collection(&req.collection)?;
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
             let ids = ids_from(&req.ids)?;
-            let routed = ids
-                .iter()
-                .map(|id| c.route(&region, id).map(|e| (e.clone(), *id)))
-                .collect::<Result<Vec<_>, _>>()?;
+            let levels = ReadLevels::parse(req.consistency, &req.after)?;
+            let mut routed = Vec::with_capacity(ids.len());
+            let mut ready = std::collections::BTreeSet::new();
+            for id in &ids {
+                let shard = c.route(&region, id)?;
+                let engine = c.local(&shard).cloned().ok_or_else(|| {
+                    ApiError::unavailable(format!(
+                        "shard {shard} has no replica on this node; read it from one of nodes {:?}",
+                        placement(&self.state.region_nodes(&shard.region), shard.number, c.spec.replication_factor)
+                    ))
+                })?;
+                if ready.insert(shard.clone()) {
+                    self.state.host.read_barrier(&shard, levels.for_shard(&shard)).await?;
+                }
+                routed.push((engine, *id));
+            }
             let now = now_ms();
             let state = self.state.clone();
             let (with_vector, with_payload) = (req.with_vector, req.with_payload);
@@ -124,7 +160,7 @@ impl Points for PointsService {
                 .into_iter()
                 .map(|(e, ids)| (e, ShardCommand::Delete(ids)))
                 .collect();
-            write(&self.state, per_shard).await
+            write(&self.state, &c, per_shard).await
         })
         .await
     }

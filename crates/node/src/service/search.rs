@@ -1,13 +1,13 @@
-use super::{blocking, now_ms, observe};
+use super::{ReadLevels, blocking, now_ms, observe};
 use crate::metrics as m;
-use crate::state::NodeState;
+use crate::state::{NodeState, placement};
 use sovra_proto::convert::{filter_from, point_id_to, point_to};
 use sovra_proto::v1::{self, search_server::Search};
 use sovra_shard::live::SearchPath;
 use sovra_shard::{Hit, SearchParams};
 use sovra_types::limits::{MAX_EF_SEARCH, MAX_K};
 use sovra_types::validate::{check_region, prepare_vector};
-use sovra_types::{ApiError, RegionId};
+use sovra_types::{ApiError, RegionId, ShardId};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -35,12 +35,7 @@ impl SearchService {
             None => c.spec.hnsw.ef_search,
         }
         .max(req.k) as usize;
-        if v1::Consistency::try_from(req.consistency).is_err() {
-            return Err(ApiError::invalid(format!(
-                "consistency is {}: use CONSISTENCY_ANY or CONSISTENCY_LINEARIZABLE",
-                req.consistency
-            )));
-        }
+        let levels = ReadLevels::parse(req.consistency, &req.after)?;
         let vector = Arc::new(prepare_vector(&c.spec, req.vector, "vector")?);
         let filter = match &req.filter {
             Some(f) => {
@@ -60,8 +55,9 @@ impl SearchService {
                 .collect::<Result<_, _>>()?
         };
 
-        // One task per shard. With a single node every shard is local and
-        // applied synchronously, so `any` and `linearizable` see the same state.
+        // One task per shard this node holds a replica of, once the replica has
+        // reached the read level asked for. Shards of other regions are searched
+        // only by their region's nodes (R2), so they are reported unanswered.
         let now = now_ms();
         let k = req.k as usize;
         let mut tasks = Vec::new();
@@ -69,7 +65,22 @@ impl SearchService {
         for region in &regions {
             let count = c.spec.region(region).map_or(0, |r| r.shard_count);
             for number in 0..count {
-                match c.shards.get(&(region.clone(), number)) {
+                let shard = ShardId {
+                    collection: c.spec.name.clone(),
+                    region: region.clone(),
+                    number,
+                };
+                let barrier = match c.local(&shard) {
+                    Some(_) => self.state.host.read_barrier(&shard, levels.for_shard(&shard)).await,
+                    None => Ok(()),
+                };
+                match c.local(&shard) {
+                    Some(_) if barrier.is_err() => statuses.push(v1::ShardStatus {
+                        region: region.to_string(),
+                        shard: number,
+                        answered: false,
+                        error: barrier.err().map(|e| e.message).unwrap_or_default(),
+                    }),
                     Some(engine) => {
                         let (engine, vector, filter) = (engine.clone(), vector.clone(), filter.clone());
                         tasks.push((
@@ -92,7 +103,10 @@ impl SearchService {
                         region: region.to_string(),
                         shard: number,
                         answered: false,
-                        error: "shard is not held by this node".into(),
+                        error: format!(
+                            "no replica on this node; replicas are on nodes {:?} of region {region}",
+                            placement(&self.state.region_nodes(region), number, c.spec.replication_factor)
+                        ),
                     }),
                 }
             }
