@@ -34,7 +34,10 @@ fn expect_err<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needl
 async fn live_points(n: &mut TestNode, name: &str) -> u64 {
     let info = n
         .collections
-        .get_collection(v1::GetCollectionRequest { name: name.into() })
+        .get_collection(v1::GetCollectionRequest {
+            name: name.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -107,7 +110,12 @@ async fn collections_lifecycle_and_errors() {
         .into_inner();
     assert_eq!(list.collections.len(), 1, "failed creates leave nothing behind");
     expect_err(
-        n.collections.get_collection(v1::GetCollectionRequest { name: "nope".into() }).await,
+        n.collections
+            .get_collection(v1::GetCollectionRequest {
+                name: "nope".into(),
+                ..Default::default()
+            })
+            .await,
         Code::NotFound,
         &["nope"],
     );

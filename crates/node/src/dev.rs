@@ -112,6 +112,7 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let exists = collections
         .get_collection(v1::GetCollectionRequest {
             name: DEV_COLLECTION.into(),
+            ..Default::default()
         })
         .await
         .is_ok();

@@ -1,8 +1,8 @@
-use super::observe;
-use crate::state::{Collection, NodeState};
+use super::{blocking, observe};
+use crate::state::{Collection, NodeState, placement};
 use sovra_proto::convert::{spec_from, spec_to};
 use sovra_proto::v1::{self, collections_server::Collections};
-use sovra_types::ApiError;
+use sovra_types::{ApiError, ShardId};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -10,11 +10,22 @@ pub struct CollectionsService {
     pub state: Arc<NodeState>,
 }
 
-fn info(c: &Collection) -> v1::CollectionInfo {
+fn info(state: &NodeState, c: &Collection, with_digest: bool) -> Result<v1::CollectionInfo, ApiError> {
     let mut shards = Vec::new();
     for r in &c.spec.regions {
         for (number, range) in c.maps[&r.region].shards() {
-            let stats = c.shards.get(&(r.region.clone(), number)).map(|e| e.stats());
+            let id = ShardId {
+                collection: c.spec.name.clone(),
+                region: r.region.clone(),
+                number,
+            };
+            let engine = c.local(&id);
+            let stats = engine.map(|e| e.stats());
+            let raft = state.host.group(&id).map(|g| g.raft().metrics().borrow().clone());
+            let digest = match (with_digest, engine) {
+                (true, Some(e)) => Some(e.digest().map_err(|e| state.storage_failed(e))?),
+                _ => None,
+            };
             shards.push(v1::ShardInfo {
                 region: r.region.to_string(),
                 number,
@@ -23,13 +34,20 @@ fn info(c: &Collection) -> v1::CollectionInfo {
                 live_points: stats.map_or(0, |s| s.live_points as u64),
                 tombstones: stats.map_or(0, |s| s.tombstones as u64),
                 applied_index: stats.map_or(0, |s| s.last_applied),
+                held: engine.is_some(),
+                replicas: placement(&state.region_nodes(&r.region), number, c.spec.replication_factor)
+                    .into_iter()
+                    .collect(),
+                leader: raft.as_ref().and_then(|m| m.current_leader).unwrap_or(0),
+                term: raft.as_ref().map_or(0, |m| m.current_term),
+                digest,
             });
         }
     }
-    v1::CollectionInfo {
+    Ok(v1::CollectionInfo {
         spec: Some(spec_to(&c.spec)),
         shards,
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -42,20 +60,31 @@ impl Collections for CollectionsService {
                 .ok_or_else(|| ApiError::invalid("collection is missing: send a CollectionSpec"))?;
             let spec = spec_from(spec)?;
             let c = self.state.create(spec).await?;
-            Ok(info(&c))
+            info(&self.state, &c, false)
         })
         .await
     }
 
     async fn get_collection(&self, req: Request<v1::GetCollectionRequest>) -> Result<Response<v1::CollectionInfo>, Status> {
-        observe("get_collection", async { Ok(info(&*self.state.collection(&req.get_ref().name)?)) }).await
+        observe("get_collection", async {
+            let r = req.get_ref();
+            let c = self.state.collection(&r.name)?;
+            let (state, with_digest) = (self.state.clone(), r.with_digest);
+            blocking(move || info(&state, &c, with_digest)).await?
+        })
+        .await
     }
 
     async fn list_collections(&self, _req: Request<v1::ListCollectionsRequest>) -> Result<Response<v1::ListCollectionsResponse>, Status> {
         observe("list_collections", async {
             self.state.ensure_ready()?;
             Ok(v1::ListCollectionsResponse {
-                collections: self.state.list().iter().map(|c| info(c)).collect(),
+                collections: self
+                    .state
+                    .list()
+                    .iter()
+                    .map(|c| info(&self.state, c, false))
+                    .collect::<Result<_, _>>()?,
             })
         })
         .await

@@ -1,0 +1,238 @@
+//! Three real `sovra node` processes replicating one shard group: a replica
+//! killed with SIGKILL in the middle of a write load rejoins (on a new port,
+//! found through the peers file) and converges to the same digest; then every
+//! node is restarted and every acknowledged write is still there (D1).
+
+use sovra_proto::v1;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sovra");
+const N: u64 = 3;
+
+struct Proc {
+    child: Child,
+    grpc: String,
+}
+
+fn config(dir: &Path, id: u64) -> PathBuf {
+    let path = dir.join(format!("node{id}.toml"));
+    let mut text = format!(
+        "node_id = {id}\nregion = \"eu-west\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\npeers_file = \"{}\"\n",
+        dir.join(format!("data{id}")).display(),
+        dir.join("peers.toml").display()
+    );
+    for p in 1..=N {
+        text.push_str(&format!("[[peers]]\nid = {p}\nregion = \"eu-west\"\n"));
+    }
+    text.push_str("[raft]\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nwrite_timeout_ms = 4000\n");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(dir: &Path, id: u64) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(["node", "--config", config(dir, id).to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let Some(Ok(line)) = lines.next().filter(|_| Instant::now() < deadline) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("node {id} never printed its address");
+        };
+        if let Some(g) = line.split_whitespace().find_map(|w| w.strip_prefix("grpc=")) {
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return Proc {
+                child,
+                grpc: g.to_string(),
+            };
+        }
+    }
+}
+
+fn write_peers(dir: &Path, procs: &[Option<Proc>]) {
+    let mut text = String::new();
+    for (i, p) in procs.iter().enumerate() {
+        if let Some(p) = p {
+            text.push_str(&format!("[[peers]]\nid = {}\nregion = \"eu-west\"\naddr = \"{}\"\n", i + 1, p.grpc));
+        }
+    }
+    let tmp = dir.join("peers.toml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join("peers.toml")).unwrap();
+}
+
+async fn channel(p: &Proc) -> Channel {
+    sovra_node::dev::wait_serving(p.grpc.parse().unwrap(), Duration::from_secs(60))
+        .await
+        .unwrap()
+}
+
+fn point(id: u64, value: f32) -> v1::Point {
+    v1::Point {
+        id: Some(v1::PointId {
+            kind: Some(v1::point_id::Kind::Num(id)),
+        }),
+        region: "eu-west".into(),
+        vector: vec![value, id as f32, 1.0, 0.5],
+        subject: format!("s{id}"),
+        ..Default::default()
+    }
+}
+
+/// Retries `f` until it succeeds or the deadline passes.
+async fn retry<T, F: AsyncFnMut() -> Result<T, tonic::Status>>(what: &str, within: Duration, mut f: F) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(s) if Instant::now() < deadline => {
+                let _ = s;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("{what}: {s}"),
+        }
+    }
+}
+
+async fn shard_state(ch: Channel) -> Result<(u64, u64), tonic::Status> {
+    let info = v1::collections_client::CollectionsClient::new(ch)
+        .get_collection(v1::GetCollectionRequest {
+            name: "faces".into(),
+            with_digest: true,
+        })
+        .await?
+        .into_inner();
+    let s = &info.shards[0];
+    Ok((s.digest.unwrap_or(0), s.applied_index))
+}
+
+async fn converge(procs: &[Option<Proc>]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut states = Vec::new();
+        for p in procs.iter().flatten() {
+            states.push(shard_state(channel(p).await).await.ok());
+        }
+        if states.iter().all(Option::is_some) && states.windows(2).all(|w| w[0] == w[1]) {
+            return states[0].unwrap().0;
+        }
+        assert!(Instant::now() < deadline, "replicas did not converge: {states:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs: Vec<Option<Proc>> = (1..=N).map(|i| Some(start(dir.path(), i))).collect();
+    write_peers(dir.path(), &procs);
+    let ch1 = channel(procs[0].as_ref().unwrap()).await;
+    for p in procs.iter().flatten() {
+        channel(p).await;
+    }
+    let spec = v1::CollectionSpec {
+        name: "faces".into(),
+        dimension: 4,
+        metric: v1::Metric::L2 as i32,
+        regions: vec![v1::RegionShards {
+            region: "eu-west".into(),
+            shard_count: 1,
+        }],
+        replication_factor: 3,
+        ..Default::default()
+    };
+    // Peers learn each other's addresses from the peers file within a second.
+    retry("create on every node", Duration::from_secs(30), async || {
+        v1::collections_client::CollectionsClient::new(ch1.clone())
+            .create_collection(v1::CreateCollectionRequest {
+                collection: Some(spec.clone()),
+            })
+            .await
+    })
+    .await;
+
+    let mut acked: Vec<(u64, f32)> = Vec::new();
+    let mut points = v1::points_client::PointsClient::new(ch1.clone());
+    for b in 0..30u64 {
+        if b == 10 {
+            // SIGKILL a follower-or-leader mid-load.
+            let mut p = procs[2].take().unwrap();
+            p.child.kill().unwrap();
+            p.child.wait().unwrap();
+        }
+        if b == 20 {
+            procs[2] = Some(start(dir.path(), 3));
+            write_peers(dir.path(), &procs);
+        }
+        let batch: Vec<v1::Point> = (b * 10..b * 10 + 10).map(|i| point(i, b as f32)).collect();
+        // Writes go through node 1; while a new leader is elected they may fail
+        // UNAVAILABLE, and are retried (idempotent by id). Only acks count.
+        let r = retry("upsert", Duration::from_secs(30), async || {
+            points
+                .upsert(v1::UpsertRequest {
+                    collection: "faces".into(),
+                    points: batch.clone(),
+                })
+                .await
+        })
+        .await;
+        assert_eq!(r.into_inner().writes.len(), 1);
+        acked.extend((b * 10..b * 10 + 10).map(|i| (i, b as f32)));
+    }
+    let digest = converge(&procs).await;
+
+    // Every node down (SIGTERM), every node back on new ports.
+    for p in procs.iter_mut().flatten() {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &p.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(p.child.wait().unwrap().success(), "SIGTERM is a clean exit");
+    }
+    let procs: Vec<Option<Proc>> = (1..=N).map(|i| Some(start(dir.path(), i))).collect();
+    write_peers(dir.path(), &procs);
+    assert_eq!(converge(&procs).await, digest, "state changed across a full restart");
+    for p in procs.iter().flatten() {
+        let ch = channel(p).await;
+        let got = retry("linearizable get", Duration::from_secs(30), async || {
+            v1::points_client::PointsClient::new(ch.clone())
+                .get(v1::GetPointsRequest {
+                    collection: "faces".into(),
+                    region: "eu-west".into(),
+                    ids: acked
+                        .iter()
+                        .map(|(i, _)| v1::PointId {
+                            kind: Some(v1::point_id::Kind::Num(*i)),
+                        })
+                        .collect(),
+                    with_vector: true,
+                    consistency: v1::Consistency::Linearizable as i32,
+                    ..Default::default()
+                })
+                .await
+        })
+        .await
+        .into_inner();
+        assert_eq!(got.points.len(), acked.len(), "node lost acknowledged points");
+        for (pt, (_, value)) in got.points.iter().zip(&acked) {
+            assert_eq!(pt.vector[0], *value);
+        }
+    }
+    for mut p in procs.into_iter().flatten() {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+}
