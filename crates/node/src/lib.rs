@@ -1,11 +1,12 @@
 //! The `sovra` node: typed config, node state (collections and their shard
-//! engines), the public gRPC services, metrics, and the wiring that starts and
+//! replicas, each a Raft group of sovra-raft), the public gRPC services, metrics, and the wiring that starts and
 //! stops it (`run(config, shutdown)`), plus `sovra dev` and `sovra bench`.
 //!
 //! Everything below this crate is pure or storage; this crate is where the
 //! runtime, the network and the clock come in.
 
 pub mod bench;
+pub mod bench_replication;
 pub mod config;
 pub mod dev;
 pub mod metrics;

@@ -1,8 +1,8 @@
-//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index`.
+//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sovra_node::{NodeConfig, bench, dev};
+use sovra_node::{NodeConfig, bench, bench_replication, dev};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -32,6 +32,8 @@ enum Command {
 enum BenchCommand {
     /// The index peer for shared/bench/peers.py --sovra.
     Index(bench::IndexBenchArgs),
+    /// Write throughput and ack latency: a 3-replica group beside a single engine.
+    Replication(bench_replication::ReplicationBenchArgs),
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -60,6 +62,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Index(args),
         } => bench::index(args),
+        Command::Bench {
+            what: BenchCommand::Replication(args),
+        } => bench_replication::replication(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {
