@@ -1,6 +1,6 @@
 //! Starting and stopping a node: `start(config)` binds the ports and returns at
 //! once (health says NOT_SERVING while shards load); `run(config, shutdown)`
-//! serves until `shutdown` resolves or storage fails. Several nodes can run in
+//! serves until `shutdown` resolves or a fatal error (storage, failed load) stops it. Several nodes can run in
 //! one process (tests, `sovra dev`).
 
 use crate::config::NodeConfig;
@@ -109,7 +109,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
                     tracing::info!("all shards loaded; serving");
                 }
                 Err(e) => {
-                    state.storage_failed(sovra_shard::ShardError::Io(std::io::Error::other(format!("{e:#}"))));
+                    state.stop_with(format!("loading shards failed: {e:#}"));
                 }
             }
         }));
@@ -132,7 +132,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
 }
 
 impl RunningNode {
-    /// Resolves when storage has failed, with the reason.
+    /// Resolves when the node must stop (storage failed, shards failed to load), with the reason.
     pub async fn fatal(&self) -> String {
         let mut rx = self.state.fatal();
         match rx.wait_for(Option::is_some).await {
@@ -156,7 +156,7 @@ impl RunningNode {
     }
 }
 
-/// Serves until `shutdown` resolves (clean exit) or storage fails (error).
+/// Serves until `shutdown` resolves (clean exit) or a fatal error stops it (error).
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>, on_start: impl FnOnce(&RunningNode)) -> anyhow::Result<()> {
     let node = start(config).await?;
     on_start(&node);
@@ -167,7 +167,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>, on_star
     node.stop().await?;
     match failure {
         None => Ok(()),
-        Some(reason) => anyhow::bail!("node stopped after a storage failure: {reason}"),
+        Some(reason) => anyhow::bail!("node stopped on a fatal error: {reason}"),
     }
 }
 

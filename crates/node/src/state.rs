@@ -44,7 +44,7 @@ impl Collection {
 }
 
 /// The replicas of shard `number` among the nodes of its region (sorted ids).
-pub fn placement(region_nodes: &[NodeId], number: u32, replication_factor: u32) -> BTreeSet<NodeId> {
+fn placement(region_nodes: &[NodeId], number: u32, replication_factor: u32) -> BTreeSet<NodeId> {
     let n = region_nodes.len();
     (0..(replication_factor as usize).min(n))
         .map(|i| region_nodes[(number as usize + i) % n])
@@ -112,6 +112,11 @@ impl NodeState {
         self.cluster.iter().filter(|p| p.region == region.as_str()).map(|p| p.id).collect()
     }
 
+    /// The nodes holding replicas of `shard` (its Raft group), by [`placement`].
+    pub fn replicas(&self, spec: &CollectionSpec, shard: &ShardId) -> BTreeSet<NodeId> {
+        placement(&self.region_nodes(&shard.region), shard.number, spec.replication_factor)
+    }
+
     pub fn peers(&self) -> impl Iterator<Item = &PeerConfig> {
         self.cluster.iter().filter(|p| p.id != self.config.node_id)
     }
@@ -132,18 +137,17 @@ impl NodeState {
         let mut shards = BTreeMap::new();
         // Only shards of this node's region, and of those only the ones placed
         // here: a node never opens storage for another region's data (R1/R2).
-        let nodes = self.region_nodes(&self.region);
         for r in spec.regions.iter().filter(|r| r.region == self.region) {
             for number in 0..r.shard_count {
-                let members = placement(&nodes, number, spec.replication_factor);
-                if !members.contains(&self.config.node_id) {
-                    continue;
-                }
                 let id = ShardId {
                     collection: spec.name.clone(),
                     region: r.region.clone(),
                     number,
                 };
+                let members = self.replicas(&spec, &id);
+                if !members.contains(&self.config.node_id) {
+                    continue;
+                }
                 let (this, sid, sp) = (self.clone(), id.clone(), spec.clone());
                 let (engine, log) = tokio::task::spawn_blocking(move || -> Result<_, ShardError> {
                     let tree = this.store.shard_tree(&sid)?;
@@ -372,12 +376,17 @@ impl NodeState {
             chain.push_str(&format!(": {s}"));
             src = s.source();
         }
-        tracing::error!(error = %chain, "storage failure; stopping the node");
-        self.fatal.send_replace(Some(chain));
+        self.stop_with(chain);
         ApiError::unavailable(format!(
             "node {} had a storage failure and is stopping; retry on another node",
             self.config.node_id
         ))
+    }
+
+    /// Stops the node (`run` sees the reason and exits with status 1).
+    pub fn stop_with(&self, reason: String) {
+        tracing::error!(error = %reason, "stopping the node");
+        self.fatal.send_replace(Some(reason));
     }
 
     pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {

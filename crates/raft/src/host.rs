@@ -122,10 +122,6 @@ pub struct RaftHost {
     restarts: AtomicU64,
 }
 
-fn unavailable(msg: String) -> ApiError {
-    ApiError::unavailable(msg)
-}
-
 impl RaftHost {
     pub fn new(
         me: NodeId,
@@ -186,7 +182,7 @@ impl RaftHost {
             }
         }
         why.dedup();
-        Err(unavailable(format!(
+        Err(ApiError::unavailable(format!(
             "write to shard {id} was not acknowledged within {} ms; no replica node took it ({})",
             timeout.as_millis(),
             why.into_iter().rev().take(3).collect::<Vec<_>>().join("; ")
@@ -281,7 +277,7 @@ impl RaftHost {
 
     fn group_or_unavailable(&self, id: &ShardId) -> Result<Arc<Group>, ApiError> {
         self.group(id)
-            .ok_or_else(|| unavailable(format!("shard {id} has no replica on node {}", self.me)))
+            .ok_or_else(|| ApiError::unavailable(format!("shard {id} has no replica on node {}", self.me)))
     }
 
     fn leader_text(&self, leader: Option<NodeId>) -> String {
@@ -345,7 +341,7 @@ impl RaftHost {
                 }
             }
         }
-        Err(unavailable(format!(
+        Err(ApiError::unavailable(format!(
             "write to shard {id} was not acknowledged within {} ms: {why}; {}",
             timeout.as_millis(),
             self.leader_text(leader)
@@ -419,17 +415,17 @@ impl RaftHost {
                             .read_index_local(id)
                             .await
                             .map(|_| ())
-                            .map_err(|s| unavailable(format!("linearizable read of shard {id} failed: {}", s.message())));
+                            .map_err(|s| ApiError::unavailable(format!("linearizable read of shard {id} failed: {}", s.message())));
                     }
                     Some(l) => self.remote_read_index(l, id, wait).await.map_err(|s| {
-                        unavailable(format!(
+                        ApiError::unavailable(format!(
                             "linearizable read of shard {id} failed: the leader did not confirm a read index ({}); {}",
                             s.message(),
                             self.leader_text(Some(l))
                         ))
                     })?,
                     None => {
-                        return Err(unavailable(format!(
+                        return Err(ApiError::unavailable(format!(
                             "linearizable read of shard {id} failed: the group has no leader now; retry, or read with consistency any"
                         )));
                     }
@@ -444,7 +440,7 @@ impl RaftHost {
             Ok(_) => Ok(()),
             Err(_) => {
                 let applied = g.raft().metrics().borrow().last_applied.map_or(0, |l| l.index);
-                Err(unavailable(format!(
+                Err(ApiError::unavailable(format!(
                     "the replica of shard {id} on node {} has applied index {applied}, below the {need} this read needs, after waiting {} ms; retry, or read with consistency linearizable",
                     self.me,
                     wait.as_millis()

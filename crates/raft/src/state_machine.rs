@@ -62,16 +62,17 @@ fn meta_of(engine: &ShardEngine) -> Result<ReplicaMeta, StorageErr> {
 }
 
 fn snap_err(e: SnapshotError) -> StorageErr {
-    io_err(e, StorageIOError::read_snapshot_any)
+    io_err(e, read_snapshot_any)
 }
 
-trait ReadSnapshotAny {
-    fn read_snapshot_any(e: openraft::AnyError) -> Self;
+/// openraft's snapshot error constructors take a signature we do not have at
+/// these points; these fit `io_err`.
+fn read_snapshot_any(e: openraft::AnyError) -> StorageIOError<u64> {
+    StorageIOError::read_snapshot(None, e)
 }
-impl ReadSnapshotAny for StorageIOError<u64> {
-    fn read_snapshot_any(e: openraft::AnyError) -> Self {
-        StorageIOError::read_snapshot(None, e)
-    }
+
+fn write_snapshot_any(e: openraft::AnyError) -> StorageIOError<u64> {
+    StorageIOError::write_snapshot(None, e)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StorageErr> {
@@ -84,7 +85,7 @@ impl ShardStateMachine {
     /// `dir` holds this group's snapshot files. If an earlier install was cut
     /// off, it is redone from the snapshot file before anything else.
     pub fn open(engine: Arc<ShardEngine>, dir: PathBuf, node_region: RegionId) -> Result<Self, StorageErr> {
-        std::fs::create_dir_all(&dir).map_err(|e| io_err(e, StorageIOError::write_snapshot_any))?;
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(e, write_snapshot_any))?;
         let sm = Self {
             engine,
             dir,
@@ -177,15 +178,6 @@ impl ShardStateMachine {
     }
 }
 
-trait WriteSnapshotAny {
-    fn write_snapshot_any(e: openraft::AnyError) -> Self;
-}
-impl WriteSnapshotAny for StorageIOError<u64> {
-    fn write_snapshot_any(e: openraft::AnyError) -> Self {
-        StorageIOError::write_snapshot(None, e)
-    }
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageErr> {
         let this = self.clone();
@@ -219,10 +211,8 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
             Ok((header, current))
         })
         .await?
-        .map_err(|e| io_err(e, StorageIOError::write_snapshot_any))?;
-        let file = SnapshotFile::open(path)
-            .await
-            .map_err(|e| io_err(e, StorageIOError::read_snapshot_any))?;
+        .map_err(|e| io_err(e, write_snapshot_any))?;
+        let file = SnapshotFile::open(path).await.map_err(|e| io_err(e, read_snapshot_any))?;
         Ok(Snapshot {
             meta: header.meta(),
             snapshot: Box::new(file),
@@ -288,14 +278,14 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         SnapshotFile::create(path)
             .await
             .map(Box::new)
-            .map_err(|e| io_err(e, StorageIOError::write_snapshot_any))
+            .map_err(|e| io_err(e, write_snapshot_any))
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<SnapshotFile>) -> Result<(), StorageErr> {
         let SnapshotFile { mut file, path } = *snapshot;
         use tokio::io::AsyncWriteExt;
-        file.flush().await.map_err(|e| io_err(e, StorageIOError::write_snapshot_any))?;
-        file.sync_all().await.map_err(|e| io_err(e, StorageIOError::write_snapshot_any))?;
+        file.flush().await.map_err(|e| io_err(e, write_snapshot_any))?;
+        file.sync_all().await.map_err(|e| io_err(e, write_snapshot_any))?;
         drop(file);
         // A file from elsewhere (not received into our directory) is copied in
         // first, so the caller's file is left alone.
@@ -303,9 +293,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             path
         } else {
             let local = self.dir.join(format!("recv-{:016x}.tmp", rand::random::<u64>()));
-            tokio::fs::copy(&path, &local)
-                .await
-                .map_err(|e| io_err(e, StorageIOError::write_snapshot_any))?;
+            tokio::fs::copy(&path, &local).await.map_err(|e| io_err(e, write_snapshot_any))?;
             local
         };
         let this = self.clone();
@@ -338,9 +326,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         })
         .await?
         .map_err(snap_err)?;
-        let file = SnapshotFile::open(path)
-            .await
-            .map_err(|e| io_err(e, StorageIOError::read_snapshot_any))?;
+        let file = SnapshotFile::open(path).await.map_err(|e| io_err(e, read_snapshot_any))?;
         Ok(Some(Snapshot {
             meta: header.meta(),
             snapshot: Box::new(file),

@@ -1,5 +1,5 @@
 use super::{blocking, observe};
-use crate::state::{Collection, NodeState, placement};
+use crate::state::{Collection, NodeState};
 use sovra_proto::convert::{spec_from, spec_to};
 use sovra_proto::v1::{self, collections_server::Collections};
 use sovra_types::{ApiError, ShardId};
@@ -35,9 +35,7 @@ fn info(state: &NodeState, c: &Collection, with_digest: bool) -> Result<v1::Coll
                 tombstones: stats.map_or(0, |s| s.tombstones as u64),
                 applied_index: stats.map_or(0, |s| s.last_applied),
                 held: engine.is_some(),
-                replicas: placement(&state.region_nodes(&r.region), number, c.spec.replication_factor)
-                    .into_iter()
-                    .collect(),
+                replicas: state.replicas(&c.spec, &id).into_iter().collect(),
                 leader: raft.as_ref().and_then(|m| m.current_leader).unwrap_or(0),
                 term: raft.as_ref().map_or(0, |m| m.current_term),
                 digest,

@@ -1,5 +1,5 @@
 use super::{ReadLevels, blocking, now_ms, observe};
-use crate::state::{Collection, NodeState, placement};
+use crate::state::{Collection, NodeState};
 use sovra_proto::convert::{point_from, point_id_from, point_to};
 use sovra_proto::v1::{self, points_server::Points};
 use sovra_types::limits::MAX_IDS_PER_REQUEST;
@@ -46,7 +46,7 @@ async fn write(state: &Arc<NodeState>, c: &Collection, per_shard: Vec<(ShardId, 
                 state.region
             )));
         }
-        let members = placement(&state.region_nodes(&shard.region), shard.number, c.spec.replication_factor);
+        let members = state.replicas(&c.spec, &shard);
         match state.host.write_to(&shard, &members, cmd).await {
             Ok(ack) => {
                 out.count += ack.changed;
@@ -124,7 +124,7 @@ impl Points for PointsService {
                 let engine = c.local(&shard).cloned().ok_or_else(|| {
                     ApiError::unavailable(format!(
                         "shard {shard} has no replica on this node; read it from one of nodes {:?}",
-                        placement(&self.state.region_nodes(&shard.region), shard.number, c.spec.replication_factor)
+                        self.state.replicas(&c.spec, &shard)
                     ))
                 })?;
                 if ready.insert(shard.clone()) {

@@ -1,6 +1,6 @@
 use super::{ReadLevels, blocking, now_ms, observe};
 use crate::metrics as m;
-use crate::state::{NodeState, placement};
+use crate::state::NodeState;
 use sovra_proto::convert::{filter_from, point_id_to, point_to};
 use sovra_proto::v1::{self, search_server::Search};
 use sovra_shard::live::SearchPath;
@@ -70,45 +70,39 @@ impl SearchService {
                     region: region.clone(),
                     number,
                 };
-                let barrier = match c.local(&shard) {
-                    Some(_) => self.state.host.read_barrier(&shard, levels.for_shard(&shard)).await,
-                    None => Ok(()),
+                let unanswered = |error: String| v1::ShardStatus {
+                    region: region.to_string(),
+                    shard: number,
+                    answered: false,
+                    error,
                 };
-                match c.local(&shard) {
-                    Some(_) if barrier.is_err() => statuses.push(v1::ShardStatus {
-                        region: region.to_string(),
-                        shard: number,
-                        answered: false,
-                        error: barrier.err().map(|e| e.message).unwrap_or_default(),
-                    }),
-                    Some(engine) => {
-                        let (engine, vector, filter) = (engine.clone(), vector.clone(), filter.clone());
-                        tasks.push((
-                            region.clone(),
-                            number,
-                            tokio::task::spawn_blocking(move || {
-                                let params = SearchParams {
-                                    vector: &vector,
-                                    k,
-                                    ef,
-                                    filter: filter.as_deref(),
-                                    now_ms: now,
-                                };
-                                let (hits, path) = engine.search(&params);
-                                (engine, hits, path)
-                            }),
-                        ));
-                    }
-                    None => statuses.push(v1::ShardStatus {
-                        region: region.to_string(),
-                        shard: number,
-                        answered: false,
-                        error: format!(
-                            "no replica on this node; replicas are on nodes {:?} of region {region}",
-                            placement(&self.state.region_nodes(region), number, c.spec.replication_factor)
-                        ),
-                    }),
+                let Some(engine) = c.local(&shard) else {
+                    statuses.push(unanswered(format!(
+                        "no replica on this node; replicas are on nodes {:?} of region {region}",
+                        self.state.replicas(&c.spec, &shard)
+                    )));
+                    continue;
+                };
+                if let Err(e) = self.state.host.read_barrier(&shard, levels.for_shard(&shard)).await {
+                    statuses.push(unanswered(e.message));
+                    continue;
                 }
+                let (engine, vector, filter) = (engine.clone(), vector.clone(), filter.clone());
+                tasks.push((
+                    region.clone(),
+                    number,
+                    tokio::task::spawn_blocking(move || {
+                        let params = SearchParams {
+                            vector: &vector,
+                            k,
+                            ef,
+                            filter: filter.as_deref(),
+                            now_ms: now,
+                        };
+                        let (hits, path) = engine.search(&params);
+                        (engine, hits, path)
+                    }),
+                ));
             }
         }
         let mut merged: Vec<(RegionId, Hit, Arc<sovra_shard::ShardEngine>)> = Vec::new();
