@@ -34,6 +34,48 @@ impl TestNode {
         }
     }
 
+    /// Starts one node per `(id, region)`, each told of all the others (the
+    /// address books are filled once every node is bound), and waits for all.
+    pub async fn start_cluster(nodes: &[(u64, &str)]) -> Vec<TestNode> {
+        let peers: Vec<sovra_node::config::PeerConfig> = nodes
+            .iter()
+            .map(|(id, region)| sovra_node::config::PeerConfig {
+                id: *id,
+                region: region.to_string(),
+                addr: None,
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (id, region) in nodes {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = NodeConfig::local(*id, region, dir.path().to_path_buf());
+            cfg.peers = peers.clone();
+            let node = sovra_node::start(cfg).await.unwrap();
+            let channel = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
+                .await
+                .unwrap();
+            out.push(TestNode {
+                node: Some(node),
+                collections: CollectionsClient::new(channel.clone()),
+                points: PointsClient::new(channel.clone()),
+                search: SearchClient::new(channel.clone()),
+                channel,
+                dir,
+            });
+        }
+        for a in &out {
+            for b in &out {
+                a.node()
+                    .state
+                    .host
+                    .peers
+                    .book
+                    .set(b.node().state.config.node_id, &b.node().grpc_addr.to_string());
+            }
+        }
+        out
+    }
+
     pub fn node(&self) -> &RunningNode {
         self.node.as_ref().expect("running")
     }
