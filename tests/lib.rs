@@ -18,9 +18,13 @@ pub struct TestNode {
 impl TestNode {
     pub async fn start(region: &str) -> TestNode {
         let dir = tempfile::tempdir().unwrap();
-        let node = sovra_node::start(NodeConfig::local(1, region, dir.path().to_path_buf()))
-            .await
-            .unwrap();
+        let config = NodeConfig::local(1, region, dir.path().to_path_buf());
+        Self::start_in(dir, config).await
+    }
+
+    /// Starts a node from `config` (whose data lives in `dir`) and waits for SERVING.
+    async fn start_in(dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
+        let node = sovra_node::start(config).await.unwrap();
         let channel = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
             .await
             .unwrap();
@@ -50,18 +54,7 @@ impl TestNode {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = NodeConfig::local(*id, region, dir.path().to_path_buf());
             cfg.peers = peers.clone();
-            let node = sovra_node::start(cfg).await.unwrap();
-            let channel = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
-                .await
-                .unwrap();
-            out.push(TestNode {
-                node: Some(node),
-                collections: CollectionsClient::new(channel.clone()),
-                points: PointsClient::new(channel.clone()),
-                search: SearchClient::new(channel.clone()),
-                channel,
-                dir,
-            });
+            out.push(Self::start_in(dir, cfg).await);
         }
         for a in &out {
             for b in &out {
