@@ -11,7 +11,7 @@ pub fn point_id_from(p: Option<&v1::PointId>, field: &str) -> Result<t::PointId,
         Some(v1::point_id::Kind::Num(n)) => Ok(t::PointId::Num(*n)),
         Some(v1::point_id::Kind::Uuid(s)) => uuid::Uuid::parse_str(s)
             .map(t::PointId::Uuid)
-            .map_err(|e| ApiError::invalid(format!("{field}.uuid {s:?} is not a UUID: {e}"))),
+            .map_err(|e| ApiError::invalid(format!("{field}.uuid {} is not a UUID: {e}", t::quote(s)))),
         None => Err(ApiError::invalid(format!("{field} is missing: set num or uuid"))),
     }
 }
@@ -84,7 +84,7 @@ pub fn point_from(p: v1::Point, i: usize) -> Result<t::PointRecord, ApiError> {
     let region = t::RegionId::parse(&p.region).map_err(|e| e.at(&format!("{at}.region")))?;
     let mut payload = t::Payload::new();
     for (k, v) in &p.payload {
-        payload.insert(k.clone(), value_from(v, &format!("{at}.payload.{k}"))?);
+        payload.insert(k.clone(), value_from(v, &format!("{at}.payload[{}]", t::quote(k)))?);
     }
     Ok(t::PointRecord {
         id,

@@ -56,3 +56,40 @@ impl ApiError {
         self
     }
 }
+
+/// How much of a client's value an error message repeats.
+pub const QUOTE_CHARS: usize = 64;
+
+/// A client's value as error messages show it: debug-quoted, cut after
+/// [`QUOTE_CHARS`] characters with an ellipsis and the full length, so an error
+/// about a huge value stays small enough for any client's metadata limit.
+/// Every message that repeats user input goes through this.
+pub fn quote(s: &str) -> Quoted<'_> {
+    Quoted(s)
+}
+
+pub struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.char_indices().nth(QUOTE_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}... ({} bytes)", &self.0[..cut], self.0.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_cut_with_the_full_length() {
+        assert_eq!(quote("eu").to_string(), "\"eu\"");
+        let long = "é".repeat(20_000);
+        let q = quote(&long).to_string();
+        assert!(q.len() < 200, "{q}");
+        assert!(q.ends_with("... (40000 bytes)"), "{q}");
+        assert_eq!(quote(&"a".repeat(QUOTE_CHARS)).to_string().len(), QUOTE_CHARS + 2);
+    }
+}

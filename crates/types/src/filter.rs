@@ -1,7 +1,7 @@
 //! Payload filters: match and range conditions combined by and/or/not.
 
-use crate::error::ApiError;
-use crate::limits::{MAX_FILTER_CONDITIONS, MAX_FILTER_DEPTH};
+use crate::error::{ApiError, quote};
+use crate::limits::{MAX_FILTER_CONDITIONS, MAX_FILTER_DEPTH, MAX_KEY_BYTES, MAX_PAYLOAD_BYTES};
 use crate::point::{Payload, Value};
 use serde::{Deserialize, Serialize};
 
@@ -101,7 +101,10 @@ impl Condition {
                 if let Value::Double(d) = value
                     && !d.is_finite()
                 {
-                    return Err(ApiError::invalid(format!("{path}.match on {key:?} is not a finite number")));
+                    return Err(ApiError::invalid(format!(
+                        "{path}.match on {} is not a finite number",
+                        quote(key)
+                    )));
                 }
                 key
             }
@@ -109,12 +112,14 @@ impl Condition {
                 let bounds = [range.gt, range.gte, range.lt, range.lte];
                 if bounds.iter().all(Option::is_none) {
                     return Err(ApiError::invalid(format!(
-                        "{path}.range on {key:?} has no bound: set gt, gte, lt or lte"
+                        "{path}.range on {} has no bound: set gt, gte, lt or lte",
+                        quote(key)
                     )));
                 }
                 if bounds.iter().flatten().any(|b| !b.is_finite()) {
                     return Err(ApiError::invalid(format!(
-                        "{path}.range on {key:?} has a bound that is not a finite number"
+                        "{path}.range on {} has a bound that is not a finite number",
+                        quote(key)
                     )));
                 }
                 key
@@ -122,6 +127,25 @@ impl Condition {
         };
         if key.is_empty() {
             return Err(ApiError::invalid(format!("{path}: condition key is empty: name a payload field")));
+        }
+        // No stored key is longer, so a longer one could never match.
+        if key.len() > MAX_KEY_BYTES {
+            return Err(ApiError::invalid(format!(
+                "{path}: condition key {} is {} bytes: payload keys are at most {MAX_KEY_BYTES}",
+                quote(key),
+                key.len()
+            )));
+        }
+        if let Condition::Match {
+            value: Value::String(v), ..
+        } = self
+            && v.len() > MAX_PAYLOAD_BYTES
+        {
+            return Err(ApiError::invalid(format!(
+                "{path}.match on {} is a string of {} bytes: payloads are at most {MAX_PAYLOAD_BYTES}",
+                quote(key),
+                v.len()
+            )));
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Identifiers as newtypes, each validated once where it is made.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, quote};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -20,7 +20,8 @@ impl CollectionName {
             Ok(Self(s.to_owned()))
         } else {
             Err(ApiError::invalid(format!(
-                "collection name {s:?} is invalid: use 1 to 64 of a-z, 0-9, '_' and '-', starting with a letter"
+                "collection name {} is invalid: use 1 to 64 of a-z, 0-9, '_' and '-', starting with a letter",
+                quote(s)
             )))
         }
     }
@@ -46,7 +47,8 @@ impl RegionId {
             Ok(Self(s.to_owned()))
         } else {
             Err(ApiError::invalid(format!(
-                "region {s:?} is invalid: use 1 to 32 of a-z, 0-9 and '-'"
+                "region {} is invalid: use 1 to 32 of a-z, 0-9 and '-'",
+                quote(s)
             )))
         }
     }

@@ -18,7 +18,7 @@ pub mod validate;
 
 pub use collection::{CollectionSpec, HnswParams, Metric, RegionShards};
 pub use command::ShardCommand;
-pub use error::{ApiError, ErrorCode};
+pub use error::{ApiError, ErrorCode, quote};
 pub use filter::{Condition, Filter, Range};
 pub use ids::{CollectionName, PointId, RegionId, ShardId};
 pub use point::{LawfulBasis, Payload, PointRecord, Value};

@@ -1,24 +1,24 @@
-//! Turning a client's points into records fit to log: every check that could
-//! refuse a point happens here, before any command exists, so a batch with one bad
-//! point writes none and `apply` never has to reject anything.
+//! The one set of rules for what may enter a shard's log: turning a client's
+//! points into records fit to log ([`prepare_batch`]), and checking a command
+//! against the shard it is proposed to ([`check_command`]). The same checks run
+//! at the edge of the log and again on apply, so an entry that slipped past the
+//! edge (an older build, a bug) is recorded as a rejection, never applied.
 
 use crate::collection::{CollectionSpec, Metric};
-use crate::error::ApiError;
-use crate::ids::RegionId;
+use crate::error::{ApiError, quote};
+use crate::command::ShardCommand;
+use crate::ids::{PointId, RegionId, ShardId};
 use crate::limits::*;
 use crate::point::{LawfulBasis, PointRecord};
+
+/// How far from 1 the norm of a stored cosine vector may be (f32 rounding of a
+/// normalisation done in f64).
+const STORED_NORM_SLACK: f64 = 1e-3;
 
 /// Validates a vector for the collection and returns it as the index will hold it
 /// (normalised under cosine). `what` names the field in errors, e.g. `points[3].vector`.
 pub fn prepare_vector(spec: &CollectionSpec, mut v: Vec<f32>, what: &str) -> Result<Vec<f32>, ApiError> {
-    if v.len() != spec.dimension as usize {
-        return Err(ApiError::invalid(format!(
-            "{what} has dimension {}: collection {} expects {}",
-            v.len(),
-            spec.name,
-            spec.dimension
-        )));
-    }
+    check_dimension(spec, &v, what)?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(ApiError::invalid(format!(
             "{what}[{i}] is {}: components must be finite numbers",
@@ -63,6 +63,23 @@ pub fn prepare_point(spec: &CollectionSpec, mut p: PointRecord, i: usize, now_ms
         return Err(spec.region_not_spanned(&p.region).at(&at));
     }
     p.vector = prepare_vector(spec, std::mem::take(&mut p.vector), &format!("{at}.vector"))?;
+    if p.expires_at_ms == 0 && spec.default_retention_seconds > 0 {
+        p.expires_at_ms = now_ms.saturating_add(spec.default_retention_seconds.saturating_mul(1000));
+    }
+    check_record(spec, &p, &at)?;
+    Ok(p)
+}
+
+/// The rules a record must meet to be logged, stored or indexed, checked as the
+/// record will be held (vector already normalised under cosine). The client
+/// path ([`prepare_point`]) ends with it; [`check_command`] runs it at the edge
+/// of the log and again on apply; loading a store and installing a snapshot run
+/// it on every record, so nothing that fails it ever reaches the index.
+pub fn check_record(spec: &CollectionSpec, p: &PointRecord, at: &str) -> Result<(), ApiError> {
+    if spec.region(&p.region).is_none() {
+        return Err(spec.region_not_spanned(&p.region).at(at));
+    }
+    check_stored_vector(spec, &p.vector, &format!("{at}.vector"))?;
     if spec.require_lawful_basis && p.lawful_basis == LawfulBasis::Unspecified {
         return Err(ApiError::precondition(format!(
             "{at}: collection {} requires a lawful basis on every point; set lawful_basis",
@@ -87,7 +104,7 @@ pub fn prepare_point(spec: &CollectionSpec, mut p: PointRecord, i: usize, now_ms
             p.payload.len()
         )));
     }
-    let payload_bytes = payload_size(&p);
+    let payload_bytes = payload_size(p);
     if payload_bytes > MAX_PAYLOAD_BYTES {
         return Err(ApiError::invalid(format!(
             "{at}.payload is {payload_bytes} bytes: at most {MAX_PAYLOAD_BYTES}"
@@ -96,19 +113,127 @@ pub fn prepare_point(spec: &CollectionSpec, mut p: PointRecord, i: usize, now_ms
     for (k, v) in &p.payload {
         if k.is_empty() || k.len() > MAX_KEY_BYTES {
             return Err(ApiError::invalid(format!(
-                "{at}.payload key {k:?} must be 1 to {MAX_KEY_BYTES} bytes"
+                "{at}.payload key {} is {} bytes: keys must be 1 to {MAX_KEY_BYTES} bytes",
+                quote(k),
+                k.len()
             )));
         }
         if let crate::point::Value::Double(d) = v
             && !d.is_finite()
         {
-            return Err(ApiError::invalid(format!("{at}.payload.{k} is {d}: numbers must be finite")));
+            return Err(ApiError::invalid(format!(
+                "{at}.payload[{}] is {d}: numbers must be finite",
+                quote(k)
+            )));
         }
     }
-    if p.expires_at_ms == 0 && spec.default_retention_seconds > 0 {
-        p.expires_at_ms = now_ms.saturating_add(spec.default_retention_seconds.saturating_mul(1000));
+    Ok(())
+}
+
+fn check_dimension(spec: &CollectionSpec, v: &[f32], what: &str) -> Result<(), ApiError> {
+    if v.len() == spec.dimension as usize {
+        return Ok(());
     }
-    Ok(p)
+    Err(ApiError::invalid(format!(
+        "{what} has dimension {}: collection {} expects {}",
+        v.len(),
+        spec.name,
+        spec.dimension
+    )))
+}
+
+/// A vector as the index will hold it: the right dimension, finite components
+/// within range, normalised under cosine, of norm <= 1 under dot. hnsw_rs
+/// asserts on anything else, so this stands between any record and the index.
+fn check_stored_vector(spec: &CollectionSpec, v: &[f32], what: &str) -> Result<(), ApiError> {
+    check_dimension(spec, v, what)?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite() || x.abs() > MAX_COMPONENT_ABS) {
+        return Err(ApiError::invalid(format!(
+            "{what}[{i}] is {}: components must be finite and within +/-{MAX_COMPONENT_ABS:e}",
+            v[i]
+        )));
+    }
+    let norm = v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    match spec.metric {
+        Metric::Cosine if (norm - 1.0).abs() > STORED_NORM_SLACK => Err(ApiError::invalid(format!(
+            "{what} has norm {norm:.4}: under cosine a logged vector is normalised (norm 1)"
+        ))),
+        Metric::Dot if norm > DOT_MAX_NORM as f64 => Err(ApiError::invalid(format!(
+            "{what} has norm {norm:.4}: the dot metric needs norm <= 1 (normalise it, or use the cosine metric)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a command against the shard it is proposed to (or applied in): the
+/// collection, batch limits, every point of the shard's region (R2) and owned
+/// by this shard under the documented routing, every record by
+/// [`check_record`]. Called on every path that proposes (local, forwarded,
+/// region-node writes) and again when an entry is applied, where a failure
+/// becomes a recorded rejection instead of a change.
+pub fn check_command(spec: &CollectionSpec, shard: &ShardId, cmd: &ShardCommand) -> Result<(), ApiError> {
+    if spec.name != shard.collection {
+        return Err(ApiError::precondition(format!(
+            "command for collection {} sent to shard {shard}",
+            spec.name
+        )));
+    }
+    let map = spec.shard_map(&shard.region).map_err(|e| e.at(&format!("shard {shard}")))?;
+    let owned = |id: &PointId, at: &str| -> Result<(), ApiError> {
+        let owner = map.shard_for(id);
+        if owner == shard.number {
+            Ok(())
+        } else {
+            Err(ApiError::precondition(format!(
+                "{at}: point {id} belongs to shard {owner} of region {}, not to shard {shard}",
+                shard.region
+            )))
+        }
+    };
+    match cmd {
+        ShardCommand::Upsert(points) => {
+            check_batch_size(points)?;
+            for (i, p) in points.iter().enumerate() {
+                let at = format!("points[{i}]");
+                if p.region != shard.region {
+                    return Err(ApiError::precondition(format!(
+                        "{at}: a point of region {} may not be stored in shard {shard} (R2)",
+                        p.region
+                    )));
+                }
+                owned(&p.id, &at)?;
+                check_record(spec, p, &at)?;
+            }
+        }
+        ShardCommand::Delete(ids) => {
+            if ids.len() > MAX_IDS_PER_REQUEST {
+                return Err(ApiError::invalid(format!(
+                    "delete names {} ids: at most {MAX_IDS_PER_REQUEST}",
+                    ids.len()
+                )));
+            }
+            for (i, id) in ids.iter().enumerate() {
+                owned(id, &format!("ids[{i}]"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_batch_size(points: &[PointRecord]) -> Result<(), ApiError> {
+    if points.len() > MAX_BATCH_POINTS {
+        return Err(ApiError::invalid(format!(
+            "batch has {} points: at most {MAX_BATCH_POINTS} per request; split it",
+            points.len()
+        )));
+    }
+    let bytes: usize = points.iter().map(|p| p.vector.len() * 4 + payload_size(p)).sum();
+    if bytes > MAX_BATCH_BYTES {
+        return Err(ApiError::invalid(format!(
+            "batch carries {bytes} bytes of vectors and payloads: at most {MAX_BATCH_BYTES}; split it"
+        )));
+    }
+    Ok(())
 }
 
 /// Approximate encoded size of a payload: keys plus values.
@@ -131,18 +256,7 @@ pub fn prepare_batch(spec: &CollectionSpec, points: Vec<PointRecord>, now_ms: u6
     if points.is_empty() {
         return Err(ApiError::invalid("points is empty: send at least one point"));
     }
-    if points.len() > MAX_BATCH_POINTS {
-        return Err(ApiError::invalid(format!(
-            "batch has {} points: at most {MAX_BATCH_POINTS} per request; split it",
-            points.len()
-        )));
-    }
-    let bytes: usize = points.iter().map(|p| p.vector.len() * 4 + payload_size(p)).sum();
-    if bytes > MAX_BATCH_BYTES {
-        return Err(ApiError::invalid(format!(
-            "batch carries {bytes} bytes of vectors and payloads: at most {MAX_BATCH_BYTES}; split it"
-        )));
-    }
+    check_batch_size(&points)?;
     points
         .into_iter()
         .enumerate()

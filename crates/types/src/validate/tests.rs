@@ -94,3 +94,74 @@ fn policy_and_size_errors() {
     assert!(prepare_batch(&s, many, 0).unwrap_err().message.contains("at most 1000 per request"));
     assert!(prepare_batch(&s, vec![], 0).unwrap_err().message.contains("empty"));
 }
+
+fn shard(number: u32) -> ShardId {
+    ShardId {
+        collection: CollectionName::parse("faces").unwrap(),
+        region: RegionId::parse("eu").unwrap(),
+        number,
+    }
+}
+
+#[test]
+fn commands_are_checked_against_their_shard() {
+    let mut s = spec(Metric::Cosine);
+    s.regions[0].shard_count = 4;
+    s.regions.push(RegionShards {
+        region: RegionId::parse("us").unwrap(),
+        shard_count: 1,
+    });
+    let map = s.shard_map(&RegionId::parse("eu").unwrap()).unwrap();
+    let owner = map.shard_for(&PointId::Num(1));
+    let good = || ShardCommand::Upsert(vec![point(vec![1.0, 0.0, 0.0])]);
+    check_command(&s, &shard(owner), &good()).unwrap();
+
+    // Everything prepare_batch would refuse, and what only the shard can know.
+    let other = (owner + 1) % 4;
+    let e = check_command(&s, &shard(other), &good()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::FailedPrecondition);
+    assert!(e.message.contains(&format!("belongs to shard {owner}")), "{}", e.message);
+    let e = check_command(&s, &shard(other), &ShardCommand::Delete(vec![PointId::Num(1)])).unwrap_err();
+    assert!(e.message.contains("ids[0]"), "{}", e.message);
+
+    let mut us = point(vec![1.0, 0.0, 0.0]);
+    us.region = RegionId::parse("us").unwrap();
+    let e = check_command(&s, &shard(owner), &ShardCommand::Upsert(vec![us])).unwrap_err();
+    assert!(e.message.contains("region us may not be stored") && e.message.contains("R2"), "{}", e.message);
+
+    let cases: Vec<(PointRecord, &str)> = vec![
+        (point(vec![1.0, 0.0]), "dimension 2"),
+        (point(vec![f32::NAN, 0.0, 0.0]), "vector[0] is NaN"),
+        (point(vec![3.0, 4.0, 0.0]), "norm 5.0000"),
+        (
+            PointRecord {
+                lawful_basis: LawfulBasis::Unspecified,
+                ..point(vec![1.0, 0.0, 0.0])
+            },
+            "lawful basis",
+        ),
+        (
+            PointRecord {
+                subject: "s".repeat(MAX_SUBJECT_BYTES + 1),
+                ..point(vec![1.0, 0.0, 0.0])
+            },
+            "subject is",
+        ),
+    ];
+    for (p, needle) in cases {
+        let e = check_command(&s, &shard(owner), &ShardCommand::Upsert(vec![p])).unwrap_err();
+        assert!(e.message.contains(needle), "{} lacks {needle}", e.message);
+    }
+    let mut wrong = shard(owner);
+    wrong.collection = CollectionName::parse("other").unwrap();
+    assert!(check_command(&s, &wrong, &good()).is_err());
+}
+
+#[test]
+fn long_keys_are_quoted_short() {
+    let s = spec(Metric::L2);
+    let mut p = point(vec![1.0, 0.0, 0.0]);
+    p.payload.insert("k".repeat(20_000), crate::point::Value::Bool(true));
+    let e = err(&s, p);
+    assert!(e.message.len() < 300 && e.message.contains("(20000 bytes)"), "{}", e.message);
+}
