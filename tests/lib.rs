@@ -6,6 +6,9 @@ use sovra_proto::v1::{self, collections_client::CollectionsClient, points_client
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// The secret the nodes of a test cluster share.
+pub const CLUSTER_SECRET: &str = "sovra-tests-cluster-secret";
+
 pub struct TestNode {
     pub node: Option<RunningNode>,
     pub collections: CollectionsClient<Channel>,
@@ -54,6 +57,7 @@ impl TestNode {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = NodeConfig::local(*id, region, dir.path().to_path_buf());
             cfg.peers = peers.clone();
+            cfg.cluster_secret = Some(CLUSTER_SECRET.into());
             out.push(Self::start_in(dir, cfg).await);
         }
         for a in &out {
@@ -63,7 +67,7 @@ impl TestNode {
                     .host
                     .peers
                     .book
-                    .set(b.node().state.config.node_id, &b.node().grpc_addr.to_string());
+                    .set(b.node().state.config.node_id, &b.node().cluster_addr.to_string());
             }
         }
         out

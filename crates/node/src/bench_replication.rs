@@ -110,16 +110,18 @@ async fn replicated(args: &ReplicationBenchArgs, data: &[Vec<PointRecord>]) -> a
             addr: None,
         })
         .collect();
+    let secret = format!("bench-{:032x}", rand::random::<u128>());
     let mut nodes: Vec<RunningNode> = Vec::new();
     for id in 1..=3u64 {
         let mut cfg = NodeConfig::local(id, "eu-west", dir.path().join(format!("n{id}")));
         cfg.peers = peers.clone();
+        cfg.cluster_secret = Some(secret.clone());
         cfg.index_threads = 1;
         nodes.push(start(cfg).await?);
     }
     for n in &nodes {
         for m in &nodes {
-            n.state.host.peers.book.set(m.state.config.node_id, &m.grpc_addr.to_string());
+            n.state.host.peers.book.set(m.state.config.node_id, &m.cluster_addr.to_string());
         }
     }
     let ch = crate::dev::wait_serving(nodes[0].grpc_addr, Duration::from_secs(60)).await?;

@@ -19,6 +19,18 @@ pub struct NodeConfig {
     /// Public gRPC API; port 0 picks a free port (printed at start).
     #[serde(default = "default_grpc")]
     pub grpc_listen: SocketAddr,
+    /// Node-to-node API (Raft, forwarded writes): only other nodes call it,
+    /// proving membership with the cluster secret. Never the public listener;
+    /// keep it on a private network. Port 0 picks a free port.
+    #[serde(default = "default_cluster")]
+    pub cluster_listen: SocketAddr,
+    /// The secret every node of the cluster shares (at least 16 printable
+    /// ASCII bytes), or `cluster_secret_file` naming a file holding it. Required
+    /// when `peers` lists other nodes; a node alone gets a random one.
+    #[serde(default)]
+    pub cluster_secret: Option<String>,
+    #[serde(default)]
+    pub cluster_secret_file: Option<PathBuf>,
     /// Prometheus `/metrics` over HTTP; port 0 picks a free port.
     #[serde(default = "default_metrics")]
     pub metrics_listen: SocketAddr,
@@ -34,7 +46,7 @@ pub struct NodeConfig {
     #[serde(default = "default_check")]
     pub compaction_check_seconds: u64,
     /// Every node of the cluster (this one may be listed too, and is skipped):
-    /// id, region and gRPC address. Shard replicas are placed on the nodes of
+    /// id, region and cluster address (its `cluster_listen`). Shard replicas are placed on the nodes of
     /// their region by this list, so every node must be given the same one.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
@@ -51,7 +63,8 @@ pub struct NodeConfig {
 pub struct PeerConfig {
     pub id: u64,
     pub region: String,
-    /// `host:port` of the peer's gRPC listener; may be left out when `peers_file` gives it.
+    /// `host:port` of the peer's cluster listener (`cluster_listen`); may be
+    /// left out when `peers_file` gives it.
     #[serde(default)]
     pub addr: Option<String>,
 }
@@ -137,6 +150,9 @@ fn default_zone() -> String {
 fn default_grpc() -> SocketAddr {
     "127.0.0.1:7300".parse().expect("literal")
 }
+fn default_cluster() -> SocketAddr {
+    "127.0.0.1:7400".parse().expect("literal")
+}
 fn default_metrics() -> SocketAddr {
     "127.0.0.1:9300".parse().expect("literal")
 }
@@ -167,6 +183,12 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    #[error("cannot read cluster_secret_file {path}")]
+    SecretFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("config field `{field}`: {why}")]
     Invalid { field: &'static str, why: String },
 }
@@ -184,6 +206,9 @@ impl NodeConfig {
             zone: default_zone(),
             data_dir,
             grpc_listen: "127.0.0.1:0".parse().expect("literal"),
+            cluster_listen: "127.0.0.1:0".parse().expect("literal"),
+            cluster_secret: None,
+            cluster_secret_file: None,
             metrics_listen: "127.0.0.1:0".parse().expect("literal"),
             cache_capacity_mb: 64,
             index_threads: default_threads(),
@@ -241,6 +266,15 @@ impl NodeConfig {
         }
         if let Some(v) = env("SOVRA_GRPC_LISTEN") {
             self.grpc_listen = parse("grpc_listen", v)?;
+        }
+        if let Some(v) = env("SOVRA_CLUSTER_LISTEN") {
+            self.cluster_listen = parse("cluster_listen", v)?;
+        }
+        if let Some(v) = env("SOVRA_CLUSTER_SECRET") {
+            self.cluster_secret = Some(v);
+        }
+        if let Some(v) = env("SOVRA_CLUSTER_SECRET_FILE") {
+            self.cluster_secret_file = Some(v.into());
         }
         if let Some(v) = env("SOVRA_METRICS_LISTEN") {
             self.metrics_listen = parse("metrics_listen", v)?;
@@ -300,10 +334,50 @@ impl NodeConfig {
             }
         }
         self.raft.validate()?;
-        if self.grpc_listen.port() != 0 && self.grpc_listen == self.metrics_listen {
-            return Err(invalid("metrics_listen", "must differ from grpc_listen"));
+        let listeners = [
+            ("grpc_listen", self.grpc_listen),
+            ("cluster_listen", self.cluster_listen),
+            ("metrics_listen", self.metrics_listen),
+        ];
+        for (i, (name, a)) in listeners.iter().enumerate() {
+            if a.port() != 0 && listeners[..i].iter().any(|(_, b)| b == a) {
+                return Err(invalid(
+                    name,
+                    format!("is {a}, the same as another listener: each needs its own port"),
+                ));
+            }
+        }
+        if self.cluster_secret.is_some() && self.cluster_secret_file.is_some() {
+            return Err(invalid("cluster_secret", "set cluster_secret or cluster_secret_file, not both"));
+        }
+        if let Some(s) = &self.cluster_secret {
+            sovra_raft::ClusterSecret::new(s).map_err(|e| invalid("cluster_secret", e.to_string()))?;
+        }
+        let others = self.peers.iter().any(|p| p.id != self.node_id);
+        if others && self.cluster_secret.is_none() && self.cluster_secret_file.is_none() {
+            return Err(invalid(
+                "cluster_secret",
+                "peers lists other nodes, so the cluster needs a shared secret: set cluster_secret or cluster_secret_file (the same on every node)",
+            ));
         }
         Ok(())
+    }
+
+    /// The cluster secret from the config or its file (read here, at start);
+    /// a random one for a node without peers.
+    pub fn cluster_secret(&self) -> Result<sovra_raft::ClusterSecret, ConfigError> {
+        if let Some(path) = &self.cluster_secret_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                path: path.clone(),
+                source,
+            })?;
+            return sovra_raft::ClusterSecret::new(text.trim_end_matches(['\n', '\r']))
+                .map_err(|e| invalid("cluster_secret_file", format!("{}: {e}", path.display())));
+        }
+        match &self.cluster_secret {
+            Some(s) => sovra_raft::ClusterSecret::new(s).map_err(|e| invalid("cluster_secret", e.to_string())),
+            None => Ok(sovra_raft::ClusterSecret::random()),
+        }
     }
 
     pub fn region_id(&self) -> RegionId {

@@ -101,6 +101,8 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     let mut config = NodeConfig::local(1, DEV_REGION, data_dir.clone());
     config.grpc_listen = args.grpc;
     config.metrics_listen = args.metrics;
+    // One node: nothing else speaks to its cluster listener, so any free port.
+    config.cluster_listen = "127.0.0.1:0".parse().expect("literal");
     let node = crate::start(config).await?;
     let addr = node.grpc_addr;
     println!("sovra dev: node 1 in region {DEV_REGION}, data in {}", data_dir.display());

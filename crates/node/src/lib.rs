@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod bench_replication;
+pub mod bench_search;
 pub mod config;
 pub mod dev;
 pub mod metrics;

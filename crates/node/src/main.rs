@@ -1,8 +1,8 @@
-//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication`.
+//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication|search`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sovra_node::{NodeConfig, bench, bench_replication, dev};
+use sovra_node::{NodeConfig, bench, bench_replication, bench_search, dev};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -34,6 +34,8 @@ enum BenchCommand {
     Index(bench::IndexBenchArgs),
     /// Write throughput and ack latency: a 3-replica group beside a single engine.
     Replication(bench_replication::ReplicationBenchArgs),
+    /// Client-observed search latency against a running node (`sovra dev`).
+    Search(bench_search::SearchBenchArgs),
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -65,11 +67,17 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Replication(args),
         } => bench_replication::replication(args),
+        Command::Bench {
+            what: BenchCommand::Search(args),
+        } => bench_search::search(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {
                 // One parseable line so scripts and tests learn the bound ports.
-                println!("sovra node listening grpc={} metrics={}", n.grpc_addr, n.metrics_addr);
+                println!(
+                    "sovra node listening grpc={} cluster={} metrics={}",
+                    n.grpc_addr, n.cluster_addr, n.metrics_addr
+                );
             }))
         }
         Command::Dev(args) => runtime()?.block_on(dev::dev(args, shutdown_signal())),

@@ -13,6 +13,12 @@ pub const SHARD_APPLIED_INDEX: &str = "sovra_shard_applied_index";
 pub const SHARD_INDEX_BYTES: &str = "sovra_shard_index_bytes";
 pub const COMPACTIONS: &str = "sovra_compactions_total";
 pub const COMPACTION_PAUSE_SECONDS: &str = "sovra_compaction_pause_seconds";
+/// Replicas on this node that failed to open (the node serves the others).
+pub const SHARDS_FAILED: &str = "sovra_shards_failed";
+/// Catalog entries that could not be read at start.
+pub const COLLECTIONS_UNREADABLE: &str = "sovra_collections_unreadable_total";
+/// Log entries a shard refused on apply, as recorded in its state.
+pub const SHARD_REJECTED_ENTRIES: &str = "sovra_shard_rejected_entries";
 
 /// The process-wide recorder: `metrics` has one global recorder, so several
 /// nodes in one process (tests, `sovra dev`) share it.
@@ -34,6 +40,12 @@ pub fn handle() -> PrometheusHandle {
             metrics::describe_gauge!(SHARD_INDEX_BYTES, metrics::Unit::Bytes, "estimated index memory per shard");
             metrics::describe_counter!(COMPACTIONS, "index compactions");
             metrics::describe_histogram!(COMPACTION_PAUSE_SECONDS, metrics::Unit::Seconds, "writer pause at compaction swap");
+            metrics::describe_gauge!(SHARDS_FAILED, "replicas on this node that failed to open");
+            metrics::describe_counter!(COLLECTIONS_UNREADABLE, "catalog entries that could not be read at start");
+            metrics::describe_gauge!(
+                SHARD_REJECTED_ENTRIES,
+                "log entries refused on apply, recorded in the shard's state"
+            );
             handle
         })
         .clone()

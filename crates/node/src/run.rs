@@ -8,11 +8,9 @@ use crate::metrics as m;
 use crate::service::{CollectionsService, PointsService, SearchService};
 use crate::state::NodeState;
 use anyhow::Context;
-use sovra_proto::raft::raft_server::RaftServer;
 use sovra_proto::v1::{collections_server::CollectionsServer, points_server::PointsServer, search_server::SearchServer};
 use sovra_raft::Faults;
-use sovra_raft::network::MAX_RAFT_MESSAGE;
-use sovra_raft::server::{CatalogHandler, RaftService};
+use sovra_raft::server::{CatalogHandler, RaftService, cluster_service};
 use sovra_types::limits::MAX_MESSAGE_BYTES;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,16 +18,29 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 pub struct RunningNode {
+    /// The public API.
     pub grpc_addr: SocketAddr,
+    /// The node-to-node API (Raft, forwarded writes, catalog changes).
+    pub cluster_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub state: Arc<NodeState>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+/// The accepted connections of a gRPC listener, with TCP_NODELAY on each:
+/// without it a reply written in several small pieces waits for the client's
+/// delayed ACK (about 40 ms on Linux) before its last piece is sent. tonic's
+/// own `tcp_nodelay` applies only to listeners it binds itself.
+pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 const SERVICES: [&str; 3] = ["sovra.v1.Collections", "sovra.v1.Points", "sovra.v1.Search"];
@@ -48,39 +59,47 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("binding metrics_listen {}", config.metrics_listen))?;
+    let cluster = tokio::net::TcpListener::bind(config.cluster_listen)
+        .await
+        .with_context(|| format!("binding cluster_listen {}", config.cluster_listen))?;
     let grpc_addr = grpc.local_addr()?;
+    let cluster_addr = cluster.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
-    let state = tokio::task::spawn_blocking(move || NodeState::open(config, faults))
-        .await?
-        .context("opening the data directory")?;
+    let secret = config.cluster_secret()?;
+    let state = tokio::task::spawn_blocking({
+        let secret = secret.clone();
+        move || NodeState::open(config, faults, secret)
+    })
+    .await?
+    .context("opening the data directory")?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for s in ["", SERVICES[0], SERVICES[1], SERVICES[2]] {
         health.set_service_status(s, ServingStatus::NotServing).await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl 1.8 and Python's grpcio-reflection
+    // speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let (stop, stop_rx) = watch::channel(false);
-    let shutdown = {
+    let shutdown = || {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let server = tonic::transport::Server::builder()
+    // The public listener serves the public API only; the cluster listener
+    // serves the node-to-node API only, behind the cluster secret.
+    let public = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(
-            RaftServer::new(RaftService {
-                host: state.host.clone(),
-                catalog: Arc::new(Catalog(state.clone())),
-            })
-            .max_decoding_message_size(MAX_RAFT_MESSAGE)
-            .max_encoding_message_size(MAX_RAFT_MESSAGE),
-        )
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(CollectionsServer::new(CollectionsService { state: state.clone() }))
         .add_service(
             PointsServer::new(PointsService { state: state.clone() })
@@ -92,8 +111,17 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown);
-    let server = tokio::spawn(server);
+        .serve_with_incoming_shutdown(incoming(grpc), shutdown());
+    let cluster_server = tonic::transport::Server::builder()
+        .add_service(cluster_service(
+            RaftService {
+                host: state.host.clone(),
+                catalog: Arc::new(Catalog(state.clone())),
+            },
+            secret,
+        ))
+        .serve_with_incoming_shutdown(incoming(cluster), shutdown());
+    let servers = vec![tokio::spawn(public), tokio::spawn(cluster_server)];
 
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(serve_metrics(metrics_listener, state.clone(), stop_rx.clone())));
@@ -123,11 +151,12 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     }
     Ok(RunningNode {
         grpc_addr,
+        cluster_addr,
         metrics_addr,
         state,
         stop,
         tasks,
-        server,
+        servers,
     })
 }
 
@@ -143,7 +172,9 @@ impl RunningNode {
 
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.send_replace(true);
-        self.server.await?.context("gRPC server")?;
+        for s in self.servers {
+            s.await?.context("gRPC server")?;
+        }
         for t in self.tasks {
             t.abort();
         }
@@ -191,7 +222,12 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
                     metrics::gauge!(m::SHARD_TOMBSTONES, &labels).set(s.tombstones as f64);
                     metrics::gauge!(m::SHARD_APPLIED_INDEX, &labels).set(s.last_applied as f64);
                     metrics::gauge!(m::SHARD_INDEX_BYTES, &labels).set(s.index_bytes as f64);
+                    if let Ok(r) = e.rejections() {
+                        metrics::gauge!(m::SHARD_REJECTED_ENTRIES, &labels).set(r.count as f64);
+                    }
                 }
+                let failed: usize = state.list().iter().map(|c| c.failed.len()).sum();
+                metrics::gauge!(m::SHARDS_FAILED).set(failed as f64);
                 state.host.export_metrics();
                 handle.render()
             }

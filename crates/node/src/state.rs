@@ -10,7 +10,7 @@
 use crate::config::{NodeConfig, PeerConfig};
 use parking_lot::RwLock;
 use sovra_proto::raft as pb;
-use sovra_raft::{AddressBook, Faults, LogStore, NodeId, RaftHost};
+use sovra_raft::{AddressBook, ClusterSecret, Faults, LogStore, NodeId, RaftHost};
 use sovra_shard::{NodeStore, ShardEngine, ShardError};
 use sovra_types::{ApiError, CollectionName, CollectionSpec, ErrorCode, PointId, RegionId, RegionShardMap, ShardId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,6 +25,9 @@ pub struct Collection {
     pub maps: BTreeMap<RegionId, RegionShardMap>,
     /// This node's replicas, by (region, number).
     pub shards: BTreeMap<(RegionId, u32), Arc<ShardEngine>>,
+    /// Replicas placed on this node that could not be opened, with the reason:
+    /// the node serves every other shard and reports these as failed.
+    pub failed: BTreeMap<(RegionId, u32), String>,
 }
 
 impl Collection {
@@ -40,6 +43,26 @@ impl Collection {
 
     pub fn local(&self, shard: &ShardId) -> Option<&Arc<ShardEngine>> {
         self.shards.get(&(shard.region.clone(), shard.number))
+    }
+
+    /// Why this node's replica of `shard` failed to open, if it did.
+    pub fn failure(&self, shard: &ShardId) -> Option<&str> {
+        self.failed.get(&(shard.region.clone(), shard.number)).map(String::as_str)
+    }
+
+    /// The local replica of `shard`, or UNAVAILABLE saying where to read it.
+    pub fn local_or_unavailable(&self, state: &NodeState, shard: &ShardId) -> Result<&Arc<ShardEngine>, ApiError> {
+        self.local(shard).ok_or_else(|| match self.failure(shard) {
+            Some(why) => ApiError::unavailable(format!(
+                "the replica of shard {shard} on node {} failed to open ({why}); read it from another of nodes {:?}",
+                state.config.node_id,
+                state.replicas(&self.spec, shard)
+            )),
+            None => ApiError::unavailable(format!(
+                "shard {shard} has no replica on this node; read it from one of nodes {:?}",
+                state.replicas(&self.spec, shard)
+            )),
+        })
     }
 }
 
@@ -68,7 +91,7 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    pub fn open(config: NodeConfig, faults: Faults) -> Result<Arc<Self>, ShardError> {
+    pub fn open(config: NodeConfig, faults: Faults, secret: ClusterSecret) -> Result<Arc<Self>, ShardError> {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = NodeStore::open(&config.data_dir.join("db"), config.cache_capacity_mb << 20)?;
         let pool = rayon::ThreadPoolBuilder::new()
@@ -91,6 +114,7 @@ impl NodeState {
             faults,
             config.raft.settings(),
             config.data_dir.join("snapshots"),
+            secret,
         );
         host.set_region_nodes(cluster.iter().filter(|p| p.region == config.region).map(|p| p.id).collect());
         Ok(Arc::new(Self {
@@ -121,20 +145,33 @@ impl NodeState {
         self.cluster.iter().filter(|p| p.id != self.config.node_id)
     }
 
-    /// Opens every collection in the catalog: rebuilds the indexes, starts the groups.
+    /// Opens every collection in the catalog: rebuilds the indexes, starts the
+    /// groups. A replica (or a catalog entry) that cannot be opened is reported
+    /// and skipped: the node serves everything else.
     pub async fn load(self: &Arc<Self>) -> anyhow::Result<()> {
         let this = self.clone();
-        let specs = tokio::task::spawn_blocking(move || this.store.collections()).await??;
-        for spec in specs {
-            let c = self.open_collection(Arc::new(spec)).await?;
-            self.collections.write().insert(c.spec.name.clone(), Arc::new(c));
+        let entries = tokio::task::spawn_blocking(move || this.store.catalog_entries()).await??;
+        for (name, entry) in entries {
+            match entry {
+                Ok(spec) => {
+                    let c = self.open_collection(Arc::new(spec)).await;
+                    self.collections.write().insert(c.spec.name.clone(), Arc::new(c));
+                }
+                Err(e) => {
+                    tracing::error!(collection = %sovra_types::quote(&name), error = %e, "catalog entry cannot be read; collection not served");
+                    metrics::counter!(crate::metrics::COLLECTIONS_UNREADABLE).increment(1);
+                }
+            }
         }
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
 
-    async fn open_collection(self: &Arc<Self>, spec: Arc<CollectionSpec>) -> anyhow::Result<Collection> {
+    /// Opens this node's replicas of `spec`; those that fail are recorded in
+    /// `failed` with their reason instead of failing the collection.
+    async fn open_collection(self: &Arc<Self>, spec: Arc<CollectionSpec>) -> Collection {
         let mut shards = BTreeMap::new();
+        let mut failed = BTreeMap::new();
         // Only shards of this node's region, and of those only the ones placed
         // here: a node never opens storage for another region's data (R1/R2).
         for r in spec.regions.iter().filter(|r| r.region == self.region) {
@@ -148,16 +185,16 @@ impl NodeState {
                 if !members.contains(&self.config.node_id) {
                     continue;
                 }
-                let (this, sid, sp) = (self.clone(), id.clone(), spec.clone());
-                let (engine, log) = tokio::task::spawn_blocking(move || -> Result<_, ShardError> {
-                    let tree = this.store.shard_tree(&sid)?;
-                    let engine = ShardEngine::open(sid.clone(), sp, this.store.db().clone(), tree, Some(this.pool.clone()))?;
-                    let log = LogStore::new(this.store.db().clone(), this.store.raft_log_tree(&sid)?);
-                    Ok((Arc::new(engine), log))
-                })
-                .await??;
-                self.host.open_group(id, engine.clone(), log, members).await?;
-                shards.insert((r.region.clone(), number), engine);
+                match self.open_replica(&id, &spec, members).await {
+                    Ok(engine) => {
+                        shards.insert((r.region.clone(), number), engine);
+                    }
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        tracing::error!(shard = %id, error = %why, "replica failed to open; serving the others");
+                        failed.insert((r.region.clone(), number), why);
+                    }
+                }
             }
         }
         let maps = spec
@@ -165,7 +202,30 @@ impl NodeState {
             .iter()
             .map(|r| (r.region.clone(), RegionShardMap::even(r.shard_count)))
             .collect();
-        Ok(Collection { spec, maps, shards })
+        Collection {
+            spec,
+            maps,
+            shards,
+            failed,
+        }
+    }
+
+    async fn open_replica(
+        self: &Arc<Self>,
+        id: &ShardId,
+        spec: &Arc<CollectionSpec>,
+        members: BTreeSet<NodeId>,
+    ) -> anyhow::Result<Arc<ShardEngine>> {
+        let (this, sid, sp) = (self.clone(), id.clone(), spec.clone());
+        let (engine, log) = tokio::task::spawn_blocking(move || -> Result<_, ShardError> {
+            let tree = this.store.shard_tree(&sid)?;
+            let engine = ShardEngine::open(sid.clone(), sp, this.store.db().clone(), tree, Some(this.pool.clone()))?;
+            let log = LogStore::new(this.store.db().clone(), this.store.raft_log_tree(&sid)?);
+            Ok((Arc::new(engine), log))
+        })
+        .await??;
+        self.host.open_group(id.clone(), engine.clone(), log, members).await?;
+        Ok(engine)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -254,12 +314,16 @@ impl NodeState {
             .await
             .map_err(|e| ApiError::internal(format!("create task failed: {e}")))?
             .map_err(|e| self.storage_failed(e))?;
-        let c = self
-            .open_collection(spec)
-            .await
-            .map_err(|e| ApiError::internal(format!("opening the collection's replicas failed: {e:#}")))?;
-        let c = Arc::new(c);
+        let c = Arc::new(self.open_collection(spec).await);
         self.collections.write().insert(c.spec.name.clone(), c.clone());
+        // It is in the catalog (and on the peers) now; a failed replica is
+        // reported like one that failed at start, and a restart retries it.
+        if let Some(((region, number), why)) = c.failed.iter().next() {
+            return Err(ApiError::internal(format!(
+                "collection {} was created, but this node's replica of shard {region}/{number} failed to open ({why}); GetCollection reports it",
+                c.spec.name
+            )));
+        }
         Ok(c)
     }
 

@@ -16,12 +16,13 @@ const N: u64 = 3;
 struct Proc {
     child: Child,
     grpc: String,
+    cluster: String,
 }
 
 fn config(dir: &Path, id: u64) -> PathBuf {
     let path = dir.join(format!("node{id}.toml"));
     let mut text = format!(
-        "node_id = {id}\nregion = \"eu-west\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\npeers_file = \"{}\"\n",
+        "node_id = {id}\nregion = \"eu-west\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ncluster_secret = \"process-test-cluster-secret\"\npeers_file = \"{}\"\n",
         dir.join(format!("data{id}")).display(),
         dir.join("peers.toml").display()
     );
@@ -48,13 +49,11 @@ fn start(dir: &Path, id: u64) -> Proc {
             let _ = child.wait();
             panic!("node {id} never printed its address");
         };
-        if let Some(g) = line.split_whitespace().find_map(|w| w.strip_prefix("grpc=")) {
+        let field = |key: &str| line.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_string);
+        if let (Some(grpc), Some(cluster)) = (field("grpc="), field("cluster=")) {
             // Keep draining stdout so the child never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
-            return Proc {
-                child,
-                grpc: g.to_string(),
-            };
+            return Proc { child, grpc, cluster };
         }
     }
 }
@@ -63,7 +62,11 @@ fn write_peers(dir: &Path, procs: &[Option<Proc>]) {
     let mut text = String::new();
     for (i, p) in procs.iter().enumerate() {
         if let Some(p) = p {
-            text.push_str(&format!("[[peers]]\nid = {}\nregion = \"eu-west\"\naddr = \"{}\"\n", i + 1, p.grpc));
+            text.push_str(&format!(
+                "[[peers]]\nid = {}\nregion = \"eu-west\"\naddr = \"{}\"\n",
+                i + 1,
+                p.cluster
+            ));
         }
     }
     let tmp = dir.join("peers.toml.tmp");

@@ -8,12 +8,13 @@ use crate::log_store::LogStore;
 use crate::metrics as m;
 use crate::network::{AddressBook, GroupNetwork, Peers, group_pb};
 use crate::state_machine::ShardStateMachine;
-use crate::types::{NodeId, Raft};
+use crate::types::{NodeId, Raft, ShardResponse};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, SnapshotPolicy};
 use parking_lot::RwLock;
 use sovra_proto::raft as pb;
 use sovra_shard::ShardEngine;
+use sovra_types::validate::check_command;
 use sovra_types::{ApiError, RegionId, ShardCommand, ShardId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -84,12 +85,22 @@ pub struct WriteAck {
     pub changed: u64,
 }
 
+/// The answer to a committed entry: an ack, or FAILED_PRECONDITION if the
+/// shard refused it on apply (recorded there; nothing else changed).
+pub fn ack_of(id: &ShardId, index: u64, r: &ShardResponse) -> Result<WriteAck, ApiError> {
+    match &r.rejected {
+        None => Ok(WriteAck { index, changed: r.changed }),
+        Some(why) => Err(ApiError::precondition(format!(
+            "shard {id} refused the write on apply (log index {index}): {why}"
+        ))),
+    }
+}
+
 pub struct Group {
     pub id: ShardId,
     raft: RwLock<Raft>,
     pub sm: ShardStateMachine,
     pub log: LogStore,
-    pub members: BTreeSet<NodeId>,
     pub restarts: AtomicU64,
 }
 
@@ -105,6 +116,19 @@ impl Group {
 
     pub fn leader(&self) -> Option<NodeId> {
         self.raft().metrics().borrow().current_leader
+    }
+
+    /// Whether `node` is a voter or learner of the group's current membership
+    /// (every configuration of a joint one), as this replica knows it. A
+    /// replica that knows no membership yet (never initialised, waiting for its
+    /// first append or snapshot) admits any authenticated cluster node.
+    pub fn admits(&self, node: NodeId) -> bool {
+        let raft = self.raft();
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let mut nodes = membership.nodes().peekable();
+        nodes.peek().is_none() || membership.nodes().any(|(n, _)| *n == node)
     }
 }
 
@@ -130,6 +154,7 @@ impl RaftHost {
         faults: crate::fault::Faults,
         settings: RaftSettings,
         snapshot_root: PathBuf,
+        secret: crate::auth::ClusterSecret,
     ) -> Arc<Self> {
         let config = Arc::new(
             settings
@@ -140,7 +165,7 @@ impl RaftHost {
         Arc::new(Self {
             me,
             region,
-            peers: Peers::new(me, book, faults, settings.max_append_bytes),
+            peers: Peers::new(me, book, faults, settings.max_append_bytes, secret),
             settings,
             config,
             snapshot_root,
@@ -174,7 +199,7 @@ impl RaftHost {
                 break;
             }
             match self.forward(*to, id, &cmd, deadline - now).await {
-                Ok(ack) => return Ok(ack),
+                Ok(answer) => return answer.and_then(|(index, r)| ack_of(id, index, &r)),
                 Err(s) => {
                     why.push(format!("node {to}: {}", s.message()));
                     tokio::time::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -235,7 +260,6 @@ impl RaftHost {
             raft: RwLock::new(raft),
             sm,
             log,
-            members,
             restarts: AtomicU64::new(0),
         });
         self.groups.write().insert(id, g.clone());
@@ -294,7 +318,32 @@ impl RaftHost {
     /// A follower forwards it to the leader it knows. Fails UNAVAILABLE, naming
     /// the last known leader, if that does not happen within the write timeout.
     pub async fn write(&self, id: &ShardId, cmd: ShardCommand) -> Result<WriteAck, ApiError> {
+        let (index, r) = self.write_committed(id, cmd).await?;
+        ack_of(id, index, &r)
+    }
+
+    /// As [`Self::write`], answering the committed entry's index and response
+    /// (for a node that passes the answer on).
+    pub async fn write_committed(&self, id: &ShardId, cmd: ShardCommand) -> Result<(u64, ShardResponse), ApiError> {
         let g = self.group_or_unavailable(id)?;
+        // The edge of the log: nothing is proposed or forwarded that the shard
+        // would have to refuse.
+        check_command(g.engine().spec(), id, &cmd)?;
+        self.write_checked(&g, cmd).await
+    }
+
+    /// Test hook: proposes `cmd` with no edge validation, as an older build or
+    /// a bug might have, so tests can prove that apply refuses it totally.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub async fn write_unvalidated(&self, id: &ShardId, cmd: ShardCommand) -> Result<WriteAck, ApiError> {
+        let g = self.group_or_unavailable(id)?;
+        let (index, r) = self.write_checked(&g, cmd).await?;
+        ack_of(id, index, &r)
+    }
+
+    async fn write_checked(&self, g: &Group, cmd: ShardCommand) -> Result<(u64, ShardResponse), ApiError> {
+        let id = &g.id;
         let timeout = self.settings.write_timeout;
         let deadline = Instant::now() + timeout;
         let mut leader = g.leader();
@@ -306,12 +355,7 @@ impl RaftHost {
             leader = current.or(leader);
             match current {
                 Some(l) if l == self.me => match tokio::time::timeout(remaining, raft.client_write(cmd.clone())).await {
-                    Ok(Ok(r)) => {
-                        return Ok(WriteAck {
-                            index: r.log_id.index,
-                            changed: r.data.changed,
-                        });
-                    }
+                    Ok(Ok(r)) => return Ok((r.log_id.index, r.data)),
                     Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                         leader = f.leader_id.or(leader);
                         why = "leadership moved while proposing".into();
@@ -326,9 +370,9 @@ impl RaftHost {
                     }
                 },
                 Some(l) => match self.forward(l, id, &cmd, remaining).await {
-                    Ok(ack) => {
+                    Ok(answer) => {
                         metrics::counter!(m::FORWARDED_WRITES).increment(1);
-                        return Ok(ack);
+                        return answer;
                     }
                     Err(s) => {
                         why = format!("forwarding to node {l} failed: {}", s.message());
@@ -348,7 +392,16 @@ impl RaftHost {
         )))
     }
 
-    async fn forward(&self, to: NodeId, id: &ShardId, cmd: &ShardCommand, within: Duration) -> Result<WriteAck, tonic::Status> {
+    /// Sends `cmd` to node `to`. The outer error means "not taken there, try
+    /// again or elsewhere"; the inner result is the group's definitive answer
+    /// (an ack, a refusal by validation, or a rejection on apply).
+    async fn forward(
+        &self,
+        to: NodeId,
+        id: &ShardId,
+        cmd: &ShardCommand,
+        within: Duration,
+    ) -> Result<Result<(u64, ShardResponse), ApiError>, tonic::Status> {
         let mut client = self.peers.client(to).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let command = postcard::to_allocvec(cmd).map_err(|e| tonic::Status::internal(e.to_string()))?;
         let mut req = tonic::Request::new(pb::ProposeRequest {
@@ -357,26 +410,31 @@ impl RaftHost {
             command,
         });
         req.set_timeout(within);
-        let r = tokio::time::timeout(within, client.propose(req))
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("no answer from the leader in time"))??
-            .into_inner();
-        Ok(WriteAck {
-            index: r.index,
+        let r = match tokio::time::timeout(within, client.propose(req)).await {
+            Err(_) => return Err(tonic::Status::deadline_exceeded("no answer from the leader in time")),
+            // The receiver's edge validation refused it: retrying cannot help.
+            Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => {
+                return Ok(Err(ApiError::invalid(format!("node {to} refused the write: {}", s.message()))));
+            }
+            Ok(r) => r?.into_inner(),
+        };
+        let response = ShardResponse {
             changed: r.changed,
-        })
+            rejected: (!r.rejected.is_empty()).then_some(r.rejected),
+        };
+        Ok(Ok((r.index, response)))
     }
 
-    /// The leader's side of a forwarded write: propose here, never forward again.
-    pub async fn propose_local(&self, id: &ShardId, cmd: ShardCommand) -> Result<WriteAck, tonic::Status> {
+    /// The leader's side of a forwarded write: validate, propose here, never
+    /// forward again. Answers the committed entry's response (which says if it
+    /// was refused on apply).
+    pub async fn propose_local(&self, id: &ShardId, cmd: ShardCommand) -> Result<(u64, ShardResponse), tonic::Status> {
         let g = self
             .group(id)
             .ok_or_else(|| tonic::Status::not_found(format!("no replica of {id} here")))?;
+        check_command(g.engine().spec(), id, &cmd).map_err(|e| tonic::Status::invalid_argument(e.message))?;
         match tokio::time::timeout(self.settings.write_timeout, g.raft().client_write(cmd)).await {
-            Ok(Ok(r)) => Ok(WriteAck {
-                index: r.log_id.index,
-                changed: r.data.changed,
-            }),
+            Ok(Ok(r)) => Ok((r.log_id.index, r.data)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(tonic::Status::failed_precondition(format!(
                 "node {} is not the leader of {id}; {}",
                 self.me,

@@ -8,6 +8,7 @@
 //!
 //! - [`network`], [`server`]: node-to-node gRPC (`sovra.raft.v1`), one pooled
 //!   channel per peer, an address book, bounded AppendEntries.
+//! - [`auth`]: the cluster secret every node-to-node request carries.
 //! - [`fault`]: drop/delay/partition/isolate rules in a tower layer, for tests.
 //! - [`host`]: a node's replicas of many groups: writes to the leader
 //!   (forwarded if needed), read levels, the watchdog, per-group metrics.
@@ -19,6 +20,7 @@
 // would not make anything smaller.
 #![allow(clippy::result_large_err)]
 
+pub mod auth;
 pub mod fault;
 pub mod host;
 pub mod log_store;
@@ -29,6 +31,7 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 
+pub use auth::ClusterSecret;
 pub use fault::{Faults, Rule};
 pub use host::{RaftHost, RaftSettings, ReadLevel, WriteAck};
 pub use log_store::LogStore;

@@ -18,6 +18,10 @@ pub const PURGES: &str = "sovra_raft_log_purges";
 pub const WATCHDOG_RESTARTS: &str = "sovra_raft_watchdog_restarts_total";
 pub const FORWARDED_WRITES: &str = "sovra_raft_forwarded_writes_total";
 pub const RPC_SECONDS: &str = "sovra_raft_rpc_seconds";
+/// Committed entries refused on apply (recorded as rejections, nothing changed).
+pub const ENTRIES_REJECTED: &str = "sovra_raft_entries_rejected_total";
+/// Group messages refused: not from a member of the group's membership.
+pub const NOT_MEMBER: &str = "sovra_raft_refused_not_member_total";
 
 pub fn group_labels(id: &ShardId) -> [(&'static str, String); 3] {
     [

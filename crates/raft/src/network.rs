@@ -7,6 +7,7 @@
 //! back to openraft as `PayloadTooLarge` with how many entries do fit, so it
 //! resends fewer: one message never exceeds the receiver's limit.
 
+use crate::auth::{AttachSecret, ClusterSecret};
 use crate::fault::{FaultLayer, FaultService, Faults};
 use crate::types::{NodeId, TypeConfig};
 use openraft::EmptyNode;
@@ -24,6 +25,7 @@ use sovra_types::ShardId;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// Largest message a node accepts on the Raft service.
@@ -61,7 +63,7 @@ impl AddressBook {
     }
 }
 
-pub type PeerClient = RaftClient<FaultService<Channel>>;
+pub type PeerClient = RaftClient<InterceptedService<FaultService<Channel>, AttachSecret>>;
 
 /// The connections of one node to its peers.
 #[derive(Clone)]
@@ -70,6 +72,8 @@ pub struct Peers {
     pub book: AddressBook,
     pub faults: Faults,
     pub max_append_bytes: usize,
+    /// Proves to peers that this node is a member of the cluster.
+    secret: ClusterSecret,
     /// AppendEntries sent back to openraft to be cut smaller (for metrics and tests).
     pub append_splits: Arc<std::sync::atomic::AtomicU64>,
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
@@ -88,12 +92,13 @@ pub fn group_pb(id: &ShardId) -> pb::GroupId {
 pub struct NoAddress(pub NodeId);
 
 impl Peers {
-    pub fn new(me: NodeId, book: AddressBook, faults: Faults, max_append_bytes: usize) -> Self {
+    pub fn new(me: NodeId, book: AddressBook, faults: Faults, max_append_bytes: usize, secret: ClusterSecret) -> Self {
         Self {
             me,
             book,
             faults,
             max_append_bytes,
+            secret,
             append_splits: Arc::default(),
             channels: Arc::default(),
         }
@@ -127,7 +132,7 @@ impl Peers {
                 to,
             })
             .service(channel);
-        Ok(RaftClient::new(svc)
+        Ok(RaftClient::with_interceptor(svc, AttachSecret(self.secret.clone()))
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
             .max_encoding_message_size(MAX_RAFT_MESSAGE))
     }

@@ -1,6 +1,8 @@
 //! The receiving side of `sovra.raft.v1.Raft`: finds the named group on this
 //! node and hands the message to its Raft core (or to the host for forwarded
-//! writes and read-index requests). Only members of a group may send to it.
+//! writes and read-index requests). Served only on the cluster listener, behind
+//! the cluster secret ([`crate::auth`]); a group's messages are taken only from
+//! a voter or learner of its current membership.
 
 use crate::host::RaftHost;
 use crate::snapshot;
@@ -24,6 +26,18 @@ pub trait CatalogHandler: Send + Sync + 'static {
 pub struct RaftService {
     pub host: Arc<RaftHost>,
     pub catalog: Arc<dyn CatalogHandler>,
+}
+
+/// The node-to-node service as a cluster listener serves it: every request
+/// must carry the cluster secret, and messages may be as large as Raft needs.
+pub fn cluster_service(
+    svc: RaftService,
+    secret: crate::auth::ClusterSecret,
+) -> tonic::service::interceptor::InterceptedService<pb::raft_server::RaftServer<RaftService>, crate::auth::RequireSecret> {
+    let server = pb::raft_server::RaftServer::new(svc)
+        .max_decoding_message_size(crate::network::MAX_RAFT_MESSAGE)
+        .max_encoding_message_size(crate::network::MAX_RAFT_MESSAGE);
+    tonic::service::interceptor::InterceptedService::new(server, crate::auth::RequireSecret(secret))
 }
 
 fn shard_of(g: Option<pb::GroupId>) -> Result<ShardId, Status> {
@@ -52,8 +66,11 @@ impl RaftService {
             .host
             .group(&id)
             .ok_or_else(|| Status::not_found(format!("node {} holds no replica of {id} (yet)", self.host.me)))?;
-        if !group.members.contains(&from) {
-            return Err(Status::permission_denied(format!("node {from} is not a member of group {id}")));
+        if !group.admits(from) {
+            metrics::counter!(crate::metrics::NOT_MEMBER).increment(1);
+            return Err(Status::permission_denied(format!(
+                "node {from} is not a voter or learner of group {id}"
+            )));
         }
         Ok(group)
     }
@@ -103,13 +120,16 @@ impl RaftRpc for RaftService {
             .group(&id)
             .ok_or_else(|| Status::not_found(format!("node {} holds no replica of {id} (yet)", self.host.me)))?;
         let cmd: ShardCommand = decode(&r.command)?;
-        let ack = if g.members.contains(&r.from) {
+        let (index, response) = if g.admits(r.from) {
             // From a replica that believes we lead: propose here or fail, so
             // forwarding never loops between members.
             self.host.propose_local(&g.id, cmd).await?
         } else if self.host.is_region_node(r.from) {
             // From a node of the region without a replica: pass it on to the leader.
-            self.host.write(&g.id, cmd).await.map_err(|e| sovra_proto::status_of(&e))?
+            self.host
+                .write_committed(&g.id, cmd)
+                .await
+                .map_err(|e| sovra_proto::status_of(&e))?
         } else {
             return Err(Status::permission_denied(format!(
                 "node {} may not write to group {id}: it is not a node of region {}",
@@ -117,8 +137,9 @@ impl RaftRpc for RaftService {
             )));
         };
         Ok(Response::new(pb::ProposeReply {
-            index: ack.index,
-            changed: ack.changed,
+            index,
+            changed: response.changed,
+            rejected: response.rejected.unwrap_or_default(),
         }))
     }
 

@@ -2,17 +2,20 @@
 //! than memory is never held whole:
 //!
 //! ```text
-//! magic "SOVRASNP" | version u32 BE | header length u32 BE | postcard SnapshotHeader
+//! magic "SOVRASNP" | version u32 BE (2) | header length u32 BE | postcard SnapshotHeader
 //! { record length u32 BE | postcard PointRecord }*
 //! end mark 0xFFFFFFFF | record count u64 BE | xxh3-64 of every byte before it, u64 BE
 //! ```
 //!
 //! The header names the shard (collection, region, number), the last log id and
-//! membership it reflects, and the collection spec. A receiver checks the whole
-//! file (digest, shard, region against its own) before it touches its state.
+//! membership it reflects, the collection spec and the shard's recorded
+//! rejections. A receiver checks the whole file (digest, shard, region, every
+//! record against its own collection spec) before it touches its state.
+//! Version 1 (no rejections) is refused with a clear error.
 
 use crate::types::{LogId, SnapshotMeta, StoredMembership};
 use serde::{Deserialize, Serialize};
+use sovra_shard::Rejections;
 use sovra_types::{CollectionSpec, PointRecord, RegionId, ShardId};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -24,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 pub const MAGIC: &[u8; 8] = b"SOVRASNP";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const END: u32 = u32::MAX;
 /// A record longer than this is corruption, not data (batches are at most 8 MiB).
 const MAX_RECORD: u32 = 64 << 20;
@@ -36,6 +39,7 @@ pub struct SnapshotHeader {
     pub last_log_id: Option<LogId>,
     pub membership: StoredMembership,
     pub spec: CollectionSpec,
+    pub rejections: Rejections,
 }
 
 impl SnapshotHeader {
@@ -64,6 +68,8 @@ pub enum SnapshotError {
     WrongShard { found: ShardId, expected: ShardId },
     #[error("snapshot holds region {found} data; this node may hold only region {node} (R2)")]
     WrongRegion { found: RegionId, node: RegionId },
+    #[error("snapshot holds a record this collection cannot hold: {0}")]
+    InvalidRecord(String),
     #[error("snapshot header does not match the metadata Raft sent with it")]
     MetaMismatch,
     #[error("encoding failed: {0}")]
@@ -249,18 +255,25 @@ impl Iterator for Reader {
     }
 }
 
-/// Reads the whole file and checks it belongs here: digest, shard and region.
-/// Nothing is installed from a file that fails this.
-pub fn verify(path: &Path, shard: &ShardId, node_region: &RegionId) -> Result<SnapshotHeader, SnapshotError> {
+/// Reads the whole file and checks it belongs here: digest, shard, region, and
+/// every record valid for `spec` (this node's spec of the collection). Nothing
+/// is installed from a file that fails this.
+pub fn verify(path: &Path, shard: &ShardId, node_region: &RegionId, spec: &CollectionSpec) -> Result<SnapshotHeader, SnapshotError> {
     let mut r = Reader::open(path)?;
     // The digest is checked first (it is the last thing read): a corrupted file
     // is reported as corrupted, not by whatever garbage it happens to contain.
     let mut misplaced = None;
+    let mut invalid = None;
     for rec in r.by_ref() {
         let rec = rec?;
         // Every point in a region's shard must be of that region (R2).
         if &rec.region != node_region && misplaced.is_none() {
-            misplaced = Some(rec.region);
+            misplaced = Some(rec.region.clone());
+        }
+        if invalid.is_none()
+            && let Err(e) = sovra_types::validate::check_record(spec, &rec, &format!("point {}", rec.id))
+        {
+            invalid = Some(e.message);
         }
     }
     check_header(&r.header, shard, node_region)?;
@@ -269,6 +282,9 @@ pub fn verify(path: &Path, shard: &ShardId, node_region: &RegionId) -> Result<Sn
             found,
             node: node_region.clone(),
         });
+    }
+    if let Some(why) = invalid {
+        return Err(SnapshotError::InvalidRecord(why));
     }
     Ok(r.header)
 }

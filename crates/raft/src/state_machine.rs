@@ -123,7 +123,7 @@ impl ShardStateMachine {
     /// replaces the engine's contents with it. Blocking.
     fn install_file(&self, path: &Path, expect: Option<&SnapshotMeta>) -> Result<u64, SnapshotError> {
         let id = self.engine.id().clone();
-        let header = match snapshot::verify(path, &id, &self.node_region) {
+        let header = match snapshot::verify(path, &id, &self.node_region, self.engine.spec()) {
             Ok(h) => h,
             Err(e) => {
                 self.stats.snapshots_refused.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +148,7 @@ impl ShardStateMachine {
         let meta_bytes = postcard::to_allocvec(&meta)?;
         let index = header.last_log_id.map_or(0, |l| l.index);
         let records = snapshot::Reader::open(&current)?;
-        let count = match self.engine.install(records, index, &meta_bytes) {
+        let count = match self.engine.install(records, index, &meta_bytes, &header.rejections) {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e),
             Err(ShardError::Io(e)) => return Err(SnapshotError::Io(e)),
@@ -196,6 +196,9 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
                     last_log_id: meta.last_applied,
                     membership: meta.membership,
                     spec: this.engine.spec().clone(),
+                    rejections: store
+                        .rejections()
+                        .map_err(|e| SnapshotError::Io(std::io::Error::other(e.to_string())))?,
                 };
                 snapshot::write(&tmp, &header, store.points())?.map_err(|e| SnapshotError::Io(std::io::Error::other(e.to_string())))?;
                 Ok(header)
@@ -264,9 +267,19 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         })
         .await?
         .map_err(|e| io_err(e, StorageIOError::write_state_machine))?;
-        let id = self.engine.id();
-        metrics::histogram!(crate::metrics::APPLY_SECONDS, &crate::metrics::group_labels(id)).record(started.elapsed().as_secs_f64());
-        Ok(changed.into_iter().map(|c| ShardResponse { changed: c as u64 }).collect())
+        let labels = crate::metrics::group_labels(self.engine.id());
+        metrics::histogram!(crate::metrics::APPLY_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+        let rejected = changed.iter().filter(|c| c.rejected.is_some()).count();
+        if rejected > 0 {
+            metrics::counter!(crate::metrics::ENTRIES_REJECTED, &labels).increment(rejected as u64);
+        }
+        Ok(changed
+            .into_iter()
+            .map(|c| ShardResponse {
+                changed: c.changed as u64,
+                rejected: c.rejected,
+            })
+            .collect())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

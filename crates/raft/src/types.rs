@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 use sovra_types::ShardCommand;
 
 /// What applying one client batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardResponse {
     pub changed: u64,
+    /// Set when the entry was invalid against the shard and refused on apply
+    /// (recorded in the shard's state; nothing else changed).
+    pub rejected: Option<String>,
 }
 
 openraft::declare_raft_types!(

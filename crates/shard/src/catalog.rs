@@ -13,6 +13,9 @@ const SHARD_PREFIX: &str = "shard/";
 /// A shard group's Raft log lives beside the shard, under the same names.
 const RAFT_LOG_PREFIX: &str = "raftlog/";
 
+/// A catalog entry: the collection's name and its spec, or why it cannot be read.
+pub type CatalogEntry = (String, Result<CollectionSpec, ShardError>);
+
 #[derive(Clone)]
 pub struct NodeStore {
     db: sled::Db,
@@ -53,6 +56,20 @@ impl NodeStore {
 
     pub fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// Every catalog entry by name, each decoded on its own: one that cannot
+    /// be read does not hide the others.
+    pub fn catalog_entries(&self) -> Result<Vec<CatalogEntry>, ShardError> {
+        self.catalog
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let name = String::from_utf8_lossy(&k).into_owned();
+                let spec = decode(&v, &name);
+                Ok((name, spec))
+            })
+            .collect()
     }
 
     pub fn collections(&self) -> Result<Vec<CollectionSpec>, ShardError> {
@@ -104,7 +121,8 @@ impl NodeStore {
     }
 
     fn drop_orphan_shards(&self) -> Result<(), ShardError> {
-        let names: Vec<String> = self.collections()?.iter().map(|c| c.name.to_string()).collect();
+        // Names, not decoded specs: an unreadable entry keeps its data.
+        let names: Vec<String> = self.catalog_entries()?.into_iter().map(|(n, _)| n).collect();
         let known: Vec<String> = names
             .iter()
             .flat_map(|n| [format!("{SHARD_PREFIX}{n}/"), format!("{RAFT_LOG_PREFIX}{n}/")])

@@ -2,17 +2,20 @@
 //! changed only through [`ShardEngine::apply`].
 //!
 //! `apply(index, command)` is deterministic (no clock, no randomness, no local id
-//! is stored: slots live only in memory) and total (it cannot refuse a command;
-//! only storage failure stops it). Entries at or below `last_applied` are skipped,
+//! is stored: slots live only in memory) and total: a command that is invalid
+//! against the shard (by `sovra_types::validate::check_command`, the same check
+//! the edge of the log runs) changes nothing but the shard's recorded
+//! [`Rejections`], identically on every replica; only storage failure stops it. Entries at or below `last_applied` are skipped,
 //! so a log can be replayed. The data and `last_applied` go in one sled batch and
 //! are flushed to disk before `apply` returns, so an acknowledged write survives
 //! a crash.
 
 use crate::ShardError;
 use crate::live::{LiveIndex, SearchPath};
-use crate::store::ShardStore;
+use crate::store::{Rejections, ShardStore};
 use parking_lot::{Mutex, RwLock};
 use sovra_index::{HnswConfig, HnswIndex, Space, VectorIndex};
+use sovra_types::validate::{check_command, check_record};
 use sovra_types::{CollectionSpec, Filter, Metric, PointId, PointRecord, ShardCommand, ShardId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +45,15 @@ pub struct ApplyOutcome {
     pub changed: usize,
     /// False if the index was at or below `last_applied` and so skipped.
     pub applied: bool,
+    /// Why the command was refused (and nothing but the refusal recorded).
+    pub rejected: Option<String>,
+}
+
+/// What applying one log entry did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryOutcome {
+    pub changed: usize,
+    pub rejected: Option<String>,
 }
 
 pub struct SearchParams<'a> {
@@ -108,7 +120,11 @@ impl ShardEngine {
         let live = engine.live.read().clone();
         let mut chunk = Vec::with_capacity(LOAD_CHUNK);
         for rec in engine.store.points() {
-            chunk.push(rec?);
+            let rec = rec?;
+            // A record this collection cannot hold (an older build wrote it)
+            // fails this shard's load, never the index or the node.
+            engine.check_held(&rec)?;
+            chunk.push(rec);
             if chunk.len() == LOAD_CHUNK {
                 live.upsert(&chunk);
                 chunk.clear();
@@ -124,6 +140,22 @@ impl ShardEngine {
 
     pub fn spec(&self) -> &CollectionSpec {
         &self.spec
+    }
+
+    /// Whether `rec` may be held by this shard: of its region, valid for the spec.
+    pub fn check_held(&self, rec: &PointRecord) -> Result<(), ShardError> {
+        let invalid = |reason: String| ShardError::Invalid {
+            what: format!("{} in shard {}", rec.id, self.id),
+            reason,
+        };
+        if rec.region != self.id.region {
+            return Err(invalid(format!("it is of region {}", rec.region)));
+        }
+        check_record(&self.spec, rec, "point").map_err(|e| invalid(e.message))
+    }
+
+    pub fn rejections(&self) -> Result<Rejections, ShardError> {
+        self.store.rejections()
     }
 
     pub fn last_applied(&self) -> u64 {
@@ -148,14 +180,16 @@ impl ShardEngine {
                 index,
                 changed: 0,
                 applied: false,
+                rejected: None,
             });
         }
-        let changed = self.write_entry(index, Some(cmd), None)?;
+        let out = self.write_entry(index, Some(cmd), None)?;
         self.db.flush()?;
         Ok(ApplyOutcome {
             index,
-            changed,
+            changed: out.changed,
             applied: true,
+            rejected: out.rejected,
         })
     }
 
@@ -163,7 +197,7 @@ impl ShardEngine {
     /// None for the log's own bookkeeping entries, the replication layer's meta
     /// after it)`, each in its own atomic batch, with one flush at the end. The
     /// log decides what to apply, so nothing is skipped here.
-    pub fn apply_entries(&self, entries: &[(u64, Option<&ShardCommand>, Vec<u8>)]) -> Result<Vec<usize>, ShardError> {
+    pub fn apply_entries(&self, entries: &[(u64, Option<&ShardCommand>, Vec<u8>)]) -> Result<Vec<EntryOutcome>, ShardError> {
         let _w = self.writer.lock();
         let mut changed = Vec::with_capacity(entries.len());
         for (index, cmd, meta) in entries {
@@ -174,8 +208,21 @@ impl ShardEngine {
     }
 
     /// One command's store batch, then the in-memory index. Caller holds `writer`.
-    fn write_entry(&self, index: u64, cmd: Option<&ShardCommand>, meta: Option<&[u8]>) -> Result<usize, ShardError> {
+    /// An invalid command writes only its rejection (and the log position).
+    fn write_entry(&self, index: u64, cmd: Option<&ShardCommand>, meta: Option<&[u8]>) -> Result<EntryOutcome, ShardError> {
         let mut batch = self.store.batch();
+        if let Some(Err(refused)) = cmd.map(|c| check_command(&self.spec, &self.id, c)) {
+            let mut r = self.store.rejections()?;
+            r.record(index, refused.message.clone());
+            batch.set_rejections(&r)?;
+            batch.commit_with(index, meta)?;
+            self.last_applied.store(index, Ordering::Release);
+            tracing::error!(shard = %self.id, index, reason = %refused.message, "log entry refused on apply");
+            return Ok(EntryOutcome {
+                changed: 0,
+                rejected: Some(refused.message),
+            });
+        }
         let changed = match cmd {
             Some(ShardCommand::Upsert(points)) => {
                 for p in points {
@@ -202,7 +249,7 @@ impl ShardEngine {
             None => {}
         }
         self.last_applied.store(index, Ordering::Release);
-        Ok(changed)
+        Ok(EntryOutcome { changed, rejected: None })
     }
 
     /// Runs `f` with writers held back, so what it reads of the store is exactly
@@ -223,6 +270,7 @@ impl ShardEngine {
         records: impl Iterator<Item = Result<PointRecord, E>>,
         index: u64,
         meta: &[u8],
+        rejections: &Rejections,
     ) -> Result<Result<usize, E>, ShardError> {
         let _w = self.writer.lock();
         self.store.begin_install()?;
@@ -231,7 +279,12 @@ impl ShardEngine {
         let mut count = 0;
         for rec in records {
             match rec {
-                Ok(r) => chunk.push(r),
+                Ok(r) => {
+                    // The caller verified the file; this keeps the index safe
+                    // whatever the caller did.
+                    self.check_held(&r)?;
+                    chunk.push(r)
+                }
                 // The marker stays: the shard is unusable until a good install.
                 Err(e) => return Ok(Err(e)),
             }
@@ -240,7 +293,7 @@ impl ShardEngine {
             }
         }
         count += self.install_chunk(&fresh, &mut chunk)?;
-        self.store.finish_install(index, meta)?;
+        self.store.finish_install(index, meta, rejections)?;
         self.db.flush()?;
         *self.live.write() = Arc::new(fresh);
         self.last_applied.store(index, Ordering::Release);

@@ -16,6 +16,10 @@ pub enum ShardError {
     Io(#[from] std::io::Error),
     #[error("encoding a record failed")]
     Encode(#[source] postcard::Error),
+    /// A stored or received record this collection cannot hold (written by an
+    /// older build, or corrupted): it never reaches the index.
+    #[error("record {what} is invalid for its collection: {reason}")]
+    Invalid { what: String, reason: String },
     #[error("data directory has format version {found}, this build reads {expected}")]
     FormatVersion { found: u32, expected: u32 },
 }

@@ -21,5 +21,6 @@ pub mod live;
 pub mod store;
 
 pub use catalog::NodeStore;
-pub use engine::{ApplyOutcome, CompactionReport, Hit, SearchParams, ShardEngine, ShardStats};
+pub use engine::{ApplyOutcome, CompactionReport, EntryOutcome, Hit, SearchParams, ShardEngine, ShardStats};
 pub use error::ShardError;
+pub use store::{Rejection, Rejections};

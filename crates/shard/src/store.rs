@@ -8,9 +8,10 @@
 //! | `m` + `last_applied` | u64 BE |
 //! | `m` + `replica` | opaque bytes of the replication layer (Raft's applied log id and membership) |
 //! | `m` + `installing` | present only while a snapshot replaces the shard's contents |
+//! | `m` + `rejections` | postcard [`Rejections`]: entries refused on apply |
 //!
-//! Point keys are [`PointId::key_bytes`], so `p` keys sort by id and the state
-//! digest is a pure function of the points.
+//! Point keys are [`PointId::key_bytes`], so `p` keys sort by id. The state
+//! digest is a pure function of the points and the recorded rejections.
 
 use crate::ShardError;
 use sled::{Batch, Tree};
@@ -23,6 +24,37 @@ const EXPIRY: u8 = b'e';
 const LAST_APPLIED: &[u8] = b"mlast_applied";
 const REPLICA_META: &[u8] = b"mreplica";
 const INSTALLING: &[u8] = b"minstalling";
+const REJECTIONS: &[u8] = b"mrejections";
+/// Rejections kept with their reason; older ones only count.
+pub const RECENT_REJECTIONS: usize = 16;
+
+/// Log entries this shard refused on apply because they were invalid against
+/// its state (an older build, a bug: the edge of the log refuses them first).
+/// Part of the replicated state: every replica records the same ones, snapshots
+/// carry them and the digest covers them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rejections {
+    pub count: u64,
+    /// The most recent, oldest first, at most [`RECENT_REJECTIONS`].
+    pub recent: Vec<Rejection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rejection {
+    /// Log index of the refused entry.
+    pub index: u64,
+    pub reason: String,
+}
+
+impl Rejections {
+    pub fn record(&mut self, index: u64, reason: String) {
+        self.count += 1;
+        self.recent.push(Rejection { index, reason });
+        if self.recent.len() > RECENT_REJECTIONS {
+            self.recent.remove(0);
+        }
+    }
+}
 
 pub struct ShardStore {
     tree: Tree,
@@ -112,6 +144,12 @@ impl<'a> PendingBatch<'a> {
         Ok(true)
     }
 
+    /// Records a refused entry in the same batch.
+    pub fn set_rejections(&mut self, r: &Rejections) -> Result<(), ShardError> {
+        self.batch.insert(REJECTIONS, postcard::to_allocvec(r).map_err(ShardError::Encode)?);
+        Ok(())
+    }
+
     /// Writes everything and `last_applied` atomically.
     pub fn commit(self, index: u64) -> Result<(), ShardError> {
         self.commit_with(index, None)
@@ -155,6 +193,16 @@ impl ShardStore {
         Ok(self.tree.get(REPLICA_META)?.map(|v| v.to_vec()))
     }
 
+    pub fn rejections(&self) -> Result<Rejections, ShardError> {
+        match self.tree.get(REJECTIONS)? {
+            None => Ok(Rejections::default()),
+            Some(v) => postcard::from_bytes(&v).map_err(|source| ShardError::Corrupt {
+                what: "rejections".into(),
+                source,
+            }),
+        }
+    }
+
     /// Whether a snapshot install was cut off part way (the contents are then
     /// neither the old state nor the new one and must be installed again).
     pub fn install_interrupted(&self) -> Result<bool, ShardError> {
@@ -174,11 +222,15 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Ends an install: position and meta written, marker removed, in one batch.
-    pub(crate) fn finish_install(&self, index: u64, meta: &[u8]) -> Result<(), ShardError> {
+    /// Ends an install: position, meta and the snapshot's rejections written,
+    /// marker removed, in one batch.
+    pub(crate) fn finish_install(&self, index: u64, meta: &[u8], rejections: &Rejections) -> Result<(), ShardError> {
         let mut b = Batch::default();
         b.insert(LAST_APPLIED, &index.to_be_bytes());
         b.insert(REPLICA_META, meta);
+        if rejections.count > 0 {
+            b.insert(REJECTIONS, postcard::to_allocvec(rejections).map_err(ShardError::Encode)?);
+        }
         b.remove(INSTALLING);
         self.tree.apply_batch(b)?;
         Ok(())
@@ -229,10 +281,15 @@ impl ShardStore {
         Ok(out)
     }
 
-    /// xxh3-64 over every point's key and encoded record in key order: equal
-    /// digests mean equal points, whatever order the commands came in.
+    /// xxh3-64 over the recorded rejections, then every point's key and encoded
+    /// record in key order: equal digests mean equal points and rejections,
+    /// whatever order the commands came in.
     pub fn digest(&self) -> Result<u64, ShardError> {
         let mut h = Xxh3::new();
+        if let Some(r) = self.tree.get(REJECTIONS)? {
+            h.update(&(r.len() as u32).to_be_bytes());
+            h.update(&r);
+        }
         for kv in self.tree.scan_prefix([POINT]) {
             let (k, v) = kv?;
             h.update(&(k.len() as u32).to_be_bytes());

@@ -28,9 +28,13 @@ fn ids(engine: &ShardEngine, q: &[f32], k: usize, now_ms: u64) -> Vec<u64> {
         .collect()
 }
 
+/// Upserts in batches the log accepts (at most 1,000 points each).
 fn upsert(engine: &ShardEngine, range: std::ops::Range<u64>) {
-    let recs = range.map(|i| record(i, v(i), Payload::new())).collect();
-    engine.apply_next(&ShardCommand::Upsert(recs)).unwrap();
+    let recs: Vec<_> = range.map(|i| record(i, v(i), Payload::new())).collect();
+    for batch in recs.chunks(1000) {
+        let out = engine.apply_next(&ShardCommand::Upsert(batch.to_vec())).unwrap();
+        assert_eq!(out.rejected, None);
+    }
 }
 
 #[test]
@@ -240,4 +244,49 @@ fn compaction_keeps_writes_made_while_it_runs() {
         })
         .collect();
     assert_eq!(got, want);
+}
+
+#[test]
+fn invalid_commands_are_recorded_rejections_and_invalid_stored_records_fail_the_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
+    let s = spec("c", 4, Metric::L2);
+    let e = open(&store, &s);
+    upsert(&e, 0..10);
+    let before = e.digest().unwrap();
+    // A 2-d vector in a 4-d collection would panic inside the index.
+    let bad = ShardCommand::Upsert(vec![record(99, vec![1.0, 2.0], Payload::new())]);
+    let out = e.apply_next(&bad).unwrap();
+    assert!(out.applied && out.changed == 0);
+    assert!(out.rejected.as_deref().unwrap().contains("dimension 2"), "{out:?}");
+    assert_eq!(e.stats().live_points, 10);
+    assert!(e.get(&PointId::Num(99), 0).unwrap().is_none());
+    let r = e.rejections().unwrap();
+    assert_eq!((r.count, r.recent[0].index), (1, out.index));
+    assert_ne!(e.digest().unwrap(), before, "the digest covers rejections");
+    // Replayed on another replica, the same entries give the same state.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let store2 = NodeStore::open(tmp2.path(), 8 << 20).unwrap();
+    let e2 = open(&store2, &s);
+    upsert(&e2, 0..10);
+    e2.apply_next(&bad).unwrap();
+    assert_eq!(e2.digest().unwrap(), e.digest().unwrap());
+
+    // A record an older build might have stored: the shard refuses to load,
+    // naming it, instead of panicking in the index.
+    drop(e);
+    let id = ShardId {
+        collection: s.name.clone(),
+        region: RegionId::parse("eu").unwrap(),
+        number: 0,
+    };
+    let raw = sovra_shard::store::ShardStore::new(store.shard_tree(&id).unwrap());
+    let mut b = raw.batch();
+    b.upsert(&record(7, vec![1.0], Payload::new())).unwrap();
+    b.commit(100).unwrap();
+    let tree = store.shard_tree(&id).unwrap();
+    let err = ShardEngine::open(id, std::sync::Arc::new(s), store.db().clone(), tree, None)
+        .err()
+        .expect("an invalid stored record fails the load");
+    assert!(err.to_string().contains("record 7") && err.to_string().contains("invalid"), "{err}");
 }

@@ -101,10 +101,7 @@ impl Condition {
                 if let Value::Double(d) = value
                     && !d.is_finite()
                 {
-                    return Err(ApiError::invalid(format!(
-                        "{path}.match on {} is not a finite number",
-                        quote(key)
-                    )));
+                    return Err(ApiError::invalid(format!("{path}.match on {} is not a finite number", quote(key))));
                 }
                 key
             }

@@ -3,6 +3,11 @@
 
 /// gRPC message limit the node accepts (and sends). Batches are bounded below it.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest answer a node builds (Get, Search): 4 MiB, the default receive limit
+/// of gRPC clients in every language, so any client can read any answer. The
+/// bytes are counted while the answer is assembled; past this the request fails
+/// RESOURCE_EXHAUSTED saying how many results fitted.
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_DIMENSION: u32 = 4096;
 /// hnsw_rs calls `process::exit` above 256 links; layer 0 holds 2*m, so m <= 128.
 pub const MIN_M: u32 = 4;

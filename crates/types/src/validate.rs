@@ -5,8 +5,8 @@
 //! edge (an older build, a bug) is recorded as a rejection, never applied.
 
 use crate::collection::{CollectionSpec, Metric};
-use crate::error::{ApiError, quote};
 use crate::command::ShardCommand;
+use crate::error::{ApiError, quote};
 use crate::ids::{PointId, RegionId, ShardId};
 use crate::limits::*;
 use crate::point::{LawfulBasis, PointRecord};

@@ -35,6 +35,7 @@ fn info(state: &NodeState, c: &Collection, with_digest: bool) -> Result<v1::Coll
                 tombstones: stats.map_or(0, |s| s.tombstones as u64),
                 applied_index: stats.map_or(0, |s| s.last_applied),
                 held: engine.is_some(),
+                error: c.failure(&id).map(str::to_string).unwrap_or_default(),
                 replicas: state.replicas(&c.spec, &id).into_iter().collect(),
                 leader: raft.as_ref().and_then(|m| m.current_leader).unwrap_or(0),
                 term: raft.as_ref().map_or(0, |m| m.current_term),

@@ -13,6 +13,7 @@ pub use search::SearchService;
 use crate::metrics as m;
 use sovra_proto::status_of;
 use sovra_types::ApiError;
+use sovra_types::limits::MAX_ANSWER_BYTES;
 use std::future::Future;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tonic::{Response, Status};
@@ -41,6 +42,27 @@ pub(crate) async fn observe<T>(method: &'static str, body: impl Future<Output = 
     metrics::counter!(m::REQUESTS, "method" => method, "code" => code).increment(1);
     metrics::histogram!(m::REQUEST_SECONDS, "method" => method).record(start.elapsed().as_secs_f64());
     out.map(Response::new).map_err(|e| status_of(&e))
+}
+
+/// Counts the encoded size of an answer while it is assembled, so an answer
+/// too large to send is refused part way, never built whole first.
+pub(crate) struct AnswerBudget {
+    used: usize,
+}
+
+impl AnswerBudget {
+    pub(crate) fn new() -> Self {
+        Self { used: 0 }
+    }
+
+    /// Adds one element of a repeated message field; false once the answer
+    /// would pass [`MAX_ANSWER_BYTES`].
+    pub(crate) fn add(&mut self, m: &impl prost::Message) -> bool {
+        let n = m.encoded_len();
+        // Tag byte, length prefix, body.
+        self.used += 1 + prost::length_delimiter_len(n) + n;
+        self.used <= MAX_ANSWER_BYTES
+    }
 }
 
 /// The read level each shard must reach before it answers: `linearizable`, or

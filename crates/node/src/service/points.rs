@@ -1,10 +1,10 @@
-use super::{ReadLevels, blocking, now_ms, observe};
+use super::{AnswerBudget, ReadLevels, blocking, now_ms, observe};
 use crate::state::{Collection, NodeState};
 use sovra_proto::convert::{point_from, point_id_from, point_to};
 use sovra_proto::v1::{self, points_server::Points};
-use sovra_types::limits::MAX_IDS_PER_REQUEST;
-use sovra_types::validate::{check_region, prepare_batch};
-use sovra_types::{ApiError, PointId, RegionId, ShardCommand, ShardId};
+use sovra_types::limits::{MAX_ANSWER_BYTES, MAX_IDS_PER_REQUEST};
+use sovra_types::validate::{check_command, check_region, prepare_batch};
+use sovra_types::{ApiError, ErrorCode, PointId, RegionId, ShardCommand, ShardId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -30,22 +30,27 @@ fn ids_from(ids: &[v1::PointId]) -> Result<Vec<PointId>, ApiError> {
 }
 
 /// Commits one command per shard touched, each through its Raft group. Every
-/// point was validated before this. Shards are independent groups: if one fails
-/// after others committed, the error says which committed (retrying the whole
-/// request is safe: writes are idempotent by id).
+/// point was validated, and every shard checked, before the first is written,
+/// so any refusal writes nothing. Shards are independent groups: if one fails
+/// to commit after others did, the error says which committed (retrying the
+/// whole request is safe: writes are idempotent by id).
 async fn write(state: &Arc<NodeState>, c: &Collection, per_shard: Vec<(ShardId, ShardCommand)>) -> Result<v1::WriteResponse, ApiError> {
-    let mut out = v1::WriteResponse::default();
-    for (shard, cmd) in per_shard {
+    for (shard, cmd) in &per_shard {
         // R2: a region's data enters the cluster only through that region's nodes.
         if shard.region != state.region {
             return Err(ApiError::precondition(format!(
-                "points of region {} must be written through a node of {} (nodes {:?}); this node is in {}",
+                "points of region {} must be written through a node of {} (nodes {:?}); this node is in {}; nothing was written",
                 shard.region,
                 shard.region,
                 state.region_nodes(&shard.region),
                 state.region
             )));
         }
+        // The same check every proposal path runs, here for all shards first.
+        check_command(&c.spec, shard, cmd)?;
+    }
+    let mut out = v1::WriteResponse::default();
+    for (shard, cmd) in per_shard {
         let members = state.replicas(&c.spec, &shard);
         match state.host.write_to(&shard, &members, cmd).await {
             Ok(ack) => {
@@ -121,12 +126,7 @@ impl Points for PointsService {
             let mut ready = std::collections::BTreeSet::new();
             for id in &ids {
                 let shard = c.route(&region, id)?;
-                let engine = c.local(&shard).cloned().ok_or_else(|| {
-                    ApiError::unavailable(format!(
-                        "shard {shard} has no replica on this node; read it from one of nodes {:?}",
-                        self.state.replicas(&c.spec, &shard)
-                    ))
-                })?;
+                let engine = c.local_or_unavailable(&self.state, &shard)?.clone();
                 if ready.insert(shard.clone()) {
                     self.state.host.read_barrier(&shard, levels.for_shard(&shard)).await?;
                 }
@@ -136,10 +136,23 @@ impl Points for PointsService {
             let state = self.state.clone();
             let (with_vector, with_payload) = (req.with_vector, req.with_payload);
             blocking(move || {
+                let asked = routed.len();
                 let mut points = Vec::new();
+                let mut budget = AnswerBudget::new();
                 for (engine, id) in routed {
                     if let Some(r) = engine.get(&id, now).map_err(|e| state.storage_failed(e))? {
-                        points.push(point_to(&r, with_vector, with_payload));
+                        let p = point_to(&r, with_vector, with_payload);
+                        if !budget.add(&p) {
+                            return Err(ApiError::new(
+                                ErrorCode::ResourceExhausted,
+                                format!(
+                                    "the answer would pass {MAX_ANSWER_BYTES} bytes: only {} of the {asked} points asked for fitted; ask for at most {} ids per request, or leave out with_payload / with_vector",
+                                    points.len(),
+                                    points.len().max(1)
+                                ),
+                            ));
+                        }
+                        points.push(p);
                     }
                 }
                 Ok(v1::GetPointsResponse { points })

@@ -1,13 +1,13 @@
-use super::{ReadLevels, blocking, now_ms, observe};
+use super::{AnswerBudget, ReadLevels, blocking, now_ms, observe};
 use crate::metrics as m;
 use crate::state::NodeState;
 use sovra_proto::convert::{filter_from, point_id_to, point_to};
 use sovra_proto::v1::{self, search_server::Search};
 use sovra_shard::live::SearchPath;
 use sovra_shard::{Hit, SearchParams};
-use sovra_types::limits::{MAX_EF_SEARCH, MAX_K};
+use sovra_types::limits::{MAX_ANSWER_BYTES, MAX_EF_SEARCH, MAX_K};
 use sovra_types::validate::{check_region, prepare_vector};
-use sovra_types::{ApiError, RegionId, ShardId};
+use sovra_types::{ApiError, ErrorCode, RegionId, ShardId};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -48,11 +48,15 @@ impl SearchService {
         let regions: Vec<RegionId> = if req.regions.is_empty() {
             c.spec.regions.iter().map(|r| r.region.clone()).collect()
         } else {
-            req.regions
-                .iter()
-                .enumerate()
-                .map(|(i, r)| check_region(&c.spec, r).map_err(|e| e.at(&format!("regions[{i}]"))))
-                .collect::<Result<_, _>>()?
+            let mut regions = Vec::with_capacity(req.regions.len());
+            for (i, r) in req.regions.iter().enumerate() {
+                let region = check_region(&c.spec, r).map_err(|e| e.at(&format!("regions[{i}]")))?;
+                // A region named twice is searched once (documented in the proto).
+                if !regions.contains(&region) {
+                    regions.push(region);
+                }
+            }
+            regions
         };
 
         // One task per shard this node holds a replica of, once the replica has
@@ -76,11 +80,14 @@ impl SearchService {
                     answered: false,
                     error,
                 };
-                let Some(engine) = c.local(&shard) else {
-                    statuses.push(unanswered(format!(
-                        "no replica on this node; replicas are on nodes {:?} of region {region}",
-                        self.state.replicas(&c.spec, &shard)
-                    )));
+                let Ok(engine) = c.local_or_unavailable(&self.state, &shard) else {
+                    statuses.push(unanswered(match c.failure(&shard) {
+                        Some(why) => format!("the replica on this node failed to open: {why}"),
+                        None => format!(
+                            "no replica on this node; replicas are on nodes {:?} of region {region}",
+                            self.state.replicas(&c.spec, &shard)
+                        ),
+                    }));
                     continue;
                 };
                 if let Err(e) = self.state.host.read_barrier(&shard, levels.for_shard(&shard)).await {
@@ -148,6 +155,10 @@ impl SearchService {
 
         let (with_payload, with_vector) = (req.with_payload, req.with_vector);
         let state = self.state.clone();
+        let mut budget = AnswerBudget::new();
+        for s in &statuses {
+            budget.add(s);
+        }
         let hits = blocking(move || -> Result<Vec<v1::ScoredPoint>, ApiError> {
             let mut out = Vec::with_capacity(merged.len());
             for (region, hit, engine) in merged {
@@ -165,10 +176,21 @@ impl SearchService {
                         ..Default::default()
                     }
                 };
-                out.push(v1::ScoredPoint {
+                let scored = v1::ScoredPoint {
                     point: Some(point),
                     distance: hit.distance,
-                });
+                };
+                if !budget.add(&scored) {
+                    return Err(ApiError::new(
+                        ErrorCode::ResourceExhausted,
+                        format!(
+                            "the answer would pass {MAX_ANSWER_BYTES} bytes: only {} of the {k} hits asked for fitted; lower k to at most {}, or set with_payload / with_vector to false",
+                            out.len(),
+                            out.len().max(1)
+                        ),
+                    ));
+                }
+                out.push(scored);
             }
             Ok(out)
         })

@@ -1,10 +1,8 @@
 //! N replica hosts in one process, each with its own sled store and a real
 //! gRPC server on a loopback port 0, sharing one fault plan and address book.
 
-use sovra_proto::raft::raft_server::RaftServer;
-use sovra_raft::network::MAX_RAFT_MESSAGE;
-use sovra_raft::server::{CatalogHandler, RaftService};
-use sovra_raft::{AddressBook, Faults, LogStore, NodeId, RaftHost, RaftSettings};
+use sovra_raft::server::{CatalogHandler, RaftService, cluster_service};
+use sovra_raft::{AddressBook, ClusterSecret, Faults, LogStore, NodeId, RaftHost, RaftSettings};
 use sovra_shard::{NodeStore, ShardEngine};
 use sovra_types::*;
 use std::collections::BTreeSet;
@@ -35,6 +33,11 @@ pub struct Cluster {
     pub book: AddressBook,
     pub faults: Faults,
     pub spec: CollectionSpec,
+}
+
+/// The secret every node of a test cluster shares.
+pub fn secret() -> ClusterSecret {
+    ClusterSecret::new("test-cluster-secret-0123456789").unwrap()
 }
 
 pub fn region() -> RegionId {
@@ -147,6 +150,7 @@ impl Cluster {
             self.faults.clone(),
             settings,
             dir.path().join("snapshots"),
+            secret(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.book.set(id, &listener.local_addr().unwrap().to_string());
@@ -157,11 +161,7 @@ impl Cluster {
         };
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
-                .add_service(
-                    RaftServer::new(svc)
-                        .max_decoding_message_size(MAX_RAFT_MESSAGE)
-                        .max_encoding_message_size(MAX_RAFT_MESSAGE),
-                )
+                .add_service(cluster_service(svc, secret()))
                 .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
                     let _ = rx.wait_for(|s| *s).await;
                 })

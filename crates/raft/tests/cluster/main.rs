@@ -6,7 +6,7 @@ mod harness;
 
 use harness::*;
 use sovra_raft::{ReadLevel, WriteAck};
-use sovra_types::{ErrorCode, PointId, ShardCommand};
+use sovra_types::{ErrorCode, PointId, PointRecord, ShardCommand};
 use std::time::{Duration, Instant};
 
 fn seed() -> u64 {
@@ -261,4 +261,165 @@ async fn removed_replica_deletes_its_log_snapshots_and_data() {
     assert!(!dir.exists(), "snapshot directory remains");
     assert_eq!(g.engine().store().points().count(), 0);
     assert_eq!(g.log.entry_count(), 0);
+}
+
+async fn channel_to(c: &Cluster, id: u64) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(c.book.get(id).unwrap())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+type SecretClient = sovra_proto::raft::raft_client::RaftClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, sovra_raft::auth::AttachSecret>,
+>;
+
+/// A client of node `id`'s cluster listener that sends `secret`.
+async fn client_with(c: &Cluster, id: u64, secret: sovra_raft::ClusterSecret) -> SecretClient {
+    sovra_proto::raft::raft_client::RaftClient::with_interceptor(channel_to(c, id).await, sovra_raft::auth::AttachSecret(secret))
+}
+
+fn group_pb() -> sovra_proto::raft::GroupId {
+    sovra_raft::network::group_pb(&shard())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_api_without_the_secret_or_with_another_is_unauthenticated_and_changes_nothing() {
+    use sovra_proto::raft as pb;
+    let c = Cluster::start(3, fast_settings(), 4, seed()).await;
+    write(&c, 1, upsert(0..20, 4, 1.0)).await.unwrap();
+    let digest = c.converged(Duration::from_secs(10)).await;
+    let leader = c.leader().await;
+    // What an attacker who knows the node ids would send: delete everything,
+    // claiming to be a member.
+    let delete_all = postcard::to_allocvec(&ShardCommand::Delete((0..20).map(PointId::Num).collect())).unwrap();
+    let propose = || pb::ProposeRequest {
+        group: Some(group_pb()),
+        from: 1 + leader % 3,
+        command: delete_all.clone(),
+    };
+    let mut none = sovra_proto::raft::raft_client::RaftClient::new(channel_to(&c, leader).await);
+    let st = none.propose(propose()).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unauthenticated, "{st:?}");
+    assert!(st.message().contains("missing"), "{}", st.message());
+    let st = none
+        .catalog(pb::CatalogRequest {
+            from: 1,
+            change: Some(pb::catalog_request::Change::Drop("people".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unauthenticated, "{st:?}");
+    let wrong = sovra_raft::ClusterSecret::new("not-the-cluster-secret-but-long").unwrap();
+    let mut other = client_with(&c, leader, wrong).await;
+    let st = other.propose(propose()).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unauthenticated, "{st:?}");
+    let st = other
+        .append_entries(pb::RaftRequest {
+            group: Some(group_pb()),
+            from: 1 + leader % 3,
+            payload: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unauthenticated, "{st:?}");
+    write(&c, leader, upsert(100..101, 4, 1.0)).await.unwrap();
+    write(&c, leader, ShardCommand::Delete(vec![PointId::Num(100)])).await.unwrap();
+    assert_eq!(
+        c.converged(Duration::from_secs(10)).await,
+        digest,
+        "a refused request changed state"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_messages_are_taken_only_from_voters_and_learners_of_the_current_membership() {
+    use sovra_proto::raft as pb;
+    let c = Cluster::start(3, fast_settings(), 4, seed()).await;
+    let leader = c.leader().await;
+    let mut client = client_with(&c, leader, secret()).await;
+    let vote = |from| pb::RaftRequest {
+        group: Some(group_pb()),
+        from,
+        payload: vec![],
+    };
+    let st = client.vote(vote(9)).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+    assert!(st.message().contains("node 9 is not a voter or learner"), "{}", st.message());
+    // Node 4 joins as a learner: every replica admits it from then on (the
+    // check follows the membership, not the set the group was opened with).
+    for n in c.live() {
+        assert!(!n.host.group(&shard()).unwrap().admits(4));
+    }
+    let g = c.node(leader).host.group(&shard()).unwrap();
+    g.raft().add_learner(4, openraft::EmptyNode {}, false).await.unwrap();
+    eventually("every replica admits the learner", Duration::from_secs(10), async || {
+        c.live().all(|n| n.host.group(&shard()).unwrap().admits(4)).then_some(())
+    })
+    .await;
+    for n in c.live() {
+        assert!(!n.host.group(&shard()).unwrap().admits(9));
+    }
+    // A member's message passes the check (and is then judged by Raft: an
+    // empty payload does not decode).
+    let st = client.vote(vote(4)).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoned_entries_are_rejections_recorded_alike_on_every_replica_never_a_panic() {
+    let c = Cluster::start(3, fast_settings(), 4, seed()).await;
+    write(&c, 1, upsert(0..10, 4, 1.0)).await.unwrap();
+    let leader = c.leader().await;
+    let mut us = point(50, 4, 1.0);
+    us.region = sovra_types::RegionId::parse("us-east").unwrap();
+    let poisons = vec![
+        (ShardCommand::Upsert(vec![point(20, 2, 1.0)]), "dimension 2"),
+        (ShardCommand::Upsert(vec![us]), "region us-east"),
+        (
+            ShardCommand::Upsert(vec![PointRecord {
+                vector: vec![f32::NAN, 0.0, 0.0, 0.0],
+                ..point(21, 4, 1.0)
+            }]),
+            "is NaN",
+        ),
+    ];
+    for (cmd, needle) in &poisons {
+        // Through the leader, bypassing the edge: committed, then refused on apply.
+        let err = c.node(leader).host.write_unvalidated(&shard(), cmd.clone()).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message.contains("refused the write on apply") && err.message.contains(needle),
+            "{}",
+            err.message
+        );
+        // Through the edge on every node: refused before it is proposed.
+        for n in c.live() {
+            let err = write(&c, n.id, cmd.clone()).await.unwrap_err();
+            assert!(
+                matches!(err.code, ErrorCode::InvalidArgument | ErrorCode::FailedPrecondition),
+                "{err:?}"
+            );
+            assert!(err.message.contains(needle) && !err.message.contains("on apply"), "{}", err.message);
+        }
+    }
+    // A follower that forwards an unvalidated write: the leader's edge refuses it.
+    let follower = c.live().map(|n| n.id).find(|&n| n != leader).unwrap();
+    let err = c
+        .node(follower)
+        .host
+        .write_unvalidated(&shard(), poisons[0].0.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+    write(&c, follower, upsert(10..20, 4, 2.0)).await.unwrap();
+    c.converged(Duration::from_secs(10)).await;
+    for n in c.live() {
+        let g = n.host.group(&shard()).unwrap();
+        let r = g.engine().rejections().unwrap();
+        assert_eq!(r.count, 3, "node {}", n.id);
+        assert_eq!(g.engine().stats().live_points, 20, "node {}", n.id);
+        assert!(g.engine().get(&PointId::Num(20), 0).unwrap().is_none());
+    }
 }

@@ -127,7 +127,11 @@ fn commands_are_checked_against_their_shard() {
     let mut us = point(vec![1.0, 0.0, 0.0]);
     us.region = RegionId::parse("us").unwrap();
     let e = check_command(&s, &shard(owner), &ShardCommand::Upsert(vec![us])).unwrap_err();
-    assert!(e.message.contains("region us may not be stored") && e.message.contains("R2"), "{}", e.message);
+    assert!(
+        e.message.contains("region us may not be stored") && e.message.contains("R2"),
+        "{}",
+        e.message
+    );
 
     let cases: Vec<(PointRecord, &str)> = vec![
         (point(vec![1.0, 0.0]), "dimension 2"),
