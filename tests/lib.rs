@@ -16,6 +16,7 @@ pub struct TestNode {
     pub search: SearchClient<Channel>,
     pub channel: Channel,
     pub dir: tempfile::TempDir,
+    config: NodeConfig,
 }
 
 impl TestNode {
@@ -27,7 +28,7 @@ impl TestNode {
 
     /// Starts a node from `config` (whose data lives in `dir`) and waits for SERVING.
     async fn start_in(dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
-        let node = sovra_node::start(config).await.unwrap();
+        let node = sovra_node::start(config.clone()).await.unwrap();
         let channel = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
             .await
             .unwrap();
@@ -38,6 +39,28 @@ impl TestNode {
             search: SearchClient::new(channel.clone()),
             channel,
             dir,
+            config,
+        }
+    }
+
+    /// Stops the node and starts it again on the same data (on new ports).
+    pub async fn restart(mut self) -> TestNode {
+        self.node.take().unwrap().stop().await.unwrap();
+        let config = self.config.clone();
+        Self::start_in(self.dir, config).await
+    }
+
+    /// Tells every node the others' cluster addresses (after starts and restarts).
+    pub fn connect(nodes: &[TestNode]) {
+        for a in nodes {
+            for b in nodes {
+                a.node()
+                    .state
+                    .host
+                    .peers
+                    .book
+                    .set(b.node().state.config.node_id, &b.node().cluster_addr.to_string());
+            }
         }
     }
 
@@ -60,16 +83,7 @@ impl TestNode {
             cfg.cluster_secret = Some(CLUSTER_SECRET.into());
             out.push(Self::start_in(dir, cfg).await);
         }
-        for a in &out {
-            for b in &out {
-                a.node()
-                    .state
-                    .host
-                    .peers
-                    .book
-                    .set(b.node().state.config.node_id, &b.node().cluster_addr.to_string());
-            }
-        }
+        Self::connect(&out);
         out
     }
 

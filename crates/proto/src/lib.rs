@@ -15,7 +15,8 @@ pub mod raft {
     tonic::include_proto!("sovra.raft.v1");
 }
 
-/// For the gRPC reflection service, so `grpcurl` works without the protos.
+/// For the public port's gRPC reflection service, so `grpcurl` works without
+/// the protos. The public API (`sovra.v1`) only.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sovra_descriptor");
 
 use sovra_types::{ApiError, ErrorCode};
