@@ -5,13 +5,15 @@
 //! under dense *slot* numbers that it hands out itself, and searches with a
 //! caller-supplied predicate over slots. The shard crate maps slots to point ids
 //! and decides what a predicate accepts (tombstones, expiry, payload filters).
-//! Depends on no other Sovra crate.
+//! [`synth`] generates the seeded datasets the recall tests use. Depends on no
+//! other Sovra crate.
 
 mod distance;
 mod exact;
 mod flat;
 pub mod fvecs;
 mod hnsw;
+pub mod synth;
 
 pub use distance::Space;
 pub use exact::ExactIndex;
