@@ -423,3 +423,31 @@ async fn poisoned_entries_are_rejections_recorded_alike_on_every_replica_never_a
         assert!(g.engine().get(&PointId::Num(20), 0).unwrap().is_none());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_travel_in_snapshots_so_a_replica_caught_up_by_one_agrees() {
+    let mut settings = fast_settings();
+    settings.snapshot_after_logs = 10;
+    settings.keep_logs = 0;
+    let c = Cluster::start(3, settings, 4, seed()).await;
+    let leader = c.leader().await;
+    let lagging = c.live().map(|n| n.id).find(|&n| n != leader).unwrap();
+    c.faults.isolate(lagging);
+    let poison = ShardCommand::Upsert(vec![point(7, 3, 1.0)]);
+    c.node(leader).host.write_unvalidated(&shard(), poison).await.unwrap_err();
+    for b in 0..30u64 {
+        write(&c, leader, upsert(b * 2..b * 2 + 2, 4, b as f32)).await.unwrap();
+    }
+    let g = c.node(leader).host.group(&shard()).unwrap();
+    eventually("the log purged past the lagging replica", Duration::from_secs(10), async || {
+        let purged = g.raft().metrics().borrow().purged.map_or(0, |l| l.index);
+        (purged > c.applied(lagging) + 1).then_some(())
+    })
+    .await;
+    c.faults.heal();
+    c.converged(Duration::from_secs(20)).await;
+    let lg = c.node(lagging).host.group(&shard()).unwrap();
+    assert!(lg.sm.stats.snapshots_installed.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(lg.engine().rejections().unwrap(), g.engine().rejections().unwrap());
+    assert_eq!(lg.engine().rejections().unwrap().count, 1);
+}
