@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use sovra_index::fvecs::read_fvecs;
-use sovra_index::synth::{MixtureSpec, gaussian_mixture};
+use sovra_index::synth::{Dataset, MixtureSpec, gaussian_mixture};
 use sovra_index::{ExactIndex, Space, VectorIndex};
 use sovra_shard::{NodeStore, SearchParams, ShardEngine};
 use sovra_types::*;
@@ -41,11 +41,11 @@ struct Bench {
 }
 
 /// The shipped set `set`, if `../shared/bench/data` is beside the checkout.
-fn shipped(set: &str) -> Option<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+fn shipped(set: &str) -> Option<Dataset> {
     let dir = data_dir()?.join(set);
     let base = read_fvecs(&dir.join("base.fvecs")).unwrap();
     let queries = read_fvecs(&dir.join("query.fvecs")).unwrap().into_iter().take(QUERIES).collect();
-    Some((base, queries))
+    Some(Dataset { base, queries })
 }
 
 fn load(base: Vec<Vec<f32>>, queries: Vec<Vec<f32>>, metric: Metric) -> Bench {
@@ -172,7 +172,7 @@ fn recall_synthetic_gmm_128_cosine() {
 fn recall_shipped_sets_when_present() {
     for (set, metric, floor) in [("minilm-384-ip", Metric::Cosine, 0.95), ("gmm-128-l2", Metric::L2, 0.90)] {
         match shipped(set) {
-            Some((base, queries)) => check(set, &load(base, queries, metric), metric, floor, false),
+            Some(d) => check(set, &load(d.base, d.queries, metric), metric, floor, false),
             None => println!("{set}: ../shared/bench/data is not beside the checkout; skipped"),
         }
     }
