@@ -29,6 +29,10 @@ impl TestNode {
     /// Starts a node from `config` (whose data lives in `dir`) and waits for SERVING.
     async fn start_in(dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
         let node = sovra_node::start(config.clone()).await.unwrap();
+        Self::serving(node, dir, config).await
+    }
+
+    async fn serving(node: RunningNode, dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
         let channel = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
             .await
             .unwrap();
@@ -44,10 +48,23 @@ impl TestNode {
     }
 
     /// Stops the node and starts it again on the same data (on new ports).
+    /// In one process the stopped node's last Raft tasks may still hold its
+    /// store (sled locks the directory) for a moment after `stop` returns, so
+    /// the start is retried until it opens, within a deadline.
     pub async fn restart(mut self) -> TestNode {
         self.node.take().unwrap().stop().await.unwrap();
-        let config = self.config.clone();
-        Self::start_in(self.dir, config).await
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let node = loop {
+            match sovra_node::start(self.config.clone()).await {
+                Ok(node) => break node,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("restart of node {} failed: {e:#}", self.config.node_id),
+            }
+        };
+        Self::serving(node, self.dir, self.config).await
     }
 
     /// Tells every node the others' cluster addresses (after starts and restarts).

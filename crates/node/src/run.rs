@@ -175,8 +175,13 @@ impl RunningNode {
         for s in self.servers {
             s.await?.context("gRPC server")?;
         }
-        for t in self.tasks {
+        for t in &self.tasks {
             t.abort();
+        }
+        // Wait until the aborted tasks are gone, so what they held (the node
+        // state, its store) is released when this returns.
+        for t in self.tasks {
+            let _ = t.await;
         }
         self.state.host.shutdown().await;
         // Everything acknowledged was flushed already; this flush only shortens
