@@ -1,0 +1,19 @@
+//! Cluster metadata: what the meta group replicates. Nodes (labels, roles,
+//! state, addresses), collections, the shard map (each shard's hash range and
+//! recorded replicas, with a version), and region policies.
+//!
+//! - [`placement`]: where a new collection's replicas go; a pure function.
+//! - [`state`]: [`state::MetaState::apply`], deterministic over plain data, which
+//!   itself refuses anything that would put a replica on a node outside its
+//!   shard's region (R1), whoever submits it.
+//!
+//! Holds no personal data (no vectors, payloads or subject ids), does no I/O,
+//! reads no clock (callers pass times in commands) and knows nothing of Raft:
+//! the glue that makes this a Raft state machine lives above it. Depends on
+//! `sovra-types` only.
+
+pub mod placement;
+pub mod state;
+
+pub use placement::{Candidate, PlacementError, place_collection};
+pub use state::{Applied, MetaCommand, MetaState, NodeRecord, NodeStatus, Refused, Roles};

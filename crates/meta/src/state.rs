@@ -1,0 +1,297 @@
+//! The meta group's state and its one way to change: [`MetaState::apply`].
+//! Deterministic (no clock, no randomness: times come in commands) and total
+//! (a command either applies whole or is refused with a reason, changing
+//! nothing). It checks R1 itself: no command may record a replica on a node
+//! whose region is not its shard's, so neither a bug in placement nor an
+//! operator's move can break the pin.
+
+use crate::placement::ShardKey;
+use serde::{Deserialize, Serialize};
+use sovra_types::limits::MAX_REPLICATION_FACTOR;
+use sovra_types::{CollectionName, CollectionSpec, HashRange, RegionId};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    Joining,
+    Up,
+    Draining,
+    Down,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roles {
+    pub meta: bool,
+    pub data: bool,
+    pub coordinator: bool,
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Self {
+            meta: true,
+            data: true,
+            coordinator: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    /// Fixed for the life of the node id: its data is pinned to it (R1).
+    pub region: RegionId,
+    pub zone: String,
+    pub roles: Roles,
+    /// Where other nodes reach its cluster API, and clients its public API.
+    pub cluster_addr: String,
+    pub public_addr: String,
+    pub status: NodeStatus,
+    /// The caller's clock at the last heartbeat, in Unix milliseconds.
+    pub last_heartbeat_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub range: HashRange,
+    /// Nodes holding its replicas, sorted; all of the shard's region.
+    pub replicas: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionRecord {
+    pub spec: CollectionSpec,
+    pub shards: BTreeMap<ShardKey, ShardRecord>,
+}
+
+/// To which coordinator regions a region's search results may go. By default
+/// (no policy) only its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionPolicy {
+    pub results_may_go_to: BTreeSet<RegionId>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetaState {
+    pub nodes: BTreeMap<u64, NodeRecord>,
+    pub collections: BTreeMap<CollectionName, CollectionRecord>,
+    /// Bumped by every change to the shard map (collections, replicas), so
+    /// caches of it can tell they are stale.
+    pub map_version: u64,
+    pub policies: BTreeMap<RegionId, RegionPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// A node joins, or re-announces itself (new addresses, zone, roles).
+    RegisterNode(NodeRecord),
+    Heartbeat {
+        node: u64,
+        at_ms: u64,
+    },
+    SetNodeStatus {
+        node: u64,
+        status: NodeStatus,
+    },
+    /// A collection with the replicas of every shard (from placement).
+    CreateCollection {
+        spec: CollectionSpec,
+        replicas: BTreeMap<ShardKey, Vec<u64>>,
+    },
+    DropCollection {
+        name: CollectionName,
+    },
+    /// A shard's new replica set (a move, a repair).
+    SetReplicas {
+        collection: CollectionName,
+        shard: ShardKey,
+        replicas: Vec<u64>,
+    },
+    SetRegionPolicy {
+        region: RegionId,
+        policy: RegionPolicy,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    Done,
+    /// The shard map changed; its new version.
+    MapVersion(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Refused {
+    #[error("R1: node {node} is in region {node_region}; a replica of shard {shard} must be on a node of {shard_region}")]
+    OffRegion {
+        node: u64,
+        node_region: RegionId,
+        shard: String,
+        shard_region: RegionId,
+    },
+    #[error("node {0} is not registered")]
+    UnknownNode(u64),
+    #[error("node {node} is registered in region {was}; a node id keeps its region (its data is pinned there): use a new id for {now}")]
+    RegionChanged { node: u64, was: RegionId, now: RegionId },
+    #[error("node {0} does not have the data role")]
+    NotDataNode(u64),
+    #[error("shard {shard}: {why}")]
+    BadReplicas { shard: String, why: String },
+    #[error("collection {0} already exists")]
+    CollectionExists(CollectionName),
+    #[error("collection {0} does not exist")]
+    UnknownCollection(CollectionName),
+    #[error("collection {collection} has no shard {shard}")]
+    UnknownShard { collection: CollectionName, shard: String },
+    #[error("invalid collection spec: {0}")]
+    InvalidSpec(String),
+}
+
+fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
+    format!("{c}/{}/{}", k.0, k.1)
+}
+
+impl MetaState {
+    /// Applies `cmd` whole, or refuses it and changes nothing.
+    pub fn apply(&mut self, cmd: MetaCommand) -> Result<Applied, Refused> {
+        match cmd {
+            MetaCommand::RegisterNode(n) => {
+                if let Some(old) = self.nodes.get(&n.id)
+                    && old.region != n.region
+                {
+                    return Err(Refused::RegionChanged {
+                        node: n.id,
+                        was: old.region.clone(),
+                        now: n.region,
+                    });
+                }
+                self.nodes.insert(n.id, n);
+                Ok(Applied::Done)
+            }
+            MetaCommand::Heartbeat { node, at_ms } => {
+                let n = self.nodes.get_mut(&node).ok_or(Refused::UnknownNode(node))?;
+                n.last_heartbeat_ms = n.last_heartbeat_ms.max(at_ms);
+                Ok(Applied::Done)
+            }
+            MetaCommand::SetNodeStatus { node, status } => {
+                self.nodes.get_mut(&node).ok_or(Refused::UnknownNode(node))?.status = status;
+                Ok(Applied::Done)
+            }
+            MetaCommand::CreateCollection { spec, replicas } => self.create(spec, replicas),
+            MetaCommand::DropCollection { name } => {
+                self.collections.remove(&name).ok_or(Refused::UnknownCollection(name))?;
+                Ok(self.bump())
+            }
+            MetaCommand::SetReplicas {
+                collection,
+                shard,
+                replicas,
+            } => {
+                let c = self
+                    .collections
+                    .get(&collection)
+                    .ok_or_else(|| Refused::UnknownCollection(collection.clone()))?;
+                if !c.shards.contains_key(&shard) {
+                    return Err(Refused::UnknownShard {
+                        shard: shard_name(&collection, &shard),
+                        collection,
+                    });
+                }
+                let replicas = self.check_replicas(&collection, &shard, replicas, None)?;
+                let c = self.collections.get_mut(&collection).expect("checked above");
+                c.shards.get_mut(&shard).expect("checked above").replicas = replicas;
+                Ok(self.bump())
+            }
+            MetaCommand::SetRegionPolicy { region, policy } => {
+                self.policies.insert(region, policy);
+                Ok(Applied::Done)
+            }
+        }
+    }
+
+    fn bump(&mut self) -> Applied {
+        self.map_version += 1;
+        Applied::MapVersion(self.map_version)
+    }
+
+    fn create(&mut self, spec: CollectionSpec, mut replicas: BTreeMap<ShardKey, Vec<u64>>) -> Result<Applied, Refused> {
+        spec.validate().map_err(|e| Refused::InvalidSpec(e.message))?;
+        if self.collections.contains_key(&spec.name) {
+            return Err(Refused::CollectionExists(spec.name));
+        }
+        let mut shards = BTreeMap::new();
+        for r in &spec.regions {
+            let map = spec.shard_map(&r.region).map_err(|e| Refused::InvalidSpec(e.message))?;
+            for (number, range) in map.shards() {
+                let key = (r.region.clone(), number);
+                let given = replicas.remove(&key).ok_or_else(|| Refused::BadReplicas {
+                    shard: shard_name(&spec.name, &key),
+                    why: "no replicas were given for it".into(),
+                })?;
+                let checked = self.check_replicas(&spec.name, &key, given, Some(spec.replication_factor as usize))?;
+                shards.insert(key, ShardRecord { range, replicas: checked });
+            }
+        }
+        if let Some(key) = replicas.keys().next() {
+            return Err(Refused::UnknownShard {
+                shard: shard_name(&spec.name, key),
+                collection: spec.name,
+            });
+        }
+        self.collections.insert(spec.name.clone(), CollectionRecord { spec, shards });
+        Ok(self.bump())
+    }
+
+    /// R1 and the replica rules: registered data nodes of the shard's region,
+    /// distinct, as many as `exactly` (or 1 to the maximum). Returns them sorted.
+    fn check_replicas(
+        &self,
+        c: &CollectionName,
+        shard: &ShardKey,
+        mut replicas: Vec<u64>,
+        exactly: Option<usize>,
+    ) -> Result<Vec<u64>, Refused> {
+        let name = || shard_name(c, shard);
+        replicas.sort_unstable();
+        let before = replicas.len();
+        replicas.dedup();
+        if replicas.len() != before {
+            return Err(Refused::BadReplicas {
+                shard: name(),
+                why: "a node is named twice".into(),
+            });
+        }
+        let wrong_count = match exactly {
+            Some(n) => replicas.len() != n,
+            None => replicas.is_empty() || replicas.len() > MAX_REPLICATION_FACTOR as usize,
+        };
+        if wrong_count {
+            return Err(Refused::BadReplicas {
+                shard: name(),
+                why: format!(
+                    "{} replicas given; it needs {}",
+                    replicas.len(),
+                    exactly.map_or(format!("1 to {MAX_REPLICATION_FACTOR}"), |n| n.to_string())
+                ),
+            });
+        }
+        for id in &replicas {
+            let n = self.nodes.get(id).ok_or(Refused::UnknownNode(*id))?;
+            if n.region != shard.0 {
+                return Err(Refused::OffRegion {
+                    node: *id,
+                    node_region: n.region.clone(),
+                    shard: name(),
+                    shard_region: shard.0.clone(),
+                });
+            }
+            if !n.roles.data {
+                return Err(Refused::NotDataNode(*id));
+            }
+        }
+        Ok(replicas)
+    }
+}
+
+#[cfg(test)]
+mod tests;

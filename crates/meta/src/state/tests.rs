@@ -1,0 +1,216 @@
+use super::*;
+use crate::placement::{Candidate, place_collection};
+use sovra_types::{HnswParams, Metric, RegionShards};
+
+fn eu() -> RegionId {
+    RegionId::parse("eu-west").unwrap()
+}
+fn us() -> RegionId {
+    RegionId::parse("us-east").unwrap()
+}
+
+fn node(id: u64, region: RegionId, zone: &str) -> NodeRecord {
+    NodeRecord {
+        id,
+        region,
+        zone: zone.into(),
+        roles: Roles::default(),
+        cluster_addr: format!("10.0.0.{id}:7400"),
+        public_addr: format!("10.0.0.{id}:7300"),
+        status: NodeStatus::Up,
+        last_heartbeat_ms: 0,
+    }
+}
+
+fn spec(rf: u32) -> CollectionSpec {
+    CollectionSpec {
+        name: CollectionName::parse("faces").unwrap(),
+        dimension: 4,
+        metric: Metric::L2,
+        hnsw: HnswParams::default(),
+        regions: vec![
+            RegionShards {
+                region: eu(),
+                shard_count: 2,
+            },
+            RegionShards {
+                region: us(),
+                shard_count: 1,
+            },
+        ],
+        replication_factor: rf,
+        default_retention_seconds: 0,
+        require_lawful_basis: false,
+    }
+}
+
+/// Nodes 1-3 in eu-west (zones a, b, c), 4-5 in us-east.
+fn cluster() -> MetaState {
+    let mut s = MetaState::default();
+    for n in [
+        node(1, eu(), "a"),
+        node(2, eu(), "b"),
+        node(3, eu(), "c"),
+        node(4, us(), "a"),
+        node(5, us(), "b"),
+    ] {
+        s.apply(MetaCommand::RegisterNode(n)).unwrap();
+    }
+    s
+}
+
+fn candidates(s: &MetaState) -> Vec<Candidate> {
+    s.nodes
+        .values()
+        .map(|n| Candidate {
+            id: n.id,
+            region: n.region.clone(),
+            zone: n.zone.clone(),
+            load: 0,
+        })
+        .collect()
+}
+
+#[test]
+fn a_placed_collection_is_recorded_with_its_ranges_and_a_new_map_version() {
+    let mut s = cluster();
+    let replicas = place_collection(&spec(2), &candidates(&s)).unwrap();
+    assert_eq!(
+        s.apply(MetaCommand::CreateCollection { spec: spec(2), replicas }),
+        Ok(Applied::MapVersion(1))
+    );
+    let c = &s.collections[&CollectionName::parse("faces").unwrap()];
+    assert_eq!(c.shards.len(), 3);
+    assert_eq!(c.shards[&(us(), 0)].replicas, vec![4, 5]);
+    assert_eq!(c.shards[&(eu(), 0)].range.start, 0);
+    assert_eq!(c.shards[&(eu(), 1)].range.end, u64::MAX);
+}
+
+#[test]
+fn r1_an_off_region_placement_submitted_directly_is_refused_and_changes_nothing() {
+    let mut s = cluster();
+    let mut replicas = place_collection(&spec(2), &candidates(&s)).unwrap();
+    // A us-east node in an eu-west shard.
+    replicas.insert((eu(), 1), vec![1, 4]);
+    let before = s.clone();
+    let err = s
+        .apply(MetaCommand::CreateCollection {
+            spec: spec(2),
+            replicas: replicas.clone(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, Refused::OffRegion { node: 4, .. }), "{err}");
+    assert!(err.to_string().starts_with("R1: node 4 is in region us-east"), "{err}");
+    assert_eq!(s, before);
+
+    // And a move after creation.
+    replicas.insert((eu(), 1), vec![1, 2]);
+    s.apply(MetaCommand::CreateCollection { spec: spec(2), replicas }).unwrap();
+    let before = s.clone();
+    let err = s
+        .apply(MetaCommand::SetReplicas {
+            collection: CollectionName::parse("faces").unwrap(),
+            shard: (eu(), 0),
+            replicas: vec![2, 5],
+        })
+        .unwrap_err();
+    assert!(matches!(err, Refused::OffRegion { node: 5, .. }), "{err}");
+    assert_eq!(s, before);
+}
+
+#[test]
+fn replica_sets_must_be_known_distinct_data_nodes_of_the_right_size() {
+    let mut s = cluster();
+    let good = place_collection(&spec(2), &candidates(&s)).unwrap();
+    let faces = CollectionName::parse("faces").unwrap();
+    let cases: Vec<(Vec<u64>, &str)> = vec![
+        (vec![1, 1], "named twice"),
+        (vec![1], "needs 2"),
+        (vec![1, 9], "node 9 is not registered"),
+    ];
+    for (bad, needle) in cases {
+        let mut r = good.clone();
+        r.insert((eu(), 0), bad);
+        let err = s
+            .apply(MetaCommand::CreateCollection {
+                spec: spec(2),
+                replicas: r,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    let mut missing = good.clone();
+    missing.remove(&(us(), 0));
+    assert!(
+        s.apply(MetaCommand::CreateCollection {
+            spec: spec(2),
+            replicas: missing
+        })
+        .is_err()
+    );
+    let mut extra = good.clone();
+    extra.insert((eu(), 7), vec![1, 2]);
+    assert!(matches!(
+        s.apply(MetaCommand::CreateCollection {
+            spec: spec(2),
+            replicas: extra
+        }),
+        Err(Refused::UnknownShard { .. })
+    ));
+    let mut no_data = node(6, eu(), "a");
+    no_data.roles.data = false;
+    s.apply(MetaCommand::RegisterNode(no_data)).unwrap();
+    let mut r = good.clone();
+    r.insert((eu(), 0), vec![1, 6]);
+    assert_eq!(
+        s.apply(MetaCommand::CreateCollection {
+            spec: spec(2),
+            replicas: r
+        }),
+        Err(Refused::NotDataNode(6))
+    );
+    assert!(s.collections.is_empty() && s.map_version == 0);
+
+    s.apply(MetaCommand::CreateCollection {
+        spec: spec(2),
+        replicas: good,
+    })
+    .unwrap();
+    assert_eq!(
+        s.apply(MetaCommand::CreateCollection {
+            spec: spec(2),
+            replicas: BTreeMap::new()
+        }),
+        Err(Refused::CollectionExists(faces.clone()))
+    );
+    assert_eq!(
+        s.apply(MetaCommand::DropCollection { name: faces.clone() }),
+        Ok(Applied::MapVersion(2))
+    );
+    assert_eq!(
+        s.apply(MetaCommand::DropCollection { name: faces.clone() }),
+        Err(Refused::UnknownCollection(faces))
+    );
+}
+
+#[test]
+fn a_node_id_keeps_its_region_and_heartbeats_only_move_forward() {
+    let mut s = cluster();
+    let err = s.apply(MetaCommand::RegisterNode(node(1, us(), "a"))).unwrap_err();
+    assert!(matches!(err, Refused::RegionChanged { node: 1, .. }), "{err}");
+    // Same region, new address: accepted (a restart on a new port).
+    let mut moved = node(1, eu(), "a");
+    moved.cluster_addr = "10.0.0.1:9999".into();
+    s.apply(MetaCommand::RegisterNode(moved)).unwrap();
+    assert_eq!(s.nodes[&1].cluster_addr, "10.0.0.1:9999");
+    s.apply(MetaCommand::Heartbeat { node: 2, at_ms: 50 }).unwrap();
+    s.apply(MetaCommand::Heartbeat { node: 2, at_ms: 40 }).unwrap();
+    assert_eq!(s.nodes[&2].last_heartbeat_ms, 50);
+    assert_eq!(s.apply(MetaCommand::Heartbeat { node: 9, at_ms: 1 }), Err(Refused::UnknownNode(9)));
+    s.apply(MetaCommand::SetNodeStatus {
+        node: 3,
+        status: NodeStatus::Down,
+    })
+    .unwrap();
+    assert_eq!(s.nodes[&3].status, NodeStatus::Down);
+}
