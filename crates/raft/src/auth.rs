@@ -1,7 +1,10 @@
 //! Who may speak the node-to-node API: only members of the cluster, proven by
 //! the shared cluster secret in every request's metadata. The server refuses a
 //! request without it, or with another, as UNAUTHENTICATED before any handler
-//! runs, so a refused request changes nothing.
+//! runs, so a refused request changes nothing. The same metadata carries the
+//! node-to-node protocol version ([`PROTOCOL_VERSION`]); a request of another
+//! version is refused FAILED_PRECONDITION naming both, so builds that cannot
+//! understand each other never exchange messages during a rolling upgrade.
 //!
 //! The secret travels in the clear on the cluster listener: keep that listener
 //! on a private network. Mutual TLS with a certificate per node (which also
@@ -14,6 +17,12 @@ use tonic::{Request, Status};
 
 /// The metadata key that carries the secret.
 pub const SECRET_HEADER: &str = "x-sovra-cluster-secret";
+/// The metadata key that carries the sender's protocol version.
+pub const PROTOCOL_HEADER: &str = "x-sovra-protocol";
+/// The node-to-node protocol this build speaks: the envelope (sovra.raft.v1)
+/// and the postcard payloads in it. Bumped when either changes incompatibly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// A shorter secret is refused at start: it could be guessed.
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -74,10 +83,19 @@ impl tonic::service::Interceptor for RequireSecret {
             None => Err(Status::unauthenticated(format!(
                 "the cluster API is for members of the cluster only: {SECRET_HEADER} is missing"
             ))),
-            Some(v) if self.0.matches(v.as_bytes()) => Ok(req),
+            Some(v) if self.0.matches(v.as_bytes()) => Ok(()),
             Some(_) => Err(Status::unauthenticated(
                 "the cluster secret does not match this cluster's: the request was refused",
             )),
+        }?;
+        match req.metadata().get(PROTOCOL_HEADER).map(|v| v.to_str().map(str::parse::<u32>)) {
+            Some(Ok(Ok(PROTOCOL_VERSION))) => Ok(req),
+            Some(Ok(Ok(v))) => Err(Status::failed_precondition(format!(
+                "the sender speaks node-to-node protocol version {v}; this node speaks {PROTOCOL_VERSION}: run builds that share a version"
+            ))),
+            _ => Err(Status::failed_precondition(format!(
+                "{PROTOCOL_HEADER} is missing or unreadable (a build older than protocol versioning?); this node speaks {PROTOCOL_VERSION}"
+            ))),
         }
     }
 }
@@ -90,6 +108,7 @@ impl tonic::service::Interceptor for AttachSecret {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let v = MetadataValue::try_from(&*self.0.0).map_err(|_| Status::internal("cluster secret is not valid metadata"))?;
         req.metadata_mut().insert(SECRET_HEADER, v);
+        req.metadata_mut().insert(PROTOCOL_HEADER, MetadataValue::from(PROTOCOL_VERSION));
         Ok(req)
     }
 }
@@ -114,5 +133,21 @@ mod tests {
             .unwrap();
         assert_eq!(require.call(other).unwrap_err().code(), tonic::Code::Unauthenticated);
         assert!(!format!("{:?}", require).contains("0123"));
+
+        // The right secret, another protocol version: refused, naming both.
+        let s = ClusterSecret::new("0123456789abcdef").unwrap();
+        let mut req = AttachSecret(s.clone()).call(Request::new(())).unwrap();
+        req.metadata_mut()
+            .insert(PROTOCOL_HEADER, MetadataValue::from(PROTOCOL_VERSION + 1));
+        let st = require.call(req).unwrap_err();
+        assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            st.message().contains(&format!("version {}", PROTOCOL_VERSION + 1)),
+            "{}",
+            st.message()
+        );
+        let mut req = AttachSecret(s).call(Request::new(())).unwrap();
+        req.metadata_mut().remove(PROTOCOL_HEADER);
+        assert_eq!(require.call(req).unwrap_err().code(), tonic::Code::FailedPrecondition);
     }
 }

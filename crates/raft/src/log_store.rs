@@ -3,10 +3,13 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `l` + u64 BE index | postcard [`Entry`] |
+//! | `l` + u64 BE index | format version byte ([`ENTRY_FORMAT`]) + postcard [`Entry`] |
 //! | `v` | postcard vote |
 //! | `c` | postcard committed log id |
 //! | `p` | postcard last purged log id |
+//!
+//! The version byte lets a later build read (or clearly refuse) entries an older
+//! one wrote, so a rolling upgrade never misreads a log.
 //!
 //! `append` reports the entries durable (the callback) only after sled has
 //! flushed them, which is what lets a leader count this replica in a quorum.
@@ -25,6 +28,32 @@ const LOG: u8 = b'l';
 const VOTE: &[u8] = b"v";
 const COMMITTED: &[u8] = b"c";
 const PURGED: &[u8] = b"p";
+
+/// Format of a stored log entry; bumped whenever `Entry` or `ShardCommand`
+/// changes encoding.
+pub const ENTRY_FORMAT: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EntryFormatError {
+    #[error("log entry has format version {found}; this build reads {ENTRY_FORMAT}: run a build that reads it")]
+    Version { found: u8 },
+    #[error("log entry is empty")]
+    Empty,
+    #[error("log entry does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+pub fn encode_entry(e: &Entry) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_extend(e, vec![ENTRY_FORMAT])
+}
+
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, EntryFormatError> {
+    match bytes.split_first() {
+        None => Err(EntryFormatError::Empty),
+        Some((&ENTRY_FORMAT, rest)) => Ok(postcard::from_bytes(rest)?),
+        Some((&found, _)) => Err(EntryFormatError::Version { found }),
+    }
+}
 
 fn log_key(index: u64) -> [u8; 9] {
     let mut k = [LOG; 9];
@@ -87,7 +116,7 @@ impl LogStore {
             None => Ok(None),
             Some(kv) => {
                 let (_, v) = kv.map_err(|e| io_err(e, StorageIOError::read_logs))?;
-                let e: Entry = postcard::from_bytes(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?;
+                let e = decode_entry(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?;
                 Ok(Some(e.log_id))
             }
         }
@@ -126,7 +155,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&index) {
                 break;
             }
-            out.push(postcard::from_bytes(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?);
+            out.push(decode_entry(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?);
         }
         Ok(out)
     }
@@ -175,7 +204,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for e in entries {
-            let bytes = postcard::to_allocvec(&e).map_err(|err| io_err(err, StorageIOError::write_logs))?;
+            let bytes = encode_entry(&e).map_err(|err| io_err(err, StorageIOError::write_logs))?;
             batch.insert(&log_key(e.log_id.index), bytes);
         }
         self.tree.apply_batch(batch).map_err(|e| io_err(e, StorageIOError::write_logs))?;
@@ -205,5 +234,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.tree.apply_batch(batch).map_err(|e| io_err(e, StorageIOError::write_logs))?;
         self.stats.purges.fetch_add(1, Ordering::Relaxed);
         self.flush().await.map_err(|e| io_err(e, StorageIOError::write_logs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_carry_their_format_and_another_is_refused_by_name() {
+        let e = Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 7),
+            payload: openraft::EntryPayload::Blank,
+        };
+        let bytes = encode_entry(&e).unwrap();
+        assert_eq!(bytes[0], ENTRY_FORMAT);
+        assert_eq!(decode_entry(&bytes).unwrap().log_id, e.log_id);
+        let mut newer = bytes.clone();
+        newer[0] = ENTRY_FORMAT + 1;
+        let err = decode_entry(&newer).unwrap_err().to_string();
+        assert!(err.contains(&format!("format version {}", ENTRY_FORMAT + 1)), "{err}");
+        assert!(decode_entry(&[]).is_err());
     }
 }
