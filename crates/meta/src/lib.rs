@@ -6,6 +6,8 @@
 //! - [`state`]: [`state::MetaState::apply`], deterministic over plain data, which
 //!   itself refuses anything that would put a replica on a node outside its
 //!   shard's region (R1), whoever submits it.
+//! - [`voters`]: which meta-role nodes vote (at most five, odd, spread over
+//!   regions and zones); a pure function.
 //!
 //! Holds no personal data (no vectors, payloads or subject ids), does no I/O,
 //! reads no clock (callers pass times in commands) and knows nothing of Raft:
@@ -14,6 +16,7 @@
 
 pub mod placement;
 pub mod state;
+pub mod voters;
 
 pub use placement::{Candidate, PlacementError, place_collection};
 pub use state::{Applied, MetaCommand, MetaState, NodeRecord, NodeStatus, Refused, Roles};
