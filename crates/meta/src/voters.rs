@@ -108,9 +108,9 @@ mod tests {
             prop_assert!(v.len() <= MAX_VOTERS);
             prop_assert_eq!(v.is_empty(), eligible.is_empty());
             if !v.is_empty() {
-                prop_assert!(v.len() % 2 == 1);
+                prop_assert!(!v.len().is_multiple_of(2));
                 let want = eligible.len().min(MAX_VOTERS);
-                prop_assert_eq!(v.len(), if want % 2 == 0 { want - 1 } else { want });
+                prop_assert_eq!(v.len(), if want.is_multiple_of(2) { want - 1 } else { want });
             }
             let of = |id: &u64| &nodes[(*id - 1) as usize];
             prop_assert!(v.iter().all(|id| eligible.iter().any(|n| n.id == *id)));
