@@ -209,6 +209,18 @@ impl MetaState {
         }
     }
 
+    /// Nodes not yet marked down whose last heartbeat is more than
+    /// `timeout_ms` before `now_ms` (the meta leader's clock): the leader
+    /// proposes `SetNodeStatus { Down }` for each. A node never heard from
+    /// since it registered counts from its registration heartbeat.
+    pub fn overdue(&self, now_ms: u64, timeout_ms: u64) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.status != NodeStatus::Down && now_ms.saturating_sub(n.last_heartbeat_ms) > timeout_ms)
+            .map(|n| n.id)
+            .collect()
+    }
+
     fn bump(&mut self) -> Applied {
         self.map_version += 1;
         Applied::MapVersion(self.map_version)

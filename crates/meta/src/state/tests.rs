@@ -213,4 +213,9 @@ fn a_node_id_keeps_its_region_and_heartbeats_only_move_forward() {
     })
     .unwrap();
     assert_eq!(s.nodes[&3].status, NodeStatus::Down);
+    // At 1,000 ms with a 500 ms timeout: node 2 (heard at 50) and the others
+    // (registered at 0) are overdue; node 3 is already down.
+    s.apply(MetaCommand::Heartbeat { node: 4, at_ms: 900 }).unwrap();
+    assert_eq!(s.overdue(1000, 500), vec![1, 2, 5]);
+    assert!(s.overdue(400, 500).is_empty());
 }
