@@ -119,6 +119,11 @@ async fn collections_lifecycle_and_errors() {
         Code::NotFound,
         &["nope"],
     );
+    // Each replica has a directory (and database) of its own; a drop deletes
+    // them all, so nothing of the collection is left in the node's files.
+    let faces = n.dir.path().join("replicas").join("faces");
+    let shard_dirs = std::fs::read_dir(faces.join(EU)).unwrap().count();
+    assert_eq!(shard_dirs, 3, "one directory per replica");
     let dropped = n
         .collections
         .drop_collection(v1::DropCollectionRequest { name: "faces".into() })
@@ -126,6 +131,7 @@ async fn collections_lifecycle_and_errors() {
         .unwrap()
         .into_inner();
     assert_eq!(dropped.shards_dropped, 3);
+    assert!(!faces.exists(), "{} is left after the drop", faces.display());
     expect_err(
         n.collections
             .drop_collection(v1::DropCollectionRequest { name: "faces".into() })

@@ -625,13 +625,15 @@ async fn a_node_that_cannot_load_one_collection_serves_the_others_and_reports_it
     let dir = n.stop().await;
     // A record an older build could have stored: 3-d in a 2-d collection.
     {
-        let store = sovra_shard::NodeStore::open(&dir.path().join("db"), 8 << 20).unwrap();
         let id = sovra_types::ShardId {
             collection: sovra_types::CollectionName::parse("broken").unwrap(),
             region: sovra_types::RegionId::parse(EU).unwrap(),
             number: 1,
         };
-        let raw = sovra_shard::store::ShardStore::new(store.shard_tree(&id).unwrap());
+        let budget = sovra_shard::CacheBudget::new(8 << 20, 1);
+        let store =
+            sovra_shard::ReplicaStore::open(&sovra_shard::replica::replica_dir(&dir.path().join("replicas"), &id), &budget).unwrap();
+        let raw = sovra_shard::store::ShardStore::new(store.points().clone());
         let mut b = raw.batch();
         let mut rec = raw.points().next().unwrap().unwrap();
         rec.vector = vec![1.0, 2.0, 3.0];

@@ -7,7 +7,7 @@ use crate::config::{NodeConfig, PeerConfig};
 use crate::run::{RunningNode, start};
 use rand::{Rng, SeedableRng};
 use sovra_proto::v1;
-use sovra_shard::{NodeStore, ShardEngine};
+use sovra_shard::{CacheBudget, ReplicaStore, ShardEngine};
 use sovra_types::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,16 +81,15 @@ fn spec(args: &ReplicationBenchArgs, rf: u32) -> CollectionSpec {
 
 fn single_engine(args: &ReplicationBenchArgs, data: &[Vec<PointRecord>]) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
-    let store = NodeStore::open(&dir.path().join("db"), 256 << 20)?;
     let spec = spec(args, 1);
-    store.put_collection(&spec)?;
+    let replica = ReplicaStore::open(&dir.path().join("replica"), &CacheBudget::new(256 << 20, 1))?;
     let id = ShardId {
         collection: spec.name.clone(),
         region: spec.regions[0].region.clone(),
         number: 0,
     };
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build()?);
-    let engine = ShardEngine::open(id.clone(), Arc::new(spec), store.db().clone(), store.shard_tree(&id)?, Some(pool))?;
+    let engine = ShardEngine::open(id.clone(), Arc::new(spec), &replica, Some(pool))?;
     let mut lat = Vec::with_capacity(data.len());
     let started = Instant::now();
     for b in data {

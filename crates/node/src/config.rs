@@ -34,9 +34,14 @@ pub struct NodeConfig {
     /// Prometheus `/metrics` over HTTP; port 0 picks a free port.
     #[serde(default = "default_metrics")]
     pub metrics_listen: SocketAddr,
-    /// Bound on sled's page cache.
+    /// Bound on sled's page cache across every database of the node: each
+    /// replica's own database gets `cache_capacity_mb / max_replicas`.
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
+    /// Most replicas this node holds at once (the cache budget's shares); a
+    /// replica beyond it is reported failed, naming this field.
+    #[serde(default = "default_max_replicas")]
+    pub max_replicas: usize,
     /// Threads for index builds and compaction.
     #[serde(default = "default_threads")]
     pub index_threads: usize,
@@ -159,6 +164,9 @@ fn default_metrics() -> SocketAddr {
 fn default_cache_mb() -> u64 {
     256
 }
+fn default_max_replicas() -> usize {
+    256
+}
 fn default_threads() -> usize {
     2
 }
@@ -211,6 +219,7 @@ impl NodeConfig {
             cluster_secret_file: None,
             metrics_listen: "127.0.0.1:0".parse().expect("literal"),
             cache_capacity_mb: 64,
+            max_replicas: 64,
             index_threads: default_threads(),
             compaction_tombstone_ratio: default_ratio(),
             compaction_check_seconds: default_check(),
@@ -282,6 +291,9 @@ impl NodeConfig {
         if let Some(v) = env("SOVRA_CACHE_CAPACITY_MB") {
             self.cache_capacity_mb = parse("cache_capacity_mb", v)?;
         }
+        if let Some(v) = env("SOVRA_MAX_REPLICAS") {
+            self.max_replicas = parse("max_replicas", v)?;
+        }
         if let Some(v) = env("SOVRA_INDEX_THREADS") {
             self.index_threads = parse("index_threads", v)?;
         }
@@ -303,6 +315,21 @@ impl NodeConfig {
             return Err(invalid(
                 "cache_capacity_mb",
                 format!("is {}: must be between 8 and 1048576", self.cache_capacity_mb),
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_replicas) {
+            return Err(invalid(
+                "max_replicas",
+                format!("is {}: must be between 1 and 100000", self.max_replicas),
+            ));
+        }
+        if (self.cache_capacity_mb << 10) / (self.max_replicas as u64) < 256 {
+            return Err(invalid(
+                "cache_capacity_mb",
+                format!(
+                    "is {} MiB for max_replicas {}: each replica's database needs at least 256 KiB of it",
+                    self.cache_capacity_mb, self.max_replicas
+                ),
             ));
         }
         if !(1..=256).contains(&self.index_threads) {

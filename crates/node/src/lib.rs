@@ -6,6 +6,7 @@
 //! runtime, the network and the clock come in.
 
 pub mod bench;
+pub mod bench_replicas;
 pub mod bench_replication;
 pub mod bench_search;
 pub mod config;

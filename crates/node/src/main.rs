@@ -1,8 +1,8 @@
-//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication|search`.
+//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication|search|replicas`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sovra_node::{NodeConfig, bench, bench_replication, bench_search, dev};
+use sovra_node::{NodeConfig, bench, bench_replicas, bench_replication, bench_search, dev};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -36,6 +36,8 @@ enum BenchCommand {
     Replication(bench_replication::ReplicationBenchArgs),
     /// Client-observed search latency against a running node (`sovra dev`).
     Search(bench_search::SearchBenchArgs),
+    /// What many replicas cost a node: threads, memory, files, start-up time.
+    Replicas(bench_replicas::ReplicasBenchArgs),
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -70,6 +72,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Search(args),
         } => bench_search::search(args),
+        Command::Bench {
+            what: BenchCommand::Replicas(args),
+        } => bench_replicas::replicas(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {

@@ -11,7 +11,8 @@ use crate::config::{NodeConfig, PeerConfig};
 use parking_lot::RwLock;
 use sovra_proto::raft as pb;
 use sovra_raft::{AddressBook, ClusterSecret, Faults, LogStore, NodeId, RaftHost};
-use sovra_shard::{NodeStore, ShardEngine, ShardError};
+use sovra_shard::replica::{prune_empty, remove_dir, replica_dir, replica_dirs};
+use sovra_shard::{CacheBudget, NodeStore, ReplicaStore, ShardEngine, ShardError};
 use sovra_types::{ApiError, CollectionName, CollectionSpec, ErrorCode, PointId, RegionId, RegionShardMap, ShardId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -81,6 +82,9 @@ pub struct NodeState {
     /// Every node of the cluster (this one included), sorted by id.
     cluster: Vec<PeerConfig>,
     store: NodeStore,
+    /// Where each replica keeps its own directory and database.
+    replicas_root: std::path::PathBuf,
+    budget: Arc<CacheBudget>,
     pool: Arc<rayon::ThreadPool>,
     collections: RwLock<BTreeMap<CollectionName, Arc<Collection>>>,
     /// Serialises create and drop so they never interleave on one name.
@@ -93,7 +97,16 @@ pub struct NodeState {
 impl NodeState {
     pub fn open(config: NodeConfig, faults: Faults, secret: ClusterSecret) -> Result<Arc<Self>, ShardError> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = NodeStore::open(&config.data_dir.join("db"), config.cache_capacity_mb << 20)?;
+        if config.data_dir.join("db").exists() {
+            // Format 1 kept every replica in one shared database.
+            return Err(ShardError::FormatVersion {
+                found: 1,
+                expected: sovra_shard::catalog::FORMAT_VERSION,
+            });
+        }
+        let budget = CacheBudget::new(config.cache_capacity_mb << 20, config.max_replicas);
+        // The node's own database holds only the catalog: a small fixed cache.
+        let store = NodeStore::open(&config.data_dir.join("node"), 1 << 20)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.index_threads)
             .thread_name(|i| format!("sovra-index-{i}"))
@@ -107,20 +120,14 @@ impl NodeState {
             }
         }
         let region = config.region_id();
-        let host = RaftHost::new(
-            config.node_id,
-            region.clone(),
-            book,
-            faults,
-            config.raft.settings(),
-            config.data_dir.join("snapshots"),
-            secret,
-        );
+        let host = RaftHost::new(config.node_id, region.clone(), book, faults, config.raft.settings(), secret);
         host.set_region_nodes(cluster.iter().filter(|p| p.region == config.region).map(|p| p.id).collect());
         Ok(Arc::new(Self {
             region,
             host,
             cluster,
+            replicas_root: config.data_dir.join("replicas"),
+            budget,
             config,
             store,
             pool: Arc::new(pool),
@@ -151,6 +158,7 @@ impl NodeState {
     pub async fn load(self: &Arc<Self>) -> anyhow::Result<()> {
         let this = self.clone();
         let entries = tokio::task::spawn_blocking(move || this.store.catalog_entries()).await??;
+        self.remove_orphans(&entries)?;
         for (name, entry) in entries {
             match entry {
                 Ok(spec) => {
@@ -165,6 +173,24 @@ impl NodeState {
         }
         self.ready.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Deletes replica directories of collections the catalog does not hold
+    /// (a drop cut off between the catalog and the directories).
+    fn remove_orphans(&self, entries: &[sovra_shard::catalog::CatalogEntry]) -> Result<(), ShardError> {
+        for (collection, _, _, dir) in replica_dirs(&self.replicas_root)? {
+            if !entries.iter().any(|(name, _)| *name == collection) {
+                tracing::warn!(dir = %dir.display(), "replica of a collection no longer in the catalog; deleting it");
+                remove_dir(&dir)?;
+            }
+        }
+        prune_empty(&self.replicas_root);
+        Ok(())
+    }
+
+    /// The number of replica databases open and the most the budget allows.
+    pub fn replica_budget(&self) -> (usize, usize) {
+        (self.budget.open(), self.budget.shares())
     }
 
     /// Opens this node's replicas of `spec`; those that fail are recorded in
@@ -218,10 +244,9 @@ impl NodeState {
     ) -> anyhow::Result<Arc<ShardEngine>> {
         let (this, sid, sp) = (self.clone(), id.clone(), spec.clone());
         let (engine, log) = tokio::task::spawn_blocking(move || -> Result<_, ShardError> {
-            let tree = this.store.shard_tree(&sid)?;
-            let engine = ShardEngine::open(sid.clone(), sp, this.store.db().clone(), tree, Some(this.pool.clone()))?;
-            let log = LogStore::new(this.store.db().clone(), this.store.raft_log_tree(&sid)?);
-            Ok((Arc::new(engine), log))
+            let rs = ReplicaStore::open(&replica_dir(&this.replicas_root, &sid), &this.budget)?;
+            let engine = ShardEngine::open(sid.clone(), sp, &rs, Some(this.pool.clone()))?;
+            Ok((Arc::new(engine), LogStore::of(&rs)))
         })
         .await??;
         self.host.open_group(id.clone(), engine.clone(), log, members).await?;
@@ -407,10 +432,13 @@ impl NodeState {
         self.drop_local(c.spec.name.as_str()).await
     }
 
-    /// Stops this node's replicas of the collection and deletes its data.
+    /// Stops this node's replicas of the collection, removes it from the
+    /// catalog, then deletes its replicas' directories (a crash in between
+    /// leaves orphans the next start deletes). Answers how many replicas went.
     async fn drop_local(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
         let c = self.collection(name)?;
         self.collections.write().remove(&c.spec.name);
+        let dropped = c.shards.len();
         for (region, number) in c.shards.keys() {
             let id = ShardId {
                 collection: c.spec.name.clone(),
@@ -418,17 +446,21 @@ impl NodeState {
                 number: *number,
             };
             self.host
-                .remove_group(&id, true)
+                .remove_group(&id, false)
                 .await
-                .map_err(|e| ApiError::internal(format!("removing replica {id}: {e:#}")))?;
+                .map_err(|e| ApiError::internal(format!("stopping replica {id}: {e:#}")))?;
         }
         let this = self.clone();
         let name = c.spec.name.clone();
         drop(c);
-        tokio::task::spawn_blocking(move || this.store.remove_collection(&name))
-            .await
-            .map_err(|e| ApiError::internal(format!("drop task failed: {e}")))?
-            .map_err(|e| self.storage_failed(e))
+        tokio::task::spawn_blocking(move || -> Result<(), ShardError> {
+            this.store.remove_collection(&name)?;
+            remove_dir(&this.replicas_root.join(name.as_str()))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("drop task failed: {e}")))?
+        .map_err(|e| self.storage_failed(e))?;
+        Ok(dropped)
     }
 
     /// A storage error means acknowledged state may not be on disk: stop the node
@@ -467,6 +499,9 @@ impl NodeState {
 
     pub fn flush(&self) -> Result<(), ShardError> {
         self.store.db().flush()?;
+        for e in self.engines() {
+            e.replica().db().flush()?;
+        }
         Ok(())
     }
 }

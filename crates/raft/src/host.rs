@@ -17,7 +17,6 @@ use sovra_shard::ShardEngine;
 use sovra_types::validate::check_command;
 use sovra_types::{ApiError, RegionId, ShardCommand, ShardId};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -138,7 +137,6 @@ pub struct RaftHost {
     pub peers: Peers,
     pub settings: RaftSettings,
     config: Arc<Config>,
-    snapshot_root: PathBuf,
     groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
     /// Nodes of this node's region: they may forward writes to groups they
     /// hold no replica of.
@@ -153,7 +151,6 @@ impl RaftHost {
         book: AddressBook,
         faults: crate::fault::Faults,
         settings: RaftSettings,
-        snapshot_root: PathBuf,
         secret: crate::auth::ClusterSecret,
     ) -> Arc<Self> {
         let config = Arc::new(
@@ -168,7 +165,6 @@ impl RaftHost {
             peers: Peers::new(me, book, faults, settings.max_append_bytes, secret),
             settings,
             config,
-            snapshot_root,
             groups: RwLock::new(BTreeMap::new()),
             region_nodes: RwLock::new(BTreeSet::new()),
             restarts: AtomicU64::new(0),
@@ -214,13 +210,6 @@ impl RaftHost {
         )))
     }
 
-    fn snapshot_dir(&self, id: &ShardId) -> PathBuf {
-        self.snapshot_root
-            .join(id.collection.as_str())
-            .join(id.region.as_str())
-            .join(id.number.to_string())
-    }
-
     pub fn group(&self, id: &ShardId) -> Option<Arc<Group>> {
         self.groups.read().get(id).cloned()
     }
@@ -245,7 +234,7 @@ impl RaftHost {
             self.region
         );
         anyhow::ensure!(members.contains(&self.me), "node {} is not a member of group {id}", self.me);
-        let dir = self.snapshot_dir(&id);
+        let dir = engine.replica().snapshot_dir();
         let region = self.region.clone();
         let sm = tokio::task::spawn_blocking(move || ShardStateMachine::open(engine, dir, region)).await??;
         let raft = self.new_raft(&id, &sm, &log).await?;
@@ -280,12 +269,8 @@ impl RaftHost {
         let _ = g.raft().shutdown().await;
         if destroy {
             let g2 = g.clone();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                g2.sm.destroy()?;
-                g2.log.destroy()?;
-                Ok(())
-            })
-            .await??;
+            // The replica's directory holds its data, log and snapshots.
+            tokio::task::spawn_blocking(move || g2.sm.destroy()).await??;
             tracing::info!(group = %id, "replica removed; its data is deleted");
         }
         Ok(())

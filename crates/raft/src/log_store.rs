@@ -1,5 +1,5 @@
-//! A shard group's Raft log on sled: one tree per group, beside the shard's own
-//! tree in the node's `Db`.
+//! A group's Raft log on sled: a tree of the replica's own database, beside
+//! its data.
 //!
 //! | key | value |
 //! |---|---|
@@ -77,6 +77,11 @@ pub struct LogStore {
 }
 
 impl LogStore {
+    /// The log of the replica kept in `replica`'s own database.
+    pub fn of(replica: &sovra_shard::ReplicaStore) -> Self {
+        Self::new(replica.db().clone(), replica.raft_log().clone())
+    }
+
     pub fn new(db: sled::Db, tree: sled::Tree) -> Self {
         Self {
             db,

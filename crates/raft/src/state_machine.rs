@@ -171,9 +171,9 @@ impl ShardStateMachine {
         }
     }
 
-    /// Deletes the replica's snapshots and data (it left its group).
+    /// Deletes the replica's directory: data, Raft log and snapshots (it left
+    /// its group, or its collection was dropped).
     pub fn destroy(&self) -> Result<(), ShardError> {
-        let _ = std::fs::remove_dir_all(&self.dir);
         self.engine.destroy()
     }
 }

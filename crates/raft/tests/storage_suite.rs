@@ -6,7 +6,7 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
 use sovra_raft::types::StorageErr;
 use sovra_raft::{LogStore, ShardStateMachine, TypeConfig};
-use sovra_shard::{NodeStore, ShardEngine};
+use sovra_shard::{CacheBudget, NodeStore, ReplicaStore, ShardEngine};
 use sovra_types::*;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -49,10 +49,10 @@ fn replica(shard_region: &str, node_region: &str) -> Replica {
         region: RegionId::parse(shard_region).unwrap(),
         number: 0,
     };
-    let tree = store.shard_tree(&id).unwrap();
-    let engine = Arc::new(ShardEngine::open(id.clone(), Arc::new(spec), store.db().clone(), tree, None).unwrap());
-    let sm = ShardStateMachine::open(engine, dir.path().join("snapshots"), RegionId::parse(node_region).unwrap()).unwrap();
-    let log = LogStore::new(store.db().clone(), store.raft_log_tree(&id).unwrap());
+    let rs = ReplicaStore::open(&dir.path().join("replica"), &CacheBudget::new(16 << 20, 1)).unwrap();
+    let engine = Arc::new(ShardEngine::open(id.clone(), Arc::new(spec), &rs, None).unwrap());
+    let sm = ShardStateMachine::open(engine, rs.snapshot_dir(), RegionId::parse(node_region).unwrap()).unwrap();
+    let log = LogStore::of(&rs);
     Replica { _dir: dir, store, sm, log }
 }
 

@@ -1,17 +1,15 @@
-//! The node's storage: one sled `Db` with a format version, the catalog of
-//! collection specs, and one tree per shard.
+//! The node's own small database: a format version and the catalog of
+//! collection specs. Replicas keep their data in their own databases
+//! ([`crate::replica`]), never here.
 
 use crate::ShardError;
-use sovra_types::{CollectionName, CollectionSpec, ShardId};
+use sovra_types::{CollectionName, CollectionSpec};
 use std::path::Path;
 
 /// Bumped whenever the on-disk layout changes; a node refuses other versions.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format_version";
 const CATALOG: &str = "catalog";
-const SHARD_PREFIX: &str = "shard/";
-/// A shard group's Raft log lives beside the shard, under the same names.
-const RAFT_LOG_PREFIX: &str = "raftlog/";
 
 /// A catalog entry: the collection's name and its spec, or why it cannot be read.
 pub type CatalogEntry = (String, Result<CollectionSpec, ShardError>);
@@ -49,9 +47,7 @@ impl NodeStore {
             }
         }
         let catalog = db.open_tree(CATALOG)?;
-        let store = Self { db, catalog };
-        store.drop_orphan_shards()?;
-        Ok(store)
+        Ok(Self { db, catalog })
     }
 
     pub fn db(&self) -> &sled::Db {
@@ -89,50 +85,12 @@ impl NodeStore {
         Ok(())
     }
 
-    /// Removes the collection from the catalog first, then its shard trees, so a
-    /// crash in between leaves only orphans that the next start drops.
-    pub fn remove_collection(&self, name: &CollectionName) -> Result<usize, ShardError> {
+    /// Removes the collection from the catalog. Its replicas' directories are
+    /// the node's to delete: one left behind by a crash is an orphan the next
+    /// start removes.
+    pub fn remove_collection(&self, name: &CollectionName) -> Result<(), ShardError> {
         self.catalog.remove(name.as_str())?;
         self.db.flush()?;
-        let prefixes = [format!("{SHARD_PREFIX}{name}/"), format!("{RAFT_LOG_PREFIX}{name}/")];
-        let mut dropped = 0;
-        for t in self.db.tree_names() {
-            if prefixes.iter().any(|p| t.starts_with(p.as_bytes())) {
-                self.db.drop_tree(&t)?;
-                // Count shards, not their log trees.
-                dropped += usize::from(t.starts_with(prefixes[0].as_bytes()));
-            }
-        }
-        self.db.flush()?;
-        Ok(dropped)
-    }
-
-    pub fn shard_tree(&self, id: &ShardId) -> Result<sled::Tree, ShardError> {
-        Ok(self
-            .db
-            .open_tree(format!("{SHARD_PREFIX}{}/{}/{}", id.collection, id.region, id.number))?)
-    }
-
-    /// The Raft log tree of a shard's group.
-    pub fn raft_log_tree(&self, id: &ShardId) -> Result<sled::Tree, ShardError> {
-        Ok(self
-            .db
-            .open_tree(format!("{RAFT_LOG_PREFIX}{}/{}/{}", id.collection, id.region, id.number))?)
-    }
-
-    fn drop_orphan_shards(&self) -> Result<(), ShardError> {
-        // Names, not decoded specs: an unreadable entry keeps its data.
-        let names: Vec<String> = self.catalog_entries()?.into_iter().map(|(n, _)| n).collect();
-        let known: Vec<String> = names
-            .iter()
-            .flat_map(|n| [format!("{SHARD_PREFIX}{n}/"), format!("{RAFT_LOG_PREFIX}{n}/")])
-            .collect();
-        for t in self.db.tree_names() {
-            let ours = t.starts_with(SHARD_PREFIX.as_bytes()) || t.starts_with(RAFT_LOG_PREFIX.as_bytes());
-            if ours && !known.iter().any(|k| t.starts_with(k.as_bytes())) {
-                self.db.drop_tree(&t)?;
-            }
-        }
         Ok(())
     }
 }

@@ -28,8 +28,9 @@ pub struct ShardEngine {
     id: ShardId,
     spec: Arc<CollectionSpec>,
     store: ShardStore,
-    /// Flushed after every command: the store tree shares the node's `Db`.
-    db: sled::Db,
+    /// The replica's own database (points and Raft log); flushed after every
+    /// command. Held for as long as the engine lives.
+    replica: crate::ReplicaStore,
     /// Swapped whole by compaction; readers clone the `Arc` and never wait for it.
     live: RwLock<Arc<LiveIndex>>,
     /// Serialises `apply` and the last step of a compaction.
@@ -101,18 +102,17 @@ impl ShardEngine {
     pub fn open(
         id: ShardId,
         spec: Arc<CollectionSpec>,
-        db: sled::Db,
-        tree: sled::Tree,
+        replica: &crate::ReplicaStore,
         pool: Option<Arc<rayon::ThreadPool>>,
     ) -> Result<Self, ShardError> {
-        let store = ShardStore::new(tree);
+        let store = ShardStore::new(replica.points().clone());
         let last_applied = store.last_applied()?;
         let engine = Self {
             live: RwLock::new(Arc::new(new_live(&spec, 0, pool.clone()))),
             id,
             spec,
             store,
-            db,
+            replica: replica.clone(),
             writer: Mutex::new(()),
             last_applied: AtomicU64::new(last_applied),
             pool,
@@ -184,7 +184,7 @@ impl ShardEngine {
             });
         }
         let out = self.write_entry(index, Some(cmd), None)?;
-        self.db.flush()?;
+        self.replica.db().flush()?;
         Ok(ApplyOutcome {
             index,
             changed: out.changed,
@@ -203,7 +203,7 @@ impl ShardEngine {
         for (index, cmd, meta) in entries {
             changed.push(self.write_entry(*index, *cmd, Some(meta))?);
         }
-        self.db.flush()?;
+        self.replica.db().flush()?;
         Ok(changed)
     }
 
@@ -294,7 +294,7 @@ impl ShardEngine {
         }
         count += self.install_chunk(&fresh, &mut chunk)?;
         self.store.finish_install(index, meta, rejections)?;
-        self.db.flush()?;
+        self.replica.db().flush()?;
         *self.live.write() = Arc::new(fresh);
         self.last_applied.store(index, Ordering::Release);
         Ok(Ok(count))
@@ -312,15 +312,18 @@ impl ShardEngine {
         Ok(n)
     }
 
-    /// Deletes the shard's stored data and empties its index (the replica was
-    /// removed from its group).
+    /// Deletes the replica's directory (its data, Raft log and snapshots) and
+    /// empties its index (the replica was removed from its group, or its
+    /// collection dropped). The Raft core writing to it is stopped first.
     pub fn destroy(&self) -> Result<(), ShardError> {
         let _w = self.writer.lock();
-        self.store.clear()?;
-        self.db.flush()?;
         *self.live.write() = Arc::new(new_live(&self.spec, 0, self.pool.clone()));
         self.last_applied.store(0, Ordering::Release);
-        Ok(())
+        self.replica.destroy()
+    }
+
+    pub fn replica(&self) -> &crate::ReplicaStore {
+        &self.replica
     }
 
     pub fn search(&self, p: &SearchParams<'_>) -> (Vec<Hit>, SearchPath) {

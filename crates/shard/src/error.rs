@@ -20,6 +20,10 @@ pub enum ShardError {
     /// older build, or corrupted): it never reaches the index.
     #[error("record {what} is invalid for its collection: {reason}")]
     Invalid { what: String, reason: String },
+    #[error(
+        "this node already holds {open} of {shares} replicas its page-cache budget is shared among; raise max_replicas (and cache_capacity_mb with it) or place fewer replicas here"
+    )]
+    Budget { open: usize, shares: usize },
     #[error("data directory has format version {found}, this build reads {expected}")]
     FormatVersion { found: u32, expected: u32 },
 }

@@ -8,8 +8,10 @@
 //!   scan of a small matching set, re-check of every hit).
 //! - [`engine`]: apply, read, search, digest, and compaction (rebuild without
 //!   tombstones while reads and writes go on, then swap).
-//! - [`catalog`]: the node's sled `Db`, its format version, collection specs and
-//!   the tree of each shard.
+//! - [`replica`]: one replica's own directory and sled database (its points
+//!   and its Raft log), page cache shared out from one node budget.
+//! - [`catalog`]: the node's own small database: its format version and the
+//!   collection specs.
 //!
 //! No networking, no clock (callers pass `now_ms`), no protobuf. Depends on
 //! `sovra-types` and `sovra-index` only.
@@ -18,9 +20,11 @@ pub mod catalog;
 pub mod engine;
 mod error;
 pub mod live;
+pub mod replica;
 pub mod store;
 
 pub use catalog::NodeStore;
 pub use engine::{ApplyOutcome, CompactionReport, EntryOutcome, Hit, SearchParams, ShardEngine, ShardStats};
 pub use error::ShardError;
+pub use replica::{CacheBudget, ReplicaStore};
 pub use store::{Rejection, Rejections};

@@ -1,8 +1,9 @@
 //! Helpers shared by the shard tests.
 #![allow(dead_code)]
 
-use sovra_shard::{NodeStore, ShardEngine};
+use sovra_shard::{CacheBudget, ReplicaStore, ShardEngine};
 use sovra_types::*;
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -30,14 +31,21 @@ pub fn pool() -> Arc<rayon::ThreadPool> {
     Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap())
 }
 
-pub fn open(store: &NodeStore, spec: &CollectionSpec) -> ShardEngine {
-    let id = ShardId {
+pub fn shard_id(spec: &CollectionSpec) -> ShardId {
+    ShardId {
         collection: spec.name.clone(),
         region: RegionId::parse("eu").unwrap(),
         number: 0,
-    };
-    let tree = store.shard_tree(&id).unwrap();
-    ShardEngine::open(id, Arc::new(spec.clone()), store.db().clone(), tree, Some(pool())).unwrap()
+    }
+}
+
+/// The replica store of `spec`'s one shard under `dir`.
+pub fn replica(dir: &Path) -> ReplicaStore {
+    ReplicaStore::open(&dir.join("replica"), &CacheBudget::new(64 << 20, 4)).unwrap()
+}
+
+pub fn open(dir: &Path, spec: &CollectionSpec) -> ShardEngine {
+    ShardEngine::open(shard_id(spec), Arc::new(spec.clone()), &replica(dir), Some(pool())).unwrap()
 }
 
 pub fn record(id: u64, vector: Vec<f32>, payload: Payload) -> PointRecord {

@@ -40,8 +40,7 @@ fn upsert(engine: &ShardEngine, range: std::ops::Range<u64>) {
 #[test]
 fn deleted_overwritten_and_expired_points_never_come_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
-    let e = open(&store, &spec("c", 4, Metric::L2));
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
     upsert(&e, 0..500);
     // Delete the nearest neighbours of the query, overwrite one far away so that
     // its new vector sits on the query, and expire another.
@@ -76,8 +75,7 @@ fn deleted_overwritten_and_expired_points_never_come_back() {
 #[test]
 fn nothing_is_returned_when_no_live_point_is_reachable() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
-    let e = open(&store, &spec("c", 4, Metric::L2));
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
     upsert(&e, 0..200);
     let all: Vec<PointId> = (0..200).map(PointId::Num).collect();
     e.apply_next(&ShardCommand::Delete(all[..199].to_vec())).unwrap();
@@ -132,8 +130,7 @@ fn commands() -> Vec<ShardCommand> {
 fn replaying_the_same_commands_gives_the_same_digest() {
     let run = |compact_midway: bool| {
         let tmp = tempfile::tempdir().unwrap();
-        let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
-        let e = open(&store, &spec("c", 4, Metric::L2));
+        let e = open(tmp.path(), &spec("c", 4, Metric::L2));
         for (i, c) in commands().iter().enumerate() {
             assert!(e.apply(i as u64 + 1, c).unwrap().applied);
             if compact_midway && i == 5 {
@@ -154,8 +151,7 @@ fn replaying_the_same_commands_gives_the_same_digest() {
     assert_eq!(a, run(true));
     // A different history gives a different digest (the digest is not constant).
     let tmp = tempfile::tempdir().unwrap();
-    let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
-    let e = open(&store, &spec("c", 4, Metric::L2));
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
     e.apply(1, &commands()[0]).unwrap();
     assert_ne!(e.digest().unwrap(), a.0);
 }
@@ -165,16 +161,16 @@ fn reopening_rebuilds_the_index_and_keeps_last_applied() {
     let tmp = tempfile::tempdir().unwrap();
     let c = spec("c", 4, Metric::L2);
     let (digest, before) = {
-        let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
+        let store = NodeStore::open(&tmp.path().join("node"), 8 << 20).unwrap();
         store.put_collection(&c).unwrap();
-        let e = open(&store, &c);
+        let e = open(tmp.path(), &c);
         upsert(&e, 0..300);
         e.apply_next(&ShardCommand::Delete(vec![PointId::Num(5)])).unwrap();
         (e.digest().unwrap(), ids(&e, &v(7), 10, 0))
     };
-    let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
+    let store = NodeStore::open(&tmp.path().join("node"), 8 << 20).unwrap();
     assert_eq!(store.collections().unwrap(), vec![c.clone()]);
-    let e = open(&store, &c);
+    let e = open(tmp.path(), &c);
     assert_eq!(e.last_applied(), 2);
     assert_eq!(e.digest().unwrap(), digest);
     assert_eq!(e.stats().live_points, 299);
@@ -185,8 +181,7 @@ fn reopening_rebuilds_the_index_and_keeps_last_applied() {
 #[test]
 fn subject_and_expiry_indexes_follow_overwrites_and_deletes() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
-    let e = open(&store, &spec("c", 4, Metric::L2));
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
     let mut a = record(1, v(1), Payload::new());
     a.subject = "alice".into();
     a.expires_at_ms = 50;
@@ -208,8 +203,7 @@ fn subject_and_expiry_indexes_follow_overwrites_and_deletes() {
 #[test]
 fn compaction_keeps_writes_made_while_it_runs() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
-    let e = open(&store, &spec("c", 4, Metric::L2));
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
     upsert(&e, 0..3000);
     e.apply_next(&ShardCommand::Delete((0..1000).map(PointId::Num).collect())).unwrap();
     std::thread::scope(|s| {
@@ -249,9 +243,8 @@ fn compaction_keeps_writes_made_while_it_runs() {
 #[test]
 fn invalid_commands_are_recorded_rejections_and_invalid_stored_records_fail_the_load() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = NodeStore::open(tmp.path(), 8 << 20).unwrap();
     let s = spec("c", 4, Metric::L2);
-    let e = open(&store, &s);
+    let e = open(tmp.path(), &s);
     upsert(&e, 0..10);
     let before = e.digest().unwrap();
     // A 2-d vector in a 4-d collection would panic inside the index.
@@ -266,8 +259,7 @@ fn invalid_commands_are_recorded_rejections_and_invalid_stored_records_fail_the_
     assert_ne!(e.digest().unwrap(), before, "the digest covers rejections");
     // Replayed on another replica, the same entries give the same state.
     let tmp2 = tempfile::tempdir().unwrap();
-    let store2 = NodeStore::open(tmp2.path(), 8 << 20).unwrap();
-    let e2 = open(&store2, &s);
+    let e2 = open(tmp2.path(), &s);
     upsert(&e2, 0..10);
     e2.apply_next(&bad).unwrap();
     assert_eq!(e2.digest().unwrap(), e.digest().unwrap());
@@ -275,17 +267,13 @@ fn invalid_commands_are_recorded_rejections_and_invalid_stored_records_fail_the_
     // A record an older build might have stored: the shard refuses to load,
     // naming it, instead of panicking in the index.
     drop(e);
-    let id = ShardId {
-        collection: s.name.clone(),
-        region: RegionId::parse("eu").unwrap(),
-        number: 0,
-    };
-    let raw = sovra_shard::store::ShardStore::new(store.shard_tree(&id).unwrap());
+    let id = shard_id(&s);
+    let replica = common::replica(tmp.path());
+    let raw = sovra_shard::store::ShardStore::new(replica.points().clone());
     let mut b = raw.batch();
     b.upsert(&record(7, vec![1.0], Payload::new())).unwrap();
     b.commit(100).unwrap();
-    let tree = store.shard_tree(&id).unwrap();
-    let err = ShardEngine::open(id, std::sync::Arc::new(s), store.db().clone(), tree, None)
+    let err = ShardEngine::open(id, std::sync::Arc::new(s), &replica, None)
         .err()
         .expect("an invalid stored record fails the load");
     assert!(err.to_string().contains("record 7") && err.to_string().contains("invalid"), "{err}");

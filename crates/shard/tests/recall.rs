@@ -10,7 +10,7 @@ use common::*;
 use sovra_index::fvecs::read_fvecs;
 use sovra_index::synth::{Dataset, MixtureSpec, gaussian_mixture};
 use sovra_index::{ExactIndex, Space, VectorIndex};
-use sovra_shard::{NodeStore, SearchParams, ShardEngine};
+use sovra_shard::{SearchParams, ShardEngine};
 use sovra_types::*;
 use std::collections::HashSet;
 
@@ -50,9 +50,8 @@ fn shipped(set: &str) -> Option<Dataset> {
 
 fn load(base: Vec<Vec<f32>>, queries: Vec<Vec<f32>>, metric: Metric) -> Bench {
     let tmp = tempfile::tempdir().unwrap();
-    let store = NodeStore::open(tmp.path(), 64 << 20).unwrap();
     let spec = spec("bench", base[0].len() as u32, metric);
-    let engine = open(&store, &spec);
+    let engine = open(tmp.path(), &spec);
     for chunk in base.chunks(1000).enumerate() {
         let (c, rows) = chunk;
         let recs = rows

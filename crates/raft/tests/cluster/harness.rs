@@ -3,7 +3,7 @@
 
 use sovra_raft::server::{CatalogHandler, RaftService, cluster_service};
 use sovra_raft::{AddressBook, ClusterSecret, Faults, LogStore, NodeId, RaftHost, RaftSettings};
-use sovra_shard::{NodeStore, ShardEngine};
+use sovra_shard::{CacheBudget, ReplicaStore, ShardEngine};
 use sovra_types::*;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,7 +22,6 @@ impl CatalogHandler for NoCatalog {
 pub struct Node {
     pub id: NodeId,
     pub host: Arc<RaftHost>,
-    pub store: NodeStore,
     pub _dir: TempDir,
     server: tokio::task::JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -130,9 +129,9 @@ impl Cluster {
         }
         let members: BTreeSet<NodeId> = (1..=n).collect();
         for node in c.nodes.iter().flatten() {
-            let tree = node.store.shard_tree(&shard()).unwrap();
-            let engine = Arc::new(ShardEngine::open(shard(), Arc::new(c.spec.clone()), node.store.db().clone(), tree, None).unwrap());
-            let log = LogStore::new(node.store.db().clone(), node.store.raft_log_tree(&shard()).unwrap());
+            let rs = ReplicaStore::open(&node._dir.path().join("replica"), &CacheBudget::new(32 << 20, 1)).unwrap();
+            let engine = Arc::new(ShardEngine::open(shard(), Arc::new(c.spec.clone()), &rs, None).unwrap());
+            let log = LogStore::of(&rs);
             node.host.open_group(shard(), engine, log, members.clone()).await.unwrap();
         }
         c.leader().await;
@@ -141,17 +140,7 @@ impl Cluster {
 
     async fn start_node(&self, id: NodeId, settings: RaftSettings) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let store = NodeStore::open(&dir.path().join("db"), 32 << 20).unwrap();
-        store.put_collection(&self.spec).unwrap();
-        let host = RaftHost::new(
-            id,
-            region(),
-            self.book.clone(),
-            self.faults.clone(),
-            settings,
-            dir.path().join("snapshots"),
-            secret(),
-        );
+        let host = RaftHost::new(id, region(), self.book.clone(), self.faults.clone(), settings, secret());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.book.set(id, &listener.local_addr().unwrap().to_string());
         let (stop, mut rx) = tokio::sync::watch::channel(false);
@@ -170,7 +159,6 @@ impl Cluster {
         Node {
             id,
             host,
-            store,
             _dir: dir,
             server,
             stop,
