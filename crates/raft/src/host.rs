@@ -5,15 +5,18 @@
 //! Raft core has stopped.
 
 use crate::log_store::LogStore;
+use crate::meta_sm::MetaStateMachine;
 use crate::metrics as m;
-use crate::network::{AddressBook, GroupNetwork, Peers, group_pb};
+use crate::network::{AddressBook, GroupNetwork, Peers};
 use crate::state_machine::ShardStateMachine;
-use crate::types::{NodeId, Raft, ShardResponse};
+use crate::types::{GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, ShardResponse, TypeConfig};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, SnapshotPolicy};
 use parking_lot::RwLock;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use sovra_proto::raft as pb;
-use sovra_shard::ShardEngine;
+use sovra_shard::{ReplicaStore, ShardEngine};
 use sovra_types::validate::check_command;
 use sovra_types::{ApiError, RegionId, ShardCommand, ShardId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -95,22 +98,30 @@ pub fn ack_of(id: &ShardId, index: u64, r: &ShardResponse) -> Result<WriteAck, A
     }
 }
 
-pub struct Group {
-    pub id: ShardId,
-    raft: RwLock<Raft>,
-    pub sm: ShardStateMachine,
-    pub log: LogStore,
+/// This node's replica of one group of kind `C`.
+pub struct Replica<C: GroupConfig> {
+    pub id: C::Id,
+    raft: RwLock<openraft::Raft<C>>,
+    pub sm: C::Sm,
+    pub log: LogStore<C>,
     pub restarts: AtomicU64,
 }
 
-impl Group {
-    /// The current Raft handle (the watchdog may have replaced it).
-    pub fn raft(&self) -> Raft {
-        self.raft.read().clone()
-    }
+/// A replica of a shard group.
+pub type Group = Replica<TypeConfig>;
+/// This node's replica of the meta group (a voter or a learner).
+pub type MetaReplica = Replica<MetaConfig>;
 
+impl Group {
     pub fn engine(&self) -> &Arc<ShardEngine> {
         self.sm.engine()
+    }
+}
+
+impl<C: GroupConfig> Replica<C> {
+    /// The current Raft handle (the watchdog may have replaced it).
+    pub fn raft(&self) -> openraft::Raft<C> {
+        self.raft.read().clone()
     }
 
     pub fn leader(&self) -> Option<NodeId> {
@@ -131,6 +142,18 @@ impl Group {
     }
 }
 
+/// Initialises a group never started before with `members` (every first
+/// member does the same with the same members, which openraft allows).
+async fn initialize<C: GroupConfig>(raft: &openraft::Raft<C>, members: BTreeSet<NodeId>) -> anyhow::Result<()> {
+    if !raft.is_initialized().await? {
+        match raft.initialize(members).await {
+            Ok(()) | Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 pub struct RaftHost {
     pub me: NodeId,
     pub region: RegionId,
@@ -138,6 +161,7 @@ pub struct RaftHost {
     pub settings: RaftSettings,
     config: Arc<Config>,
     groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
+    meta: RwLock<Option<Arc<MetaReplica>>>,
     /// Nodes of this node's region: they may forward writes to groups they
     /// hold no replica of.
     region_nodes: RwLock<BTreeSet<NodeId>>,
@@ -166,6 +190,7 @@ impl RaftHost {
             settings,
             config,
             groups: RwLock::new(BTreeMap::new()),
+            meta: RwLock::new(None),
             region_nodes: RwLock::new(BTreeSet::new()),
             restarts: AtomicU64::new(0),
         })
@@ -194,7 +219,7 @@ impl RaftHost {
             if now >= deadline {
                 break;
             }
-            match self.forward(*to, id, &cmd, deadline - now).await {
+            match self.forward::<TypeConfig>(*to, id, &cmd, deadline - now).await {
                 Ok(answer) => return answer.and_then(|(index, r)| ack_of(id, index, &r)),
                 Err(s) => {
                     why.push(format!("node {to}: {}", s.message()));
@@ -237,13 +262,8 @@ impl RaftHost {
         let dir = engine.replica().snapshot_dir();
         let region = self.region.clone();
         let sm = tokio::task::spawn_blocking(move || ShardStateMachine::open(engine, dir, region)).await??;
-        let raft = self.new_raft(&id, &sm, &log).await?;
-        if !raft.is_initialized().await? {
-            match raft.initialize(members.clone()).await {
-                Ok(()) | Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let raft = self.new_raft::<TypeConfig>(&id, &sm, &log).await?;
+        initialize(&raft, members).await?;
         let g = Arc::new(Group {
             id: id.clone(),
             raft: RwLock::new(raft),
@@ -255,12 +275,106 @@ impl RaftHost {
         Ok(g)
     }
 
-    async fn new_raft(&self, id: &ShardId, sm: &ShardStateMachine, log: &LogStore) -> anyhow::Result<Raft> {
-        let network = GroupNetwork {
-            group: id.clone(),
-            peers: self.peers.clone(),
-        };
-        Ok(Raft::new(self.me, self.config.clone(), network, log.clone(), sm.clone()).await?)
+    async fn new_raft<C: GroupConfig>(&self, id: &C::Id, sm: &C::Sm, log: &LogStore<C>) -> anyhow::Result<openraft::Raft<C>> {
+        let network = GroupNetwork::<C>::new(id, self.peers.clone());
+        Ok(openraft::Raft::new(self.me, self.config.clone(), network, log.clone(), sm.clone()).await?)
+    }
+
+    /// Starts this node's replica of the meta group over its own store. With
+    /// `members`, a replica never initialised is initialised with them (the
+    /// bootstrap node, alone); without, it waits to be added by the leader.
+    pub async fn open_meta(&self, store: ReplicaStore, members: Option<BTreeSet<NodeId>>) -> anyhow::Result<Arc<MetaReplica>> {
+        let log = LogStore::<MetaConfig>::of(&store);
+        let sm = tokio::task::spawn_blocking(move || MetaStateMachine::open(store)).await??;
+        let raft = self.new_raft::<MetaConfig>(&MetaGroupId, &sm, &log).await?;
+        if let Some(members) = members {
+            initialize(&raft, members).await?;
+        }
+        let g = Arc::new(MetaReplica {
+            id: MetaGroupId,
+            raft: RwLock::new(raft),
+            sm,
+            log,
+            restarts: AtomicU64::new(0),
+        });
+        *self.meta.write() = Some(g.clone());
+        Ok(g)
+    }
+
+    /// On the meta leader: makes `voters` the meta group's voters and
+    /// `learners` its learners (each added as a learner first, so it catches up
+    /// before it counts in a quorum); members in neither are removed. Changes
+    /// nothing when the membership already matches. Elsewhere: FAILED_PRECONDITION
+    /// naming the leader.
+    pub async fn meta_set_members(&self, voters: BTreeSet<NodeId>, learners: BTreeSet<NodeId>) -> Result<bool, ApiError> {
+        use openraft::ChangeMembers;
+        let g = self
+            .meta()
+            .ok_or_else(|| ApiError::unavailable(format!("node {} runs no meta replica", self.me)))?;
+        let raft = g.raft();
+        if g.leader() != Some(self.me) {
+            return Err(ApiError::precondition(format!(
+                "node {} does not lead the meta group; {}",
+                self.me,
+                self.leader_text(g.leader())
+            )));
+        }
+        let current = raft.metrics().borrow().membership_config.membership().clone();
+        let have_voters: BTreeSet<NodeId> = current.voter_ids().collect();
+        let have_all: BTreeSet<NodeId> = current.nodes().map(|(n, _)| *n).collect();
+        let want_all: BTreeSet<NodeId> = voters.union(&learners).copied().collect();
+        if have_voters == voters && have_all == want_all && current.get_joint_config().len() == 1 {
+            return Ok(false);
+        }
+        let fail = |e: String| ApiError::unavailable(format!("changing the meta group's members failed: {e}"));
+        let within = self.settings.write_timeout;
+        for n in want_all.difference(&have_all) {
+            // Blocking: returns once the learner has caught up with the leader.
+            tokio::time::timeout(within, raft.add_learner(*n, openraft::EmptyNode::default(), true))
+                .await
+                .map_err(|_| fail(format!("node {n} did not catch up as a learner within {} ms", within.as_millis())))?
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        if have_voters != voters {
+            tokio::time::timeout(
+                within,
+                raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), true),
+            )
+            .await
+            .map_err(|_| fail("no quorum to commit the new voters".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        }
+        let now: BTreeSet<NodeId> = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(n, _)| *n)
+            .collect();
+        let gone: BTreeSet<NodeId> = now.difference(&want_all).copied().collect();
+        if !gone.is_empty() {
+            tokio::time::timeout(within, raft.change_membership(ChangeMembers::RemoveNodes(gone), false))
+                .await
+                .map_err(|_| fail("no quorum to remove departed members".into()))?
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        Ok(true)
+    }
+
+    /// The meta group's voters and learners as this replica knows them.
+    pub fn meta_members(&self) -> Option<(BTreeSet<NodeId>, BTreeSet<NodeId>)> {
+        let g = self.meta()?;
+        let raft = g.raft();
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        Some((membership.voter_ids().collect(), membership.learner_ids().collect()))
+    }
+
+    /// This node's meta replica, if it runs one.
+    pub fn meta(&self) -> Option<Arc<MetaReplica>> {
+        self.meta.read().clone()
     }
 
     /// Stops the replica; with `destroy`, deletes its log, snapshots and data.
@@ -281,6 +395,10 @@ impl RaftHost {
         let groups: Vec<_> = std::mem::take(&mut *self.groups.write()).into_values().collect();
         for g in groups {
             let _ = g.raft().shutdown().await;
+        }
+        let meta = self.meta.write().take();
+        if let Some(m) = meta {
+            let _ = m.raft().shutdown().await;
         }
     }
 
@@ -327,7 +445,20 @@ impl RaftHost {
         ack_of(id, index, &r)
     }
 
-    async fn write_checked(&self, g: &Group, cmd: ShardCommand) -> Result<(u64, ShardResponse), ApiError> {
+    /// Commits `cmd` in the meta group (proposed here if this node leads it,
+    /// else forwarded to the leader) and answers the state machine's verdict.
+    pub async fn meta_write(&self, cmd: sovra_meta::MetaCommand) -> Result<(u64, MetaResponse), ApiError> {
+        let g = self
+            .meta()
+            .ok_or_else(|| ApiError::unavailable(format!("node {} runs no meta replica", self.me)))?;
+        self.write_checked(&g, cmd).await
+    }
+
+    async fn write_checked<C: GroupConfig>(&self, g: &Replica<C>, cmd: C::D) -> Result<(u64, C::R), ApiError>
+    where
+        C::D: Clone + Serialize,
+        C::R: DeserializeOwned,
+    {
         let id = &g.id;
         let timeout = self.settings.write_timeout;
         let deadline = Instant::now() + timeout;
@@ -339,7 +470,7 @@ impl RaftHost {
             let current = raft.metrics().borrow().current_leader;
             leader = current.or(leader);
             match current {
-                Some(l) if l == self.me => match tokio::time::timeout(remaining, raft.client_write(cmd.clone())).await {
+                Some(l) if l == self.me => match tokio::time::timeout(remaining, C::write(&raft, cmd.clone())).await {
                     Ok(Ok(r)) => return Ok((r.log_id.index, r.data)),
                     Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                         leader = f.leader_id.or(leader);
@@ -354,7 +485,7 @@ impl RaftHost {
                         break;
                     }
                 },
-                Some(l) => match self.forward(l, id, &cmd, remaining).await {
+                Some(l) => match self.forward::<C>(l, id, &cmd, remaining).await {
                     Ok(answer) => {
                         metrics::counter!(m::FORWARDED_WRITES).increment(1);
                         return answer;
@@ -371,7 +502,7 @@ impl RaftHost {
             }
         }
         Err(ApiError::unavailable(format!(
-            "write to shard {id} was not acknowledged within {} ms: {why}; {}",
+            "write to group {id} was not acknowledged within {} ms: {why}; {}",
             timeout.as_millis(),
             self.leader_text(leader)
         )))
@@ -380,17 +511,21 @@ impl RaftHost {
     /// Sends `cmd` to node `to`. The outer error means "not taken there, try
     /// again or elsewhere"; the inner result is the group's definitive answer
     /// (an ack, a refusal by validation, or a rejection on apply).
-    async fn forward(
+    async fn forward<C: GroupConfig>(
         &self,
         to: NodeId,
-        id: &ShardId,
-        cmd: &ShardCommand,
+        id: &C::Id,
+        cmd: &C::D,
         within: Duration,
-    ) -> Result<Result<(u64, ShardResponse), ApiError>, tonic::Status> {
+    ) -> Result<Result<(u64, C::R), ApiError>, tonic::Status>
+    where
+        C::D: Serialize,
+        C::R: DeserializeOwned,
+    {
         let mut client = self.peers.client(to).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let command = postcard::to_allocvec(cmd).map_err(|e| tonic::Status::internal(e.to_string()))?;
         let mut req = tonic::Request::new(pb::ProposeRequest {
-            group: Some(group_pb(id)),
+            group: Some(C::group_pb(id)),
             from: self.me,
             command,
         });
@@ -403,10 +538,8 @@ impl RaftHost {
             }
             Ok(r) => r?.into_inner(),
         };
-        let response = ShardResponse {
-            changed: r.changed,
-            rejected: (!r.rejected.is_empty()).then_some(r.rejected),
-        };
+        let response: C::R = postcard::from_bytes(&r.response)
+            .map_err(|e| tonic::Status::internal(format!("node {to} answered a response that does not decode: {e}")))?;
         Ok(Ok((r.index, response)))
     }
 
@@ -418,7 +551,13 @@ impl RaftHost {
             .group(id)
             .ok_or_else(|| tonic::Status::not_found(format!("no replica of {id} here")))?;
         check_command(g.engine().spec(), id, &cmd).map_err(|e| tonic::Status::invalid_argument(e.message))?;
-        match tokio::time::timeout(self.settings.write_timeout, g.raft().client_write(cmd)).await {
+        self.propose_in(&g, cmd).await
+    }
+
+    /// Proposes on `g` here, never forwarding (the other side of a forward).
+    pub async fn propose_in<C: GroupConfig>(&self, g: &Replica<C>, cmd: C::D) -> Result<(u64, C::R), tonic::Status> {
+        let id = &g.id;
+        match tokio::time::timeout(self.settings.write_timeout, C::write(&g.raft(), cmd)).await {
             Ok(Ok(r)) => Ok((r.log_id.index, r.data)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(tonic::Status::failed_precondition(format!(
                 "node {} is not the leader of {id}; {}",
@@ -436,6 +575,10 @@ impl RaftHost {
         let g = self
             .group(id)
             .ok_or_else(|| tonic::Status::not_found(format!("no replica of {id} here")))?;
+        self.read_index_in(&g).await
+    }
+
+    pub async fn read_index_in<C: GroupConfig>(&self, g: &Replica<C>) -> Result<u64, tonic::Status> {
         match tokio::time::timeout(self.settings.read_wait, g.raft().ensure_linearizable()).await {
             Ok(Ok(l)) => Ok(l.map_or(0, |l| l.index)),
             Ok(Err(e)) => Err(tonic::Status::failed_precondition(format!("{e}; {}", self.leader_text(g.leader())))),
@@ -446,6 +589,21 @@ impl RaftHost {
     /// Returns once this node's replica of `id` may answer a read at `level`.
     pub async fn read_barrier(&self, id: &ShardId, level: ReadLevel) -> Result<(), ApiError> {
         let g = self.group_or_unavailable(id)?;
+        self.barrier_in(&g, level).await
+    }
+
+    /// Returns once this node's meta replica reflects every change committed
+    /// before the call (a linearizable read of the cluster's metadata).
+    pub async fn meta_barrier(&self) -> Result<Arc<MetaReplica>, ApiError> {
+        let g = self
+            .meta()
+            .ok_or_else(|| ApiError::unavailable(format!("node {} runs no meta replica", self.me)))?;
+        self.barrier_in(&g, ReadLevel::Linearizable).await?;
+        Ok(g)
+    }
+
+    async fn barrier_in<C: GroupConfig>(&self, g: &Replica<C>, level: ReadLevel) -> Result<(), ApiError> {
+        let id = &g.id;
         let wait = self.settings.read_wait;
         let need = match level {
             ReadLevel::Any { min_index: 0 } => return Ok(()),
@@ -455,12 +613,12 @@ impl RaftHost {
                 match leader {
                     Some(l) if l == self.me => {
                         return self
-                            .read_index_local(id)
+                            .read_index_in(g)
                             .await
                             .map(|_| ())
                             .map_err(|s| ApiError::unavailable(format!("linearizable read of shard {id} failed: {}", s.message())));
                     }
-                    Some(l) => self.remote_read_index(l, id, wait).await.map_err(|s| {
+                    Some(l) => self.remote_read_index(l, C::group_pb(id), wait).await.map_err(|s| {
                         ApiError::unavailable(format!(
                             "linearizable read of shard {id} failed: the leader did not confirm a read index ({}); {}",
                             s.message(),
@@ -492,10 +650,10 @@ impl RaftHost {
         }
     }
 
-    async fn remote_read_index(&self, to: NodeId, id: &ShardId, within: Duration) -> Result<u64, tonic::Status> {
+    async fn remote_read_index(&self, to: NodeId, group: pb::GroupId, within: Duration) -> Result<u64, tonic::Status> {
         let mut client = self.peers.client(to).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let mut req = tonic::Request::new(pb::ReadIndexRequest {
-            group: Some(group_pb(id)),
+            group: Some(group),
             from: self.me,
         });
         req.set_timeout(within);
@@ -509,6 +667,7 @@ impl RaftHost {
     /// (a fatal error, or openraft #2116's race on small machines) and removes
     /// replicas that a membership change took out of their group.
     pub async fn watchdog_pass(&self) {
+        self.meta_watchdog_pass().await;
         for g in self.groups() {
             let raft = g.raft();
             let mut rx = raft.metrics();
@@ -529,14 +688,8 @@ impl RaftHost {
                     tracing::error!(group = %g.id, "state machine could not be reopened; will retry");
                     continue;
                 }
-                match self.new_raft(&g.id, &g.sm, &g.log).await {
-                    Ok(r) => {
-                        *g.raft.write() = r;
-                        g.restarts.fetch_add(1, Ordering::Relaxed);
-                        self.restarts.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!(m::WATCHDOG_RESTARTS, &m::group_labels(&g.id)).increment(1);
-                    }
-                    Err(e) => tracing::error!(group = %g.id, error = %e, "raft core restart failed; will retry"),
+                if self.restart_core(&g).await {
+                    metrics::counter!(m::WATCHDOG_RESTARTS, &m::group_labels(&g.id)).increment(1);
                 }
                 continue;
             }
@@ -546,6 +699,38 @@ impl RaftHost {
                 if let Err(e) = self.remove_group(&g.id, true).await {
                     tracing::error!(group = %g.id, error = %e, "removing a departed replica failed");
                 }
+            }
+        }
+    }
+
+    /// Replaces `g`'s stopped Raft core with a new one over the same storage.
+    async fn restart_core<C: GroupConfig>(&self, g: &Replica<C>) -> bool {
+        match self.new_raft::<C>(&g.id, &g.sm, &g.log).await {
+            Ok(r) => {
+                *g.raft.write() = r;
+                g.restarts.fetch_add(1, Ordering::Relaxed);
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::error!(group = %g.id, error = %e, "raft core restart failed; will retry");
+                false
+            }
+        }
+    }
+
+    /// The watchdog's pass over the meta replica: restarts its core if it stopped.
+    async fn meta_watchdog_pass(&self) {
+        let Some(g) = self.meta() else { return };
+        let raft = g.raft();
+        let mut rx = raft.metrics();
+        let core_gone = rx.has_changed().is_err();
+        let fatal = rx.borrow_and_update().running_state.clone().err();
+        if (core_gone || fatal.is_some()) && self.meta().is_some() {
+            tracing::error!(fatal = ?fatal, "meta raft core stopped; restarting it");
+            let _ = raft.shutdown().await;
+            if self.restart_core(&g).await {
+                metrics::counter!(m::WATCHDOG_RESTARTS, "group" => "meta").increment(1);
             }
         }
     }

@@ -1,10 +1,13 @@
-//! Replication of shards: every shard is an openraft group whose replicas live
-//! on different nodes of the shard's region.
+//! Replication: one Raft machinery (log store, network, host) generic over a
+//! group kind ([`types::GroupConfig`]), running every shard group (replicas on
+//! different nodes of the shard's region) and the cluster's one meta group.
 //!
-//! - [`types`]: the Raft type configuration (an entry is one client batch).
-//! - [`log_store`]: the Raft log, vote and purge mark on sled.
+//! - [`types`]: the type configurations (a shard entry is one client batch, a
+//!   meta entry one `MetaCommand`) and the group-kind trait.
+//! - [`log_store`]: the Raft log, vote and purge mark on sled, any kind.
 //! - [`state_machine`] and [`snapshot`]: the shard engine as the state machine;
 //!   snapshots as streamed, digest-checked files, region-checked on install.
+//! - [`meta_sm`]: `sovra_meta::MetaState` as the meta group's state machine.
 //!
 //! - [`network`], [`server`]: node-to-node gRPC (`sovra.raft.v1`), one pooled
 //!   channel per peer, an address book, bounded AppendEntries.
@@ -13,8 +16,9 @@
 //! - [`host`]: a node's replicas of many groups: writes to the leader
 //!   (forwarded if needed), read levels, the watchdog, per-group metrics.
 //!
-//! Depends on `sovra-shard` (the engine) and `sovra-proto` (the node-to-node
-//! messages); nothing here knows the public API.
+//! Depends on `sovra-shard` (the engine and replica stores), `sovra-meta` (the
+//! meta state) and `sovra-proto` (the node-to-node messages); nothing here
+//! knows the public API.
 
 // openraft's StorageError is large and its traits return it: boxing only here
 // would not make anything smaller.
@@ -24,6 +28,7 @@ pub mod auth;
 pub mod fault;
 pub mod host;
 pub mod log_store;
+pub mod meta_sm;
 pub mod metrics;
 pub mod network;
 pub mod server;
@@ -33,8 +38,9 @@ pub mod types;
 
 pub use auth::ClusterSecret;
 pub use fault::{Faults, Rule};
-pub use host::{RaftHost, RaftSettings, ReadLevel, WriteAck};
+pub use host::{Group, MetaReplica, RaftHost, RaftSettings, ReadLevel, Replica, WriteAck};
 pub use log_store::LogStore;
+pub use meta_sm::MetaStateMachine;
 pub use network::AddressBook;
 pub use state_machine::ShardStateMachine;
-pub use types::{NodeId, Raft, TypeConfig};
+pub use types::{GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, Raft, TypeConfig};

@@ -14,7 +14,7 @@
 //! `append` reports the entries durable (the callback) only after sled has
 //! flushed them, which is what lets a leader count this replica in a quorum.
 
-use crate::types::{Entry, LogId, NodeId, StorageErr, TypeConfig, io_err};
+use crate::types::{GroupConfig, LogId, NodeId, StorageErr, TypeConfig, io_err};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
 use serde::Serialize;
@@ -29,8 +29,8 @@ const VOTE: &[u8] = b"v";
 const COMMITTED: &[u8] = b"c";
 const PURGED: &[u8] = b"p";
 
-/// Format of a stored log entry; bumped whenever `Entry` or `ShardCommand`
-/// changes encoding.
+/// Format of a stored log entry; bumped whenever `Entry` or a group's command
+/// (`ShardCommand`, `MetaCommand`) changes encoding.
 pub const ENTRY_FORMAT: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,11 +43,11 @@ pub enum EntryFormatError {
     Decode(#[from] postcard::Error),
 }
 
-pub fn encode_entry(e: &Entry) -> Result<Vec<u8>, postcard::Error> {
+pub fn encode_entry<C: GroupConfig>(e: &openraft::Entry<C>) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_extend(e, vec![ENTRY_FORMAT])
 }
 
-pub fn decode_entry(bytes: &[u8]) -> Result<Entry, EntryFormatError> {
+pub fn decode_entry<C: GroupConfig>(bytes: &[u8]) -> Result<openraft::Entry<C>, EntryFormatError> {
     match bytes.split_first() {
         None => Err(EntryFormatError::Empty),
         Some((&ENTRY_FORMAT, rest)) => Ok(postcard::from_bytes(rest)?),
@@ -69,14 +69,26 @@ pub struct LogStats {
     pub purges: AtomicU64,
 }
 
-#[derive(Clone)]
-pub struct LogStore {
+/// The log of one replica of a group of kind `C` (a shard group by default).
+pub struct LogStore<C: GroupConfig = TypeConfig> {
     db: sled::Db,
     tree: sled::Tree,
     pub stats: Arc<LogStats>,
+    _kind: std::marker::PhantomData<fn() -> C>,
 }
 
-impl LogStore {
+impl<C: GroupConfig> Clone for LogStore<C> {
+    fn clone(&self) -> Self {
+        Self {
+            db: self.db.clone(),
+            tree: self.tree.clone(),
+            stats: self.stats.clone(),
+            _kind: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<C: GroupConfig> LogStore<C> {
     /// The log of the replica kept in `replica`'s own database.
     pub fn of(replica: &sovra_shard::ReplicaStore) -> Self {
         Self::new(replica.db().clone(), replica.raft_log().clone())
@@ -87,6 +99,7 @@ impl LogStore {
             db,
             tree,
             stats: Arc::default(),
+            _kind: std::marker::PhantomData,
         }
     }
 
@@ -121,7 +134,7 @@ impl LogStore {
             None => Ok(None),
             Some(kv) => {
                 let (_, v) = kv.map_err(|e| io_err(e, StorageIOError::read_logs))?;
-                let e = decode_entry(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?;
+                let e = decode_entry::<C>(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?;
                 Ok(Some(e.log_id))
             }
         }
@@ -140,11 +153,11 @@ impl LogStore {
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+impl<C: GroupConfig> RaftLogReader<C> for LogStore<C> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageErr> {
+    ) -> Result<Vec<openraft::Entry<C>>, StorageErr> {
         let start = match range.start_bound() {
             Bound::Included(i) => log_key(*i),
             Bound::Excluded(i) => log_key(i.saturating_add(1)),
@@ -166,10 +179,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
+impl<C: GroupConfig> RaftLogStorage<C> for LogStore<C> {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageErr> {
+    async fn get_log_state(&mut self) -> Result<LogState<C>, StorageErr> {
         let last_purged_log_id: Option<LogId> = self.get(PURGED)?;
         let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
         Ok(LogState {
@@ -202,9 +215,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageErr>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageErr>
     where
-        I: IntoIterator<Item = Entry> + OptionalSend,
+        I: IntoIterator<Item = openraft::Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
@@ -245,6 +258,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::Entry;
 
     #[test]
     fn entries_carry_their_format_and_another_is_refused_by_name() {
@@ -254,11 +268,11 @@ mod tests {
         };
         let bytes = encode_entry(&e).unwrap();
         assert_eq!(bytes[0], ENTRY_FORMAT);
-        assert_eq!(decode_entry(&bytes).unwrap().log_id, e.log_id);
+        assert_eq!(decode_entry::<TypeConfig>(&bytes).unwrap().log_id, e.log_id);
         let mut newer = bytes.clone();
         newer[0] = ENTRY_FORMAT + 1;
-        let err = decode_entry(&newer).unwrap_err().to_string();
+        let err = decode_entry::<TypeConfig>(&newer).unwrap_err().to_string();
         assert!(err.contains(&format!("format version {}", ENTRY_FORMAT + 1)), "{err}");
-        assert!(decode_entry(&[]).is_err());
+        assert!(decode_entry::<TypeConfig>(&[]).is_err());
     }
 }

@@ -9,7 +9,7 @@
 
 use crate::auth::{AttachSecret, ClusterSecret};
 use crate::fault::{FaultLayer, FaultService, Faults};
-use crate::types::{NodeId, TypeConfig};
+use crate::types::{GroupConfig, NodeId};
 use openraft::EmptyNode;
 use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -21,7 +21,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sovra_proto::raft as pb;
 use sovra_proto::raft::raft_client::RaftClient;
-use sovra_types::ShardId;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,14 +78,6 @@ pub struct Peers {
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
 }
 
-pub fn group_pb(id: &ShardId) -> pb::GroupId {
-    pb::GroupId {
-        collection: id.collection.to_string(),
-        region: id.region.to_string(),
-        shard: id.number,
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("node {0} has no known address")]
 pub struct NoAddress(pub NodeId);
@@ -138,29 +129,42 @@ impl Peers {
     }
 }
 
-/// openraft's factory for one group: clients name the group in every message.
-#[derive(Clone)]
-pub struct GroupNetwork {
-    pub group: ShardId,
+/// openraft's factory for one group of kind `C`: clients name the group in
+/// every message.
+pub struct GroupNetwork<C> {
+    pub group: pb::GroupId,
     pub peers: Peers,
+    pub _kind: std::marker::PhantomData<fn() -> C>,
 }
 
-impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
-    type Network = GroupClient;
-
-    async fn new_client(&mut self, target: NodeId, _node: &EmptyNode) -> Self::Network {
-        GroupClient {
-            target,
-            group: group_pb(&self.group),
-            peers: self.peers.clone(),
+impl<C: GroupConfig> GroupNetwork<C> {
+    pub fn new(id: &C::Id, peers: Peers) -> Self {
+        Self {
+            group: C::group_pb(id),
+            peers,
+            _kind: std::marker::PhantomData,
         }
     }
 }
 
-pub struct GroupClient {
+impl<C: GroupConfig> RaftNetworkFactory<C> for GroupNetwork<C> {
+    type Network = GroupClient<C>;
+
+    async fn new_client(&mut self, target: NodeId, _node: &EmptyNode) -> Self::Network {
+        GroupClient {
+            target,
+            group: self.group.clone(),
+            peers: self.peers.clone(),
+            _kind: std::marker::PhantomData,
+        }
+    }
+}
+
+pub struct GroupClient<C> {
     target: NodeId,
     group: pb::GroupId,
     peers: Peers,
+    _kind: std::marker::PhantomData<fn() -> C>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, EmptyNode, RaftError<NodeId, E>>;
@@ -174,7 +178,7 @@ fn status_to_rpc<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, Emp
     RPCError::Unreachable(Unreachable::new(&s))
 }
 
-impl GroupClient {
+impl<C: GroupConfig> GroupClient<C> {
     async fn call<Req, Resp, E>(
         &self,
         method: fn(PeerClient, tonic::Request<pb::RaftRequest>) -> RaftCall,
@@ -242,12 +246,8 @@ fn snapshot_call(mut c: PeerClient, r: tonic::Request<pb::RaftRequest>) -> RaftC
     Box::pin(async move { c.install_snapshot(r).await })
 }
 
-impl RaftNetwork<TypeConfig> for GroupClient {
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+impl<C: GroupConfig> RaftNetwork<C> for GroupClient<C> {
+    async fn append_entries(&mut self, rpc: AppendEntriesRequest<C>, option: RPCOption) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         let payload = encode(&rpc)?;
         let max = self.peers.max_append_bytes;
         if payload.len() > max && rpc.entries.len() > 1 {
@@ -274,7 +274,7 @@ impl RaftNetwork<TypeConfig> for GroupClient {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: InstallSnapshotRequest<C>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
         self.call(snapshot_call, &rpc, option.hard_ttl()).await

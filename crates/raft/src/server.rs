@@ -4,9 +4,9 @@
 //! the cluster secret ([`crate::auth`]); a group's messages are taken only from
 //! a voter or learner of its current membership.
 
-use crate::host::RaftHost;
+use crate::host::{Group, MetaReplica, RaftHost, Replica};
 use crate::snapshot;
-use crate::types::{NodeId, TypeConfig};
+use crate::types::{GroupConfig, NodeId};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -40,13 +40,53 @@ pub fn cluster_service(
     tonic::service::interceptor::InterceptedService::new(server, crate::auth::RequireSecret(secret))
 }
 
+/// The replica a message is for.
+enum Target {
+    Shard(Arc<Group>),
+    Meta(Arc<MetaReplica>),
+}
+
+fn is_meta(g: &Option<pb::GroupId>) -> bool {
+    g.as_ref().is_some_and(|g| g.kind == pb::GroupKind::Meta as i32)
+}
+
 fn shard_of(g: Option<pb::GroupId>) -> Result<ShardId, Status> {
     let g = g.ok_or_else(|| Status::invalid_argument("group is required"))?;
+    if g.kind != pb::GroupKind::Shard as i32 {
+        return Err(Status::invalid_argument(format!("group kind {} is not a shard group", g.kind)));
+    }
     Ok(ShardId {
         collection: CollectionName::parse(&g.collection).map_err(|e| Status::invalid_argument(e.message))?,
         region: RegionId::parse(&g.region).map_err(|e| Status::invalid_argument(e.message))?,
         number: g.shard,
     })
+}
+
+fn propose_reply<R: Serialize>(index: u64, response: &R) -> Result<Response<pb::ProposeReply>, Status> {
+    Ok(Response::new(pb::ProposeReply {
+        index,
+        response: postcard::to_allocvec(response).map_err(|e| Status::internal(e.to_string()))?,
+    }))
+}
+
+impl RaftService {
+    /// A meta write from another node: a member of the meta group proposes it
+    /// here (it believes this node leads; never forwarded again, so no loops);
+    /// any other cluster node (a data node registering or heart-beating) has it
+    /// passed on to the leader.
+    async fn propose_meta(&self, r: pb::ProposeRequest) -> Result<Response<pb::ProposeReply>, Status> {
+        let m = self
+            .host
+            .meta()
+            .ok_or_else(|| Status::not_found(format!("node {} runs no meta replica", self.host.me)))?;
+        let cmd: sovra_meta::MetaCommand = decode(&r.command)?;
+        let (index, response) = if m.admits(r.from) {
+            self.host.propose_in(&m, cmd).await?
+        } else {
+            self.host.meta_write(cmd).await.map_err(|e| sovra_proto::status_of(&e))?
+        };
+        propose_reply(index, &response)
+    }
 }
 
 fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
@@ -59,19 +99,53 @@ fn reply<T: Serialize>(v: &T) -> Result<Response<pb::RaftReply>, Status> {
     }))
 }
 
+fn check_member<C: GroupConfig>(r: &Replica<C>, from: NodeId) -> Result<(), Status> {
+    if r.admits(from) {
+        return Ok(());
+    }
+    metrics::counter!(crate::metrics::NOT_MEMBER).increment(1);
+    Err(Status::permission_denied(format!(
+        "node {from} is not a voter or learner of group {}",
+        r.id
+    )))
+}
+
+async fn append<C: GroupConfig>(r: &Replica<C>, payload: &[u8]) -> Result<Response<pb::RaftReply>, Status> {
+    let msg: AppendEntriesRequest<C> = decode(payload)?;
+    reply(&r.raft().append_entries(msg).await)
+}
+
+async fn vote<C: GroupConfig>(r: &Replica<C>, payload: &[u8]) -> Result<Response<pb::RaftReply>, Status> {
+    let msg: VoteRequest<NodeId> = decode(payload)?;
+    reply(&r.raft().vote(msg).await)
+}
+
+async fn install<C: GroupConfig>(r: &Replica<C>, msg: InstallSnapshotRequest<C>) -> Result<Response<pb::RaftReply>, Status> {
+    reply(&r.raft().install_snapshot(msg).await)
+}
+
 impl RaftService {
-    fn group(&self, g: Option<pb::GroupId>, from: NodeId) -> Result<Arc<crate::host::Group>, Status> {
+    /// The replica `g` names on this node, once `from` is known to be one of
+    /// its group's members.
+    fn target(&self, g: Option<pb::GroupId>, from: NodeId) -> Result<Target, Status> {
+        if is_meta(&g) {
+            let m = self
+                .host
+                .meta()
+                .ok_or_else(|| Status::not_found(format!("node {} runs no meta replica", self.host.me)))?;
+            check_member(&m, from)?;
+            return Ok(Target::Meta(m));
+        }
+        Ok(Target::Shard(self.group(g, from)?))
+    }
+
+    fn group(&self, g: Option<pb::GroupId>, from: NodeId) -> Result<Arc<Group>, Status> {
         let id = shard_of(g)?;
         let group = self
             .host
             .group(&id)
             .ok_or_else(|| Status::not_found(format!("node {} holds no replica of {id} (yet)", self.host.me)))?;
-        if !group.admits(from) {
-            metrics::counter!(crate::metrics::NOT_MEMBER).increment(1);
-            return Err(Status::permission_denied(format!(
-                "node {from} is not a voter or learner of group {id}"
-            )));
-        }
+        check_member(&group, from)?;
         Ok(group)
     }
 }
@@ -80,22 +154,27 @@ impl RaftService {
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
-        let g = self.group(r.group, r.from)?;
-        let msg: AppendEntriesRequest<TypeConfig> = decode(&r.payload)?;
-        reply(&g.raft().append_entries(msg).await)
+        match self.target(r.group, r.from)? {
+            Target::Shard(g) => append(&g, &r.payload).await,
+            Target::Meta(m) => append(&m, &r.payload).await,
+        }
     }
 
     async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
-        let g = self.group(r.group, r.from)?;
-        let msg: VoteRequest<NodeId> = decode(&r.payload)?;
-        reply(&g.raft().vote(msg).await)
+        match self.target(r.group, r.from)? {
+            Target::Shard(g) => vote(&g, &r.payload).await,
+            Target::Meta(m) => vote(&m, &r.payload).await,
+        }
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
-        let g = self.group(r.group, r.from)?;
-        let msg: InstallSnapshotRequest<TypeConfig> = decode(&r.payload)?;
+        let g = match self.target(r.group, r.from)? {
+            Target::Meta(m) => return install(&m, decode(&r.payload)?).await,
+            Target::Shard(g) => g,
+        };
+        let msg: InstallSnapshotRequest<crate::types::TypeConfig> = decode(&r.payload)?;
         // The first chunk carries the header: refuse another region's or
         // another shard's data before a byte of it is written here (R2).
         if msg.offset == 0 {
@@ -109,11 +188,14 @@ impl RaftRpc for RaftService {
                 return Err(Status::failed_precondition(format!("snapshot refused: {e}")));
             }
         }
-        reply(&g.raft().install_snapshot(msg).await)
+        install(&g, msg).await
     }
 
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
         let r = req.into_inner();
+        if is_meta(&r.group) {
+            return self.propose_meta(r).await;
+        }
         let id = shard_of(r.group)?;
         let g = self
             .host
@@ -136,17 +218,15 @@ impl RaftRpc for RaftService {
                 r.from, self.host.region
             )));
         };
-        Ok(Response::new(pb::ProposeReply {
-            index,
-            changed: response.changed,
-            rejected: response.rejected.unwrap_or_default(),
-        }))
+        propose_reply(index, &response)
     }
 
     async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
         let r = req.into_inner();
-        let g = self.group(r.group, r.from)?;
-        let index = self.host.read_index_local(&g.id).await?;
+        let index = match self.target(r.group, r.from)? {
+            Target::Shard(g) => self.host.read_index_in(&g).await?,
+            Target::Meta(m) => self.host.read_index_in(&m).await?,
+        };
         Ok(Response::new(pb::ReadIndexReply { index }))
     }
 

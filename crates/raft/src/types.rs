@@ -1,10 +1,17 @@
-//! The Raft type configuration of a shard group and the error helpers shared by
-//! the storage and network code.
+//! The Raft type configurations, one per group kind (a shard group, the meta
+//! group), the [`GroupConfig`] trait the shared machinery (log store, network,
+//! host) is generic over, and the error helpers of the storage code.
 
 use crate::snapshot::SnapshotFile;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
 use openraft::{AnyError, EmptyNode, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
-use sovra_types::ShardCommand;
+use sovra_meta::{Applied, MetaCommand, Refused};
+use sovra_proto::raft as pb;
+use sovra_types::{ShardCommand, ShardId};
+use std::fmt::{Debug, Display};
+use std::future::Future;
 
 /// What applying one client batch did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +35,95 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// What applying a meta command did: applied, or refused whole by the state
+/// machine (R1 among the reasons), identically on every replica.
+pub type MetaResponse = Result<Applied, Refused>;
+
+openraft::declare_raft_types!(
+    /// The meta group: entries carry a [`MetaCommand`]; never vectors,
+    /// payloads or subject ids.
+    pub MetaConfig:
+        D = MetaCommand,
+        R = MetaResponse,
+        NodeId = u64,
+        Node = EmptyNode,
+        Entry = openraft::Entry<MetaConfig>,
+        SnapshotData = SnapshotFile,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The meta group's id: there is one per cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MetaGroupId;
+
+impl Display for MetaGroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("meta")
+    }
+}
+
+pub type WriteResult<C> = Result<ClientWriteResponse<C>, RaftError<u64, ClientWriteError<u64, EmptyNode>>>;
+
+/// A kind of group the shared Raft machinery runs: its type configuration,
+/// how its id is named on the wire, and its state machine.
+pub trait GroupConfig:
+    openraft::RaftTypeConfig<
+        NodeId = u64,
+        Node = EmptyNode,
+        Entry = openraft::Entry<Self>,
+        SnapshotData = SnapshotFile,
+        AsyncRuntime = openraft::TokioRuntime,
+    >
+{
+    /// The group's id ([`ShardId`], [`MetaGroupId`]).
+    type Id: Clone + Debug + Display + PartialEq + Send + Sync + 'static;
+    /// The state machine a replica of this kind runs.
+    type Sm: openraft::storage::RaftStateMachine<Self> + Clone + Send + Sync + 'static;
+
+    fn group_pb(id: &Self::Id) -> pb::GroupId;
+
+    /// Proposes `d` on `raft` (openraft's `client_write`, named once per kind
+    /// so the shared code need not spell out its responder bounds).
+    fn write(raft: &openraft::Raft<Self>, d: Self::D) -> impl Future<Output = WriteResult<Self>> + Send;
+}
+
+impl GroupConfig for TypeConfig {
+    type Id = ShardId;
+    type Sm = crate::state_machine::ShardStateMachine;
+
+    fn group_pb(id: &ShardId) -> pb::GroupId {
+        pb::GroupId {
+            collection: id.collection.to_string(),
+            region: id.region.to_string(),
+            shard: id.number,
+            kind: pb::GroupKind::Shard as i32,
+        }
+    }
+
+    async fn write(raft: &openraft::Raft<Self>, d: ShardCommand) -> WriteResult<Self> {
+        raft.client_write(d).await
+    }
+}
+
+impl GroupConfig for MetaConfig {
+    type Id = MetaGroupId;
+    type Sm = crate::meta_sm::MetaStateMachine;
+
+    fn group_pb(_: &MetaGroupId) -> pb::GroupId {
+        pb::GroupId {
+            kind: pb::GroupKind::Meta as i32,
+            ..Default::default()
+        }
+    }
+
+    async fn write(raft: &openraft::Raft<Self>, d: MetaCommand) -> WriteResult<Self> {
+        raft.client_write(d).await
+    }
+}
+
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
+pub type MetaRaft = openraft::Raft<MetaConfig>;
 pub type LogId = openraft::LogId<NodeId>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type StoredMembership = openraft::StoredMembership<NodeId, EmptyNode>;

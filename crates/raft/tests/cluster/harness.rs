@@ -138,6 +138,53 @@ impl Cluster {
         c
     }
 
+    /// Starts `n` nodes (ids 1..=n) with no group yet.
+    pub async fn bare(n: u64, settings: RaftSettings, seed: u64) -> Self {
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            book: AddressBook::default(),
+            faults: Faults::seeded(seed),
+            spec: spec(4),
+        };
+        for id in 1..=n {
+            let node = c.start_node(id, settings.clone()).await;
+            c.nodes.push(Some(node));
+        }
+        c
+    }
+
+    /// Opens node `id`'s meta replica in its own store; `members` initialises
+    /// a group never started (the bootstrap node), `None` waits to be added.
+    pub async fn open_meta(&self, id: NodeId, members: Option<BTreeSet<NodeId>>) {
+        let node = self.node(id);
+        let rs = ReplicaStore::open(&node._dir.path().join("meta"), &CacheBudget::new(8 << 20, 1)).unwrap();
+        node.host.open_meta(rs, members).await.unwrap();
+    }
+
+    /// The meta leader a majority of live nodes agree on.
+    pub async fn meta_leader(&self) -> NodeId {
+        self.agreed_leader("a meta leader", |n| n.host.meta().and_then(|g| g.leader()))
+            .await
+    }
+
+    /// The leader that a majority of live nodes name through `of`.
+    async fn agreed_leader(&self, what: &str, of: impl Fn(&Node) -> Option<NodeId>) -> NodeId {
+        eventually(what, Duration::from_secs(15), async || {
+            let mut votes = std::collections::HashMap::new();
+            for n in self.live() {
+                if let Some(l) = of(n) {
+                    *votes.entry(l).or_insert(0) += 1;
+                }
+            }
+            let quorum = self.nodes.len() / 2 + 1;
+            votes
+                .into_iter()
+                .find(|(l, v)| *v >= quorum && self.nodes[(*l - 1) as usize].is_some())
+                .map(|(l, _)| l)
+        })
+        .await
+    }
+
     async fn start_node(&self, id: NodeId, settings: RaftSettings) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let host = RaftHost::new(id, region(), self.book.clone(), self.faults.clone(), settings, secret());
@@ -175,20 +222,8 @@ impl Cluster {
 
     /// The leader that a majority of live nodes agree on.
     pub async fn leader(&self) -> NodeId {
-        eventually("a leader", Duration::from_secs(15), async || {
-            let mut votes = std::collections::HashMap::new();
-            for n in self.live() {
-                if let Some(l) = n.host.group(&shard()).and_then(|g| g.leader()) {
-                    *votes.entry(l).or_insert(0) += 1;
-                }
-            }
-            let quorum = self.nodes.len() / 2 + 1;
-            votes
-                .into_iter()
-                .find(|(l, v)| *v >= quorum && self.nodes[(*l - 1) as usize].is_some())
-                .map(|(l, _)| l)
-        })
-        .await
+        self.agreed_leader("a leader", |n| n.host.group(&shard()).and_then(|g| g.leader()))
+            .await
     }
 
     /// Stops a node as a crash would look to its peers: its server goes away and

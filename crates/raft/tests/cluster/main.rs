@@ -3,6 +3,7 @@
 //! Random drops are seeded: a failure prints `SOVRA_CHAOS_SEED=<seed>` to replay.
 
 mod harness;
+mod meta;
 
 use harness::*;
 use sovra_raft::{ReadLevel, WriteAck};
@@ -281,7 +282,7 @@ async fn client_with(c: &Cluster, id: u64, secret: sovra_raft::ClusterSecret) ->
 }
 
 fn group_pb() -> sovra_proto::raft::GroupId {
-    sovra_raft::network::group_pb(&shard())
+    <sovra_raft::TypeConfig as sovra_raft::GroupConfig>::group_pb(&shard())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,354 @@
+//! The meta group's Raft state machine: [`sovra_meta::MetaState`] held in
+//! memory and persisted whole, with Raft's applied log id and membership, in
+//! the meta replica's own database after every applied batch (metadata is
+//! small: nodes, collections, the shard map, policies, keys).
+//!
+//! Snapshots are files: magic, format version, then one postcard record of the
+//! same persisted state, then an xxh3-64 digest of everything before it. A
+//! received snapshot is checked whole (magic, version, digest, and the meta
+//! that openraft announced) before it replaces anything.
+//!
+//! Watchers ([`MetaStateMachine::subscribe`]) learn the applied index after
+//! every change, so a node's reconcile loop wakes when the map moves.
+
+use crate::snapshot::SnapshotFile;
+use crate::types::{LogId, MetaConfig, MetaResponse, SnapshotMeta, StorageErr, StoredMembership, io_err};
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, OptionalSend, StorageIOError};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use sovra_meta::MetaState;
+use sovra_shard::ReplicaStore;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const STATE_KEY: &[u8] = b"meta_state";
+const CURRENT: &str = "current.snap";
+const MAGIC: &[u8; 8] = b"SOVRAMET";
+/// Format of a meta snapshot file and of the persisted state; bumped whenever
+/// `MetaState` changes encoding.
+pub const META_FORMAT: u32 = 1;
+
+/// What the meta replica persists: the state and Raft's position in one record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Persisted {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub snapshot_id: String,
+    pub state: MetaState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaSnapshotError {
+    #[error("not a meta snapshot (bad magic)")]
+    Magic,
+    #[error("meta snapshot has format version {found}; this build reads {META_FORMAT}: run a build that reads it")]
+    Version { found: u32 },
+    #[error("meta snapshot digest mismatch: the file is corrupt or cut short")]
+    Digest,
+    #[error("meta snapshot is for log id {found:?}, but {expected:?} was announced")]
+    MetaMismatch { found: Option<LogId>, expected: Option<LogId> },
+    #[error("meta snapshot I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("meta snapshot does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+fn encode_file(p: &Persisted) -> Result<Vec<u8>, postcard::Error> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&META_FORMAT.to_be_bytes());
+    out = postcard::to_extend(p, out)?;
+    let digest = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&digest.to_be_bytes());
+    Ok(out)
+}
+
+fn decode_file(bytes: &[u8]) -> Result<Persisted, MetaSnapshotError> {
+    if bytes.len() < MAGIC.len() + 4 + 8 || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(MetaSnapshotError::Magic);
+    }
+    let found = u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if found != META_FORMAT {
+        return Err(MetaSnapshotError::Version { found });
+    }
+    let (body, digest) = bytes.split_at(bytes.len() - 8);
+    if xxhash_rust::xxh3::xxh3_64(body).to_be_bytes() != digest {
+        return Err(MetaSnapshotError::Digest);
+    }
+    Ok(postcard::from_bytes(&body[12..])?)
+}
+
+struct Inner {
+    store: ReplicaStore,
+    dir: PathBuf,
+    state: RwLock<Persisted>,
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Clone)]
+pub struct MetaStateMachine(Arc<Inner>);
+
+fn read_any(e: openraft::AnyError) -> StorageIOError<u64> {
+    StorageIOError::read_snapshot(None, e)
+}
+
+fn write_any(e: openraft::AnyError) -> StorageIOError<u64> {
+    StorageIOError::write_snapshot(None, e)
+}
+
+impl MetaStateMachine {
+    /// Loads the persisted state from `store` (empty for a new replica). Blocking.
+    pub fn open(store: ReplicaStore) -> Result<Self, StorageErr> {
+        let dir = store.snapshot_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(e, write_any))?;
+        let persisted = load(&store)?;
+        let index = persisted.last_applied.map_or(0, |l| l.index);
+        Ok(Self(Arc::new(Inner {
+            store,
+            dir,
+            state: RwLock::new(persisted),
+            applied: tokio::sync::watch::channel(index).0,
+        })))
+    }
+
+    /// Reloads the state from disk (after the watchdog restarted the core). Blocking.
+    pub fn recover(&self) -> Result<(), StorageErr> {
+        *self.0.state.write() = load(&self.0.store)?;
+        Ok(())
+    }
+
+    /// A copy of the current state.
+    pub fn state(&self) -> MetaState {
+        self.0.state.read().state.clone()
+    }
+
+    /// Reads the current state without copying it.
+    pub fn read<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
+        f(&self.0.state.read().state)
+    }
+
+    pub fn last_applied(&self) -> u64 {
+        self.0.state.read().last_applied.map_or(0, |l| l.index)
+    }
+
+    /// Changes whenever an entry or snapshot is applied (the applied index).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.applied.subscribe()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    fn persist(&self, p: &Persisted) -> Result<(), StorageErr> {
+        let bytes = postcard::to_allocvec(p).map_err(|e| io_err(e, StorageIOError::write_state_machine))?;
+        let mut v = META_FORMAT.to_be_bytes().to_vec();
+        v.extend_from_slice(&bytes);
+        let db = self.0.store.db();
+        db.insert(STATE_KEY, v)
+            .map_err(|e| io_err(e, StorageIOError::write_state_machine))?;
+        db.flush().map_err(|e| io_err(e, StorageIOError::write_state_machine))?;
+        Ok(())
+    }
+
+    fn notify(&self, index: u64) {
+        self.0.applied.send_replace(index);
+    }
+}
+
+fn load(store: &ReplicaStore) -> Result<Persisted, StorageErr> {
+    match store
+        .db()
+        .get(STATE_KEY)
+        .map_err(|e| io_err(e, StorageIOError::read_state_machine))?
+    {
+        None => Ok(Persisted::default()),
+        Some(v) => {
+            let (version, body) = v.split_at(4.min(v.len()));
+            let found = u32::from_be_bytes(version.try_into().unwrap_or([0; 4]));
+            if found != META_FORMAT {
+                return Err(io_err(MetaSnapshotError::Version { found }, StorageIOError::read_state_machine));
+            }
+            postcard::from_bytes(body).map_err(|e| io_err(e, StorageIOError::read_state_machine))
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StorageErr> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io_err(e, StorageIOError::write_state_machine))
+}
+
+fn meta_of(p: &Persisted) -> SnapshotMeta {
+    SnapshotMeta {
+        last_log_id: p.last_applied,
+        last_membership: p.membership.clone(),
+        snapshot_id: p.snapshot_id.clone(),
+    }
+}
+
+impl RaftSnapshotBuilder<MetaConfig> for MetaStateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<MetaConfig>, StorageErr> {
+        let mut p = self.0.state.read().clone();
+        p.snapshot_id = format!("{}-{:016x}", p.last_applied.map_or(0, |l| l.index), rand::random::<u64>());
+        let dir = self.0.dir.clone();
+        let p2 = p.clone();
+        let path = blocking(move || -> Result<PathBuf, MetaSnapshotError> {
+            let tmp = dir.join(format!("build-{:016x}.tmp", rand::random::<u64>()));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&encode_file(&p2)?)?;
+            f.sync_all()?;
+            let current = dir.join(CURRENT);
+            std::fs::rename(&tmp, &current)?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok(current)
+        })
+        .await?
+        .map_err(|e| io_err(e, write_any))?;
+        let file = SnapshotFile::open(path).await.map_err(|e| io_err(e, read_any))?;
+        Ok(Snapshot {
+            meta: meta_of(&p),
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl RaftStateMachine<MetaConfig> for MetaStateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageErr> {
+        let p = self.0.state.read();
+        Ok((p.last_applied, p.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<MetaResponse>, StorageErr>
+    where
+        I: IntoIterator<Item = openraft::Entry<MetaConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut p = self.0.state.read().clone();
+        let mut out = Vec::new();
+        for e in entries {
+            p.last_applied = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => out.push(Ok(sovra_meta::Applied::Done)),
+                EntryPayload::Membership(m) => {
+                    p.membership = StoredMembership::new(Some(e.log_id), m);
+                    out.push(Ok(sovra_meta::Applied::Done));
+                }
+                EntryPayload::Normal(cmd) => out.push(p.state.apply(cmd)),
+            }
+        }
+        if out.is_empty() {
+            return Ok(out);
+        }
+        let this = self.clone();
+        let index = p.last_applied.map_or(0, |l| l.index);
+        let p = blocking(move || this.persist(&p).map(|()| p)).await??;
+        *self.0.state.write() = p;
+        self.notify(index);
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageErr> {
+        let path = self.0.dir.join(format!("recv-{:016x}.tmp", rand::random::<u64>()));
+        SnapshotFile::create(path).await.map(Box::new).map_err(|e| io_err(e, write_any))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<SnapshotFile>) -> Result<(), StorageErr> {
+        let SnapshotFile { mut file, path } = *snapshot;
+        use tokio::io::AsyncWriteExt;
+        file.flush().await.map_err(|e| io_err(e, write_any))?;
+        drop(file);
+        let dir = self.0.dir.clone();
+        let expected = meta.last_log_id;
+        let this = self.clone();
+        let p = blocking(move || -> Result<Persisted, MetaSnapshotError> {
+            let mut bytes = Vec::new();
+            std::fs::File::open(&path)?.read_to_end(&mut bytes)?;
+            let checked = decode_file(&bytes).and_then(|p| {
+                if p.last_applied == expected {
+                    Ok(p)
+                } else {
+                    Err(MetaSnapshotError::MetaMismatch {
+                        found: p.last_applied,
+                        expected,
+                    })
+                }
+            });
+            let p = match checked {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            };
+            let current = dir.join(CURRENT);
+            if path != current {
+                std::fs::rename(&path, &current)?;
+            }
+            this.persist(&p)
+                .map_err(|e| MetaSnapshotError::Io(std::io::Error::other(e.to_string())))?;
+            Ok(p)
+        })
+        .await?
+        .map_err(|e| {
+            tracing::error!(error = %e, "meta snapshot refused");
+            io_err(e, read_any)
+        })?;
+        let index = p.last_applied.map_or(0, |l| l.index);
+        *self.0.state.write() = p;
+        self.notify(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<MetaConfig>>, StorageErr> {
+        let path = self.0.dir.join(CURRENT);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let p = path.clone();
+        let persisted = blocking(move || -> Result<Persisted, MetaSnapshotError> {
+            let mut bytes = Vec::new();
+            std::fs::File::open(&p)?.read_to_end(&mut bytes)?;
+            decode_file(&bytes)
+        })
+        .await?
+        .map_err(|e| io_err(e, read_any))?;
+        let file = SnapshotFile::open(path).await.map_err(|e| io_err(e, read_any))?;
+        Ok(Some(Snapshot {
+            meta: meta_of(&persisted),
+            snapshot: Box::new(file),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_files_are_checked_whole_and_name_their_version() {
+        let p = Persisted {
+            snapshot_id: "7-1".into(),
+            ..Default::default()
+        };
+        let bytes = encode_file(&p).unwrap();
+        assert_eq!(decode_file(&bytes).unwrap().snapshot_id, "7-1");
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 1;
+        assert!(matches!(decode_file(&flipped), Err(MetaSnapshotError::Digest)));
+        let mut newer = bytes.clone();
+        newer[11] = 9;
+        let e = decode_file(&newer).unwrap_err().to_string();
+        assert!(e.contains("format version 9"), "{e}");
+        assert!(matches!(decode_file(b"garbage"), Err(MetaSnapshotError::Magic)));
+    }
+}
