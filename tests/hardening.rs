@@ -51,15 +51,15 @@ async fn live_points(n: &mut TestNode, name: &str) -> u64 {
 async fn public_port_does_not_serve_the_cluster_api_and_the_cluster_port_needs_the_secret() {
     let mut n = TestNode::start(EU).await;
     line(&mut n, "faces", 10).await;
-    let drop = || rpb::CatalogRequest {
+    // What an outsider would try: announce itself as node 1 at an address it
+    // controls, to take over node 1's traffic.
+    let drop = || rpb::JoinRequest {
         from: 1,
-        change: Some(rpb::catalog_request::Change::Drop("faces".into())),
+        cluster_addr: "203.0.113.9:7400".into(),
+        incarnation: u64::MAX,
     };
     // The public listener knows nothing of sovra.raft.v1.
-    let st = rpb::raft_client::RaftClient::new(n.channel.clone())
-        .catalog(drop())
-        .await
-        .unwrap_err();
+    let st = rpb::raft_client::RaftClient::new(n.channel.clone()).join(drop()).await.unwrap_err();
     assert_eq!(st.code(), Code::Unimplemented, "{st:?}");
 
     // The cluster listener refuses callers without the secret, or with another.
@@ -68,14 +68,11 @@ async fn public_port_does_not_serve_the_cluster_api_and_the_cluster_port_needs_t
         .connect()
         .await
         .unwrap();
-    let st = rpb::raft_client::RaftClient::new(cluster.clone())
-        .catalog(drop())
-        .await
-        .unwrap_err();
+    let st = rpb::raft_client::RaftClient::new(cluster.clone()).join(drop()).await.unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
     let wrong = sovra_raft::auth::AttachSecret(sovra_raft::ClusterSecret::new("a-guess-at-the-cluster-secret").unwrap());
     let st = rpb::raft_client::RaftClient::with_interceptor(cluster, wrong)
-        .catalog(drop())
+        .join(drop())
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
@@ -597,7 +594,6 @@ async fn a_poisoned_entry_leaves_every_replica_running_and_restartable_with_equa
     for n in nodes {
         restarted.push(n.restart().await);
     }
-    TestNode::connect(&restarted);
     assert_eq!(converged(&mut restarted).await, before, "state changed across the restart");
     let r = restarted[1]
         .search

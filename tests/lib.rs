@@ -19,6 +19,16 @@ pub struct TestNode {
     config: NodeConfig,
 }
 
+/// Logs to the test's output when `RUST_LOG` is set (shown for failing tests).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
+}
+
 impl TestNode {
     pub async fn start(region: &str) -> TestNode {
         let dir = tempfile::tempdir().unwrap();
@@ -67,40 +77,46 @@ impl TestNode {
         Self::serving(node, self.dir, self.config).await
     }
 
-    /// Tells every node the others' cluster addresses (after starts and restarts).
-    pub fn connect(nodes: &[TestNode]) {
-        for a in nodes {
-            for b in nodes {
-                a.node()
-                    .state
-                    .host
-                    .peers
-                    .book
-                    .set(b.node().state.config.node_id, &b.node().cluster_addr.to_string());
-            }
-        }
+    /// Restarts the node with `join` as its seeds (the current cluster
+    /// addresses of others, when theirs changed too).
+    pub async fn restart_joining(mut self, join: Vec<String>) -> TestNode {
+        self.config.join = join;
+        self.restart().await
     }
 
-    /// Starts one node per `(id, region)`, each told of all the others (the
-    /// address books are filled once every node is bound), and waits for all.
+    /// This node's cluster address, for another's `join`.
+    pub fn cluster_addr(&self) -> String {
+        self.node().cluster_addr.to_string()
+    }
+
+    /// Starts one node per `(id, region)`: the first bootstraps the cluster,
+    /// the others join it; returns once all serve and see one another.
     pub async fn start_cluster(nodes: &[(u64, &str)]) -> Vec<TestNode> {
-        let peers: Vec<sovra_node::config::PeerConfig> = nodes
-            .iter()
-            .map(|(id, region)| sovra_node::config::PeerConfig {
-                id: *id,
-                region: region.to_string(),
-                addr: None,
-            })
-            .collect();
-        let mut out = Vec::new();
+        Self::start_cluster_with(nodes, |_| {}).await
+    }
+
+    /// As [`Self::start_cluster`], with `tweak` applied to every config.
+    pub async fn start_cluster_with(nodes: &[(u64, &str)], tweak: impl Fn(&mut NodeConfig)) -> Vec<TestNode> {
+        init_logs();
+        let mut dirs = Vec::new();
+        let mut configs = Vec::new();
         for (id, region) in nodes {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = NodeConfig::local(*id, region, dir.path().to_path_buf());
-            cfg.peers = peers.clone();
             cfg.cluster_secret = Some(CLUSTER_SECRET.into());
-            out.push(Self::start_in(dir, cfg).await);
+            cfg.zone = format!("zone-{id}");
+            tweak(&mut cfg);
+            configs.push(cfg);
+            dirs.push(dir);
         }
-        Self::connect(&out);
+        let running = sovra_node::run::start_joined(configs, Default::default(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for (node, dir) in running.into_iter().zip(dirs) {
+            let config = node.state.config.clone();
+            out.push(Self::serving(node, dir, config).await);
+        }
         out
     }
 

@@ -49,6 +49,9 @@ pub struct NodeRecord {
     pub status: NodeStatus,
     /// The caller's clock at the last heartbeat, in Unix milliseconds.
     pub last_heartbeat_ms: u64,
+    /// When this run of the node started (its clock, Unix milliseconds): of
+    /// two addresses heard for one node, the later incarnation's wins.
+    pub incarnation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,9 @@ pub struct ShardRecord {
     pub range: HashRange,
     /// Nodes holding its replicas, sorted; all of the shard's region.
     pub replicas: Vec<u64>,
+    /// The replicas it was created with: they initialise the group together.
+    /// A replica added later opens empty and waits to be added by the leader.
+    pub founders: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +177,11 @@ impl MetaState {
             MetaCommand::Heartbeat { node, at_ms } => {
                 let n = self.nodes.get_mut(&node).ok_or(Refused::UnknownNode(node))?;
                 n.last_heartbeat_ms = n.last_heartbeat_ms.max(at_ms);
+                // A node marked down for missed heartbeats is back; a draining
+                // one stays draining.
+                if n.status == NodeStatus::Down {
+                    n.status = NodeStatus::Up;
+                }
                 Ok(Applied::Done)
             }
             MetaCommand::SetNodeStatus { node, status } => {
@@ -241,7 +252,14 @@ impl MetaState {
                     why: "no replicas were given for it".into(),
                 })?;
                 let checked = self.check_replicas(&spec.name, &key, given, Some(spec.replication_factor as usize))?;
-                shards.insert(key, ShardRecord { range, replicas: checked });
+                shards.insert(
+                    key,
+                    ShardRecord {
+                        range,
+                        founders: checked.clone(),
+                        replicas: checked,
+                    },
+                );
             }
         }
         if let Some(key) = replicas.keys().next() {

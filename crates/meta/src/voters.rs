@@ -80,6 +80,7 @@ mod tests {
             public_addr: String::new(),
             status: if down { NodeStatus::Down } else { NodeStatus::Up },
             last_heartbeat_ms: 0,
+            incarnation: 1,
         }
     }
 

@@ -3,8 +3,8 @@
 //! the public gRPC API to one of them), beside the same batches applied to a
 //! single unreplicated shard engine, in one run. Prints both and their ratio.
 
-use crate::config::{NodeConfig, PeerConfig};
-use crate::run::{RunningNode, start};
+use crate::config::NodeConfig;
+use crate::run::RunningNode;
 use rand::{Rng, SeedableRng};
 use sovra_proto::v1;
 use sovra_shard::{CacheBudget, ReplicaStore, ShardEngine};
@@ -102,27 +102,16 @@ fn single_engine(args: &ReplicationBenchArgs, data: &[Vec<PointRecord>]) -> anyh
 
 async fn replicated(args: &ReplicationBenchArgs, data: &[Vec<PointRecord>]) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
-    let peers: Vec<PeerConfig> = (1..=3)
-        .map(|id| PeerConfig {
-            id,
-            region: "eu-west".into(),
-            addr: None,
+    let secret = format!("bench-{:032x}", rand::random::<u128>());
+    let configs = (1..=3u64)
+        .map(|id| {
+            let mut cfg = NodeConfig::local(id, "eu-west", dir.path().join(format!("n{id}")));
+            cfg.cluster_secret = Some(secret.clone());
+            cfg.index_threads = 1;
+            cfg
         })
         .collect();
-    let secret = format!("bench-{:032x}", rand::random::<u128>());
-    let mut nodes: Vec<RunningNode> = Vec::new();
-    for id in 1..=3u64 {
-        let mut cfg = NodeConfig::local(id, "eu-west", dir.path().join(format!("n{id}")));
-        cfg.peers = peers.clone();
-        cfg.cluster_secret = Some(secret.clone());
-        cfg.index_threads = 1;
-        nodes.push(start(cfg).await?);
-    }
-    for n in &nodes {
-        for m in &nodes {
-            n.state.host.peers.book.set(m.state.config.node_id, &m.cluster_addr.to_string());
-        }
-    }
+    let nodes: Vec<RunningNode> = crate::run::start_joined(configs, Default::default(), Duration::from_secs(60)).await?;
     let ch = crate::dev::wait_serving(nodes[0].grpc_addr, Duration::from_secs(60)).await?;
     for n in &nodes[1..] {
         crate::dev::wait_serving(n.grpc_addr, Duration::from_secs(60)).await?;

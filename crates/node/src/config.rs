@@ -26,7 +26,8 @@ pub struct NodeConfig {
     pub cluster_listen: SocketAddr,
     /// The secret every node of the cluster shares (at least 16 printable
     /// ASCII bytes), or `cluster_secret_file` naming a file holding it. Required
-    /// when `peers` lists other nodes; a node alone gets a random one.
+    /// when `join` lists other nodes (and on a bootstrap node others will join);
+    /// a node alone gets a random one.
     #[serde(default)]
     pub cluster_secret: Option<String>,
     #[serde(default)]
@@ -50,28 +51,34 @@ pub struct NodeConfig {
     pub compaction_tombstone_ratio: f64,
     #[serde(default = "default_check")]
     pub compaction_check_seconds: u64,
-    /// Every node of the cluster (this one may be listed too, and is skipped):
-    /// id, region and cluster address (its `cluster_listen`). Shard replicas are placed on the nodes of
-    /// their region by this list, so every node must be given the same one.
+    /// What this node does: `meta` (a replica of the cluster's metadata group:
+    /// a voter or learner), `data` (holds shard replicas of its region),
+    /// `coordinator` (serves the public API). All three by default.
+    #[serde(default = "default_roles")]
+    pub roles: Vec<String>,
+    /// Only the first node of a new cluster: it starts the meta group alone
+    /// and prints the first admin key once. Every other node joins.
     #[serde(default)]
-    pub peers: Vec<PeerConfig>,
-    /// A TOML file of `[[peers]]` re-read every second for addresses only, so a
-    /// peer restarted on a new port is found again (tests start nodes on port 0).
+    pub bootstrap: bool,
+    /// Cluster addresses (`host:port` of `cluster_listen`) of nodes already in
+    /// the cluster. A node announces itself to them on every start, so one
+    /// restarted on a new port is found again.
     #[serde(default)]
-    pub peers_file: Option<PathBuf>,
+    pub join: Vec<String>,
+    /// The addresses other nodes and clients reach this node at; default: the
+    /// bound listener addresses (which must then not be 0.0.0.0).
+    #[serde(default)]
+    pub advertise_grpc_addr: Option<String>,
+    #[serde(default)]
+    pub advertise_cluster_addr: Option<String>,
+    /// How often this node heartbeats to the meta group.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// A node silent this long is marked down by the meta leader.
+    #[serde(default = "default_down_after_ms")]
+    pub down_after_ms: u64,
     #[serde(default)]
     pub raft: RaftConfig,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeerConfig {
-    pub id: u64,
-    pub region: String,
-    /// `host:port` of the peer's cluster listener (`cluster_listen`); may be
-    /// left out when `peers_file` gives it.
-    #[serde(default)]
-    pub addr: Option<String>,
 }
 
 /// Timing and log-size knobs of the shard groups.
@@ -164,6 +171,17 @@ fn default_metrics() -> SocketAddr {
 fn default_cache_mb() -> u64 {
     256
 }
+fn default_roles() -> Vec<String> {
+    ROLES.iter().map(|r| r.to_string()).collect()
+}
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+fn default_down_after_ms() -> u64 {
+    10_000
+}
+/// Every role a node may have.
+pub const ROLES: [&str; 3] = ["meta", "data", "coordinator"];
 fn default_max_replicas() -> usize {
     256
 }
@@ -223,23 +241,15 @@ impl NodeConfig {
             index_threads: default_threads(),
             compaction_tombstone_ratio: default_ratio(),
             compaction_check_seconds: default_check(),
-            peers: Vec::new(),
-            peers_file: None,
+            roles: default_roles(),
+            bootstrap: true,
+            join: Vec::new(),
+            advertise_grpc_addr: None,
+            advertise_cluster_addr: None,
+            heartbeat_ms: 200,
+            down_after_ms: 5_000,
             raft: RaftConfig::default(),
         }
-    }
-
-    /// Every node of the cluster by id, with region and known address (this
-    /// node included, without an address).
-    pub fn cluster(&self) -> Vec<PeerConfig> {
-        let mut all: Vec<PeerConfig> = self.peers.iter().filter(|p| p.id != self.node_id).cloned().collect();
-        all.push(PeerConfig {
-            id: self.node_id,
-            region: self.region.clone(),
-            addr: None,
-        });
-        all.sort_by_key(|p| p.id);
-        all
     }
 
     /// Reads `path`, applies overrides from `env` (`SOVRA_<FIELD>` in capitals),
@@ -284,6 +294,21 @@ impl NodeConfig {
         }
         if let Some(v) = env("SOVRA_CLUSTER_SECRET_FILE") {
             self.cluster_secret_file = Some(v.into());
+        }
+        if let Some(v) = env("SOVRA_JOIN") {
+            self.join = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        }
+        if let Some(v) = env("SOVRA_BOOTSTRAP") {
+            self.bootstrap = parse("bootstrap", v)?;
+        }
+        if let Some(v) = env("SOVRA_ROLES") {
+            self.roles = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        }
+        if let Some(v) = env("SOVRA_ADVERTISE_GRPC_ADDR") {
+            self.advertise_grpc_addr = Some(v);
+        }
+        if let Some(v) = env("SOVRA_ADVERTISE_CLUSTER_ADDR") {
+            self.advertise_cluster_addr = Some(v);
         }
         if let Some(v) = env("SOVRA_METRICS_LISTEN") {
             self.metrics_listen = parse("metrics_listen", v)?;
@@ -344,19 +369,46 @@ impl NodeConfig {
         if self.compaction_check_seconds == 0 {
             return Err(invalid("compaction_check_seconds", "must be at least 1"));
         }
-        let mut seen = std::collections::BTreeSet::new();
-        for p in &self.peers {
-            if p.id == 0 {
-                return Err(invalid("peers", "a peer has id 0; ids start at 1"));
-            }
-            if !seen.insert(p.id) {
-                return Err(invalid("peers", format!("node id {} is listed twice", p.id)));
-            }
-            RegionId::parse(&p.region).map_err(|e| invalid("peers", format!("peer {}: {}", p.id, e.message)))?;
-            if p.id == self.node_id && p.region != self.region {
+        for r in &self.roles {
+            if !ROLES.contains(&r.as_str()) {
                 return Err(invalid(
-                    "peers",
-                    format!("lists this node ({}) in region {}, but `region` is {}", p.id, p.region, self.region),
+                    "roles",
+                    format!("{} is not a role; roles are {}", sovra_types::quote(r), ROLES.join(", ")),
+                ));
+            }
+        }
+        if self.roles.is_empty() {
+            return Err(invalid("roles", format!("name at least one of {}", ROLES.join(", "))));
+        }
+        if !self.bootstrap && self.join.is_empty() {
+            return Err(invalid(
+                "join",
+                "is empty and bootstrap is false: list the cluster addresses of nodes to join, or set bootstrap = true on the first node of a new cluster",
+            ));
+        }
+        if self.bootstrap && !self.has_role("meta") {
+            return Err(invalid(
+                "bootstrap",
+                "the bootstrap node starts the meta group: it needs the meta role",
+            ));
+        }
+        if self.heartbeat_ms == 0 || self.down_after_ms <= self.heartbeat_ms * 2 {
+            return Err(invalid(
+                "down_after_ms",
+                format!(
+                    "is {}: must exceed twice heartbeat_ms ({}), which must be at least 1",
+                    self.down_after_ms, self.heartbeat_ms
+                ),
+            ));
+        }
+        for (field, listen, advertise) in [
+            ("advertise_grpc_addr", self.grpc_listen, &self.advertise_grpc_addr),
+            ("advertise_cluster_addr", self.cluster_listen, &self.advertise_cluster_addr),
+        ] {
+            if advertise.is_none() && listen.ip().is_unspecified() {
+                return Err(invalid(
+                    field,
+                    format!("is needed: the listener is bound to {listen}, which other nodes cannot dial"),
                 ));
             }
         }
@@ -380,18 +432,21 @@ impl NodeConfig {
         if let Some(s) = &self.cluster_secret {
             sovra_raft::ClusterSecret::new(s).map_err(|e| invalid("cluster_secret", e.to_string()))?;
         }
-        let others = self.peers.iter().any(|p| p.id != self.node_id);
-        if others && self.cluster_secret.is_none() && self.cluster_secret_file.is_none() {
+        if !self.join.is_empty() && self.cluster_secret.is_none() && self.cluster_secret_file.is_none() {
             return Err(invalid(
                 "cluster_secret",
-                "peers lists other nodes, so the cluster needs a shared secret: set cluster_secret or cluster_secret_file (the same on every node)",
+                "join lists other nodes, so the cluster needs a shared secret: set cluster_secret or cluster_secret_file (the same on every node)",
             ));
         }
         Ok(())
     }
 
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
     /// The cluster secret from the config or its file (read here, at start);
-    /// a random one for a node without peers.
+    /// a random one for a node that joins no one (alone, it shares it with no one).
     pub fn cluster_secret(&self) -> Result<sovra_raft::ClusterSecret, ConfigError> {
         if let Some(path) = &self.cluster_secret_file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
@@ -424,7 +479,7 @@ mod tests {
 
     #[test]
     fn file_then_env_then_validation_naming_the_field() {
-        let f = write("node_id = 1\nregion = \"eu-west\"\ndata_dir = \"/tmp/x\"\n");
+        let f = write("node_id = 1\nregion = \"eu-west\"\nbootstrap = true\ndata_dir = \"/tmp/x\"\n");
         let cfg = NodeConfig::load(f.path(), |_| None).unwrap();
         assert_eq!((cfg.node_id, cfg.region.as_str(), cfg.index_threads), (1, "eu-west", 2));
 
@@ -439,7 +494,7 @@ mod tests {
         let err = NodeConfig::load(f.path(), env).unwrap_err().to_string();
         assert!(err.contains("`index_threads`") && err.contains("SOVRA_INDEX_THREADS"), "{err}");
 
-        let f = write("node_id = 0\nregion = \"eu\"\ndata_dir = \"/tmp/x\"\n");
+        let f = write("node_id = 0\nregion = \"eu\"\nbootstrap = true\ndata_dir = \"/tmp/x\"\n");
         assert!(NodeConfig::load(f.path(), |_| None).unwrap_err().to_string().contains("`node_id`"));
 
         let f = write("node_id = 1\nregion = \"eu\"\ndata_dir = \"/tmp/x\"\nbogus = 1\n");

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod bench_replicas;
 pub mod bench_replication;
 pub mod bench_search;
+pub mod cluster;
 pub mod config;
 pub mod dev;
 pub mod metrics;

@@ -10,7 +10,7 @@ use crate::state::NodeState;
 use anyhow::Context;
 use sovra_proto::v1::{collections_server::CollectionsServer, points_server::PointsServer, search_server::SearchServer};
 use sovra_raft::Faults;
-use sovra_raft::server::{CatalogHandler, RaftService, cluster_service};
+use sovra_raft::server::{RaftService, cluster_service};
 use sovra_types::limits::MAX_MESSAGE_BYTES;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -66,6 +66,8 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     let cluster_addr = cluster.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let secret = config.cluster_secret()?;
+    let advertise_grpc = config.advertise_grpc_addr.clone().unwrap_or_else(|| grpc_addr.to_string());
+    let advertise_cluster = config.advertise_cluster_addr.clone().unwrap_or_else(|| cluster_addr.to_string());
     let state = tokio::task::spawn_blocking({
         let secret = secret.clone();
         move || NodeState::open(config, faults, secret)
@@ -116,7 +118,10 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
         .add_service(cluster_service(
             RaftService {
                 host: state.host.clone(),
-                catalog: Arc::new(Catalog(state.clone())),
+                cluster: Arc::new(crate::cluster::Membership {
+                    state: state.clone(),
+                    cluster_addr: advertise_cluster.clone(),
+                }),
             },
             secret,
         ))
@@ -146,8 +151,16 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     tasks.push(tokio::spawn(
         state.host.clone().run_watchdog(Duration::from_millis(500), stop_rx.clone()),
     ));
-    if let Some(path) = state.config.peers_file.clone() {
-        tasks.push(tokio::spawn(watch_peers_file(state.clone(), path, stop_rx)));
+    tasks.push(tokio::spawn(crate::cluster::view_loop(state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(crate::cluster::reconcile_loop(state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(crate::cluster::membership_loop(
+        state.clone(),
+        advertise_grpc,
+        advertise_cluster,
+        stop_rx.clone(),
+    )));
+    if state.config.has_role("meta") {
+        tasks.push(tokio::spawn(crate::cluster::leader_loop(state.clone(), stop_rx)));
     }
     Ok(RunningNode {
         grpc_addr,
@@ -158,6 +171,43 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
         tasks,
         servers,
     })
+}
+
+/// Starts a cluster in this process from `configs`: the first bootstraps it,
+/// the others join it (their `join` is set to the first node's cluster
+/// address). Returns once every node is serving and sees every node
+/// registered and up, or fails after `within`. For tests, benches and `dev`.
+pub async fn start_joined(mut configs: Vec<NodeConfig>, faults: Faults, within: Duration) -> anyhow::Result<Vec<RunningNode>> {
+    anyhow::ensure!(!configs.is_empty(), "no node to start");
+    let deadline = std::time::Instant::now() + within;
+    let mut first = configs.remove(0);
+    first.bootstrap = true;
+    let mut nodes = vec![start_with_faults(first, faults.clone()).await?];
+    let seed = nodes[0].cluster_addr.to_string();
+    for mut c in configs {
+        c.bootstrap = false;
+        c.join = vec![seed.clone()];
+        nodes.push(start_with_faults(c, faults.clone()).await?);
+    }
+    let ids: Vec<u64> = nodes.iter().map(|n| n.state.config.node_id).collect();
+    for n in &nodes {
+        loop {
+            let v = n.state.view();
+            let all_up = ids
+                .iter()
+                .all(|id| v.state.nodes.get(id).is_some_and(|r| r.status == sovra_meta::NodeStatus::Up));
+            if all_up && n.state.is_ready() {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "node {} did not see every node registered within {within:?}",
+                n.state.config.node_id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(nodes)
 }
 
 impl RunningNode {
@@ -243,50 +293,6 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
-}
-
-/// The public API's collection changes, as told by peers.
-struct Catalog(Arc<NodeState>);
-
-#[tonic::async_trait]
-impl CatalogHandler for Catalog {
-    async fn apply(&self, from: u64, change: sovra_proto::raft::catalog_request::Change) -> Result<(), tonic::Status> {
-        self.0.apply_catalog(from, change).await
-    }
-}
-
-/// Re-reads the peers file every second and updates the address book, so a
-/// peer that restarted on another port is reached again.
-async fn watch_peers_file(state: Arc<NodeState>, path: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
-    #[derive(serde::Deserialize)]
-    struct File {
-        #[serde(default)]
-        peers: Vec<crate::config::PeerConfig>,
-    }
-    let mut last = String::new();
-    loop {
-        if let Ok(text) = tokio::fs::read_to_string(&path).await
-            && text != last
-        {
-            match toml::from_str::<File>(&text) {
-                Ok(f) => {
-                    for p in f.peers {
-                        if state.peers().any(|k| k.id == p.id)
-                            && let Some(a) = p.addr
-                        {
-                            state.host.peers.book.set(p.id, &a);
-                        }
-                    }
-                    last = text;
-                }
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "peers file does not parse; keeping the addresses known"),
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
 }
 
 /// Rebuilds the graph of any shard whose tombstones pass the configured share.

@@ -1,15 +1,17 @@
-//! What a running node holds: its store, the open collections with this node's
-//! replicas of its region's shards (each a Raft group in [`RaftHost`]),
-//! readiness, and the fatal-error signal.
+//! What a running node holds: its view of the cluster's metadata (the meta
+//! group's state at some applied index), the replicas meta assigns to it (each
+//! a Raft group in [`RaftHost`], each in its own directory), the collections
+//! as routing needs them, readiness, and the fatal-error signal.
 //!
-//! Placement (R1): the replicas of shard `n` of region X are `replication_factor`
-//! nodes of X taken from the configured node list in id order, starting at
-//! position `n mod |X|`. Every node computes the same placement from the same
-//! list (the meta group replaces this with recorded placements).
+//! Placement (R1) is recorded in the meta group, chosen by
+//! `sovra_meta::place_collection` when a collection is created and checked by
+//! the meta state machine itself. [`NodeState::reconcile`] makes the replicas
+//! on this node match the view: it opens those assigned here and destroys
+//! (deletes the directory of) those no longer assigned.
 
-use crate::config::{NodeConfig, PeerConfig};
+use crate::config::NodeConfig;
 use parking_lot::RwLock;
-use sovra_proto::raft as pb;
+use sovra_meta::{MetaState, NodeStatus};
 use sovra_raft::{AddressBook, ClusterSecret, Faults, LogStore, NodeId, RaftHost};
 use sovra_shard::replica::{prune_empty, remove_dir, replica_dir, replica_dirs};
 use sovra_shard::{CacheBudget, NodeStore, ReplicaStore, ShardEngine, ShardError};
@@ -17,7 +19,6 @@ use sovra_types::{ApiError, CollectionName, CollectionSpec, ErrorCode, PointId, 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 pub struct Collection {
     pub spec: Arc<CollectionSpec>,
@@ -29,6 +30,8 @@ pub struct Collection {
     /// Replicas placed on this node that could not be opened, with the reason:
     /// the node serves every other shard and reports these as failed.
     pub failed: BTreeMap<(RegionId, u32), String>,
+    /// Every shard's recorded replicas (node ids), from the meta view.
+    pub replicas: BTreeMap<(RegionId, u32), BTreeSet<NodeId>>,
 }
 
 impl Collection {
@@ -51,44 +54,60 @@ impl Collection {
         self.failed.get(&(shard.region.clone(), shard.number)).map(String::as_str)
     }
 
+    /// The nodes holding `shard`'s replicas, as recorded in meta.
+    pub fn replicas_of(&self, shard: &ShardId) -> BTreeSet<NodeId> {
+        self.replicas
+            .get(&(shard.region.clone(), shard.number))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The local replica of `shard`, or UNAVAILABLE saying where to read it.
     pub fn local_or_unavailable(&self, state: &NodeState, shard: &ShardId) -> Result<&Arc<ShardEngine>, ApiError> {
         self.local(shard).ok_or_else(|| match self.failure(shard) {
             Some(why) => ApiError::unavailable(format!(
                 "the replica of shard {shard} on node {} failed to open ({why}); read it from another of nodes {:?}",
                 state.config.node_id,
-                state.replicas(&self.spec, shard)
+                self.replicas_of(shard)
             )),
             None => ApiError::unavailable(format!(
                 "shard {shard} has no replica on this node; read it from one of nodes {:?}",
-                state.replicas(&self.spec, shard)
+                self.replicas_of(shard)
             )),
         })
     }
 }
 
-/// The replicas of shard `number` among the nodes of its region (sorted ids).
-fn placement(region_nodes: &[NodeId], number: u32, replication_factor: u32) -> BTreeSet<NodeId> {
-    let n = region_nodes.len();
-    (0..(replication_factor as usize).min(n))
-        .map(|i| region_nodes[(number as usize + i) % n])
-        .collect()
+/// The cluster's metadata as this node last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// The meta group's applied index the state reflects (0: never seen).
+    pub index: u64,
+    pub state: MetaState,
 }
+
+/// Where the node keeps its last view, so it restarts with it.
+const VIEW_KEY: &str = "meta_view";
 
 pub struct NodeState {
     pub config: NodeConfig,
     pub region: RegionId,
     pub host: Arc<RaftHost>,
-    /// Every node of the cluster (this one included), sorted by id.
-    cluster: Vec<PeerConfig>,
+    /// When this run started (Unix ms): its addresses beat older runs'.
+    pub incarnation: u64,
+    view: RwLock<Arc<View>>,
+    view_changed: tokio::sync::watch::Sender<u64>,
+    /// Replicas open on this node, and those that failed to open (with why).
+    engines: RwLock<BTreeMap<ShardId, Arc<ShardEngine>>>,
+    failed: RwLock<BTreeMap<ShardId, String>>,
+    /// One reconcile at a time.
+    reconciling: tokio::sync::Mutex<()>,
     store: NodeStore,
     /// Where each replica keeps its own directory and database.
     replicas_root: std::path::PathBuf,
     budget: Arc<CacheBudget>,
     pool: Arc<rayon::ThreadPool>,
     collections: RwLock<BTreeMap<CollectionName, Arc<Collection>>>,
-    /// Serialises create and drop so they never interleave on one name.
-    ddl: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     /// Set once on a storage failure; `run` then stops the node.
     fatal: tokio::sync::watch::Sender<Option<String>>,
@@ -112,80 +131,251 @@ impl NodeState {
             .thread_name(|i| format!("sovra-index-{i}"))
             .build()
             .expect("thread pool");
-        let cluster = config.cluster();
         let book = AddressBook::default();
-        for p in &cluster {
-            if let Some(a) = &p.addr {
-                book.set(p.id, a);
-            }
-        }
+        let view = match store.get_raw(VIEW_KEY)? {
+            None => View::default(),
+            Some(b) => match postcard::from_bytes::<(u64, MetaState)>(&b) {
+                Ok((index, state)) => View { index, state },
+                Err(e) => {
+                    // Only a cache: meta gives it again.
+                    tracing::warn!(error = %e, "the saved metadata view does not decode; starting without it");
+                    View::default()
+                }
+            },
+        };
         let region = config.region_id();
         let host = RaftHost::new(config.node_id, region.clone(), book, faults, config.raft.settings(), secret);
-        host.set_region_nodes(cluster.iter().filter(|p| p.region == config.region).map(|p| p.id).collect());
-        Ok(Arc::new(Self {
+        let index = view.index;
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let this = Arc::new(Self {
             region,
             host,
-            cluster,
+            incarnation,
+            view: RwLock::new(Arc::new(View::default())),
+            view_changed: tokio::sync::watch::channel(index).0,
+            engines: RwLock::new(BTreeMap::new()),
+            failed: RwLock::new(BTreeMap::new()),
+            reconciling: tokio::sync::Mutex::new(()),
             replicas_root: config.data_dir.join("replicas"),
             budget,
             config,
             store,
             pool: Arc::new(pool),
             collections: RwLock::new(BTreeMap::new()),
-            ddl: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
             fatal: tokio::sync::watch::channel(None).0,
-        }))
+        });
+        this.apply_view_addresses(&view.state);
+        *this.view.write() = Arc::new(view);
+        Ok(this)
     }
 
-    /// Node ids of `region`, sorted.
+    /// Node ids of `region` known to meta, sorted.
     pub fn region_nodes(&self, region: &RegionId) -> Vec<NodeId> {
-        self.cluster.iter().filter(|p| p.region == region.as_str()).map(|p| p.id).collect()
+        self.view()
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.region == *region)
+            .map(|n| n.id)
+            .collect()
     }
 
-    /// The nodes holding replicas of `shard` (its Raft group), by [`placement`].
+    /// The nodes holding `shard`'s replicas, as recorded in meta.
     pub fn replicas(&self, spec: &CollectionSpec, shard: &ShardId) -> BTreeSet<NodeId> {
-        placement(&self.region_nodes(&shard.region), shard.number, spec.replication_factor)
+        let v = self.view();
+        v.state
+            .collections
+            .get(&spec.name)
+            .and_then(|c| c.shards.get(&(shard.region.clone(), shard.number)))
+            .map(|s| s.replicas.iter().copied().collect())
+            .unwrap_or_default()
     }
 
-    pub fn peers(&self) -> impl Iterator<Item = &PeerConfig> {
-        self.cluster.iter().filter(|p| p.id != self.config.node_id)
+    /// The last metadata view.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().clone()
     }
 
-    /// Opens every collection in the catalog: rebuilds the indexes, starts the
-    /// groups. A replica (or a catalog entry) that cannot be opened is reported
-    /// and skipped: the node serves everything else.
-    pub async fn load(self: &Arc<Self>) -> anyhow::Result<()> {
+    /// Wakes on every newer view (its index).
+    pub fn view_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.view_changed.subscribe()
+    }
+
+    /// Takes `state` at meta index `index` as the view if it is newer than the
+    /// one held: saves it, learns addresses from it, and wakes the reconcile loop.
+    pub async fn offer_view(self: &Arc<Self>, index: u64, state: MetaState) -> Result<bool, ShardError> {
+        if index <= self.view().index {
+            return Ok(false);
+        }
+        let bytes = postcard::to_allocvec(&(index, &state)).map_err(ShardError::Encode)?;
         let this = self.clone();
-        let entries = tokio::task::spawn_blocking(move || this.store.catalog_entries()).await??;
-        self.remove_orphans(&entries)?;
-        for (name, entry) in entries {
-            match entry {
-                Ok(spec) => {
-                    let c = self.open_collection(Arc::new(spec)).await;
-                    self.collections.write().insert(c.spec.name.clone(), Arc::new(c));
-                }
-                Err(e) => {
-                    tracing::error!(collection = %sovra_types::quote(&name), error = %e, "catalog entry cannot be read; collection not served");
-                    metrics::counter!(crate::metrics::COLLECTIONS_UNREADABLE).increment(1);
-                }
+        tokio::task::spawn_blocking(move || this.store.put_raw(VIEW_KEY, &bytes))
+            .await
+            .map_err(|e| ShardError::Io(std::io::Error::other(e)))??;
+        self.apply_view_addresses(&state);
+        {
+            let mut v = self.view.write();
+            if index <= v.index {
+                return Ok(false);
+            }
+            *v = Arc::new(View { index, state });
+        }
+        self.view_changed.send_replace(index);
+        Ok(true)
+    }
+
+    fn apply_view_addresses(&self, state: &MetaState) {
+        for n in state.nodes.values() {
+            if n.id != self.config.node_id {
+                self.host.peers.book.set_newer(n.id, &n.cluster_addr, n.incarnation);
             }
         }
+        self.host
+            .set_region_nodes(state.nodes.values().filter(|n| n.region == self.region).map(|n| n.id).collect());
+    }
+
+    /// Opens the meta replica (meta-role nodes) and, once the node has seen
+    /// the metadata, its replicas; then reports ready. A replica that cannot be
+    /// opened is reported and skipped: the node serves everything else.
+    pub async fn load(self: &Arc<Self>) -> anyhow::Result<()> {
+        if self.config.has_role("meta") {
+            let dir = self.config.data_dir.join("meta");
+            let budget = self.budget.clone();
+            let store = tokio::task::spawn_blocking(move || ReplicaStore::open(&dir, &budget)).await??;
+            let members = self.config.bootstrap.then(|| BTreeSet::from([self.config.node_id]));
+            let meta = self.host.open_meta(store, members).await?;
+            let applied = meta.sm.last_applied();
+            if applied > 0 {
+                self.offer_view(applied, meta.sm.state()).await?;
+            }
+        }
+        let mut changes = self.view_changes();
+        // A node never part of the cluster has no view yet: it waits for the
+        // first (from its own meta replica or a fetch) before serving.
+        let _ = changes.wait_for(|i| *i > 0).await;
+        self.reconcile().await;
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Deletes replica directories of collections the catalog does not hold
-    /// (a drop cut off between the catalog and the directories).
-    fn remove_orphans(&self, entries: &[sovra_shard::catalog::CatalogEntry]) -> Result<(), ShardError> {
-        for (collection, _, _, dir) in replica_dirs(&self.replicas_root)? {
-            if !entries.iter().any(|(name, _)| *name == collection) {
-                tracing::warn!(dir = %dir.display(), "replica of a collection no longer in the catalog; deleting it");
-                remove_dir(&dir)?;
+    /// Makes this node's replicas match the view: opens the replicas assigned
+    /// here, destroys the ones no longer assigned (their directories deleted),
+    /// and rebuilds the collections routing reads. Never acts on an empty view.
+    pub async fn reconcile(self: &Arc<Self>) {
+        let _one = self.reconciling.lock().await;
+        let view = self.view();
+        if view.index == 0 {
+            return;
+        }
+        let me = self.config.node_id;
+        let mut wanted: BTreeMap<ShardId, (Arc<CollectionSpec>, Option<BTreeSet<NodeId>>)> = BTreeMap::new();
+        for (name, c) in &view.state.collections {
+            let spec = Arc::new(c.spec.clone());
+            for ((region, number), shard) in &c.shards {
+                if !shard.replicas.contains(&me) {
+                    continue;
+                }
+                let id = ShardId {
+                    collection: name.clone(),
+                    region: region.clone(),
+                    number: *number,
+                };
+                // Founders initialise the group together; a replica added later
+                // opens empty and waits for the leader to add it.
+                let init =
+                    (shard.founders.contains(&me) && shard.founders == shard.replicas).then(|| shard.founders.iter().copied().collect());
+                wanted.insert(id, (spec.clone(), init));
+            }
+        }
+        let open: Vec<ShardId> = self.engines.read().keys().cloned().collect();
+        for id in open.iter().filter(|id| !wanted.contains_key(*id)) {
+            tracing::info!(shard = %id, "replica no longer assigned to this node; destroying it");
+            let engine = self.engines.write().remove(id);
+            if let Err(e) = self.host.remove_group(id, true).await {
+                tracing::error!(shard = %id, error = %e, "destroying a replica failed");
+            }
+            drop(engine);
+        }
+        let failed_gone: Vec<ShardId> = self.failed.read().keys().filter(|id| !wanted.contains_key(*id)).cloned().collect();
+        for id in failed_gone {
+            self.failed.write().remove(&id);
+            let _ = remove_dir(&replica_dir(&self.replicas_root, &id));
+        }
+        for (id, (spec, init)) in &wanted {
+            if self.engines.read().contains_key(id) || self.failed.read().contains_key(id) {
+                continue;
+            }
+            match self.open_replica(id, spec, init.clone()).await {
+                Ok(engine) => {
+                    self.engines.write().insert(id.clone(), engine);
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    tracing::error!(shard = %id, error = %why, "replica failed to open; serving the others");
+                    self.failed.write().insert(id.clone(), why);
+                }
+            }
+        }
+        self.remove_orphans(&wanted);
+        self.rebuild_collections(&view);
+    }
+
+    /// Deletes replica directories nothing here is assigned (a drop or a move
+    /// cut off by a crash).
+    fn remove_orphans(&self, wanted: &BTreeMap<ShardId, (Arc<CollectionSpec>, Option<BTreeSet<NodeId>>)>) {
+        let Ok(dirs) = replica_dirs(&self.replicas_root) else { return };
+        for (c, r, n, dir) in dirs {
+            let known = wanted
+                .keys()
+                .any(|id| id.collection.as_str() == c && id.region.as_str() == r && id.number.to_string() == n);
+            if !known {
+                tracing::warn!(dir = %dir.display(), "replica directory not assigned to this node; deleting it");
+                let _ = remove_dir(&dir);
             }
         }
         prune_empty(&self.replicas_root);
-        Ok(())
+    }
+
+    fn rebuild_collections(&self, view: &View) {
+        let engines = self.engines.read();
+        let failed = self.failed.read();
+        let mut out = BTreeMap::new();
+        for (name, c) in &view.state.collections {
+            let spec = Arc::new(c.spec.clone());
+            let maps = c
+                .spec
+                .regions
+                .iter()
+                .map(|r| (r.region.clone(), RegionShardMap::even(r.shard_count)))
+                .collect();
+            let mut coll = Collection {
+                spec,
+                maps,
+                shards: BTreeMap::new(),
+                failed: BTreeMap::new(),
+                replicas: BTreeMap::new(),
+            };
+            for ((region, number), shard) in &c.shards {
+                let key = (region.clone(), *number);
+                let id = ShardId {
+                    collection: name.clone(),
+                    region: region.clone(),
+                    number: *number,
+                };
+                if let Some(e) = engines.get(&id) {
+                    coll.shards.insert(key.clone(), e.clone());
+                }
+                if let Some(why) = failed.get(&id) {
+                    coll.failed.insert(key.clone(), why.clone());
+                }
+                coll.replicas.insert(key, shard.replicas.iter().copied().collect());
+            }
+            out.insert(name.clone(), Arc::new(coll));
+        }
+        *self.collections.write() = out;
     }
 
     /// The number of replica databases open and the most the budget allows.
@@ -193,54 +383,11 @@ impl NodeState {
         (self.budget.open(), self.budget.shares())
     }
 
-    /// Opens this node's replicas of `spec`; those that fail are recorded in
-    /// `failed` with their reason instead of failing the collection.
-    async fn open_collection(self: &Arc<Self>, spec: Arc<CollectionSpec>) -> Collection {
-        let mut shards = BTreeMap::new();
-        let mut failed = BTreeMap::new();
-        // Only shards of this node's region, and of those only the ones placed
-        // here: a node never opens storage for another region's data (R1/R2).
-        for r in spec.regions.iter().filter(|r| r.region == self.region) {
-            for number in 0..r.shard_count {
-                let id = ShardId {
-                    collection: spec.name.clone(),
-                    region: r.region.clone(),
-                    number,
-                };
-                let members = self.replicas(&spec, &id);
-                if !members.contains(&self.config.node_id) {
-                    continue;
-                }
-                match self.open_replica(&id, &spec, members).await {
-                    Ok(engine) => {
-                        shards.insert((r.region.clone(), number), engine);
-                    }
-                    Err(e) => {
-                        let why = format!("{e:#}");
-                        tracing::error!(shard = %id, error = %why, "replica failed to open; serving the others");
-                        failed.insert((r.region.clone(), number), why);
-                    }
-                }
-            }
-        }
-        let maps = spec
-            .regions
-            .iter()
-            .map(|r| (r.region.clone(), RegionShardMap::even(r.shard_count)))
-            .collect();
-        Collection {
-            spec,
-            maps,
-            shards,
-            failed,
-        }
-    }
-
     async fn open_replica(
         self: &Arc<Self>,
         id: &ShardId,
         spec: &Arc<CollectionSpec>,
-        members: BTreeSet<NodeId>,
+        init: Option<BTreeSet<NodeId>>,
     ) -> anyhow::Result<Arc<ShardEngine>> {
         let (this, sid, sp) = (self.clone(), id.clone(), spec.clone());
         let (engine, log) = tokio::task::spawn_blocking(move || -> Result<_, ShardError> {
@@ -249,7 +396,7 @@ impl NodeState {
             Ok((Arc::new(engine), LogStore::of(&rs)))
         })
         .await??;
-        self.host.open_group(id.clone(), engine.clone(), log, members).await?;
+        self.host.open_group(id.clone(), engine.clone(), log, init).await?;
         Ok(engine)
     }
 
@@ -281,186 +428,110 @@ impl NodeState {
         self.collections.read().values().cloned().collect()
     }
 
-    /// Checks a new collection against the cluster: every region served by some
-    /// node, and enough nodes there for the replication factor.
-    fn check_placeable(&self, spec: &CollectionSpec) -> Result<(), ApiError> {
-        let served: BTreeSet<&str> = self.cluster.iter().map(|p| p.region.as_str()).collect();
-        for r in &spec.regions {
-            let nodes = self.region_nodes(&r.region);
-            if nodes.is_empty() {
-                return Err(ApiError::precondition(format!(
-                    "region {} is served by no node of this cluster (it serves: {}); create the collection without it or add a node in {}",
-                    r.region,
-                    served.into_iter().collect::<Vec<_>>().join(", "),
-                    r.region
-                )));
-            }
-            if (spec.replication_factor as usize) > nodes.len() {
-                return Err(ApiError::precondition(format!(
-                    "replication_factor {} needs {} nodes in region {}; this cluster has {}",
-                    spec.replication_factor,
-                    spec.replication_factor,
-                    r.region,
-                    nodes.len()
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Creates a collection on every node: the peers first (each opens its own
-    /// replicas), then here. A peer that cannot be reached fails the create with
-    /// nothing created here; peers that did get it keep it, and a retry with the
-    /// same spec completes it (a peer accepts an identical spec again).
+    /// Creates a collection: places its replicas (R1: on nodes of each
+    /// shard's region, distinct zones first, then least loaded), records them
+    /// in meta (whose state machine checks R1 again), and returns once this
+    /// node's view and replicas include it.
     pub async fn create(self: &Arc<Self>, spec: CollectionSpec) -> Result<Arc<Collection>, ApiError> {
         self.ensure_ready()?;
-        let _ddl = self.ddl.lock().await;
-        if self.collections.read().contains_key(&spec.name) {
-            return Err(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("collection {} already exists", spec.name),
-            ));
+        let name = spec.name.clone();
+        if self.view().state.collections.contains_key(&name) {
+            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("collection {name} already exists")));
         }
-        self.check_placeable(&spec)?;
-        let bytes = postcard::to_allocvec(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
-        self.broadcast(
-            pb::catalog_request::Change::Create(bytes),
-            &format!("create collection {}", spec.name),
-        )
-        .await?;
-        self.create_local(spec).await
-    }
-
-    async fn create_local(self: &Arc<Self>, spec: CollectionSpec) -> Result<Arc<Collection>, ApiError> {
-        let this = self.clone();
-        let spec = Arc::new(spec);
-        let s2 = spec.clone();
-        tokio::task::spawn_blocking(move || this.store.put_collection(&s2))
-            .await
-            .map_err(|e| ApiError::internal(format!("create task failed: {e}")))?
-            .map_err(|e| self.storage_failed(e))?;
-        let c = Arc::new(self.open_collection(spec).await);
-        self.collections.write().insert(c.spec.name.clone(), c.clone());
-        // It is in the catalog (and on the peers) now; a failed replica is
-        // reported like one that failed at start, and a restart retries it.
+        let view = self.view();
+        let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for c in view.state.collections.values() {
+            for s in c.shards.values() {
+                for n in &s.replicas {
+                    *load.entry(*n).or_default() += 1;
+                }
+            }
+        }
+        let candidates: Vec<sovra_meta::Candidate> = view
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.roles.data && n.status == NodeStatus::Up)
+            .map(|n| sovra_meta::Candidate {
+                id: n.id,
+                region: n.region.clone(),
+                zone: n.zone.clone(),
+                load: load.get(&n.id).copied().unwrap_or(0),
+            })
+            .collect();
+        let replicas = sovra_meta::place_collection(&spec, &candidates).map_err(|e| match &e {
+            sovra_meta::PlacementError::TooFewNodes { region, have: 0, .. } => {
+                let served: BTreeSet<&str> = candidates.iter().map(|c| c.region.as_str()).collect();
+                ApiError::precondition(format!(
+                    "region {region} is served by no data node of this cluster (it serves: {}); create the collection without it or add a node in {region}",
+                    served.into_iter().collect::<Vec<_>>().join(", ")
+                ))
+            }
+            _ => ApiError::precondition(e.to_string()),
+        })?;
+        let index = self
+            .meta_change(
+                sovra_meta::MetaCommand::CreateCollection { spec, replicas },
+                &format!("create collection {name}"),
+            )
+            .await?;
+        self.caught_up(index).await?;
+        let c = self.collection(name.as_str())?;
         if let Some(((region, number), why)) = c.failed.iter().next() {
             return Err(ApiError::internal(format!(
-                "collection {} was created, but this node's replica of shard {region}/{number} failed to open ({why}); GetCollection reports it",
-                c.spec.name
+                "collection {name} was created, but this node's replica of shard {region}/{number} failed to open ({why}); GetCollection reports it"
             )));
         }
         Ok(c)
     }
 
-    /// A peer told us of a collection change.
-    pub async fn apply_catalog(self: &Arc<Self>, from: NodeId, change: pb::catalog_request::Change) -> Result<(), tonic::Status> {
-        if !self.cluster.iter().any(|p| p.id == from) {
-            return Err(tonic::Status::permission_denied(format!(
-                "node {from} is not in this node's cluster list"
-            )));
-        }
-        self.ensure_ready().map_err(|e| sovra_proto::status_of(&e))?;
-        match change {
-            pb::catalog_request::Change::Create(bytes) => {
-                let spec: CollectionSpec =
-                    postcard::from_bytes(&bytes).map_err(|e| tonic::Status::invalid_argument(format!("spec does not decode: {e}")))?;
-                let _ddl = self.ddl.lock().await;
-                if let Some(have) = self.collections.read().get(&spec.name) {
-                    return if *have.spec == spec {
-                        Ok(())
-                    } else {
-                        Err(tonic::Status::already_exists(format!(
-                            "collection {} exists on node {} with another spec",
-                            spec.name, self.config.node_id
-                        )))
-                    };
-                }
-                self.create_local(spec).await.map(|_| ()).map_err(|e| sovra_proto::status_of(&e))
-            }
-            pb::catalog_request::Change::Drop(name) => {
-                let _ddl = self.ddl.lock().await;
-                match self.drop_local(&name).await {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.code == ErrorCode::NotFound => Ok(()),
-                    Err(e) => Err(sovra_proto::status_of(&e)),
-                }
-            }
-        }
-    }
-
-    async fn broadcast(&self, change: pb::catalog_request::Change, what: &str) -> Result<(), ApiError> {
-        let mut calls = Vec::new();
-        for p in self.peers() {
-            let id = p.id;
-            let client = self.host.peers.client(id);
-            let change = change.clone();
-            let me = self.config.node_id;
-            calls.push(async move {
-                let mut client = client.map_err(|e| (id, e.to_string()))?;
-                let mut req = tonic::Request::new(pb::CatalogRequest {
-                    from: me,
-                    change: Some(change),
-                });
-                req.set_timeout(Duration::from_secs(30));
-                client.catalog(req).await.map(|_| ()).map_err(|s| (id, s.message().to_string()))
-            });
-        }
-        let failed: Vec<String> = futures_join(calls)
-            .await
-            .into_iter()
-            .filter_map(|r| r.err())
-            .map(|(id, why)| format!("node {id}: {why}"))
-            .collect();
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::unavailable(format!(
-                "{what} did not reach every node ({}); nothing was changed on this node; retry once they are up",
-                failed.join("; ")
-            )))
-        }
-    }
-
+    /// Drops a collection in meta; every node destroys its replicas (deletes
+    /// their directories). Answers how many shards the collection had.
     pub async fn drop_collection(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
         let c = self.collection(name)?;
-        let _ddl = self.ddl.lock().await;
-        self.broadcast(
-            pb::catalog_request::Change::Drop(c.spec.name.to_string()),
-            &format!("drop collection {}", c.spec.name),
-        )
-        .await?;
-        self.drop_local(c.spec.name.as_str()).await
-    }
-
-    /// Stops this node's replicas of the collection, removes it from the
-    /// catalog, then deletes its replicas' directories (a crash in between
-    /// leaves orphans the next start deletes). Answers how many replicas went.
-    async fn drop_local(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
-        let c = self.collection(name)?;
-        self.collections.write().remove(&c.spec.name);
-        let dropped = c.shards.len();
-        for (region, number) in c.shards.keys() {
-            let id = ShardId {
-                collection: c.spec.name.clone(),
-                region: region.clone(),
-                number: *number,
-            };
-            self.host
-                .remove_group(&id, false)
-                .await
-                .map_err(|e| ApiError::internal(format!("stopping replica {id}: {e:#}")))?;
-        }
-        let this = self.clone();
+        let shards = c.spec.regions.iter().map(|r| r.shard_count as usize).sum();
         let name = c.spec.name.clone();
         drop(c);
-        tokio::task::spawn_blocking(move || -> Result<(), ShardError> {
-            this.store.remove_collection(&name)?;
-            remove_dir(&this.replicas_root.join(name.as_str()))
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("drop task failed: {e}")))?
-        .map_err(|e| self.storage_failed(e))?;
-        Ok(dropped)
+        let index = self
+            .meta_change(
+                sovra_meta::MetaCommand::DropCollection { name: name.clone() },
+                &format!("drop collection {name}"),
+            )
+            .await?;
+        self.caught_up(index).await?;
+        Ok(shards)
+    }
+
+    /// Commits `cmd` in meta (through this node's meta replica, or a meta
+    /// node), mapping a refusal to a status that says why.
+    pub async fn meta_change(&self, cmd: sovra_meta::MetaCommand, what: &str) -> Result<u64, ApiError> {
+        let (index, r) = crate::cluster::meta_write(self, cmd).await?;
+        match r {
+            Ok(_) => Ok(index),
+            Err(sovra_meta::Refused::CollectionExists(n)) => {
+                Err(ApiError::new(ErrorCode::AlreadyExists, format!("collection {n} already exists")))
+            }
+            Err(sovra_meta::Refused::UnknownCollection(n)) => {
+                Err(ApiError::not_found(format!("collection {n} does not exist; create it first")))
+            }
+            Err(e) => Err(ApiError::precondition(format!("{what} was refused by the cluster metadata: {e}"))),
+        }
+    }
+
+    /// Waits (within the write timeout) until this node's view reaches meta
+    /// index `index` and its replicas are reconciled with it.
+    pub async fn caught_up(self: &Arc<Self>, index: u64) -> Result<(), ApiError> {
+        let within = self.host.settings.write_timeout;
+        let mut rx = self.view_changes();
+        if tokio::time::timeout(within, rx.wait_for(|i| *i >= index)).await.is_err() {
+            return Err(ApiError::unavailable(format!(
+                "the change was committed at meta index {index}, but node {} has not seen it within {} ms; it will apply shortly",
+                self.config.node_id,
+                within.as_millis()
+            )));
+        }
+        self.reconcile().await;
+        Ok(())
     }
 
     /// A storage error means acknowledged state may not be on disk: stop the node
@@ -490,11 +561,7 @@ impl NodeState {
     }
 
     pub fn engines(&self) -> Vec<Arc<ShardEngine>> {
-        self.collections
-            .read()
-            .values()
-            .flat_map(|c| c.shards.values().cloned().collect::<Vec<_>>())
-            .collect()
+        self.engines.read().values().cloned().collect()
     }
 
     pub fn flush(&self) -> Result<(), ShardError> {
@@ -504,18 +571,4 @@ impl NodeState {
         }
         Ok(())
     }
-}
-
-/// Runs the futures concurrently and returns their outputs in order.
-async fn futures_join<F>(fs: Vec<F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.expect("catalog call task panicked"));
-    }
-    out
 }

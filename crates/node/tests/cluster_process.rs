@@ -1,7 +1,9 @@
-//! Three real `sovra node` processes replicating one shard group: a replica
-//! killed with SIGKILL in the middle of a write load rejoins (on a new port,
-//! found through the peers file) and converges to the same digest; then every
-//! node is restarted and every acknowledged write is still there (D1).
+//! Three real `sovra node` processes replicating one shard group: node 1
+//! bootstraps the cluster and the others join it; a replica killed with
+//! SIGKILL in the middle of a write load rejoins (on a new port, announced
+//! through its join seeds) and converges to the same digest; then every node
+//! (every meta voter) is restarted on new ports, each joining through the
+//! ones already back, and every acknowledged write is still there (D1).
 
 use sovra_proto::v1;
 use std::io::{BufRead, BufReader};
@@ -19,24 +21,25 @@ struct Proc {
     cluster: String,
 }
 
-fn config(dir: &Path, id: u64) -> PathBuf {
+fn config(dir: &Path, id: u64, join: &[String]) -> PathBuf {
     let path = dir.join(format!("node{id}.toml"));
     let mut text = format!(
-        "node_id = {id}\nregion = \"eu-west\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ncluster_secret = \"process-test-cluster-secret\"\npeers_file = \"{}\"\n",
+        "node_id = {id}\nregion = \"eu-west\"\nzone = \"z{id}\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ncluster_secret = \"process-test-cluster-secret\"\nheartbeat_ms = 200\ndown_after_ms = 5000\n",
         dir.join(format!("data{id}")).display(),
-        dir.join("peers.toml").display()
     );
-    for p in 1..=N {
-        text.push_str(&format!("[[peers]]\nid = {p}\nregion = \"eu-west\"\n"));
+    if id == 1 {
+        text.push_str("bootstrap = true\n");
     }
+    let seeds: Vec<String> = join.iter().map(|a| format!("\"{a}\"")).collect();
+    text.push_str(&format!("join = [{}]\n", seeds.join(", ")));
     text.push_str("[raft]\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nwrite_timeout_ms = 4000\n");
     std::fs::write(&path, text).unwrap();
     path
 }
 
-fn start(dir: &Path, id: u64) -> Proc {
+fn start(dir: &Path, id: u64, join: &[String]) -> Proc {
     let mut child = Command::new(BIN)
-        .args(["node", "--config", config(dir, id).to_str().unwrap()])
+        .args(["node", "--config", config(dir, id, join).to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -58,20 +61,19 @@ fn start(dir: &Path, id: u64) -> Proc {
     }
 }
 
-fn write_peers(dir: &Path, procs: &[Option<Proc>]) {
-    let mut text = String::new();
-    for (i, p) in procs.iter().enumerate() {
-        if let Some(p) = p {
-            text.push_str(&format!(
-                "[[peers]]\nid = {}\nregion = \"eu-west\"\naddr = \"{}\"\n",
-                i + 1,
-                p.cluster
-            ));
-        }
+/// The cluster addresses of the running processes (seeds for another's join).
+fn seeds(procs: &[Option<Proc>]) -> Vec<String> {
+    procs.iter().flatten().map(|p| p.cluster.clone()).collect()
+}
+
+/// Starts nodes 1..=N in turn, each joining through those already started.
+fn start_all(dir: &Path) -> Vec<Option<Proc>> {
+    let mut procs: Vec<Option<Proc>> = Vec::new();
+    for id in 1..=N {
+        let p = start(dir, id, &seeds(&procs));
+        procs.push(Some(p));
     }
-    let tmp = dir.join("peers.toml.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(tmp, dir.join("peers.toml")).unwrap();
+    procs
 }
 
 async fn channel(p: &Proc) -> Channel {
@@ -137,8 +139,7 @@ async fn converge(procs: &[Option<Proc>]) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let mut procs: Vec<Option<Proc>> = (1..=N).map(|i| Some(start(dir.path(), i))).collect();
-    write_peers(dir.path(), &procs);
+    let mut procs = start_all(dir.path());
     let ch1 = channel(procs[0].as_ref().unwrap()).await;
     for p in procs.iter().flatten() {
         channel(p).await;
@@ -154,8 +155,8 @@ async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_w
         replication_factor: 3,
         ..Default::default()
     };
-    // Peers learn each other's addresses from the peers file within a second.
-    retry("create on every node", Duration::from_secs(30), async || {
+    // Until every node has registered, placement finds too few nodes.
+    retry("create with three replicas", Duration::from_secs(30), async || {
         v1::collections_client::CollectionsClient::new(ch1.clone())
             .create_collection(v1::CreateCollectionRequest {
                 collection: Some(spec.clone()),
@@ -174,8 +175,8 @@ async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_w
             p.child.wait().unwrap();
         }
         if b == 20 {
-            procs[2] = Some(start(dir.path(), 3));
-            write_peers(dir.path(), &procs);
+            let join = seeds(&procs);
+            procs[2] = Some(start(dir.path(), 3, &join));
         }
         let batch: Vec<v1::Point> = (b * 10..b * 10 + 10).map(|i| point(i, b as f32)).collect();
         // Writes go through node 1; while a new leader is elected they may fail
@@ -205,8 +206,9 @@ async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_w
         );
         assert!(p.child.wait().unwrap().success(), "SIGTERM is a clean exit");
     }
-    let procs: Vec<Option<Proc>> = (1..=N).map(|i| Some(start(dir.path(), i))).collect();
-    write_peers(dir.path(), &procs);
+    // Every voter comes back on a new port: each announces itself to the
+    // ones already back, so they find one another and elect again.
+    let procs = start_all(dir.path());
     assert_eq!(converge(&procs).await, digest, "state changed across a full restart");
     for p in procs.iter().flatten() {
         let ch = channel(p).await;

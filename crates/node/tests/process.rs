@@ -70,7 +70,7 @@ async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
     std::fs::write(
         &config,
         format!(
-            "node_id = 1\nregion = \"eu-west\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+            "node_id = 1\nregion = \"eu-west\"\nbootstrap = true\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
             dir.path().join("data").display()
         ),
     )

@@ -243,27 +243,32 @@ impl RaftHost {
         self.groups.read().values().cloned().collect()
     }
 
-    /// Starts this node's replica of group `id` over `engine` and `log`. A group
-    /// never started before is initialised with `members` (every replica does
-    /// the same with the same members, which openraft allows).
+    /// Starts this node's replica of group `id` over `engine` and `log`. With
+    /// `members`, a group never started before is initialised with them (every
+    /// founding replica does the same, which openraft allows); without, the
+    /// replica waits to be added by the group's leader.
     pub async fn open_group(
         &self,
         id: ShardId,
         engine: Arc<ShardEngine>,
         log: LogStore,
-        members: BTreeSet<NodeId>,
+        members: Option<BTreeSet<NodeId>>,
     ) -> anyhow::Result<Arc<Group>> {
         anyhow::ensure!(
             id.region == self.region,
             "group {id} is of another region than this node ({})",
             self.region
         );
-        anyhow::ensure!(members.contains(&self.me), "node {} is not a member of group {id}", self.me);
+        if let Some(m) = &members {
+            anyhow::ensure!(m.contains(&self.me), "node {} is not a member of group {id}", self.me);
+        }
         let dir = engine.replica().snapshot_dir();
         let region = self.region.clone();
         let sm = tokio::task::spawn_blocking(move || ShardStateMachine::open(engine, dir, region)).await??;
         let raft = self.new_raft::<TypeConfig>(&id, &sm, &log).await?;
-        initialize(&raft, members).await?;
+        if let Some(members) = members {
+            initialize(&raft, members).await?;
+        }
         let g = Arc::new(Group {
             id: id.clone(),
             raft: RwLock::new(raft),

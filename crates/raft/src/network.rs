@@ -38,21 +38,48 @@ pub const MAX_APPEND_BYTES: usize = 16 << 20;
 /// meta group later; a node restarted on a new port is found again as soon as
 /// its entry is updated.
 #[derive(Clone, Default)]
-pub struct AddressBook(Arc<RwLock<HashMap<NodeId, String>>>);
+pub struct AddressBook(Arc<RwLock<HashMap<NodeId, (String, u64)>>>);
+
+/// `addr` as a URI: `host:port` or a full `http://` URI.
+pub fn uri_of(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
 
 impl AddressBook {
-    /// `addr` is `host:port` or a full `http://` URI.
+    /// Sets `id`'s address whatever was known.
     pub fn set(&self, id: NodeId, addr: &str) {
-        let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        self.0.write().insert(id, uri);
+        self.0.write().insert(id, (uri_of(addr), u64::MAX));
+    }
+
+    /// Sets `id`'s address heard from its run `incarnation`, unless an address
+    /// of a later run is known: an announcement from a restarted node is not
+    /// undone by older metadata still naming its previous port. Answers
+    /// whether it changed.
+    pub fn set_newer(&self, id: NodeId, addr: &str, incarnation: u64) -> bool {
+        let uri = uri_of(addr);
+        let mut book = self.0.write();
+        match book.get(&id) {
+            Some((a, inc)) if *inc > incarnation || (*inc == incarnation && *a == uri) => false,
+            _ => {
+                book.insert(id, (uri, incarnation));
+                true
+            }
+        }
     }
 
     pub fn get(&self, id: NodeId) -> Option<String> {
-        self.0.read().get(&id).cloned()
+        self.0.read().get(&id).map(|(a, _)| a.clone())
+    }
+
+    /// Every known address with the incarnation it was heard from.
+    pub fn entries(&self) -> Vec<(NodeId, String, u64)> {
+        let mut v: Vec<_> = self.0.read().iter().map(|(id, (a, inc))| (*id, a.clone(), *inc)).collect();
+        v.sort();
+        v
     }
 
     pub fn ids(&self) -> Vec<NodeId> {
@@ -95,6 +122,17 @@ impl Peers {
         }
     }
 
+    /// A client for whatever node listens at `addr` (a join seed, known by
+    /// address only); `to` names it for fault rules (0: unknown).
+    pub fn client_at(&self, addr: &str, to: NodeId) -> Result<PeerClient, NoAddress> {
+        let c = Endpoint::from_shared(uri_of(addr))
+            .map_err(|_| NoAddress(to))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(self.wrap(c, to))
+    }
+
     /// A client for `to` over the one channel kept per peer (HTTP/2 multiplexes
     /// every group's calls on it). A changed address gets a new channel.
     pub fn client(&self, to: NodeId) -> Result<PeerClient, NoAddress> {
@@ -116,6 +154,10 @@ impl Peers {
                 }
             }
         };
+        Ok(self.wrap(channel, to))
+    }
+
+    fn wrap(&self, channel: Channel, to: NodeId) -> PeerClient {
         let svc = tower::ServiceBuilder::new()
             .layer(FaultLayer {
                 faults: self.faults.clone(),
@@ -123,9 +165,9 @@ impl Peers {
                 to,
             })
             .service(channel);
-        Ok(RaftClient::with_interceptor(svc, AttachSecret(self.secret.clone()))
+        RaftClient::with_interceptor(svc, AttachSecret(self.secret.clone()))
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
-            .max_encoding_message_size(MAX_RAFT_MESSAGE))
+            .max_encoding_message_size(MAX_RAFT_MESSAGE)
     }
 }
 

@@ -17,15 +17,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tonic::{Request, Response, Status};
 
-/// What the node does with a catalog change told by a peer.
+/// The node's side of membership: announcements from other nodes, and the
+/// metadata a node without a meta replica asks for.
 #[tonic::async_trait]
-pub trait CatalogHandler: Send + Sync + 'static {
-    async fn apply(&self, from: NodeId, change: pb::catalog_request::Change) -> Result<(), Status>;
+pub trait ClusterHandler: Send + Sync + 'static {
+    async fn join(&self, req: pb::JoinRequest) -> Result<pb::JoinReply, Status>;
+    async fn fetch_meta(&self, req: pb::FetchMetaRequest) -> Result<pb::FetchMetaReply, Status>;
 }
 
 pub struct RaftService {
     pub host: Arc<RaftHost>,
-    pub catalog: Arc<dyn CatalogHandler>,
+    pub cluster: Arc<dyn ClusterHandler>,
 }
 
 /// The node-to-node service as a cluster listener serves it: every request
@@ -230,10 +232,11 @@ impl RaftRpc for RaftService {
         Ok(Response::new(pb::ReadIndexReply { index }))
     }
 
-    async fn catalog(&self, req: Request<pb::CatalogRequest>) -> Result<Response<pb::CatalogReply>, Status> {
-        let r = req.into_inner();
-        let change = r.change.ok_or_else(|| Status::invalid_argument("change is required"))?;
-        self.catalog.apply(r.from, change).await?;
-        Ok(Response::new(pb::CatalogReply {}))
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        Ok(Response::new(self.cluster.join(req.into_inner()).await?))
+    }
+
+    async fn fetch_meta(&self, req: Request<pb::FetchMetaRequest>) -> Result<Response<pb::FetchMetaReply>, Status> {
+        Ok(Response::new(self.cluster.fetch_meta(req.into_inner()).await?))
     }
 }

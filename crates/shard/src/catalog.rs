@@ -85,6 +85,18 @@ impl NodeStore {
         Ok(())
     }
 
+    /// Keeps `bytes` under `key` in the node's database, flushed (the node's
+    /// last view of the cluster metadata, so it restarts with it).
+    pub fn put_raw(&self, key: &str, bytes: &[u8]) -> Result<(), ShardError> {
+        self.db.insert(key, bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, ShardError> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
     /// Removes the collection from the catalog. Its replicas' directories are
     /// the node's to delete: one left behind by a crash is an orphan the next
     /// start removes.

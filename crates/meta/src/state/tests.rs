@@ -19,6 +19,7 @@ fn node(id: u64, region: RegionId, zone: &str) -> NodeRecord {
         public_addr: format!("10.0.0.{id}:7300"),
         status: NodeStatus::Up,
         last_heartbeat_ms: 0,
+        incarnation: 1,
     }
 }
 

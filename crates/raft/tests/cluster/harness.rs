@@ -1,7 +1,7 @@
 //! N replica hosts in one process, each with its own sled store and a real
 //! gRPC server on a loopback port 0, sharing one fault plan and address book.
 
-use sovra_raft::server::{CatalogHandler, RaftService, cluster_service};
+use sovra_raft::server::{ClusterHandler, RaftService, cluster_service};
 use sovra_raft::{AddressBook, ClusterSecret, Faults, LogStore, NodeId, RaftHost, RaftSettings};
 use sovra_shard::{CacheBudget, ReplicaStore, ShardEngine};
 use sovra_types::*;
@@ -10,12 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-pub struct NoCatalog;
+/// These tests set addresses directly: no joining, no metadata fetches.
+pub struct NoMembership;
 
 #[tonic::async_trait]
-impl CatalogHandler for NoCatalog {
-    async fn apply(&self, _from: NodeId, _c: sovra_proto::raft::catalog_request::Change) -> Result<(), tonic::Status> {
-        Err(tonic::Status::unimplemented("no catalog in these tests"))
+impl ClusterHandler for NoMembership {
+    async fn join(&self, _r: sovra_proto::raft::JoinRequest) -> Result<sovra_proto::raft::JoinReply, tonic::Status> {
+        Err(tonic::Status::unimplemented("no membership in these tests"))
+    }
+    async fn fetch_meta(&self, _r: sovra_proto::raft::FetchMetaRequest) -> Result<sovra_proto::raft::FetchMetaReply, tonic::Status> {
+        Err(tonic::Status::unimplemented("no membership in these tests"))
     }
 }
 
@@ -132,7 +136,7 @@ impl Cluster {
             let rs = ReplicaStore::open(&node._dir.path().join("replica"), &CacheBudget::new(32 << 20, 1)).unwrap();
             let engine = Arc::new(ShardEngine::open(shard(), Arc::new(c.spec.clone()), &rs, None).unwrap());
             let log = LogStore::of(&rs);
-            node.host.open_group(shard(), engine, log, members.clone()).await.unwrap();
+            node.host.open_group(shard(), engine, log, Some(members.clone())).await.unwrap();
         }
         c.leader().await;
         c
@@ -193,7 +197,7 @@ impl Cluster {
         let (stop, mut rx) = tokio::sync::watch::channel(false);
         let svc = RaftService {
             host: host.clone(),
-            catalog: Arc::new(NoCatalog),
+            cluster: Arc::new(NoMembership),
         };
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()

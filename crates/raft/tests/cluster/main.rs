@@ -305,9 +305,10 @@ async fn cluster_api_without_the_secret_or_with_another_is_unauthenticated_and_c
     assert_eq!(st.code(), tonic::Code::Unauthenticated, "{st:?}");
     assert!(st.message().contains("missing"), "{}", st.message());
     let st = none
-        .catalog(pb::CatalogRequest {
+        .join(pb::JoinRequest {
             from: 1,
-            change: Some(pb::catalog_request::Change::Drop("people".into())),
+            cluster_addr: "127.0.0.1:1".into(),
+            incarnation: u64::MAX,
         })
         .await
         .unwrap_err();

@@ -20,6 +20,7 @@ fn node(id: u64, region: &str) -> NodeRecord {
         public_addr: format!("10.0.0.{id}:7300"),
         status: NodeStatus::Up,
         last_heartbeat_ms: 1,
+        incarnation: 1,
     }
 }
 

@@ -1,0 +1,371 @@
+//! Membership: how a node joins the cluster, stays known, and keeps its view
+//! of the metadata; and what the meta leader does for everyone.
+//!
+//! - **Announce and register** ([`membership_loop`]): on every start a node
+//!   announces its cluster address to its `join` seeds (and to every meta node
+//!   it knows), which learn it at once, then registers (`RegisterNode`) with its
+//!   labels, roles and addresses. Until meta records its current incarnation it
+//!   keeps trying; afterwards it heartbeats. So a node restarted on a new port
+//!   is found again, even when every voter restarted (their announcements to
+//!   one another let them elect before the new addresses are committed).
+//! - **View** ([`view_loop`]): a meta-role node reads its own meta replica; any
+//!   other node long-polls a meta node (`FetchMeta`). Every newer view is saved
+//!   and wakes the reconcile loop ([`reconcile_loop`]).
+//! - **Leader duties** ([`leader_loop`]): the meta leader marks nodes that missed
+//!   heartbeats down, and keeps the voters (at most five, odd, spread over
+//!   regions then zones; `sovra_meta::voters`) and learners (other meta-role
+//!   nodes) of the meta group in line with the registered nodes.
+
+use crate::state::NodeState;
+use sovra_meta::{MetaCommand, MetaState, NodeRecord, NodeStatus, Roles};
+use sovra_proto::raft as pb;
+use sovra_raft::server::ClusterHandler;
+use sovra_raft::{GroupConfig, MetaConfig, MetaGroupId, MetaResponse};
+use sovra_types::ApiError;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This node as meta records it.
+pub fn record(state: &NodeState, grpc: &str, cluster: &str) -> NodeRecord {
+    let c = &state.config;
+    NodeRecord {
+        id: c.node_id,
+        region: state.region.clone(),
+        zone: c.zone.clone(),
+        roles: Roles {
+            meta: c.has_role("meta"),
+            data: c.has_role("data"),
+            coordinator: c.has_role("coordinator"),
+        },
+        cluster_addr: cluster.to_string(),
+        public_addr: grpc.to_string(),
+        status: NodeStatus::Up,
+        last_heartbeat_ms: now_ms(),
+        incarnation: state.incarnation,
+    }
+}
+
+/// Whether this node's meta replica is part of a group that has a leader
+/// (then writes and reads go through it; otherwise through another meta node).
+fn local_meta(state: &NodeState) -> Option<Arc<sovra_raft::MetaReplica>> {
+    state.host.meta().filter(|m| m.leader().is_some() && m.sm.last_applied() > 0)
+}
+
+/// Cluster addresses to reach a meta node at: meta-role nodes of the view
+/// (other than this one), then the join seeds.
+fn meta_addresses(state: &NodeState) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = state
+        .view()
+        .state
+        .nodes
+        .values()
+        .filter(|n| n.roles.meta && n.id != state.config.node_id)
+        .map(|n| (n.id, state.host.peers.book.get(n.id).unwrap_or_else(|| n.cluster_addr.clone())))
+        .collect();
+    out.extend(state.config.join.iter().map(|a| (0, a.clone())));
+    out
+}
+
+/// Commits `cmd` in the meta group: through this node's meta replica when it
+/// is in a group with a leader, else through the first meta node that takes it.
+pub async fn meta_write(state: &NodeState, cmd: MetaCommand) -> Result<(u64, MetaResponse), ApiError> {
+    if local_meta(state).is_some() {
+        return state.host.meta_write(cmd).await;
+    }
+    let command = postcard::to_allocvec(&cmd).map_err(|e| ApiError::internal(e.to_string()))?;
+    let within = state.host.settings.write_timeout;
+    let mut why = Vec::new();
+    for (id, addr) in meta_addresses(state) {
+        let Ok(mut client) = state.host.peers.client_at(&addr, id) else {
+            continue;
+        };
+        let mut req = tonic::Request::new(pb::ProposeRequest {
+            group: Some(MetaConfig::group_pb(&MetaGroupId)),
+            from: state.config.node_id,
+            command: command.clone(),
+        });
+        req.set_timeout(within);
+        match client.propose(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let response: MetaResponse =
+                    postcard::from_bytes(&r.response).map_err(|e| ApiError::internal(format!("meta answer does not decode: {e}")))?;
+                return Ok((r.index, response));
+            }
+            Err(s) => why.push(format!("{addr}: {}", s.message())),
+        }
+    }
+    Err(ApiError::unavailable(format!(
+        "no meta node took the change ({}); the meta group may have no quorum, retry",
+        if why.is_empty() { "none known".to_string() } else { why.join("; ") }
+    )))
+}
+
+/// The node's side of `Join` and `FetchMeta`.
+pub struct Membership {
+    pub state: Arc<NodeState>,
+    /// This node's own advertised cluster address (answered to joiners).
+    pub cluster_addr: String,
+}
+
+#[tonic::async_trait]
+impl ClusterHandler for Membership {
+    async fn join(&self, req: pb::JoinRequest) -> Result<pb::JoinReply, tonic::Status> {
+        if req.from == 0 || req.cluster_addr.is_empty() || req.cluster_addr.len() > 256 {
+            return Err(tonic::Status::invalid_argument(
+                "join needs the sender's id (>= 1) and cluster address (at most 256 bytes)",
+            ));
+        }
+        if req.from == self.state.config.node_id {
+            return Err(tonic::Status::already_exists(format!(
+                "node id {} is this node's own id: every node needs its own node_id",
+                req.from
+            )));
+        }
+        if self.state.host.peers.book.set_newer(req.from, &req.cluster_addr, req.incarnation) {
+            tracing::info!(node = req.from, addr = %req.cluster_addr, "a node announced its address");
+        }
+        let mut addresses: Vec<pb::NodeAddress> = self
+            .state
+            .host
+            .peers
+            .book
+            .entries()
+            .into_iter()
+            .map(|(id, addr, incarnation)| pb::NodeAddress {
+                id,
+                cluster_addr: addr,
+                incarnation,
+            })
+            .collect();
+        addresses.push(pb::NodeAddress {
+            id: self.state.config.node_id,
+            cluster_addr: self.cluster_addr.clone(),
+            incarnation: self.state.incarnation,
+        });
+        Ok(pb::JoinReply {
+            node: self.state.config.node_id,
+            addresses,
+        })
+    }
+
+    async fn fetch_meta(&self, req: pb::FetchMetaRequest) -> Result<pb::FetchMetaReply, tonic::Status> {
+        let m = self
+            .state
+            .host
+            .meta()
+            .filter(|m| m.sm.last_applied() > 0)
+            .ok_or_else(|| tonic::Status::unavailable(format!("node {} holds no metadata yet", self.state.config.node_id)))?;
+        let wait = Duration::from_millis(u64::from(req.wait_ms.min(10_000)));
+        let mut rx = m.sm.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > req.after_index)).await;
+        let index = m.sm.last_applied();
+        let state =
+            m.sm.read(postcard::to_allocvec)
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(pb::FetchMetaReply { index, state })
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+/// Announces this node to `addr`, learning the addresses it answers.
+async fn announce(state: &NodeState, addr: &str, me: &NodeRecord) -> Result<(), String> {
+    let mut client = state.host.peers.client_at(addr, 0).map_err(|e| e.to_string())?;
+    let mut req = tonic::Request::new(pb::JoinRequest {
+        from: me.id,
+        cluster_addr: me.cluster_addr.clone(),
+        incarnation: me.incarnation,
+    });
+    req.set_timeout(Duration::from_secs(2));
+    let r = client.join(req).await.map_err(|s| s.message().to_string())?.into_inner();
+    for a in r.addresses {
+        if a.id != me.id {
+            state.host.peers.book.set_newer(a.id, &a.cluster_addr, a.incarnation);
+        }
+    }
+    Ok(())
+}
+
+/// Announce and register until meta records this incarnation; then heartbeat.
+pub async fn membership_loop(state: Arc<NodeState>, grpc: String, cluster: String, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.config.heartbeat_ms);
+    loop {
+        let me = record(&state, &grpc, &cluster);
+        let known = state.view().state.nodes.get(&me.id).cloned();
+        let registered = known
+            .as_ref()
+            .is_some_and(|k| k.incarnation == me.incarnation && k.cluster_addr == me.cluster_addr && k.public_addr == me.public_addr);
+        if registered {
+            if let Err(e) = meta_write(
+                &state,
+                MetaCommand::Heartbeat {
+                    node: me.id,
+                    at_ms: now_ms(),
+                },
+            )
+            .await
+            {
+                tracing::debug!(error = %e.message, "heartbeat not taken");
+            }
+            if stopped(&mut stop, every).await {
+                return;
+            }
+            continue;
+        }
+        // Announce to everyone who might need the new address.
+        let mut targets: BTreeSet<String> = state.config.join.iter().cloned().collect();
+        for (id, a) in meta_addresses(&state) {
+            if id != 0 {
+                targets.insert(a.trim_start_matches("http://").to_string());
+            }
+        }
+        for t in &targets {
+            if let Err(e) = announce(&state, t, &me).await {
+                tracing::debug!(seed = %t, error = %e, "announce failed");
+            }
+        }
+        match meta_write(&state, MetaCommand::RegisterNode(me.clone())).await {
+            Ok((index, Ok(_))) => {
+                tracing::info!(node = me.id, index, "registered with the cluster");
+                // Wait for the view to show it before heartbeating.
+                let mut rx = state.view_changes();
+                let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|i| *i >= index)).await;
+            }
+            Ok((_, Err(refused))) => {
+                state.stop_with(format!("the cluster refused to register this node: {refused}"));
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e.message, "registration not taken yet; retrying"),
+        }
+        if stopped(&mut stop, Duration::from_millis(300)).await {
+            return;
+        }
+    }
+}
+
+/// Keeps the node's view current: from its own meta replica when it has one
+/// in a group, else by long-polling meta nodes.
+pub async fn view_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Some(m) = state.host.meta().filter(|m| m.sm.last_applied() > 0) {
+            let index = m.sm.last_applied();
+            if index > state.view().index {
+                if let Err(e) = state.offer_view(index, m.sm.state()).await {
+                    state.stop_with(format!("saving the metadata view failed: {e}"));
+                    return;
+                }
+                continue;
+            }
+            let mut rx = m.sm.subscribe();
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
+        let after = state.view().index;
+        let mut fetched = false;
+        for (id, addr) in meta_addresses(&state) {
+            let Ok(mut client) = state.host.peers.client_at(&addr, id) else {
+                continue;
+            };
+            let mut req = tonic::Request::new(pb::FetchMetaRequest {
+                from: state.config.node_id,
+                after_index: after,
+                wait_ms: 1000,
+            });
+            req.set_timeout(Duration::from_secs(3));
+            let Ok(r) = client.fetch_meta(req).await else { continue };
+            let r = r.into_inner();
+            if let Ok(s) = postcard::from_bytes::<MetaState>(&r.state) {
+                fetched = true;
+                if let Err(e) = state.offer_view(r.index, s).await {
+                    state.stop_with(format!("saving the metadata view failed: {e}"));
+                    return;
+                }
+                break;
+            }
+        }
+        if stopped(&mut stop, Duration::from_millis(if fetched { 10 } else { 300 })).await {
+            return;
+        }
+    }
+}
+
+/// Reconciles the node's replicas with every newer view (and every few
+/// seconds, to retry what failed for a passing reason).
+pub async fn reconcile_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let mut rx = state.view_changes();
+    loop {
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if state.is_ready() {
+            state.reconcile().await;
+        }
+    }
+}
+
+/// The meta leader's duties: nodes that missed heartbeats are marked down;
+/// voters and learners follow the registered meta-role nodes.
+pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let down_after = state.config.down_after_ms;
+    loop {
+        if stopped(&mut stop, Duration::from_millis(state.config.heartbeat_ms)).await {
+            return;
+        }
+        let Some(m) = state.host.meta() else { continue };
+        if m.leader() != Some(state.config.node_id) {
+            continue;
+        }
+        let view = m.sm.state();
+        // Until the leader itself is registered, the view is missing a meta
+        // node (this one): voters chosen from it could drop the only voter.
+        if !view.nodes.contains_key(&state.config.node_id) {
+            continue;
+        }
+        for id in view.overdue(now_ms(), down_after) {
+            if id == state.config.node_id {
+                continue;
+            }
+            tracing::warn!(node = id, "node missed its heartbeats; marking it down");
+            let _ = state
+                .host
+                .meta_write(MetaCommand::SetNodeStatus {
+                    node: id,
+                    status: NodeStatus::Down,
+                })
+                .await;
+        }
+        let voters = sovra_meta::voters::choose_voters(view.nodes.values());
+        if voters.is_empty() {
+            continue;
+        }
+        let learners: BTreeSet<u64> = view
+            .nodes
+            .values()
+            .filter(|n| n.roles.meta && n.status != NodeStatus::Down && !voters.contains(&n.id))
+            .map(|n| n.id)
+            .collect();
+        match state.host.meta_set_members(voters.clone(), learners).await {
+            Ok(true) => tracing::info!(voters = ?voters, "meta group membership changed"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e.message, "meta membership change did not complete; will retry"),
+        }
+    }
+}
