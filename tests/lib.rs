@@ -84,6 +84,18 @@ impl TestNode {
         self.restart().await
     }
 
+    /// Starts node `id` of `region` joining the cluster through `seeds`.
+    pub async fn join(id: u64, region: &str, seeds: Vec<String>) -> TestNode {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = NodeConfig::local(id, region, dir.path().to_path_buf());
+        cfg.cluster_secret = Some(CLUSTER_SECRET.into());
+        cfg.zone = format!("zone-{id}");
+        cfg.bootstrap = false;
+        cfg.join = seeds;
+        Self::start_in(dir, cfg).await
+    }
+
     /// This node's cluster address, for another's `join`.
     pub fn cluster_addr(&self) -> String {
         self.node().cluster_addr.to_string()
@@ -140,6 +152,21 @@ pub fn spec(name: &str, dim: u32, metric: v1::Metric, region: &str) -> v1::Colle
             shard_count: 3,
         }],
         ..Default::default()
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics naming `what` at the deadline.
+pub async fn eventually<T>(what: &str, within: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

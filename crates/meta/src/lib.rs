@@ -1,6 +1,7 @@
 //! Cluster metadata: what the meta group replicates. Nodes (labels, roles,
 //! state, addresses), collections, the shard map (each shard's hash range and
-//! recorded replicas, with a version), and region policies.
+//! recorded replicas, with a version), region policies, and API keys (hashes
+//! and scopes; [`keys`]).
 //!
 //! - [`placement`]: where a new collection's replicas go; a pure function.
 //! - [`state`]: [`state::MetaState::apply`], deterministic over plain data, which
@@ -12,8 +13,9 @@
 //! Holds no personal data (no vectors, payloads or subject ids), does no I/O,
 //! reads no clock (callers pass times in commands) and knows nothing of Raft:
 //! the glue that makes this a Raft state machine lives above it. Depends on
-//! `sovra-types` only.
+//! `sovra-types` (and `sha2` for key hashes) only.
 
+pub mod keys;
 pub mod placement;
 pub mod state;
 pub mod voters;

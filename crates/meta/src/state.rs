@@ -85,6 +85,8 @@ pub struct MetaState {
     /// caches of it can tell they are stale.
     pub map_version: u64,
     pub policies: BTreeMap<RegionId, RegionPolicy>,
+    /// API keys by id: hashes and scopes, never secrets.
+    pub api_keys: BTreeMap<String, crate::keys::ApiKeyRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +118,10 @@ pub enum MetaCommand {
     SetRegionPolicy {
         region: RegionId,
         policy: RegionPolicy,
+    },
+    AddApiKey(crate::keys::ApiKeyRecord),
+    RevokeApiKey {
+        id: String,
     },
 }
 
@@ -151,6 +157,10 @@ pub enum Refused {
     UnknownShard { collection: CollectionName, shard: String },
     #[error("invalid collection spec: {0}")]
     InvalidSpec(String),
+    #[error("API key {0} already exists")]
+    KeyExists(String),
+    #[error("API key {0} does not exist")]
+    UnknownKey(String),
 }
 
 fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
@@ -215,6 +225,17 @@ impl MetaState {
             }
             MetaCommand::SetRegionPolicy { region, policy } => {
                 self.policies.insert(region, policy);
+                Ok(Applied::Done)
+            }
+            MetaCommand::AddApiKey(k) => {
+                if self.api_keys.contains_key(&k.id) {
+                    return Err(Refused::KeyExists(k.id));
+                }
+                self.api_keys.insert(k.id.clone(), k);
+                Ok(Applied::Done)
+            }
+            MetaCommand::RevokeApiKey { id } => {
+                self.api_keys.remove(&id).ok_or(Refused::UnknownKey(id))?;
                 Ok(Applied::Done)
             }
         }

@@ -198,6 +198,31 @@ async fn announce(state: &NodeState, addr: &str, me: &NodeRecord) -> Result<(), 
     Ok(())
 }
 
+/// The id of the key the bootstrap node makes.
+pub const FIRST_ADMIN_KEY_ID: &str = "admin1";
+
+/// On the bootstrap node of a cluster with no API key yet: makes the first
+/// admin key, records only its hash in meta, and prints it once on stdout.
+async fn first_admin_key(state: &NodeState) {
+    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let rec = sovra_meta::keys::ApiKeyRecord {
+        id: FIRST_ADMIN_KEY_ID.into(),
+        sha256: sovra_meta::keys::hash_secret(&secret),
+        scopes: vec![sovra_meta::keys::Scope::Admin],
+        created_ms: now_ms(),
+    };
+    match meta_write(state, MetaCommand::AddApiKey(rec)).await {
+        Ok((_, Ok(_))) => {
+            let key = sovra_meta::keys::format_key(FIRST_ADMIN_KEY_ID, &secret);
+            println!("sovra first admin key (shown once, only its hash is kept; store it now): {key}");
+            *state.first_admin_key.lock() = Some(key);
+        }
+        // An earlier run made it: it was shown then.
+        Ok((_, Err(_))) => {}
+        Err(e) => tracing::debug!(error = %e.message, "first admin key not recorded yet; retrying"),
+    }
+}
+
 /// Announce and register until meta records this incarnation; then heartbeat.
 pub async fn membership_loop(state: Arc<NodeState>, grpc: String, cluster: String, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.heartbeat_ms);
@@ -208,6 +233,9 @@ pub async fn membership_loop(state: Arc<NodeState>, grpc: String, cluster: Strin
             .as_ref()
             .is_some_and(|k| k.incarnation == me.incarnation && k.cluster_addr == me.cluster_addr && k.public_addr == me.public_addr);
         if registered {
+            if state.config.bootstrap && state.view().state.api_keys.is_empty() {
+                first_admin_key(&state).await;
+            }
             if let Err(e) = meta_write(
                 &state,
                 MetaCommand::Heartbeat {
@@ -303,6 +331,28 @@ pub async fn view_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
             return;
         }
     }
+}
+
+/// The meta group's current state from the first meta node that answers
+/// (for a node without a meta replica in the group).
+pub async fn fetch_latest(state: &NodeState) -> Option<(u64, MetaState)> {
+    for (id, addr) in meta_addresses(state) {
+        let Ok(mut client) = state.host.peers.client_at(&addr, id) else {
+            continue;
+        };
+        let mut req = tonic::Request::new(pb::FetchMetaRequest {
+            from: state.config.node_id,
+            after_index: 0,
+            wait_ms: 0,
+        });
+        req.set_timeout(Duration::from_secs(2));
+        let Ok(r) = client.fetch_meta(req).await else { continue };
+        let r = r.into_inner();
+        if let Ok(s) = postcard::from_bytes::<MetaState>(&r.state) {
+            return Some((r.index, s));
+        }
+    }
+    None
 }
 
 /// Reconciles the node's replicas with every newer view (and every few

@@ -95,6 +95,9 @@ pub struct NodeState {
     pub host: Arc<RaftHost>,
     /// When this run started (Unix ms): its addresses beat older runs'.
     pub incarnation: u64,
+    /// The first admin key, when this (bootstrap) node made it in this run;
+    /// printed once, kept for tests.
+    pub first_admin_key: parking_lot::Mutex<Option<String>>,
     view: RwLock<Arc<View>>,
     view_changed: tokio::sync::watch::Sender<u64>,
     /// Replicas open on this node, and those that failed to open (with why).
@@ -153,6 +156,7 @@ impl NodeState {
             region,
             host,
             incarnation,
+            first_admin_key: parking_lot::Mutex::new(None),
             view: RwLock::new(Arc::new(View::default())),
             view_changed: tokio::sync::watch::channel(index).0,
             engines: RwLock::new(BTreeMap::new()),
@@ -424,6 +428,39 @@ impl NodeState {
             .ok_or_else(|| ApiError::not_found(format!("collection {name} does not exist; create it first")))
     }
 
+    /// As [`Self::collection`], but a name this node's view lacks is looked
+    /// up again at the meta group's latest state first, so a collection just
+    /// created through another node is found here too.
+    pub async fn collection_now(self: &Arc<Self>, name: &str) -> Result<Arc<Collection>, ApiError> {
+        match self.collection(name) {
+            Err(e) if e.code == ErrorCode::NotFound => {
+                self.refresh_view().await;
+                self.collection(name)
+            }
+            other => other,
+        }
+    }
+
+    /// Brings the view up to the meta group's latest committed state (a
+    /// linearizable read through this node's meta replica, else a fetch from
+    /// a meta node) and reconciles. Best effort: on failure the view stays.
+    pub async fn refresh_view(self: &Arc<Self>) {
+        let fresh = match self.host.meta().filter(|m| m.leader().is_some() && m.sm.last_applied() > 0) {
+            Some(_) => match self.host.meta_barrier().await {
+                Ok(m) => Some((m.sm.last_applied(), m.sm.state())),
+                Err(_) => None,
+            },
+            None => crate::cluster::fetch_latest(self).await,
+        };
+        if let Some((index, state)) = fresh {
+            if let Err(e) = self.offer_view(index, state).await {
+                self.stop_with(format!("saving the metadata view failed: {e}"));
+                return;
+            }
+            self.reconcile().await;
+        }
+    }
+
     pub fn list(&self) -> Vec<Arc<Collection>> {
         self.collections.read().values().cloned().collect()
     }
@@ -488,7 +525,7 @@ impl NodeState {
     /// Drops a collection in meta; every node destroys its replicas (deletes
     /// their directories). Answers how many shards the collection had.
     pub async fn drop_collection(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
-        let c = self.collection(name)?;
+        let c = self.collection_now(name).await?;
         let shards = c.spec.regions.iter().map(|r| r.shard_count as usize).sum();
         let name = c.spec.name.clone();
         drop(c);

@@ -67,7 +67,7 @@ impl Collections for CollectionsService {
     async fn get_collection(&self, req: Request<v1::GetCollectionRequest>) -> Result<Response<v1::CollectionInfo>, Status> {
         observe("get_collection", async {
             let r = req.get_ref();
-            let c = self.state.collection(&r.name)?;
+            let c = self.state.collection_now(&r.name).await?;
             let (state, with_digest) = (self.state.clone(), r.with_digest);
             blocking(move || info(&state, &c, with_digest)).await?
         })

@@ -97,7 +97,7 @@ impl Points for PointsService {
     async fn upsert(&self, req: Request<v1::UpsertRequest>) -> Result<Response<v1::WriteResponse>, Status> {
         observe("upsert", async {
             let req = req.into_inner();
-            let c = self.state.collection(&req.collection)?;
+            let c = self.state.collection_now(&req.collection).await?;
             let records = req
                 .points
                 .into_iter()
@@ -118,7 +118,7 @@ impl Points for PointsService {
     async fn get(&self, req: Request<v1::GetPointsRequest>) -> Result<Response<v1::GetPointsResponse>, Status> {
         observe("get", async {
             let req = req.into_inner();
-            let c = self.state.collection(&req.collection)?;
+            let c = self.state.collection_now(&req.collection).await?;
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
             let ids = ids_from(&req.ids)?;
             let levels = ReadLevels::parse(req.consistency, &req.after)?;
@@ -165,7 +165,7 @@ impl Points for PointsService {
     async fn delete(&self, req: Request<v1::DeletePointsRequest>) -> Result<Response<v1::WriteResponse>, Status> {
         observe("delete", async {
             let req = req.into_inner();
-            let c = self.state.collection(&req.collection)?;
+            let c = self.state.collection_now(&req.collection).await?;
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
             let ids = ids_from(&req.ids)?;
             let keyed = ids.into_iter().map(|id| (region.clone(), id, id)).collect();

@@ -24,7 +24,7 @@ impl Search for SearchService {
 
 impl SearchService {
     async fn run(&self, req: v1::SearchRequest) -> Result<v1::SearchResponse, ApiError> {
-        let c = self.state.collection(&req.collection)?;
+        let c = self.state.collection_now(&req.collection).await?;
         if req.k == 0 || req.k > MAX_K {
             return Err(ApiError::invalid(format!("k is {}: it must be between 1 and {MAX_K}", req.k)));
         }
