@@ -257,9 +257,11 @@ impl NodeState {
             }
         }
         let mut changes = self.view_changes();
-        // A node never part of the cluster has no view yet: it waits for the
-        // first (from its own meta replica or a fetch) before serving.
-        let _ = changes.wait_for(|i| *i > 0).await;
+        // A node serves once its view holds itself: a node that was in the
+        // cluster before restarts with its saved view at once (even if meta
+        // has no quorum now); a new one waits until its registration is seen.
+        let me = self.config.node_id;
+        let _ = changes.wait_for(|_| self.view().state.nodes.contains_key(&me)).await;
         self.reconcile().await;
         self.ready.store(true, Ordering::Release);
         Ok(())
@@ -471,10 +473,40 @@ impl NodeState {
     /// node's view and replicas include it.
     pub async fn create(self: &Arc<Self>, spec: CollectionSpec) -> Result<Arc<Collection>, ApiError> {
         self.ensure_ready()?;
+        match self.place(&spec) {
+            // The view may lag behind nodes that joined through others.
+            Err(_) => {
+                self.refresh_view().await;
+                self.create_placed(spec).await
+            }
+            Ok(_) => self.create_placed(spec).await,
+        }
+    }
+
+    async fn create_placed(self: &Arc<Self>, spec: CollectionSpec) -> Result<Arc<Collection>, ApiError> {
         let name = spec.name.clone();
         if self.view().state.collections.contains_key(&name) {
             return Err(ApiError::new(ErrorCode::AlreadyExists, format!("collection {name} already exists")));
         }
+        let replicas = self.place(&spec)?;
+        let index = self
+            .meta_change(
+                sovra_meta::MetaCommand::CreateCollection { spec, replicas },
+                &format!("create collection {name}"),
+            )
+            .await?;
+        self.caught_up(index).await?;
+        let c = self.collection(name.as_str())?;
+        if let Some(((region, number), why)) = c.failed.iter().next() {
+            return Err(ApiError::internal(format!(
+                "collection {name} was created, but this node's replica of shard {region}/{number} failed to open ({why}); GetCollection reports it"
+            )));
+        }
+        Ok(c)
+    }
+
+    /// Replicas for every shard of `spec` on the up data nodes of the view.
+    fn place(&self, spec: &CollectionSpec) -> Result<BTreeMap<sovra_meta::placement::ShardKey, Vec<NodeId>>, ApiError> {
         let view = self.view();
         let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
         for c in view.state.collections.values() {
@@ -496,7 +528,7 @@ impl NodeState {
                 load: load.get(&n.id).copied().unwrap_or(0),
             })
             .collect();
-        let replicas = sovra_meta::place_collection(&spec, &candidates).map_err(|e| match &e {
+        sovra_meta::place_collection(spec, &candidates).map_err(|e| match &e {
             sovra_meta::PlacementError::TooFewNodes { region, have: 0, .. } => {
                 let served: BTreeSet<&str> = candidates.iter().map(|c| c.region.as_str()).collect();
                 ApiError::precondition(format!(
@@ -505,21 +537,7 @@ impl NodeState {
                 ))
             }
             _ => ApiError::precondition(e.to_string()),
-        })?;
-        let index = self
-            .meta_change(
-                sovra_meta::MetaCommand::CreateCollection { spec, replicas },
-                &format!("create collection {name}"),
-            )
-            .await?;
-        self.caught_up(index).await?;
-        let c = self.collection(name.as_str())?;
-        if let Some(((region, number), why)) = c.failed.iter().next() {
-            return Err(ApiError::internal(format!(
-                "collection {name} was created, but this node's replica of shard {region}/{number} failed to open ({why}); GetCollection reports it"
-            )));
-        }
-        Ok(c)
+        })
     }
 
     /// Drops a collection in meta; every node destroys its replicas (deletes
