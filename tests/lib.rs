@@ -109,6 +109,12 @@ impl TestNode {
 
     /// As [`Self::start_cluster`], with `tweak` applied to every config.
     pub async fn start_cluster_with(nodes: &[(u64, &str)], tweak: impl Fn(&mut NodeConfig)) -> Vec<TestNode> {
+        Self::start_cluster_faults(nodes, tweak, Default::default()).await
+    }
+
+    /// As [`Self::start_cluster_with`], every node-to-node call passing through
+    /// `faults` (shared, switchable at run time).
+    pub async fn start_cluster_faults(nodes: &[(u64, &str)], tweak: impl Fn(&mut NodeConfig), faults: sovra_raft::Faults) -> Vec<TestNode> {
         init_logs();
         let mut dirs = Vec::new();
         let mut configs = Vec::new();
@@ -121,7 +127,7 @@ impl TestNode {
             configs.push(cfg);
             dirs.push(dir);
         }
-        let running = sovra_node::run::start_joined(configs, Default::default(), Duration::from_secs(60))
+        let running = sovra_node::run::start_joined(configs, faults, Duration::from_secs(60))
             .await
             .unwrap();
         let mut out = Vec::new();

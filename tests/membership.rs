@@ -160,3 +160,83 @@ async fn the_bootstrap_node_makes_one_admin_key_and_meta_keeps_only_its_hash() {
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_cut_off_keeps_serving_its_shards_while_metadata_changes_wait_for_a_quorum() {
+    const US: &str = "us-east";
+    let faults = sovra_raft::Faults::seeded(5);
+    let mut nodes = TestNode::start_cluster_faults(&[(1, EU), (2, EU), (3, US)], |_| {}, faults.clone()).await;
+    eventually("three meta voters", Duration::from_secs(30), async || {
+        let (voters, _) = nodes[0].node().state.host.meta_members()?;
+        (voters.len() == 3).then_some(())
+    })
+    .await;
+    let mut s = spec("faces", 4, v1::Metric::L2, EU);
+    s.regions.push(v1::RegionShards {
+        region: US.into(),
+        shard_count: 1,
+    });
+    s.regions[0].shard_count = 1;
+    s.replication_factor = 1;
+    nodes[0]
+        .collections
+        .create_collection(v1::CreateCollectionRequest { collection: Some(s) })
+        .await
+        .unwrap();
+    // us-east (one of three meta voters) loses every link to eu-west.
+    faults.partition([3], [1, 2]);
+    let us = &mut nodes[2];
+    us.points
+        .upsert(v1::UpsertRequest {
+            collection: "faces".into(),
+            points: (0..5).map(|i| point(i, vec![i as f32, 0.0, 0.0, 1.0], US)).collect(),
+        })
+        .await
+        .expect("a cut-off region's shards take writes");
+    let r = us
+        .search
+        .search(v1::SearchRequest {
+            collection: "faces".into(),
+            vector: vec![0.0, 0.0, 0.0, 1.0],
+            k: 2,
+            regions: vec![US.into()],
+            consistency: v1::Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("and answers searches")
+        .into_inner();
+    assert_eq!(ids_of(&r), vec![0, 1]);
+    let e = create(us, "later", 1, 1).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "metadata changes wait for a quorum: {e:?}");
+    // The side with the quorum changes metadata and serves its own region.
+    create(&mut nodes[0], "eu-only", 1, 2).await.unwrap();
+    nodes[1]
+        .points
+        .upsert(v1::UpsertRequest {
+            collection: "faces".into(),
+            points: (10..15).map(|i| point(i, vec![i as f32, 0.0, 0.0, 1.0], EU)).collect(),
+        })
+        .await
+        .unwrap();
+    faults.heal();
+    eventually(
+        "us-east sees the change made while it was cut off",
+        Duration::from_secs(30),
+        async || {
+            nodes[2]
+                .node()
+                .state
+                .view()
+                .state
+                .collections
+                .keys()
+                .any(|c| c.as_str() == "eu-only")
+                .then_some(())
+        },
+    )
+    .await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
