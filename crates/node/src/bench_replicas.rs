@@ -83,7 +83,8 @@ fn config(dir: &std::path::Path, args: &ReplicasBenchArgs) -> NodeConfig {
     let collections = args.replicas.div_ceil(args.shards);
     let mut config = NodeConfig::local(1, "eu-west", dir.to_path_buf());
     config.cache_capacity_mb = args.cache_mb;
-    config.max_replicas = (collections * args.shards) as usize;
+    // One more share: a meta-role node's meta replica has its own database too.
+    config.max_replicas = (collections * args.shards) as usize + 1;
     config
 }
 
@@ -100,7 +101,7 @@ async fn reopen(dir: &std::path::Path, args: &ReplicasBenchArgs) -> anyhow::Resu
         u.threads,
         u.rss_mib,
         u.fds,
-        node.state.replica_budget().0
+        node.state.engines().len()
     );
     node.stop().await?;
     Ok(())
@@ -155,7 +156,7 @@ async fn run(args: ReplicasBenchArgs) -> anyhow::Result<()> {
     }
     let created = started.elapsed();
     let full = usage();
-    let held = node.state.replica_budget().0;
+    let held = node.state.engines().len();
     node.stop().await?;
     drop(config);
     let out = tokio::process::Command::new(std::env::current_exe()?)

@@ -39,8 +39,9 @@ pub struct NodeConfig {
     /// replica's own database gets `cache_capacity_mb / max_replicas`.
     #[serde(default = "default_cache_mb")]
     pub cache_capacity_mb: u64,
-    /// Most replicas this node holds at once (the cache budget's shares); a
-    /// replica beyond it is reported failed, naming this field.
+    /// Most replicas this node holds at once, its meta replica included (the
+    /// cache budget's shares); a replica beyond it is reported failed, naming
+    /// this field.
     #[serde(default = "default_max_replicas")]
     pub max_replicas: usize,
     /// Threads for index builds and compaction.

@@ -384,11 +384,6 @@ impl NodeState {
         *self.collections.write() = out;
     }
 
-    /// The number of replica databases open and the most the budget allows.
-    pub fn replica_budget(&self) -> (usize, usize) {
-        (self.budget.open(), self.budget.shares())
-    }
-
     async fn open_replica(
         self: &Arc<Self>,
         id: &ShardId,
