@@ -240,3 +240,25 @@ async fn a_region_cut_off_keeps_serving_its_shards_while_metadata_changes_wait_f
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_keeps_its_region_a_restart_claiming_another_is_refused_and_stops() {
+    let mut nodes = TestNode::start_cluster(&[(1, EU), (2, EU)]).await;
+    let second = nodes.pop().unwrap();
+    let mut config = second.node().state.config.clone();
+    let dir = second.stop().await;
+    config.region = "us-east".into();
+    config.join = vec![nodes[0].cluster_addr()];
+    let node = sovra_node::start(config).await.unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(30), node.fatal())
+        .await
+        .expect("the node stops on its own");
+    assert!(why.contains("keeps its region") && why.contains("eu-west"), "{why}");
+    node.stop().await.unwrap();
+    let v = nodes[0].node().state.view();
+    assert_eq!(v.state.nodes[&2].region.as_str(), EU, "meta still pins node 2 to eu-west");
+    drop(dir);
+    for n in nodes {
+        n.stop().await;
+    }
+}
