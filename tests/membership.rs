@@ -183,7 +183,12 @@ async fn a_region_cut_off_keeps_serving_its_shards_while_metadata_changes_wait_f
         .create_collection(v1::CreateCollectionRequest { collection: Some(s) })
         .await
         .unwrap();
-    // us-east (one of three meta voters) loses every link to eu-west.
+    // Once us-east holds its replica of the collection, it (one of three meta
+    // voters) loses every link to eu-west.
+    eventually("node 3 holds its us-east replica", Duration::from_secs(30), async || {
+        (!nodes[2].node().state.engines().is_empty()).then_some(())
+    })
+    .await;
     faults.partition([3], [1, 2]);
     let us = &mut nodes[2];
     us.points
