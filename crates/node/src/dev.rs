@@ -89,6 +89,17 @@ pub async fn wait_serving(addr: SocketAddr, limit: Duration) -> anyhow::Result<t
     }
 }
 
+/// A payload value as a user would write it: `fr`, `42`, `0.5`, `true`.
+fn value_text(k: &v1::value::Kind) -> String {
+    use v1::value::Kind;
+    match k {
+        Kind::StringValue(s) => s.clone(),
+        Kind::IntegerValue(i) => i.to_string(),
+        Kind::DoubleValue(d) => d.to_string(),
+        Kind::BoolValue(b) => b.to_string(),
+    }
+}
+
 pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let tmp;
     let data_dir = match &args.data {
@@ -205,16 +216,14 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         );
         for h in r.hits {
             let p = h.point.unwrap_or_default();
-            let show = |k: &str| {
-                p.payload
-                    .get(k)
-                    .and_then(|v| v.kind.clone())
-                    .map(|k| format!("{k:?}"))
-                    .unwrap_or_default()
+            let show = |k: &str| p.payload.get(k).and_then(|v| v.kind.as_ref()).map(value_text).unwrap_or_default();
+            let id = match p.id.as_ref().and_then(|i| i.kind.as_ref()) {
+                Some(v1::point_id::Kind::Num(n)) => n.to_string(),
+                Some(v1::point_id::Kind::Uuid(u)) => u.clone(),
+                None => "-".into(),
             };
             println!(
-                "  id {:?}  distance {:.4}  subject {}  country {}  age {}",
-                p.id.and_then(|i| i.kind),
+                "  id {id:>6}  distance {:.4}  subject {}  country {}  age {}",
                 h.distance,
                 p.subject,
                 show("country"),

@@ -60,7 +60,13 @@ fn main() -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries the bench protocol and the dev transcript.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sled=warn,hnsw_rs=warn".into()))
+        // Sovra's own crates at INFO, every dependency (openraft's chatter
+        // included) at WARN; RUST_LOG overrides.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "warn,sovra=info,sovra_node=info,sovra_raft=info,sovra_shard=info,sovra_meta=info,sovra_index=info".into()
+            }),
+        )
         .init();
     match cli.command {
         Command::Bench {
