@@ -267,3 +267,44 @@ async fn a_node_id_keeps_its_region_a_restart_claiming_another_is_refused_and_st
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcements_with_a_future_incarnation_or_the_receivers_own_id_are_refused_and_change_nothing() {
+    use sovra_proto::raft as rpb;
+    let nodes = TestNode::start_cluster(&[(1, EU), (2, EU)]).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", nodes[0].cluster_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let secret = sovra_raft::auth::AttachSecret(sovra_raft::ClusterSecret::new(CLUSTER_SECRET).unwrap());
+    let mut client = rpb::raft_client::RaftClient::with_interceptor(ch, secret);
+    let before = nodes[0].node().state.host.peers.book.get(2);
+    let st = client
+        .join(rpb::JoinRequest {
+            from: 2,
+            cluster_addr: "203.0.113.9:7400".into(),
+            incarnation: u64::MAX,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("ahead of this node's clock"), "{}", st.message());
+    let st = client
+        .join(rpb::JoinRequest {
+            from: 1,
+            cluster_addr: "203.0.113.9:7400".into(),
+            incarnation: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::AlreadyExists, "{st:?}");
+    assert_eq!(
+        nodes[0].node().state.host.peers.book.get(2),
+        before,
+        "node 2's address is unchanged"
+    );
+    for n in nodes {
+        n.stop().await;
+    }
+}

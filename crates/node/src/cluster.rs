@@ -107,6 +107,9 @@ pub async fn meta_write(state: &NodeState, cmd: MetaCommand) -> Result<(u64, Met
     )))
 }
 
+/// How far ahead of this node's clock an announced incarnation may be.
+pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+
 /// The node's side of `Join` and `FetchMeta`.
 pub struct Membership {
     pub state: Arc<NodeState>,
@@ -121,6 +124,16 @@ impl ClusterHandler for Membership {
             return Err(tonic::Status::invalid_argument(
                 "join needs the sender's id (>= 1) and cluster address (at most 256 bytes)",
             ));
+        }
+        // An incarnation is a start time: one far in the future (a bad clock,
+        // or a forged announcement) would pin an address no later run could
+        // replace.
+        if req.incarnation > now_ms() + MAX_CLOCK_SKEW_MS {
+            return Err(tonic::Status::invalid_argument(format!(
+                "incarnation {} is more than {} s ahead of this node's clock; check the sender's clock",
+                req.incarnation,
+                MAX_CLOCK_SKEW_MS / 1000
+            )));
         }
         if req.from == self.state.config.node_id {
             return Err(tonic::Status::already_exists(format!(
