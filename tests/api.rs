@@ -437,6 +437,13 @@ async fn data_survives_a_clean_restart_and_metrics_are_served() {
     };
     assert!(body.contains("sovra_requests_total"), "{body}");
     assert!(body.contains("sovra_shard_live_points{collection=\"faces\""), "{body}");
+    // The node's view of the cluster: itself, up; its meta replica leads.
+    assert!(body.contains("sovra_cluster_nodes{node=\"1\",status=\"up\"} 1"), "{body}");
+    assert!(body.contains("sovra_meta_is_leader{node=\"1\"} 1"), "{body}");
+    assert!(
+        body.contains("sovra_replicas_open{node=\"1\"} 4"),
+        "three shards and the meta replica: {body}"
+    );
 
     let dir = n.stop().await;
     let node = sovra_node::start(sovra_node::NodeConfig::local(1, EU, dir.path().to_path_buf()))

@@ -20,6 +20,16 @@ pub const COLLECTIONS_UNREADABLE: &str = "sovra_collections_unreadable_total";
 /// Log entries a shard refused on apply, as recorded in its state.
 pub const SHARD_REJECTED_ENTRIES: &str = "sovra_shard_rejected_entries";
 
+/// The meta index this node's view of the cluster reflects.
+pub const META_VIEW_INDEX: &str = "sovra_meta_view_index";
+/// Nodes of the cluster by status, as this node's view has them.
+pub const CLUSTER_NODES: &str = "sovra_cluster_nodes";
+/// 1 on the meta group's leader.
+pub const META_IS_LEADER: &str = "sovra_meta_is_leader";
+/// Replica databases open on this node, and the budget's shares (max_replicas).
+pub const REPLICAS_OPEN: &str = "sovra_replicas_open";
+pub const REPLICA_SHARES: &str = "sovra_replica_shares";
+
 /// The process-wide recorder: `metrics` has one global recorder, so several
 /// nodes in one process (tests, `sovra dev`) share it.
 pub fn handle() -> PrometheusHandle {
@@ -42,6 +52,17 @@ pub fn handle() -> PrometheusHandle {
             metrics::describe_histogram!(COMPACTION_PAUSE_SECONDS, metrics::Unit::Seconds, "writer pause at compaction swap");
             metrics::describe_gauge!(SHARDS_FAILED, "replicas on this node that failed to open");
             metrics::describe_counter!(COLLECTIONS_UNREADABLE, "catalog entries that could not be read at start");
+            metrics::describe_gauge!(META_VIEW_INDEX, "meta index this node's view of the cluster reflects");
+            metrics::describe_gauge!(
+                CLUSTER_NODES,
+                "nodes of the cluster by status (joining, up, draining, down) in this node's view"
+            );
+            metrics::describe_gauge!(META_IS_LEADER, "1 on the meta group's leader");
+            metrics::describe_gauge!(REPLICAS_OPEN, "replica databases open on this node (its meta replica included)");
+            metrics::describe_gauge!(
+                REPLICA_SHARES,
+                "replica databases the page-cache budget is shared among (max_replicas)"
+            );
             metrics::describe_gauge!(
                 SHARD_REJECTED_ENTRIES,
                 "log entries refused on apply, recorded in the shard's state"

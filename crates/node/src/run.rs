@@ -283,6 +283,24 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
                 }
                 let failed: usize = state.list().iter().map(|c| c.failed.len()).sum();
                 metrics::gauge!(m::SHARDS_FAILED).set(failed as f64);
+                let node = [("node", state.config.node_id.to_string())];
+                let view = state.view();
+                metrics::gauge!(m::META_VIEW_INDEX, &node).set(view.index as f64);
+                for (status, name) in [
+                    (sovra_meta::NodeStatus::Joining, "joining"),
+                    (sovra_meta::NodeStatus::Up, "up"),
+                    (sovra_meta::NodeStatus::Draining, "draining"),
+                    (sovra_meta::NodeStatus::Down, "down"),
+                ] {
+                    let n = view.state.nodes.values().filter(|r| r.status == status).count();
+                    let labels = [("node", state.config.node_id.to_string()), ("status", name.to_string())];
+                    metrics::gauge!(m::CLUSTER_NODES, &labels).set(n as f64);
+                }
+                let leads = state.host.meta().is_some_and(|g| g.leader() == Some(state.config.node_id));
+                metrics::gauge!(m::META_IS_LEADER, &node).set(f64::from(u8::from(leads)));
+                let (open, shares) = state.replica_budget();
+                metrics::gauge!(m::REPLICAS_OPEN, &node).set(open as f64);
+                metrics::gauge!(m::REPLICA_SHARES, &node).set(shares as f64);
                 state.host.export_metrics();
                 handle.render()
             }

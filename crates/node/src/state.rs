@@ -384,6 +384,11 @@ impl NodeState {
         *self.collections.write() = out;
     }
 
+    /// Replica databases open (the meta replica's included) and the budget's shares.
+    pub fn replica_budget(&self) -> (usize, usize) {
+        (self.budget.open(), self.budget.shares())
+    }
+
     async fn open_replica(
         self: &Arc<Self>,
         id: &ShardId,
