@@ -445,6 +445,7 @@ async fn data_survives_a_clean_restart_and_metrics_are_served() {
         "three shards and the meta replica: {body}"
     );
 
+    let key = n.key.clone();
     let dir = n.stop().await;
     let node = sovra_node::start(sovra_node::NodeConfig::local(1, EU, dir.path().to_path_buf()))
         .await
@@ -452,7 +453,7 @@ async fn data_survives_a_clean_restart_and_metrics_are_served() {
     let ch = sovra_node::dev::wait_serving(node.grpc_addr, std::time::Duration::from_secs(60))
         .await
         .unwrap();
-    let mut search = v1::search_client::SearchClient::new(ch);
+    let mut search = sovra_tests::Clients::new(&ch, &key).search;
     let r = search.search(search_req("faces", vec![7.1, 1.0], 2)).await.unwrap().into_inner();
     assert_eq!(ids_of(&r), vec![7, 8]);
     node.stop().await.unwrap();

@@ -618,6 +618,7 @@ async fn a_node_that_cannot_load_one_collection_serves_the_others_and_reports_it
     for name in ["good", "broken"] {
         line(&mut n, name, 30).await;
     }
+    let key = n.key.clone();
     let dir = n.stop().await;
     // A record an older build could have stored: 3-d in a 2-d collection.
     {
@@ -643,7 +644,8 @@ async fn a_node_that_cannot_load_one_collection_serves_the_others_and_reports_it
     let ch = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
         .await
         .unwrap();
-    let mut search = v1::search_client::SearchClient::new(ch.clone());
+    let clients = sovra_tests::Clients::new(&ch, &key);
+    let mut search = clients.search.clone();
     let q = |c: &str, allow_partial| v1::SearchRequest {
         collection: c.into(),
         vector: vec![0.0, 0.0],
@@ -663,7 +665,9 @@ async fn a_node_that_cannot_load_one_collection_serves_the_others_and_reports_it
         "{}",
         failed.error
     );
-    let info = v1::collections_client::CollectionsClient::new(ch)
+    let info = clients
+        .collections
+        .clone()
         .get_collection(v1::GetCollectionRequest {
             name: "broken".into(),
             with_digest: false,

@@ -2,20 +2,66 @@
 //! `sovra_node::start`, waits for them to report SERVING, and hands out clients.
 
 use sovra_node::{NodeConfig, RunningNode};
-use sovra_proto::v1::{self, collections_client::CollectionsClient, points_client::PointsClient, search_client::SearchClient};
+use sovra_proto::v1::{
+    self, admin_client::AdminClient, collections_client::CollectionsClient, points_client::PointsClient, search_client::SearchClient,
+};
 use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// The secret the nodes of a test cluster share.
 pub const CLUSTER_SECRET: &str = "sovra-tests-cluster-secret";
 
+/// Attaches `authorization: Bearer <key>` to every call (nothing when empty).
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if !self.0.is_empty() {
+            let v = format!("Bearer {}", self.0)
+                .parse()
+                .map_err(|_| tonic::Status::internal("key is not metadata"))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that presents one key.
+pub type Keyed = InterceptedService<Channel, Bearer>;
+
+/// Clients of every public service, presenting one key.
+#[derive(Clone)]
+pub struct Clients {
+    pub collections: CollectionsClient<Keyed>,
+    pub points: PointsClient<Keyed>,
+    pub search: SearchClient<Keyed>,
+    pub admin: AdminClient<Keyed>,
+}
+
+impl Clients {
+    pub fn new(channel: &Channel, key: &str) -> Self {
+        let k = || InterceptedService::new(channel.clone(), Bearer(key.to_string()));
+        Self {
+            collections: CollectionsClient::new(k()),
+            points: PointsClient::new(k()),
+            search: SearchClient::new(k()),
+            admin: AdminClient::new(k()),
+        }
+    }
+}
+
 pub struct TestNode {
     pub node: Option<RunningNode>,
-    pub collections: CollectionsClient<Channel>,
-    pub points: PointsClient<Channel>,
-    pub search: SearchClient<Channel>,
+    pub collections: CollectionsClient<Keyed>,
+    pub points: PointsClient<Keyed>,
+    pub search: SearchClient<Keyed>,
+    pub admin: AdminClient<Keyed>,
     pub channel: Channel,
     pub dir: tempfile::TempDir,
+    /// The admin key these clients present (the cluster's first).
+    pub key: String,
     config: NodeConfig,
 }
 
@@ -33,28 +79,62 @@ impl TestNode {
     pub async fn start(region: &str) -> TestNode {
         let dir = tempfile::tempdir().unwrap();
         let config = NodeConfig::local(1, region, dir.path().to_path_buf());
-        Self::start_in(dir, config).await
+        Self::start_in(dir, config, None).await
     }
 
-    /// Starts a node from `config` (whose data lives in `dir`) and waits for SERVING.
-    async fn start_in(dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
+    /// Starts a node from `config` (whose data lives in `dir`) and waits for
+    /// SERVING; its clients present `key` (default: the first admin key the
+    /// node makes as a bootstrap node).
+    async fn start_in(dir: tempfile::TempDir, config: NodeConfig, key: Option<String>) -> TestNode {
         let node = sovra_node::start(config.clone()).await.unwrap();
-        Self::serving(node, dir, config).await
+        Self::serving(node, dir, config, key).await
     }
 
-    async fn serving(node: RunningNode, dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
+    async fn serving(node: RunningNode, dir: tempfile::TempDir, config: NodeConfig, key: Option<String>) -> TestNode {
         let channel = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
             .await
             .unwrap();
+        let key = match key {
+            Some(k) => k,
+            None if !config.auth => String::new(),
+            None => {
+                let state = node.state.clone();
+                eventually("the bootstrap node's first admin key", Duration::from_secs(30), async || {
+                    state.first_admin_key.lock().clone()
+                })
+                .await
+            }
+        };
+        let c = Clients::new(&channel, &key);
         TestNode {
             node: Some(node),
-            collections: CollectionsClient::new(channel.clone()),
-            points: PointsClient::new(channel.clone()),
-            search: SearchClient::new(channel.clone()),
+            collections: c.collections,
+            points: c.points,
+            search: c.search,
+            admin: c.admin,
             channel,
             dir,
+            key,
             config,
         }
+    }
+
+    /// Clients of this node presenting `key`.
+    pub fn clients(&self, key: &str) -> Clients {
+        Clients::new(&self.channel, key)
+    }
+
+    /// Makes a key with `scopes` through this node (whose key must be an admin's).
+    pub async fn make_key(&mut self, id: &str, scopes: v1::KeyScopes) -> String {
+        self.admin
+            .create_key(v1::CreateKeyRequest {
+                id: id.into(),
+                scopes: Some(scopes),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .key
     }
 
     /// Stops the node and starts it again on the same data (on new ports).
@@ -74,7 +154,7 @@ impl TestNode {
                 Err(e) => panic!("restart of node {} failed: {e:#}", self.config.node_id),
             }
         };
-        Self::serving(node, self.dir, self.config).await
+        Self::serving(node, self.dir, self.config, Some(self.key)).await
     }
 
     /// Restarts the node with `join` as its seeds (the current cluster
@@ -84,8 +164,9 @@ impl TestNode {
         self.restart().await
     }
 
-    /// Starts node `id` of `region` joining the cluster through `seeds`.
-    pub async fn join(id: u64, region: &str, seeds: Vec<String>) -> TestNode {
+    /// Starts node `id` of `region` joining the cluster through `seeds`; its
+    /// clients present `key`.
+    pub async fn join(id: u64, region: &str, seeds: Vec<String>, key: &str) -> TestNode {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = NodeConfig::local(id, region, dir.path().to_path_buf());
@@ -93,7 +174,7 @@ impl TestNode {
         cfg.zone = format!("zone-{id}");
         cfg.bootstrap = false;
         cfg.join = seeds;
-        Self::start_in(dir, cfg).await
+        Self::start_in(dir, cfg, Some(key.to_string())).await
     }
 
     /// This node's cluster address, for another's `join`.
@@ -130,10 +211,12 @@ impl TestNode {
         let running = sovra_node::run::start_joined(configs, faults, Duration::from_secs(60))
             .await
             .unwrap();
-        let mut out = Vec::new();
+        let mut out: Vec<TestNode> = Vec::new();
         for (node, dir) in running.into_iter().zip(dirs) {
             let config = node.state.config.clone();
-            out.push(Self::serving(node, dir, config).await);
+            // Every node's clients present the bootstrap node's admin key.
+            let key = out.first().map(|n| n.key.clone());
+            out.push(Self::serving(node, dir, config, key).await);
         }
         out
     }

@@ -35,7 +35,7 @@ async fn a_node_that_joins_later_holds_replicas_of_a_new_collection() {
         e.message()
     );
     let seeds = vec![nodes[1].cluster_addr()];
-    let mut third = TestNode::join(3, EU, seeds).await;
+    let mut third = TestNode::join(3, EU, seeds, &nodes[0].key).await;
     eventually("node 1 sees node 3 up", Duration::from_secs(30), async || {
         (status_of(&nodes[0], 3) == Some(NodeStatus::Up)).then_some(())
     })
@@ -143,7 +143,7 @@ async fn the_bootstrap_node_makes_one_admin_key_and_meta_keeps_only_its_hash() {
     assert_eq!(keys.len(), 1);
     let rec = &keys[id];
     assert!(rec.matches(secret));
-    assert_eq!(rec.scopes, vec![sovra_meta::keys::Scope::Admin]);
+    assert_eq!(rec.scopes, sovra_meta::keys::Scopes::all());
     let stored = format!("{:?}", nodes[1].node().state.view().state);
     assert!(!stored.contains(secret), "the secret itself is never stored");
     // A restart of the bootstrap node makes no second key.
@@ -162,10 +162,10 @@ async fn the_bootstrap_node_makes_one_admin_key_and_meta_keeps_only_its_hash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_region_cut_off_keeps_serving_its_shards_while_metadata_changes_wait_for_a_quorum() {
+async fn a_region_cut_off_serves_its_shards_within_the_key_lease_then_fails_closed_while_metadata_changes_wait_for_a_quorum() {
     const US: &str = "us-east";
     let faults = sovra_raft::Faults::seeded(5);
-    let mut nodes = TestNode::start_cluster_faults(&[(1, EU), (2, EU), (3, US)], |_| {}, faults.clone()).await;
+    let mut nodes = TestNode::start_cluster_faults(&[(1, EU), (2, EU), (3, US)], |c| c.key_lease_ms = 4_000, faults.clone()).await;
     eventually("three meta voters", Duration::from_secs(30), async || {
         let (voters, _) = nodes[0].node().state.host.meta_members()?;
         (voters.len() == 3).then_some(())
@@ -185,11 +185,18 @@ async fn a_region_cut_off_keeps_serving_its_shards_while_metadata_changes_wait_f
         .unwrap();
     // Once us-east holds its replica of the collection, it (one of three meta
     // voters) loses every link to eu-west.
-    eventually("node 3 holds its us-east replica", Duration::from_secs(30), async || {
-        (!nodes[2].node().state.engines().is_empty()).then_some(())
-    })
+    eventually(
+        "node 3 holds its us-east replica and a fresh key lease",
+        Duration::from_secs(30),
+        async || {
+            let s = &nodes[2].node().state;
+            (!s.engines().is_empty() && s.lease_age_ms().is_some_and(|a| a < 500)).then_some(())
+        },
+    )
     .await;
     faults.partition([3], [1, 2]);
+    // Within its key lease (4 s, renewed every second) the cut-off node
+    // still takes keys: its region's shards take writes and answer.
     let us = &mut nodes[2];
     us.points
         .upsert(v1::UpsertRequest {
@@ -214,6 +221,24 @@ async fn a_region_cut_off_keeps_serving_its_shards_while_metadata_changes_wait_f
     assert_eq!(ids_of(&r), vec![0, 1]);
     let e = create(us, "later", 1, 1).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "metadata changes wait for a quorum: {e:?}");
+    // Once the lease runs out without a quorum, it refuses every key (a key
+    // revoked meanwhile could not be known here): fail closed.
+    let st = eventually("node 3's key lease runs out", Duration::from_secs(15), async || {
+        nodes[2]
+            .search
+            .search(v1::SearchRequest {
+                collection: "faces".into(),
+                vector: vec![0.0, 0.0, 0.0, 1.0],
+                k: 1,
+                regions: vec![US.into()],
+                ..Default::default()
+            })
+            .await
+            .err()
+    })
+    .await;
+    assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+    assert!(st.message().contains("key lease"), "{}", st.message());
     // The side with the quorum changes metadata and serves its own region.
     create(&mut nodes[0], "eu-only", 1, 2).await.unwrap();
     nodes[1]
@@ -225,6 +250,24 @@ async fn a_region_cut_off_keeps_serving_its_shards_while_metadata_changes_wait_f
         .await
         .unwrap();
     faults.heal();
+    eventually(
+        "node 3 takes keys again once it reaches meta",
+        Duration::from_secs(30),
+        async || {
+            nodes[2]
+                .search
+                .search(v1::SearchRequest {
+                    collection: "faces".into(),
+                    vector: vec![0.0, 0.0, 0.0, 1.0],
+                    k: 1,
+                    regions: vec![US.into()],
+                    ..Default::default()
+                })
+                .await
+                .ok()
+        },
+    )
+    .await;
     eventually(
         "us-east sees the change made while it was cut off",
         Duration::from_secs(30),

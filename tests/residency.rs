@@ -59,7 +59,8 @@ async fn r1_r2_each_region_holds_and_accepts_only_its_own_data() {
         }
     }
 
-    // The eu-west node never searches us-east shards: they are unanswered there.
+    // The eu-west node never asks us-east shards: us-east has no policy
+    // letting its results leave it, so the region is excluded, not searched.
     let r = nodes[0]
         .search
         .search(v1::SearchRequest {
@@ -74,8 +75,9 @@ async fn r1_r2_each_region_holds_and_accepts_only_its_own_data() {
         .unwrap()
         .into_inner();
     assert!(r.hits.is_empty(), "another region's point came back: {:?}", r.hits);
-    assert!(r.partial);
-    for st in &r.shards {
-        assert_eq!(st.answered, st.region == "eu-west", "{st:?}");
-    }
+    assert!(!r.partial);
+    assert!(r.shards.iter().all(|s| s.region == "eu-west" && s.answered), "{:?}", r.shards);
+    assert_eq!(r.excluded.len(), 1);
+    assert_eq!(r.excluded[0].region, "us-east");
+    assert!(r.excluded[0].reason.contains("policy"), "{}", r.excluded[0].reason);
 }

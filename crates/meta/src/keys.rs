@@ -4,19 +4,66 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use sovra_types::{CollectionName, RegionId};
+use std::collections::BTreeSet;
 
-/// What a key may do. Query scope per region (R3) comes with the coordinator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Scope {
-    /// Everything, including making and revoking keys.
-    Admin,
+/// A set of regions a key may read or write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Regions {
+    All,
+    Only(BTreeSet<RegionId>),
+}
+
+impl Regions {
+    pub fn contains(&self, r: &RegionId) -> bool {
+        match self {
+            Regions::All => true,
+            Regions::Only(s) => s.contains(r),
+        }
+    }
+
+    pub fn none() -> Self {
+        Regions::Only(BTreeSet::new())
+    }
+}
+
+/// What a key may do (R3: which regions it may read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scopes {
+    /// Regions whose points it may search, get and scroll.
+    pub read: Regions,
+    /// Regions whose points it may upsert and delete.
+    pub write: Regions,
+    /// Collections it may use; `None`: every collection.
+    pub collections: Option<BTreeSet<CollectionName>>,
+    /// Collections, keys and region policies.
+    pub admin: bool,
+    /// Erasure, opt-out and subject access.
+    pub data_protection: bool,
+}
+
+impl Scopes {
+    /// Everything: the first admin key's scopes, and a node with `auth = false`.
+    pub fn all() -> Self {
+        Self {
+            read: Regions::All,
+            write: Regions::All,
+            collections: None,
+            admin: true,
+            data_protection: true,
+        }
+    }
+
+    pub fn may_use(&self, c: &CollectionName) -> bool {
+        self.collections.as_ref().is_none_or(|s| s.contains(c))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKeyRecord {
     pub id: String,
     pub sha256: [u8; 32],
-    pub scopes: Vec<Scope>,
+    pub scopes: Scopes,
     /// The maker's clock, Unix milliseconds.
     pub created_ms: u64,
 }
@@ -33,6 +80,14 @@ pub fn format_key(id: &str, secret: &str) -> String {
 /// Splits a presented key into its id and secret.
 pub fn parse_key(key: &str) -> Option<(&str, &str)> {
     key.strip_prefix("sovra_")?.split_once('_')
+}
+
+/// A key id: lowercase letters, digits and '-', 1..=32 chars, starting with a
+/// letter (no '_': it separates the id from the secret).
+pub fn valid_key_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_lowercase())
+        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 impl ApiKeyRecord {
@@ -52,7 +107,7 @@ mod tests {
         let rec = ApiKeyRecord {
             id: "admin1".into(),
             sha256: hash_secret("s3cret"),
-            scopes: vec![Scope::Admin],
+            scopes: Scopes::all(),
             created_ms: 1,
         };
         let key = format_key(&rec.id, "s3cret");
@@ -61,5 +116,24 @@ mod tests {
         assert!(rec.matches(secret));
         assert!(!rec.matches("s3cre"));
         assert!(parse_key("bearer xyz").is_none());
+        assert!(valid_key_id("uk-reader-2"));
+        assert!(!valid_key_id("uk_reader") && !valid_key_id("") && !valid_key_id("1x") && !valid_key_id(&"a".repeat(33)));
+    }
+
+    #[test]
+    fn scopes_name_regions_and_collections() {
+        let uk = RegionId::parse("uk").unwrap();
+        let us = RegionId::parse("us").unwrap();
+        let s = Scopes {
+            read: Regions::Only([uk.clone()].into()),
+            write: Regions::none(),
+            collections: Some([CollectionName::parse("people").unwrap()].into()),
+            admin: false,
+            data_protection: false,
+        };
+        assert!(s.read.contains(&uk) && !s.read.contains(&us) && !s.write.contains(&uk));
+        assert!(s.may_use(&CollectionName::parse("people").unwrap()));
+        assert!(!s.may_use(&CollectionName::parse("other").unwrap()));
+        assert!(Scopes::all().may_use(&CollectionName::parse("other").unwrap()));
     }
 }

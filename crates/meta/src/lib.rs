@@ -22,3 +22,11 @@ pub mod voters;
 
 pub use placement::{Candidate, PlacementError, place_collection};
 pub use state::{Applied, MetaCommand, MetaState, NodeRecord, NodeStatus, Refused, Roles};
+
+/// The cluster's metadata as a node last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// The meta group's applied index the state reflects (0: never seen).
+    pub index: u64,
+    pub state: MetaState,
+}

@@ -68,7 +68,17 @@ fn meta_addresses(state: &NodeState) -> Vec<(u64, String)> {
         .filter(|n| n.roles.meta && n.id != state.config.node_id)
         .map(|n| (n.id, state.host.peers.book.get(n.id).unwrap_or_else(|| n.cluster_addr.clone())))
         .collect();
-    out.extend(state.config.join.iter().map(|a| (0, a.clone())));
+    // A seed at a known node's address is that node (so fault rules, and
+    // the order above, see it by id); an unknown one is tried last.
+    let book = state.host.peers.book.entries();
+    for a in &state.config.join {
+        let uri = sovra_raft::network::uri_of(a);
+        match book.iter().find(|(_, b, _)| *b == uri) {
+            Some((id, _, _)) if out.iter().any(|(o, _)| o == id) => {}
+            Some((id, _, _)) => out.push((*id, a.clone())),
+            None => out.push((0, a.clone())),
+        }
+    }
     out
 }
 
@@ -178,6 +188,15 @@ impl ClusterHandler for Membership {
         let wait = Duration::from_millis(u64::from(req.wait_ms.min(10_000)));
         let mut rx = m.sm.subscribe();
         let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > req.after_index)).await;
+        if req.confirm {
+            // The asker renews its key lease on this answer: it must hold
+            // every change committed before the call (a revoked key too).
+            self.state
+                .host
+                .meta_barrier()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("metadata not confirmed with a quorum: {}", e.message)))?;
+        }
         let index = m.sm.last_applied();
         let state =
             m.sm.read(postcard::to_allocvec)
@@ -211,17 +230,23 @@ async fn announce(state: &NodeState, addr: &str, me: &NodeRecord) -> Result<(), 
     Ok(())
 }
 
+/// A fresh key secret: 256 bits from the thread's CSPRNG (ChaCha, seeded by
+/// the OS), as 64 hex characters.
+pub fn new_secret() -> String {
+    (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
+
 /// The id of the key the bootstrap node makes.
 pub const FIRST_ADMIN_KEY_ID: &str = "admin1";
 
 /// On the bootstrap node of a cluster with no API key yet: makes the first
 /// admin key, records only its hash in meta, and prints it once on stdout.
 async fn first_admin_key(state: &NodeState) {
-    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let secret = new_secret();
     let rec = sovra_meta::keys::ApiKeyRecord {
         id: FIRST_ADMIN_KEY_ID.into(),
         sha256: sovra_meta::keys::hash_secret(&secret),
-        scopes: vec![sovra_meta::keys::Scope::Admin],
+        scopes: sovra_meta::keys::Scopes::all(),
         created_ms: now_ms(),
     };
     match meta_write(state, MetaCommand::AddApiKey(rec)).await {
@@ -327,6 +352,7 @@ pub async fn view_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
                 from: state.config.node_id,
                 after_index: after,
                 wait_ms: 1000,
+                confirm: false,
             });
             req.set_timeout(Duration::from_secs(3));
             let Ok(r) = client.fetch_meta(req).await else { continue };
@@ -349,6 +375,16 @@ pub async fn view_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
 /// The meta group's current state from the first meta node that answers
 /// (for a node without a meta replica in the group).
 pub async fn fetch_latest(state: &NodeState) -> Option<(u64, MetaState)> {
+    fetch(state, false).await
+}
+
+/// As [`fetch_latest`], from a meta node that first confirmed a read index
+/// with its group's quorum (renews the key lease).
+pub async fn fetch_confirmed(state: &NodeState) -> Option<(u64, MetaState)> {
+    fetch(state, true).await
+}
+
+async fn fetch(state: &NodeState, confirm: bool) -> Option<(u64, MetaState)> {
     for (id, addr) in meta_addresses(state) {
         let Ok(mut client) = state.host.peers.client_at(&addr, id) else {
             continue;
@@ -357,6 +393,7 @@ pub async fn fetch_latest(state: &NodeState) -> Option<(u64, MetaState)> {
             from: state.config.node_id,
             after_index: 0,
             wait_ms: 0,
+            confirm,
         });
         req.set_timeout(Duration::from_secs(2));
         let Ok(r) = client.fetch_meta(req).await else { continue };
@@ -429,6 +466,25 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
             Ok(true) => tracing::info!(voters = ?voters, "meta group membership changed"),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e.message, "meta membership change did not complete; will retry"),
+        }
+    }
+}
+
+/// Renews the key lease: confirms the view with meta's quorum four times per
+/// lease, so a healthy node never lets it lapse and a cut-off one does.
+pub async fn lease_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis((state.config.key_lease_ms / 4).max(50));
+    let mut changes = state.view_changes();
+    tokio::select! {
+        _ = changes.wait_for(|i| *i > 0) => {}
+        _ = stop.wait_for(|s| *s) => return,
+    }
+    loop {
+        if !state.confirm_meta().await {
+            tracing::debug!("metadata not confirmed with a quorum; the key lease is running down");
+        }
+        if stopped(&mut stop, every).await {
+            return;
         }
     }
 }

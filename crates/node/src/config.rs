@@ -78,6 +78,24 @@ pub struct NodeConfig {
     /// A node silent this long is marked down by the meta leader.
     #[serde(default = "default_down_after_ms")]
     pub down_after_ms: u64,
+    /// Every public call must carry an API key (`authorization: Bearer ...`).
+    /// `false` takes every call as an all-scopes caller: for a trusted
+    /// network only, and said loudly at start.
+    #[serde(default = "default_auth")]
+    pub auth: bool,
+    /// A coordinator that has not confirmed its metadata with a quorum of
+    /// the meta group for this long refuses every key (UNAVAILABLE), so a
+    /// revoked key stops working everywhere within it, partitions included.
+    #[serde(default = "default_key_lease_ms")]
+    pub key_lease_ms: u64,
+    /// How long a shard has to answer a coordinator's request (every replica
+    /// tried included).
+    #[serde(default = "default_leaf_timeout_ms")]
+    pub leaf_timeout_ms: u64,
+    /// Ask a second replica of a shard when the first has not answered after
+    /// this; 0 = the shard's recent p95 (20 ms until it has enough samples).
+    #[serde(default)]
+    pub hedge_after_ms: u64,
     #[serde(default)]
     pub raft: RaftConfig,
 }
@@ -157,6 +175,15 @@ impl RaftConfig {
     }
 }
 
+fn default_auth() -> bool {
+    true
+}
+fn default_key_lease_ms() -> u64 {
+    5_000
+}
+fn default_leaf_timeout_ms() -> u64 {
+    2_000
+}
 fn default_zone() -> String {
     "default".into()
 }
@@ -249,6 +276,10 @@ impl NodeConfig {
             advertise_cluster_addr: None,
             heartbeat_ms: 200,
             down_after_ms: 5_000,
+            auth: true,
+            key_lease_ms: default_key_lease_ms(),
+            leaf_timeout_ms: default_leaf_timeout_ms(),
+            hedge_after_ms: 0,
             raft: RaftConfig::default(),
         }
     }
@@ -322,6 +353,18 @@ impl NodeConfig {
         }
         if let Some(v) = env("SOVRA_INDEX_THREADS") {
             self.index_threads = parse("index_threads", v)?;
+        }
+        if let Some(v) = env("SOVRA_AUTH") {
+            self.auth = parse("auth", v)?;
+        }
+        if let Some(v) = env("SOVRA_KEY_LEASE_MS") {
+            self.key_lease_ms = parse("key_lease_ms", v)?;
+        }
+        if let Some(v) = env("SOVRA_LEAF_TIMEOUT_MS") {
+            self.leaf_timeout_ms = parse("leaf_timeout_ms", v)?;
+        }
+        if let Some(v) = env("SOVRA_HEDGE_AFTER_MS") {
+            self.hedge_after_ms = parse("hedge_after_ms", v)?;
         }
         Ok(())
     }
@@ -412,6 +455,27 @@ impl NodeConfig {
                     format!("is needed: the listener is bound to {listen}, which other nodes cannot dial"),
                 ));
             }
+        }
+        if !(200..=600_000).contains(&self.key_lease_ms) {
+            return Err(invalid(
+                "key_lease_ms",
+                format!("is {}: must be between 200 and 600000", self.key_lease_ms),
+            ));
+        }
+        if !(10..=600_000).contains(&self.leaf_timeout_ms) {
+            return Err(invalid(
+                "leaf_timeout_ms",
+                format!("is {}: must be between 10 and 600000", self.leaf_timeout_ms),
+            ));
+        }
+        if self.hedge_after_ms >= self.leaf_timeout_ms && self.hedge_after_ms != 0 {
+            return Err(invalid(
+                "hedge_after_ms",
+                format!(
+                    "is {}: must be below leaf_timeout_ms ({}), or 0 for the shard's p95",
+                    self.hedge_after_ms, self.leaf_timeout_ms
+                ),
+            ));
         }
         self.raft.validate()?;
         let listeners = [

@@ -29,6 +29,11 @@ pub const META_IS_LEADER: &str = "sovra_meta_is_leader";
 /// Replica databases open on this node, and the budget's shares (max_replicas).
 pub const REPLICAS_OPEN: &str = "sovra_replicas_open";
 pub const REPLICA_SHARES: &str = "sovra_replica_shares";
+/// Public calls refused by key checks, by node and reason (unauthenticated,
+/// lease, collection, read_region, write_region, admin).
+pub const AUTH_DENIED: &str = "sovra_auth_denied_total";
+/// Milliseconds since this node last confirmed its view with meta's quorum.
+pub const KEY_LEASE_AGE_MS: &str = "sovra_key_lease_age_ms";
 
 /// The process-wide recorder: `metrics` has one global recorder, so several
 /// nodes in one process (tests, `sovra dev`) share it.
@@ -63,6 +68,24 @@ pub fn handle() -> PrometheusHandle {
                 REPLICA_SHARES,
                 "replica databases the page-cache budget is shared among (max_replicas)"
             );
+            metrics::describe_counter!(AUTH_DENIED, "public calls refused by API key checks, by node and reason");
+            metrics::describe_gauge!(
+                KEY_LEASE_AGE_MS,
+                "ms since this node last confirmed its metadata (and keys) with the meta group's quorum"
+            );
+            metrics::describe_counter!(
+                sovra_coord::leaf::LEAF_REQUESTS,
+                "leaf requests (a coordinator's per-shard read) this node's replicas answered, by region and rpc"
+            );
+            metrics::describe_counter!(
+                sovra_coord::leaf::LEAF_REFUSED_POLICY,
+                "leaf requests refused because the shard region's policy keeps its results in it (R3)"
+            );
+            metrics::describe_counter!(
+                sovra_raft::metrics::RESIDENCY_REFUSED,
+                "cluster messages for another region's shard refused (R2), by rpc"
+            );
+            metrics::describe_counter!("sovra_coordinator_hedges_total", "second replicas asked because the first was slow");
             metrics::describe_gauge!(
                 SHARD_REJECTED_ENTRIES,
                 "log entries refused on apply, recorded in the shard's state"

@@ -5,10 +5,12 @@
 
 use crate::config::NodeConfig;
 use crate::metrics as m;
-use crate::service::{CollectionsService, PointsService, SearchService};
+use crate::service::{AdminService, CollectionsService, PointsService, SearchService};
 use crate::state::NodeState;
 use anyhow::Context;
-use sovra_proto::v1::{collections_server::CollectionsServer, points_server::PointsServer, search_server::SearchServer};
+use sovra_proto::v1::{
+    admin_server::AdminServer, collections_server::CollectionsServer, points_server::PointsServer, search_server::SearchServer,
+};
 use sovra_raft::Faults;
 use sovra_raft::server::{RaftService, cluster_service};
 use sovra_types::limits::MAX_MESSAGE_BYTES;
@@ -43,7 +45,7 @@ pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
         .with_keepalive(Some(Duration::from_secs(60)))
 }
 
-const SERVICES: [&str; 3] = ["sovra.v1.Collections", "sovra.v1.Points", "sovra.v1.Search"];
+const SERVICES: [&str; 4] = ["sovra.v1.Collections", "sovra.v1.Points", "sovra.v1.Search", "sovra.v1.Admin"];
 
 pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     start_with_faults(config, Faults::default()).await
@@ -76,7 +78,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     .context("opening the data directory")?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for s in ["", SERVICES[0], SERVICES[1], SERVICES[2]] {
+    for s in std::iter::once("").chain(SERVICES) {
         health.set_service_status(s, ServingStatus::NotServing).await;
     }
     // Both reflection versions: grpcurl 1.8 and Python's grpcio-reflection
@@ -113,7 +115,16 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(AdminServer::new(AdminService { state: state.clone() }))
         .serve_with_incoming_shutdown(incoming(grpc), shutdown());
+    let leaf = tonic::service::interceptor::InterceptedService::new(
+        sovra_proto::raft::leaf_server::LeafServer::new(sovra_coord::LeafService {
+            leaf: state.root().leaf.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(16 << 20),
+        sovra_raft::auth::RequireSecret(secret.clone()),
+    );
     let cluster_server = tonic::transport::Server::builder()
         .add_service(cluster_service(
             RaftService {
@@ -125,6 +136,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
             },
             secret,
         ))
+        .add_service(leaf)
         .serve_with_incoming_shutdown(incoming(cluster), shutdown());
     let servers = vec![tokio::spawn(public), tokio::spawn(cluster_server)];
 
@@ -136,7 +148,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
         tasks.push(tokio::spawn(async move {
             match state.load().await {
                 Ok(()) => {
-                    for s in ["", SERVICES[0], SERVICES[1], SERVICES[2]] {
+                    for s in std::iter::once("").chain(SERVICES) {
                         health.set_service_status(s, ServingStatus::Serving).await;
                     }
                     tracing::info!("all shards loaded; serving");
@@ -153,6 +165,10 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     ));
     tasks.push(tokio::spawn(crate::cluster::view_loop(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::cluster::reconcile_loop(state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(crate::cluster::lease_loop(state.clone(), stop_rx.clone())));
+    if !state.config.auth {
+        tracing::warn!("auth = false: every public call is taken without an API key, with every scope; use this only on a trusted network");
+    }
     tasks.push(tokio::spawn(crate::cluster::membership_loop(
         state.clone(),
         advertise_grpc,
@@ -298,6 +314,9 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
                 }
                 let leads = state.host.meta().is_some_and(|g| g.leader() == Some(state.config.node_id));
                 metrics::gauge!(m::META_IS_LEADER, &node).set(f64::from(u8::from(leads)));
+                if let Some(age) = state.lease_age_ms() {
+                    metrics::gauge!(m::KEY_LEASE_AGE_MS, &node).set(age as f64);
+                }
                 let (open, shares) = state.replica_budget();
                 metrics::gauge!(m::REPLICAS_OPEN, &node).set(open as f64);
                 metrics::gauge!(m::REPLICA_SHARES, &node).set(shares as f64);

@@ -78,13 +78,7 @@ impl Collection {
     }
 }
 
-/// The cluster's metadata as this node last saw it.
-#[derive(Debug, Clone, Default)]
-pub struct View {
-    /// The meta group's applied index the state reflects (0: never seen).
-    pub index: u64,
-    pub state: MetaState,
-}
+pub use sovra_meta::View;
 
 /// Where the node keeps its last view, so it restarts with it.
 const VIEW_KEY: &str = "meta_view";
@@ -114,6 +108,41 @@ pub struct NodeState {
     ready: AtomicBool,
     /// Set once on a storage failure; `run` then stops the node.
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// The coordinator (and its leaf), made once the state exists.
+    root: std::sync::OnceLock<Arc<sovra_coord::Root>>,
+    /// When this node last confirmed its view with a quorum of the meta
+    /// group: ms since `started` (+1; 0 = never). The key lease runs from it.
+    started: std::time::Instant,
+    meta_confirmed: std::sync::atomic::AtomicU64,
+    /// Last refresh for an unknown key id (ms since `started`), to bound them.
+    unknown_key_refresh: std::sync::atomic::AtomicU64,
+}
+
+/// The node as the coordinator and leaf see it (weak: the node owns them).
+struct Ctx(std::sync::Weak<NodeState>);
+
+#[tonic::async_trait]
+impl sovra_coord::NodeContext for Ctx {
+    fn view(&self) -> Arc<View> {
+        self.0.upgrade().map(|s| s.view()).unwrap_or_default()
+    }
+
+    async fn refresh(&self) {
+        if let Some(s) = self.0.upgrade() {
+            s.refresh_view().await;
+        }
+    }
+
+    fn failure(&self, shard: &ShardId) -> Option<String> {
+        self.0.upgrade().and_then(|s| s.failed.read().get(shard).cloned())
+    }
+
+    fn storage_failed(&self, e: ShardError) -> tonic::Status {
+        match self.0.upgrade() {
+            Some(s) => sovra_proto::status_of(&s.storage_failed(e)),
+            None => tonic::Status::unavailable("the node is stopping"),
+        }
+    }
 }
 
 impl NodeState {
@@ -170,10 +199,88 @@ impl NodeState {
             collections: RwLock::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             fatal: tokio::sync::watch::channel(None).0,
+            root: std::sync::OnceLock::new(),
+            started: std::time::Instant::now(),
+            meta_confirmed: std::sync::atomic::AtomicU64::new(0),
+            unknown_key_refresh: std::sync::atomic::AtomicU64::new(0),
         });
+        let ctx: Arc<dyn sovra_coord::NodeContext> = Arc::new(Ctx(Arc::downgrade(&this)));
+        let leaf = Arc::new(sovra_coord::Leaf::new(this.host.clone(), ctx.clone()));
+        let cfg = sovra_coord::RootConfig {
+            leaf_timeout: std::time::Duration::from_millis(this.config.leaf_timeout_ms),
+            hedge_after: (this.config.hedge_after_ms > 0).then(|| std::time::Duration::from_millis(this.config.hedge_after_ms)),
+        };
+        let _ = this.root.set(sovra_coord::Root::new(leaf, ctx, this.config.zone.clone(), cfg));
         this.apply_view_addresses(&view.state);
         *this.view.write() = Arc::new(view);
         Ok(this)
+    }
+
+    /// The coordinator of this node.
+    pub fn root(&self) -> &Arc<sovra_coord::Root> {
+        self.root.get().expect("set when the state is made")
+    }
+
+    fn since_start_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether this node confirmed its view with meta's quorum within the key lease.
+    pub fn lease_held(&self) -> bool {
+        let at = self.meta_confirmed.load(Ordering::Acquire);
+        at != 0 && self.since_start_ms().saturating_sub(at) <= self.config.key_lease_ms
+    }
+
+    /// Milliseconds since the last confirmation (`None`: never).
+    pub fn lease_age_ms(&self) -> Option<u64> {
+        let at = self.meta_confirmed.load(Ordering::Acquire);
+        (at != 0).then(|| self.since_start_ms().saturating_sub(at))
+    }
+
+    /// Confirms the view with a quorum of the meta group (a linearizable
+    /// read: through this node's meta replica, else a confirmed fetch from a
+    /// meta node), takes the state it reads, and renews the key lease from
+    /// the moment the confirmation began. False if no quorum answered.
+    pub async fn confirm_meta(self: &Arc<Self>) -> bool {
+        let began = self.since_start_ms();
+        let fresh = match self.host.meta().filter(|m| m.leader().is_some() && m.sm.last_applied() > 0) {
+            Some(_) => match self.host.meta_barrier().await {
+                Ok(m) => Some((m.sm.last_applied(), m.sm.state())),
+                Err(_) => None,
+            },
+            None => crate::cluster::fetch_confirmed(self).await,
+        };
+        let Some((index, state)) = fresh else { return false };
+        if let Err(e) = self.offer_view(index, state).await {
+            self.stop_with(format!("saving the metadata view failed: {e}"));
+            return false;
+        }
+        self.meta_confirmed.fetch_max(began, Ordering::AcqRel);
+        true
+    }
+
+    /// At most one view refresh per 250 ms for keys this node does not know
+    /// (a key made a moment ago elsewhere), so guessing ids costs little.
+    pub fn may_refresh_for_unknown_key(&self) -> bool {
+        let now = self.since_start_ms();
+        let last = self.unknown_key_refresh.load(Ordering::Acquire);
+        now.saturating_sub(last) >= 250
+            && self
+                .unknown_key_refresh
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// Public addresses of `region`'s nodes not marked down, for messages
+    /// that send a client there.
+    pub fn region_addresses(&self, region: &RegionId) -> Vec<String> {
+        self.view()
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.region == *region && n.status != NodeStatus::Down && n.roles.coordinator)
+            .map(|n| n.public_addr.clone())
+            .collect()
     }
 
     /// Node ids of `region` known to meta, sorted.
@@ -569,6 +676,11 @@ impl NodeState {
             Err(sovra_meta::Refused::UnknownCollection(n)) => {
                 Err(ApiError::not_found(format!("collection {n} does not exist; create it first")))
             }
+            Err(sovra_meta::Refused::KeyExists(id)) => Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("API key {id} already exists; choose another id, or revoke it first"),
+            )),
+            Err(sovra_meta::Refused::UnknownKey(id)) => Err(ApiError::not_found(format!("API key {id} does not exist"))),
             Err(e) => Err(ApiError::precondition(format!("{what} was refused by the cluster metadata: {e}"))),
         }
     }

@@ -19,6 +19,38 @@ struct Proc {
     child: Child,
     grpc: String,
     cluster: String,
+    /// The first admin key, once this (bootstrap) node prints it.
+    key: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Presents an API key on every call.
+#[derive(Clone)]
+struct Key(String);
+
+impl tonic::service::Interceptor for Key {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {}", self.0).parse().unwrap());
+        Ok(req)
+    }
+}
+
+type Keyed = tonic::service::interceptor::InterceptedService<Channel, Key>;
+
+fn keyed(ch: &Channel, key: &str) -> Keyed {
+    tonic::service::interceptor::InterceptedService::new(ch.clone(), Key(key.to_string()))
+}
+
+/// The key node 1 printed when it bootstrapped the cluster.
+fn admin_key(p: &Proc) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(k) = p.key.lock().unwrap().clone() {
+            return k;
+        }
+        assert!(Instant::now() < deadline, "node 1 never printed the first admin key");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn config(dir: &Path, id: u64, join: &[String]) -> PathBuf {
@@ -54,9 +86,18 @@ fn start(dir: &Path, id: u64, join: &[String]) -> Proc {
         };
         let field = |key: &str| line.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_string);
         if let (Some(grpc), Some(cluster)) = (field("grpc="), field("cluster=")) {
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return Proc { child, grpc, cluster };
+            // Keep draining stdout so the child never blocks on a full pipe,
+            // keeping the admin key when it is printed.
+            let key = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let k = key.clone();
+            std::thread::spawn(move || {
+                for line in lines.map_while(Result::ok) {
+                    if line.contains("first admin key") {
+                        *k.lock().unwrap() = line.split_whitespace().last().map(str::to_string);
+                    }
+                }
+            });
+            return Proc { child, grpc, cluster, key };
         }
     }
 }
@@ -109,8 +150,8 @@ async fn retry<T, F: AsyncFnMut() -> Result<T, tonic::Status>>(what: &str, withi
     }
 }
 
-async fn shard_state(ch: Channel) -> Result<(u64, u64), tonic::Status> {
-    let info = v1::collections_client::CollectionsClient::new(ch)
+async fn shard_state(ch: Channel, key: &str) -> Result<(u64, u64), tonic::Status> {
+    let info = v1::collections_client::CollectionsClient::new(keyed(&ch, key))
         .get_collection(v1::GetCollectionRequest {
             name: "faces".into(),
             with_digest: true,
@@ -121,12 +162,12 @@ async fn shard_state(ch: Channel) -> Result<(u64, u64), tonic::Status> {
     Ok((s.digest.unwrap_or(0), s.applied_index))
 }
 
-async fn converge(procs: &[Option<Proc>]) -> u64 {
+async fn converge(procs: &[Option<Proc>], key: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut states = Vec::new();
         for p in procs.iter().flatten() {
-            states.push(shard_state(channel(p).await).await.ok());
+            states.push(shard_state(channel(p).await, key).await.ok());
         }
         if states.iter().all(Option::is_some) && states.windows(2).all(|w| w[0] == w[1]) {
             return states[0].unwrap().0;
@@ -144,6 +185,7 @@ async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_w
     for p in procs.iter().flatten() {
         channel(p).await;
     }
+    let key = admin_key(procs[0].as_ref().unwrap());
     let spec = v1::CollectionSpec {
         name: "faces".into(),
         dimension: 4,
@@ -157,7 +199,7 @@ async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_w
     };
     // Until every node has registered, placement finds too few nodes.
     retry("create with three replicas", Duration::from_secs(30), async || {
-        v1::collections_client::CollectionsClient::new(ch1.clone())
+        v1::collections_client::CollectionsClient::new(keyed(&ch1, &key))
             .create_collection(v1::CreateCollectionRequest {
                 collection: Some(spec.clone()),
             })
@@ -166,7 +208,7 @@ async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_w
     .await;
 
     let mut acked: Vec<(u64, f32)> = Vec::new();
-    let mut points = v1::points_client::PointsClient::new(ch1.clone());
+    let mut points = v1::points_client::PointsClient::new(keyed(&ch1, &key));
     for b in 0..30u64 {
         if b == 10 {
             // SIGKILL a follower-or-leader mid-load.
@@ -193,7 +235,7 @@ async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_w
         assert_eq!(r.into_inner().writes.len(), 1);
         acked.extend((b * 10..b * 10 + 10).map(|i| (i, b as f32)));
     }
-    let digest = converge(&procs).await;
+    let digest = converge(&procs, &key).await;
 
     // Every node down (SIGTERM), every node back on new ports.
     for p in procs.iter_mut().flatten() {
@@ -209,11 +251,11 @@ async fn sigkilled_replica_rejoins_and_a_full_restart_keeps_every_acknowledged_w
     // Every voter comes back on a new port: each announces itself to the
     // ones already back, so they find one another and elect again.
     let procs = start_all(dir.path());
-    assert_eq!(converge(&procs).await, digest, "state changed across a full restart");
+    assert_eq!(converge(&procs, &key).await, digest, "state changed across a full restart");
     for p in procs.iter().flatten() {
         let ch = channel(p).await;
         let got = retry("linearizable get", Duration::from_secs(30), async || {
-            v1::points_client::PointsClient::new(ch.clone())
+            v1::points_client::PointsClient::new(keyed(&ch, &key))
                 .get(v1::GetPointsRequest {
                     collection: "faces".into(),
                     region: "eu-west".into(),

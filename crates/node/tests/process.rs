@@ -10,6 +10,35 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sovra");
 
+/// Presents an API key on every call.
+#[derive(Clone)]
+struct Key(String);
+
+impl tonic::service::Interceptor for Key {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {}", self.0).parse().unwrap());
+        Ok(req)
+    }
+}
+
+type Keyed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Key>;
+
+fn keyed(ch: &tonic::transport::Channel, key: &str) -> Keyed {
+    tonic::service::interceptor::InterceptedService::new(ch.clone(), Key(key.to_string()))
+}
+
+/// The key a bootstrap node (or `sovra dev`) prints once: the last word of
+/// the first stdout line containing `marker`.
+fn printed_key(rx: &mpsc::Receiver<String>, marker: &str) -> String {
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the key line");
+        if line.contains(marker) {
+            return line.split_whitespace().last().unwrap().to_string();
+        }
+    }
+}
+
 /// Starts `sovra` with `args` and waits (with a deadline) for a stdout line
 /// containing `marker`; returns the child, that line, and the rest of stdout.
 fn spawn_until(args: &[&str], marker: &str) -> (Child, String, mpsc::Receiver<String>) {
@@ -58,9 +87,9 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
-fn start_node(config: &std::path::Path) -> (Child, SocketAddr) {
-    let (child, line, _) = spawn_until(&["node", "--config", config.to_str().unwrap()], "sovra node listening");
-    (child, addr_after(&line, "grpc="))
+fn start_node(config: &std::path::Path) -> (Child, SocketAddr, mpsc::Receiver<String>) {
+    let (child, line, rx) = spawn_until(&["node", "--config", config.to_str().unwrap()], "sovra node listening");
+    (child, addr_after(&line, "grpc="), rx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,9 +104,10 @@ async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
         ),
     )
     .unwrap();
-    let (mut child, addr) = start_node(&config);
+    let (mut child, addr, rx) = start_node(&config);
+    let key = printed_key(&rx, "first admin key");
     let ch = sovra_node::dev::wait_serving(addr, Duration::from_secs(60)).await.unwrap();
-    let mut collections = v1::collections_client::CollectionsClient::new(ch.clone());
+    let mut collections = v1::collections_client::CollectionsClient::new(keyed(&ch, &key));
     let spec = v1::CollectionSpec {
         name: "faces".into(),
         dimension: 3,
@@ -95,13 +125,13 @@ async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
 
     let mut acknowledged = Vec::new();
     for round in 0..3u64 {
-        let mut points = v1::points_client::PointsClient::new(ch.clone());
+        let mut points = v1::points_client::PointsClient::new(keyed(&ch, &key));
         if round > 0 {
             // Restarted: the node must come back with everything acknowledged so far.
-            let (c, a) = start_node(&config);
+            let (c, a, _) = start_node(&config);
             child = c;
             let ch2 = sovra_node::dev::wait_serving(a, Duration::from_secs(60)).await.unwrap();
-            points = v1::points_client::PointsClient::new(ch2);
+            points = v1::points_client::PointsClient::new(keyed(&ch2, &key));
             let got = points
                 .get(v1::GetPointsRequest {
                     collection: "faces".into(),
@@ -143,9 +173,9 @@ async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
         wait_exit(&mut child);
         acknowledged.extend(batch.into_iter().map(|p| p.id.unwrap()));
     }
-    let (mut child, addr) = start_node(&config);
+    let (mut child, addr, _) = start_node(&config);
     let ch = sovra_node::dev::wait_serving(addr, Duration::from_secs(60)).await.unwrap();
-    let mut points = v1::points_client::PointsClient::new(ch);
+    let mut points = v1::points_client::PointsClient::new(keyed(&ch, &key));
     let got = points
         .get(v1::GetPointsRequest {
             collection: "faces".into(),

@@ -9,7 +9,8 @@ pub mod v1 {
     tonic::include_proto!("sovra.v1");
 }
 
-/// Node-to-node messages of the shard groups (`proto/sovra/raft/v1`).
+/// Node-to-node messages (`proto/sovra/raft/v1`): Raft per group, and the
+/// coordinators' leaf reads.
 pub mod raft {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("sovra.raft.v1");
@@ -30,6 +31,8 @@ pub fn status_of(e: &ApiError) -> tonic::Status {
         ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
         ErrorCode::Unavailable => tonic::Code::Unavailable,
         ErrorCode::Internal => tonic::Code::Internal,
+        ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+        ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
     };
     tonic::Status::new(code, e.message.clone())
 }

@@ -21,8 +21,9 @@ pub const SECRET_HEADER: &str = "x-sovra-cluster-secret";
 pub const PROTOCOL_HEADER: &str = "x-sovra-protocol";
 /// The node-to-node protocol this build speaks: the envelope (sovra.raft.v1)
 /// and the postcard payloads in it. Bumped when either changes incompatibly
-/// (2: group kinds, and forwarded writes answer the group's response whole).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// (2: group kinds, and forwarded writes answer the group's response whole;
+/// 3: the Leaf service, confirmed metadata fetches, API key scopes).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A shorter secret is refused at start: it could be guessed.
 pub const MIN_SECRET_BYTES: usize = 16;

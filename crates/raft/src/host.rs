@@ -166,6 +166,8 @@ pub struct RaftHost {
     /// hold no replica of.
     region_nodes: RwLock<BTreeSet<NodeId>>,
     restarts: AtomicU64,
+    /// Cluster messages for another region's shards refused here (R2).
+    pub residency_refused: AtomicU64,
 }
 
 impl RaftHost {
@@ -193,7 +195,24 @@ impl RaftHost {
             meta: RwLock::new(None),
             region_nodes: RwLock::new(BTreeSet::new()),
             restarts: AtomicU64::new(0),
+            residency_refused: AtomicU64::new(0),
         })
+    }
+
+    /// R2 on the wire: a message carrying (or asking for) a shard's data is
+    /// taken only by nodes of the shard's region; any other refuses it and
+    /// counts it, before looking at anything else in it.
+    pub fn check_residency(&self, shard: &ShardId, rpc: &'static str) -> Result<(), tonic::Status> {
+        if shard.region == self.region {
+            return Ok(());
+        }
+        self.residency_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(crate::metrics::RESIDENCY_REFUSED, "node" => self.me.to_string(), "rpc" => rpc).increment(1);
+        tracing::warn!(shard = %shard, rpc, "refused a cluster message for another region's shard (R2)");
+        Err(tonic::Status::permission_denied(format!(
+            "R2: shard {shard} belongs to region {}; node {} is in region {} and takes no message for it",
+            shard.region, self.me, self.region
+        )))
     }
 
     pub fn set_region_nodes(&self, nodes: BTreeSet<NodeId>) {

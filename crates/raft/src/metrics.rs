@@ -20,6 +20,8 @@ pub const FORWARDED_WRITES: &str = "sovra_raft_forwarded_writes_total";
 pub const RPC_SECONDS: &str = "sovra_raft_rpc_seconds";
 /// Committed entries refused on apply (recorded as rejections, nothing changed).
 pub const ENTRIES_REJECTED: &str = "sovra_raft_entries_rejected_total";
+/// Cluster messages naming a shard of another region, refused (R2), by node and RPC.
+pub const RESIDENCY_REFUSED: &str = "sovra_residency_refused_total";
 /// Group messages refused: not from a member of the group's membership.
 pub const NOT_MEMBER: &str = "sovra_raft_refused_not_member_total";
 

@@ -89,7 +89,8 @@ impl AddressBook {
     }
 }
 
-pub type PeerClient = RaftClient<InterceptedService<FaultService<Channel>, AttachSecret>>;
+pub type PeerService = InterceptedService<FaultService<Channel>, AttachSecret>;
+pub type PeerClient = RaftClient<PeerService>;
 
 /// The connections of one node to its peers.
 #[derive(Clone)]
@@ -136,6 +137,23 @@ impl Peers {
     /// A client for `to` over the one channel kept per peer (HTTP/2 multiplexes
     /// every group's calls on it). A changed address gets a new channel.
     pub fn client(&self, to: NodeId) -> Result<PeerClient, NoAddress> {
+        Ok(self.wrap(self.channel(to)?, to))
+    }
+
+    /// The channel to `to` with the fault rules and the cluster secret on it,
+    /// for other node-to-node services (the coordinators' `Leaf` calls).
+    pub fn service(&self, to: NodeId) -> Result<PeerService, NoAddress> {
+        let svc = tower::ServiceBuilder::new()
+            .layer(FaultLayer {
+                faults: self.faults.clone(),
+                from: self.me,
+                to,
+            })
+            .service(self.channel(to)?);
+        Ok(InterceptedService::new(svc, AttachSecret(self.secret.clone())))
+    }
+
+    fn channel(&self, to: NodeId) -> Result<Channel, NoAddress> {
         let addr = self.book.get(to).ok_or(NoAddress(to))?;
         let channel = {
             let mut ch = self.channels.lock();
@@ -154,7 +172,7 @@ impl Peers {
                 }
             }
         };
-        Ok(self.wrap(channel, to))
+        Ok(channel)
     }
 
     fn wrap(&self, channel: Channel, to: NodeId) -> PeerClient {

@@ -129,7 +129,7 @@ async fn install<C: GroupConfig>(r: &Replica<C>, msg: InstallSnapshotRequest<C>)
 impl RaftService {
     /// The replica `g` names on this node, once `from` is known to be one of
     /// its group's members.
-    fn target(&self, g: Option<pb::GroupId>, from: NodeId) -> Result<Target, Status> {
+    fn target(&self, g: Option<pb::GroupId>, from: NodeId, rpc: &'static str) -> Result<Target, Status> {
         if is_meta(&g) {
             let m = self
                 .host
@@ -138,11 +138,12 @@ impl RaftService {
             check_member(&m, from)?;
             return Ok(Target::Meta(m));
         }
-        Ok(Target::Shard(self.group(g, from)?))
+        Ok(Target::Shard(self.group(g, from, rpc)?))
     }
 
-    fn group(&self, g: Option<pb::GroupId>, from: NodeId) -> Result<Arc<Group>, Status> {
+    fn group(&self, g: Option<pb::GroupId>, from: NodeId, rpc: &'static str) -> Result<Arc<Group>, Status> {
         let id = shard_of(g)?;
+        self.host.check_residency(&id, rpc)?;
         let group = self
             .host
             .group(&id)
@@ -156,7 +157,7 @@ impl RaftService {
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
-        match self.target(r.group, r.from)? {
+        match self.target(r.group, r.from, "append_entries")? {
             Target::Shard(g) => append(&g, &r.payload).await,
             Target::Meta(m) => append(&m, &r.payload).await,
         }
@@ -164,7 +165,7 @@ impl RaftRpc for RaftService {
 
     async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
-        match self.target(r.group, r.from)? {
+        match self.target(r.group, r.from, "vote")? {
             Target::Shard(g) => vote(&g, &r.payload).await,
             Target::Meta(m) => vote(&m, &r.payload).await,
         }
@@ -172,7 +173,7 @@ impl RaftRpc for RaftService {
 
     async fn install_snapshot(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
-        let g = match self.target(r.group, r.from)? {
+        let g = match self.target(r.group, r.from, "install_snapshot")? {
             Target::Meta(m) => return install(&m, decode(&r.payload)?).await,
             Target::Shard(g) => g,
         };
@@ -199,6 +200,7 @@ impl RaftRpc for RaftService {
             return self.propose_meta(r).await;
         }
         let id = shard_of(r.group)?;
+        self.host.check_residency(&id, "propose")?;
         let g = self
             .host
             .group(&id)
@@ -225,7 +227,7 @@ impl RaftRpc for RaftService {
 
     async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
         let r = req.into_inner();
-        let index = match self.target(r.group, r.from)? {
+        let index = match self.target(r.group, r.from, "read_index")? {
             Target::Shard(g) => self.host.read_index_in(&g).await?,
             Target::Meta(m) => self.host.read_index_in(&m).await?,
         };

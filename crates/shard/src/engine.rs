@@ -327,8 +327,13 @@ impl ShardEngine {
     }
 
     pub fn search(&self, p: &SearchParams<'_>) -> (Vec<Hit>, SearchPath) {
+        self.search_with(p, false)
+    }
+
+    /// As [`Self::search`]; `exact` compares the query with every live point.
+    pub fn search_with(&self, p: &SearchParams<'_>, exact: bool) -> (Vec<Hit>, SearchPath) {
         let live = self.live.read().clone();
-        let (hits, path) = live.search(p.vector, p.k, p.ef, p.filter, p.now_ms);
+        let (hits, path) = live.search_with(p.vector, p.k, p.ef, p.filter, p.now_ms, exact);
         (
             hits.into_iter()
                 .map(|h| Hit {
@@ -338,6 +343,31 @@ impl ShardEngine {
                 .collect(),
             path,
         )
+    }
+
+    /// Up to `limit` live points after `after` (from the first without it) in
+    /// id-key order, those `filter` accepts, unexpired at `now_ms`; and whether
+    /// the shard has no more. Keys are stable, so a point present for a whole
+    /// scroll is met exactly once however others are written meanwhile.
+    pub fn scroll(
+        &self,
+        after: Option<&PointId>,
+        limit: usize,
+        filter: Option<&sovra_types::Filter>,
+        now_ms: u64,
+    ) -> Result<(Vec<PointRecord>, bool), ShardError> {
+        let mut out = Vec::new();
+        for r in self.store.points_after(after) {
+            let r = r?;
+            if r.is_expired(now_ms) || filter.is_some_and(|f| !f.matches(&r.payload)) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, false));
+            }
+            out.push(r);
+        }
+        Ok((out, true))
     }
 
     /// A point as stored, unless it is absent or expired at `now_ms`.

@@ -68,6 +68,8 @@ pub enum SearchPath {
     Graph,
     ExactFiltered,
     ExactFallback,
+    /// Asked for: every live point compared with the query.
+    Exact,
 }
 
 pub struct LiveIndex {
@@ -140,6 +142,20 @@ impl LiveIndex {
     }
 
     pub fn search(&self, query: &[f32], k: usize, ef: usize, filter: Option<&Filter>, now_ms: u64) -> (Vec<LiveHit>, SearchPath) {
+        self.search_with(query, k, ef, filter, now_ms, false)
+    }
+
+    /// As [`Self::search`]; with `exact`, every accepted point is compared
+    /// with the query (no graph).
+    pub fn search_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: Option<&Filter>,
+        now_ms: u64,
+        exact: bool,
+    ) -> (Vec<LiveHit>, SearchPath) {
         let t = self.table.read();
         if k == 0 || t.live == 0 {
             return (Vec::new(), SearchPath::Graph);
@@ -160,6 +176,10 @@ impl LiveIndex {
             hits.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
             hits
         };
+        if exact {
+            let hits = self.index.vectors().exact_search(query, k, None, &accept);
+            return (to_hits(hits), SearchPath::Exact);
+        }
         if filter.is_some() && self.estimated_fraction(&t, &accept) < EXACT_SCAN_FRACTION {
             let matching: Vec<usize> = (0..t.slots.len()).filter(|&s| accept(s)).collect();
             let hits = self.index.vectors().exact_search(query, k, Some(&matching), &accept);

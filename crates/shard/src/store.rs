@@ -255,6 +255,19 @@ impl ShardStore {
         })
     }
 
+    /// Every point after `after` (all, without it) in key order.
+    pub fn points_after(&self, after: Option<&PointId>) -> impl Iterator<Item = Result<PointRecord, ShardError>> + '_ {
+        use std::ops::Bound;
+        let start = match after {
+            Some(id) => Bound::Excluded(point_key(id)),
+            None => Bound::Included(vec![POINT]),
+        };
+        self.tree.range((start, Bound::Excluded(vec![POINT + 1]))).map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        })
+    }
+
     /// Ids of a subject's points, from the subject index.
     pub fn ids_of_subject(&self, subject: &str) -> Result<Vec<PointId>, ShardError> {
         let prefix = subject_prefix(subject);

@@ -14,6 +14,10 @@ pub enum ErrorCode {
     ResourceExhausted,
     Unavailable,
     Internal,
+    /// No valid API key.
+    Unauthenticated,
+    /// A valid key without the scope the call needs.
+    PermissionDenied,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +50,12 @@ impl ApiError {
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unavailable, message)
+    }
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthenticated, message)
+    }
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::PermissionDenied, message)
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)

@@ -53,6 +53,8 @@ fn info(state: &NodeState, c: &Collection, with_digest: bool) -> Result<v1::Coll
 impl Collections for CollectionsService {
     async fn create_collection(&self, req: Request<v1::CreateCollectionRequest>) -> Result<Response<v1::CollectionInfo>, Status> {
         observe("create_collection", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_admin("CreateCollection")?;
             let spec = req
                 .into_inner()
                 .collection
@@ -66,22 +68,27 @@ impl Collections for CollectionsService {
 
     async fn get_collection(&self, req: Request<v1::GetCollectionRequest>) -> Result<Response<v1::CollectionInfo>, Status> {
         observe("get_collection", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
             let r = req.get_ref();
             let c = self.state.collection_now(&r.name).await?;
+            caller.require_collection(&c.spec.name)?;
             let (state, with_digest) = (self.state.clone(), r.with_digest);
             blocking(move || info(&state, &c, with_digest)).await?
         })
         .await
     }
 
-    async fn list_collections(&self, _req: Request<v1::ListCollectionsRequest>) -> Result<Response<v1::ListCollectionsResponse>, Status> {
+    async fn list_collections(&self, req: Request<v1::ListCollectionsRequest>) -> Result<Response<v1::ListCollectionsResponse>, Status> {
         observe("list_collections", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
             self.state.ensure_ready()?;
             Ok(v1::ListCollectionsResponse {
+                // Only the collections the key may use.
                 collections: self
                     .state
                     .list()
                     .iter()
+                    .filter(|c| caller.scopes.may_use(&c.spec.name))
                     .map(|c| info(&self.state, c, false))
                     .collect::<Result<_, _>>()?,
             })
@@ -91,6 +98,8 @@ impl Collections for CollectionsService {
 
     async fn drop_collection(&self, req: Request<v1::DropCollectionRequest>) -> Result<Response<v1::DropCollectionResponse>, Status> {
         observe("drop_collection", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_admin("DropCollection")?;
             let n = self.state.drop_collection(&req.get_ref().name).await?;
             Ok(v1::DropCollectionResponse { shards_dropped: n as u32 })
         })

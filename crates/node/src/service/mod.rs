@@ -2,10 +2,12 @@
 //! call the node state and shard engines on the blocking pool (HNSW searches and
 //! sled flushes must not stall the async runtime).
 
+mod admin;
 mod collections;
 mod points;
 mod search;
 
+pub use admin::AdminService;
 pub use collections::CollectionsService;
 pub use points::PointsService;
 pub use search::SearchService;

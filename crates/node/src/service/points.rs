@@ -1,5 +1,7 @@
-use super::{AnswerBudget, ReadLevels, blocking, now_ms, observe};
+use super::{AnswerBudget, ReadLevels, now_ms, observe};
 use crate::state::{Collection, NodeState};
+use sovra_coord::wire::{GetQuery, ScrollQuery};
+use sovra_proto::convert::filter_from;
 use sovra_proto::convert::{point_from, point_id_from, point_to};
 use sovra_proto::v1::{self, points_server::Points};
 use sovra_types::limits::{MAX_ANSWER_BYTES, MAX_IDS_PER_REQUEST};
@@ -8,6 +10,9 @@ use sovra_types::{ApiError, ErrorCode, PointId, RegionId, ShardCommand, ShardId}
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+
+/// Points per scroll page when the request leaves `limit` at 0.
+const DEFAULT_SCROLL_LIMIT: usize = 100;
 
 pub struct PointsService {
     pub state: Arc<NodeState>,
@@ -39,10 +44,10 @@ async fn write(state: &Arc<NodeState>, c: &Collection, per_shard: Vec<(ShardId, 
         // R2: a region's data enters the cluster only through that region's nodes.
         if shard.region != state.region {
             return Err(ApiError::precondition(format!(
-                "points of region {} must be written through a node of {} (nodes {:?}); this node is in {}; nothing was written",
+                "points of region {} must be written through a node of {} (at {}); this node is in {}; nothing was written",
                 shard.region,
                 shard.region,
-                state.region_nodes(&shard.region),
+                addresses(state, &shard.region),
                 state.region
             )));
         }
@@ -81,6 +86,71 @@ async fn write(state: &Arc<NodeState>, c: &Collection, per_shard: Vec<(ShardId, 
     Ok(out)
 }
 
+fn addresses(state: &NodeState, region: &RegionId) -> String {
+    let a = state.region_addresses(region);
+    if a.is_empty() {
+        format!("no node of {region} is up now")
+    } else {
+        a.join(", ")
+    }
+}
+
+/// R3 for reads by id or scroll: the region's policy must let its points go
+/// to this node's region.
+fn check_policy(state: &NodeState, region: &RegionId) -> Result<(), ApiError> {
+    if sovra_coord::plan::results_may_go(&state.view().state.policies, region, &state.region) {
+        return Ok(());
+    }
+    Err(ApiError::precondition(format!(
+        "region {region}'s policy keeps its points in {region}; this node is in {}: read them through a node of {region} (at {})",
+        state.region,
+        addresses(state, region)
+    )))
+}
+
+/// A scroll cursor: `s1.<region>.<shard>.<hex of the last id's key bytes>`
+/// (no id: from the shard's start). Opaque to clients; checked on the way in.
+fn cursor_to(region: &RegionId, at: &(u32, Option<PointId>)) -> String {
+    let hex: String =
+        at.1.map(|id| id.key_bytes().iter().map(|b| format!("{b:02x}")).collect())
+            .unwrap_or_default();
+    format!("s1.{region}.{}.{hex}", at.0)
+}
+
+fn cursor_from(text: &str, region: &RegionId, shards: u32) -> Result<(u32, Option<PointId>), ApiError> {
+    if text.is_empty() {
+        return Ok((0, None));
+    }
+    let bad = || {
+        ApiError::invalid(format!(
+            "cursor {} is not one Scroll returned for region {region} of this collection; start again with an empty cursor",
+            sovra_types::quote(text)
+        ))
+    };
+    let parts: Vec<&str> = text.split('.').collect();
+    let [version, r, shard, hex] = parts[..] else { return Err(bad()) };
+    if version != "s1" || r != region.as_str() {
+        return Err(bad());
+    }
+    let shard: u32 = shard.parse().map_err(|_| bad())?;
+    if shard >= shards {
+        return Err(bad());
+    }
+    if hex.is_empty() {
+        return Ok((shard, None));
+    }
+    if hex.len() % 2 != 0 || hex.len() > 128 {
+        return Err(bad());
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad())?;
+    let id = PointId::from_key_bytes(&bytes).ok_or_else(bad)?;
+    Ok((shard, Some(id)))
+}
+
 /// Items grouped by the shard that owns them, in shard order.
 type PerShard<T> = Vec<(ShardId, Vec<T>)>;
 
@@ -96,8 +166,10 @@ fn group<T>(c: &Collection, items: Vec<(RegionId, PointId, T)>) -> Result<PerSha
 impl Points for PointsService {
     async fn upsert(&self, req: Request<v1::UpsertRequest>) -> Result<Response<v1::WriteResponse>, Status> {
         observe("upsert", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
             let req = req.into_inner();
             let c = self.state.collection_now(&req.collection).await?;
+            caller.require_collection(&c.spec.name)?;
             let records = req
                 .points
                 .into_iter()
@@ -105,6 +177,10 @@ impl Points for PointsService {
                 .map(|(i, p)| point_from(p, i))
                 .collect::<Result<Vec<_>, _>>()?;
             let records = prepare_batch(&c.spec, records, now_ms())?;
+            // Every region's write scope before anything is written.
+            for (i, r) in records.iter().enumerate() {
+                caller.require_write(&r.region).map_err(|e| e.at(&format!("points[{i}].region")))?;
+            }
             let keyed = records.into_iter().map(|r| (r.region.clone(), r.id, r)).collect();
             let per_shard = group(&c, keyed)?
                 .into_iter()
@@ -117,56 +193,128 @@ impl Points for PointsService {
 
     async fn get(&self, req: Request<v1::GetPointsRequest>) -> Result<Response<v1::GetPointsResponse>, Status> {
         observe("get", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
             let req = req.into_inner();
             let c = self.state.collection_now(&req.collection).await?;
+            caller.require_collection(&c.spec.name)?;
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            caller.require_read(&region)?;
+            check_policy(&self.state, &region)?;
             let ids = ids_from(&req.ids)?;
             let levels = ReadLevels::parse(req.consistency, &req.after)?;
-            let mut routed = Vec::with_capacity(ids.len());
-            let mut ready = std::collections::BTreeSet::new();
-            for id in &ids {
-                let shard = c.route(&region, id)?;
-                let engine = c.local_or_unavailable(&self.state, &shard)?.clone();
-                if ready.insert(shard.clone()) {
-                    self.state.host.read_barrier(&shard, levels.for_shard(&shard)).await?;
-                }
-                routed.push((engine, *id));
-            }
-            let now = now_ms();
-            let state = self.state.clone();
             let (with_vector, with_payload) = (req.with_vector, req.with_payload);
-            blocking(move || {
-                let asked = routed.len();
-                let mut points = Vec::new();
-                let mut budget = AnswerBudget::new();
-                for (engine, id) in routed {
-                    if let Some(r) = engine.get(&id, now).map_err(|e| state.storage_failed(e))? {
-                        let p = point_to(&r, with_vector, with_payload);
-                        if !budget.add(&p) {
-                            return Err(ApiError::new(
-                                ErrorCode::ResourceExhausted,
-                                format!(
-                                    "the answer would pass {MAX_ANSWER_BYTES} bytes: only {} of the {asked} points asked for fitted; ask for at most {} ids per request, or leave out with_payload / with_vector",
-                                    points.len(),
-                                    points.len().max(1)
-                                ),
-                            ));
-                        }
-                        points.push(p);
-                    }
+            let query = GetQuery {
+                ids: Vec::new(),
+                with_vector,
+                with_payload,
+                now_ms: now_ms(),
+            };
+            let records = self
+                .state
+                .root()
+                .get(&c.spec.name, &c.spec, &region, &ids, query, |s| levels.for_shard(s))
+                .await?;
+            let asked = ids.len();
+            let mut points = Vec::with_capacity(records.len());
+            let mut budget = AnswerBudget::new();
+            for r in &records {
+                let p = point_to(r, with_vector, with_payload);
+                if !budget.add(&p) {
+                    return Err(ApiError::new(
+                        ErrorCode::ResourceExhausted,
+                        format!(
+                            "the answer would pass {MAX_ANSWER_BYTES} bytes: only {} of the {asked} points asked for fitted; ask for at most {} ids per request, or leave out with_payload / with_vector",
+                            points.len(),
+                            points.len().max(1)
+                        ),
+                    ));
                 }
-                Ok(v1::GetPointsResponse { points })
+                points.push(p);
+            }
+            Ok(v1::GetPointsResponse { points })
+        })
+        .await
+    }
+
+    async fn scroll(&self, req: Request<v1::ScrollRequest>) -> Result<Response<v1::ScrollResponse>, Status> {
+        observe("scroll", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            let req = req.into_inner();
+            let c = self.state.collection_now(&req.collection).await?;
+            caller.require_collection(&c.spec.name)?;
+            let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            caller.require_read(&region)?;
+            check_policy(&self.state, &region)?;
+            let limit = match req.limit {
+                0 => DEFAULT_SCROLL_LIMIT,
+                n if n as usize > MAX_IDS_PER_REQUEST => {
+                    return Err(ApiError::invalid(format!(
+                        "limit is {n}: at most {MAX_IDS_PER_REQUEST} points per page (0 for {DEFAULT_SCROLL_LIMIT})"
+                    )));
+                }
+                n => n as usize,
+            };
+            let filter = match &req.filter {
+                Some(f) => {
+                    let f = filter_from(f, "filter")?;
+                    f.validate()?;
+                    Some(f)
+                }
+                None => None,
+            };
+            let shards = c.spec.region(&region).map_or(0, |r| r.shard_count);
+            let at = cursor_from(&req.cursor, &region, shards).map_err(|e| e.at("cursor"))?;
+            let levels = ReadLevels::parse(req.consistency, &req.after)?;
+            let query = ScrollQuery {
+                after: None,
+                limit: 0,
+                filter,
+                with_vector: req.with_vector,
+                with_payload: req.with_payload,
+                now_ms: now_ms(),
+            };
+            let (records, next) = self
+                .state
+                .root()
+                .scroll(&c.spec.name, &region, shards, at, query, limit, |s| levels.for_shard(s))
+                .await?;
+            let mut points = Vec::with_capacity(records.len());
+            let mut budget = AnswerBudget::new();
+            let mut next = next;
+            for r in &records {
+                let p = point_to(r, req.with_vector, req.with_payload);
+                if !budget.add(&p) {
+                    // Each leaf bounds its part; two parts together may not
+                    // fit: end the page after the last point that does.
+                    let Some(last) = points.len().checked_sub(1).map(|i| records[i].id) else {
+                        return Err(ApiError::new(
+                            ErrorCode::ResourceExhausted,
+                            format!(
+                                "one point alone passes the {MAX_ANSWER_BYTES}-byte answer bound; scroll without with_vector / with_payload"
+                            ),
+                        ));
+                    };
+                    next = Some((c.route(&region, &last)?.number, Some(last)));
+                    break;
+                }
+                points.push(p);
+            }
+            Ok(v1::ScrollResponse {
+                points,
+                next_cursor: next.map(|at| cursor_to(&region, &at)).unwrap_or_default(),
             })
-            .await?
         })
         .await
     }
 
     async fn delete(&self, req: Request<v1::DeletePointsRequest>) -> Result<Response<v1::WriteResponse>, Status> {
         observe("delete", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
             let req = req.into_inner();
             let c = self.state.collection_now(&req.collection).await?;
+            caller.require_collection(&c.spec.name)?;
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            caller.require_write(&region)?;
             let ids = ids_from(&req.ids)?;
             let keyed = ids.into_iter().map(|id| (region.clone(), id, id)).collect();
             let per_shard = group(&c, keyed)?

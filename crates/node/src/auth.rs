@@ -1,0 +1,152 @@
+//! API keys on the public API (R3's "who"): every sovra.v1 call carries
+//! `authorization: Bearer sovra_<id>_<secret>`; the node knows the key by its
+//! id and the SHA-256 of its secret in its metadata view, and the call by the
+//! key's scopes. Fail closed: a node that has not confirmed its view with a
+//! quorum of the meta group within `key_lease_ms` refuses every key, so a
+//! revocation holds on every coordinator within the lease, also on one cut
+//! off from meta. `auth = false` takes every call as an all-scopes caller.
+
+use crate::metrics as m;
+use crate::state::NodeState;
+use sovra_meta::keys::{Scopes, parse_key};
+use sovra_types::{ApiError, CollectionName, RegionId};
+use std::sync::Arc;
+
+/// Who is calling and what it may do.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The key's id (`None` with `auth = false`).
+    pub key: Option<String>,
+    pub scopes: Scopes,
+    node: u64,
+}
+
+fn denied(node: u64, reason: &'static str, e: ApiError) -> ApiError {
+    metrics::counter!(m::AUTH_DENIED, "node" => node.to_string(), "reason" => reason).increment(1);
+    e
+}
+
+impl Caller {
+    fn name(&self) -> String {
+        self.key.as_deref().map_or("this caller".into(), |k| format!("API key {k}"))
+    }
+
+    pub fn require_collection(&self, c: &CollectionName) -> Result<(), ApiError> {
+        if self.scopes.may_use(c) {
+            return Ok(());
+        }
+        Err(denied(
+            self.node,
+            "collection",
+            ApiError::denied(format!(
+                "{} may not use collection {c}; use a key whose scopes name it",
+                self.name()
+            )),
+        ))
+    }
+
+    pub fn require_read(&self, r: &RegionId) -> Result<(), ApiError> {
+        if self.scopes.read.contains(r) {
+            return Ok(());
+        }
+        Err(denied(
+            self.node,
+            "read_region",
+            ApiError::denied(format!(
+                "{} may not read region {r}; use a key whose read regions include it",
+                self.name()
+            )),
+        ))
+    }
+
+    pub fn require_write(&self, r: &RegionId) -> Result<(), ApiError> {
+        if self.scopes.write.contains(r) {
+            return Ok(());
+        }
+        Err(denied(
+            self.node,
+            "write_region",
+            ApiError::denied(format!(
+                "{} may not write region {r}; use a key whose write regions include it; nothing was written",
+                self.name()
+            )),
+        ))
+    }
+
+    pub fn require_admin(&self, what: &str) -> Result<(), ApiError> {
+        if self.scopes.admin {
+            return Ok(());
+        }
+        Err(denied(
+            self.node,
+            "admin",
+            ApiError::denied(format!("{what} needs the admin scope, which {} does not have", self.name())),
+        ))
+    }
+
+    /// Counts a denial the root or the region plan made (R3).
+    pub fn count_denial(&self, e: ApiError) -> ApiError {
+        if e.code == sovra_types::ErrorCode::PermissionDenied {
+            return denied(self.node, "read_region", e);
+        }
+        e
+    }
+}
+
+const HEADER: &str = "authorization";
+
+impl NodeState {
+    /// The caller of a public request, or UNAUTHENTICATED / UNAVAILABLE (the
+    /// key lease lapsed) saying what to do.
+    pub async fn authenticate(self: &Arc<Self>, md: &tonic::metadata::MetadataMap) -> Result<Caller, ApiError> {
+        let node = self.config.node_id;
+        if !self.config.auth {
+            return Ok(Caller {
+                key: None,
+                scopes: Scopes::all(),
+                node,
+            });
+        }
+        let unauth = |why: String| denied(node, "unauthenticated", ApiError::unauthenticated(why));
+        let Some(v) = md.get(HEADER) else {
+            return Err(unauth(format!(
+                "this call needs an API key: send metadata `{HEADER}: Bearer sovra_<id>_<secret>` (the bootstrap node printed the first admin key; Admin.CreateKey makes more)"
+            )));
+        };
+        let text = v.to_str().unwrap_or("");
+        let token = text
+            .strip_prefix("Bearer ")
+            .or_else(|| text.strip_prefix("bearer "))
+            .map(str::trim)
+            .ok_or_else(|| unauth(format!("{HEADER} must be `Bearer sovra_<id>_<secret>`")))?;
+        let (id, secret) =
+            parse_key(token).ok_or_else(|| unauth("the API key is malformed: it has the form sovra_<id>_<secret>".into()))?;
+        if !self.lease_held() && !self.confirm_meta().await {
+            return Err(denied(
+                node,
+                "lease",
+                ApiError::unavailable(format!(
+                    "node {node} has not confirmed its API keys with the cluster metadata within its key lease ({} ms), so it refuses every key until it can; send the call to another node",
+                    self.config.key_lease_ms
+                )),
+            ));
+        }
+        let mut rec = self.view().state.api_keys.get(id).cloned();
+        if rec.is_none() && self.may_refresh_for_unknown_key() {
+            // A key made a moment ago through another node.
+            self.refresh_view().await;
+            rec = self.view().state.api_keys.get(id).cloned();
+        }
+        match rec {
+            Some(r) if r.matches(secret) => Ok(Caller {
+                key: Some(r.id),
+                scopes: r.scopes,
+                node,
+            }),
+            _ => Err(unauth(format!(
+                "API key {} is not valid: unknown, revoked, or a wrong secret",
+                sovra_types::quote(id)
+            ))),
+        }
+    }
+}

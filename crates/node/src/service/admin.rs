@@ -1,0 +1,220 @@
+//! `sovra.v1.Admin`: API keys (made, listed, revoked through the meta group;
+//! a secret is shown once and only its SHA-256 kept) and region policies.
+//! Every call needs the admin scope.
+
+use super::observe;
+use crate::state::NodeState;
+use sovra_meta::MetaCommand;
+use sovra_meta::keys::{ApiKeyRecord, Regions, Scopes, format_key, hash_secret, valid_key_id};
+use sovra_meta::state::RegionPolicy;
+use sovra_proto::v1::{self, admin_server::Admin};
+use sovra_types::{ApiError, CollectionName, RegionId, quote};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct AdminService {
+    pub state: Arc<NodeState>,
+}
+
+fn regions_from(list: &[String], field: &str) -> Result<Regions, ApiError> {
+    if list.iter().any(|r| r == "*") {
+        if list.len() > 1 {
+            return Err(ApiError::invalid(format!(
+                "{field}: \"*\" (every region) stands alone; drop the other entries"
+            )));
+        }
+        return Ok(Regions::All);
+    }
+    let mut out = BTreeSet::new();
+    for (i, r) in list.iter().enumerate() {
+        out.insert(RegionId::parse(r).map_err(|e| e.at(&format!("{field}[{i}]")))?);
+    }
+    Ok(Regions::Only(out))
+}
+
+fn regions_to(r: &Regions) -> Vec<String> {
+    match r {
+        Regions::All => vec!["*".into()],
+        Regions::Only(s) => s.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn scopes_from(s: v1::KeyScopes) -> Result<Scopes, ApiError> {
+    let read = regions_from(&s.read_regions, "scopes.read_regions")?;
+    let write = regions_from(&s.write_regions, "scopes.write_regions")?;
+    let collections = if s.collections.is_empty() {
+        None
+    } else {
+        let mut set = BTreeSet::new();
+        for (i, c) in s.collections.iter().enumerate() {
+            set.insert(CollectionName::parse(c).map_err(|e| e.at(&format!("scopes.collections[{i}]")))?);
+        }
+        Some(set)
+    };
+    let scopes = Scopes {
+        read,
+        write,
+        collections,
+        admin: s.admin,
+        data_protection: s.data_protection,
+    };
+    if scopes.read == Regions::none() && scopes.write == Regions::none() && !scopes.admin && !scopes.data_protection {
+        return Err(ApiError::invalid(
+            "scopes: a key with no read region, no write region, no admin and no data_protection could do nothing; give it at least one",
+        ));
+    }
+    Ok(scopes)
+}
+
+fn scopes_to(s: &Scopes) -> v1::KeyScopes {
+    v1::KeyScopes {
+        read_regions: regions_to(&s.read),
+        write_regions: regions_to(&s.write),
+        collections: s.collections.iter().flatten().map(ToString::to_string).collect(),
+        admin: s.admin,
+        data_protection: s.data_protection,
+    }
+}
+
+fn policy_to(region: &RegionId, p: &RegionPolicy) -> v1::RegionPolicy {
+    v1::RegionPolicy {
+        region: region.to_string(),
+        results_may_go_to: p.results_may_go_to.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_key(&self, req: Request<v1::CreateKeyRequest>) -> Result<Response<v1::CreateKeyResponse>, Status> {
+        observe("create_key", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_admin("CreateKey")?;
+            let req = req.into_inner();
+            if !valid_key_id(&req.id) {
+                return Err(ApiError::invalid(format!(
+                    "id {} is not a key id: lowercase letters, digits and '-', 1 to 32 characters, starting with a letter",
+                    quote(&req.id)
+                )));
+            }
+            let scopes = scopes_from(
+                req.scopes
+                    .ok_or_else(|| ApiError::invalid("scopes is missing: say what the key may do"))?,
+            )?;
+            let secret = crate::cluster::new_secret();
+            let rec = ApiKeyRecord {
+                id: req.id.clone(),
+                sha256: hash_secret(&secret),
+                scopes: scopes.clone(),
+                created_ms: crate::cluster::now_ms(),
+            };
+            let index = self
+                .state
+                .meta_change(MetaCommand::AddApiKey(rec), &format!("create key {}", req.id))
+                .await?;
+            self.state.caught_up(index).await?;
+            tracing::info!(key = %req.id, by = ?caller.key, "API key created");
+            Ok(v1::CreateKeyResponse {
+                key: format_key(&req.id, &secret),
+                id: req.id,
+                scopes: Some(scopes_to(&scopes)),
+            })
+        })
+        .await
+    }
+
+    async fn list_keys(&self, req: Request<v1::ListKeysRequest>) -> Result<Response<v1::ListKeysResponse>, Status> {
+        observe("list_keys", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_admin("ListKeys")?;
+            self.state.refresh_view().await;
+            Ok(v1::ListKeysResponse {
+                keys: self
+                    .state
+                    .view()
+                    .state
+                    .api_keys
+                    .values()
+                    .map(|k| v1::ApiKey {
+                        id: k.id.clone(),
+                        scopes: Some(scopes_to(&k.scopes)),
+                        created_ms: k.created_ms,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, req: Request<v1::RevokeKeyRequest>) -> Result<Response<v1::RevokeKeyResponse>, Status> {
+        observe("revoke_key", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_admin("RevokeKey")?;
+            let id = req.into_inner().id;
+            let view = self.state.view();
+            let admins = view.state.api_keys.values().filter(|k| k.scopes.admin).count();
+            if view.state.api_keys.get(&id).is_some_and(|k| k.scopes.admin) && admins == 1 {
+                return Err(ApiError::precondition(format!(
+                    "key {id} is the cluster's only admin key: revoking it would leave nobody able to manage keys; create another admin key first"
+                )));
+            }
+            let index = self
+                .state
+                .meta_change(MetaCommand::RevokeApiKey { id: id.clone() }, &format!("revoke key {}", quote(&id)))
+                .await?;
+            self.state.caught_up(index).await?;
+            tracing::info!(key = %id, by = ?caller.key, "API key revoked");
+            Ok(v1::RevokeKeyResponse {})
+        })
+        .await
+    }
+
+    async fn set_region_policy(&self, req: Request<v1::SetRegionPolicyRequest>) -> Result<Response<v1::RegionPolicy>, Status> {
+        observe("set_region_policy", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_admin("SetRegionPolicy")?;
+            let p = req
+                .into_inner()
+                .policy
+                .ok_or_else(|| ApiError::invalid("policy is missing: name the region and where its results may go"))?;
+            let region = RegionId::parse(&p.region).map_err(|e| e.at("policy.region"))?;
+            let mut to = BTreeSet::new();
+            for (i, r) in p.results_may_go_to.iter().enumerate() {
+                let r = RegionId::parse(r).map_err(|e| e.at(&format!("policy.results_may_go_to[{i}]")))?;
+                if r != region {
+                    to.insert(r);
+                }
+            }
+            let policy = RegionPolicy { results_may_go_to: to };
+            let index = self
+                .state
+                .meta_change(
+                    MetaCommand::SetRegionPolicy {
+                        region: region.clone(),
+                        policy: policy.clone(),
+                    },
+                    &format!("set the policy of region {region}"),
+                )
+                .await?;
+            self.state.caught_up(index).await?;
+            tracing::info!(%region, to = ?policy.results_may_go_to, by = ?caller.key, "region policy set");
+            Ok(policy_to(&region, &policy))
+        })
+        .await
+    }
+
+    async fn list_region_policies(
+        &self,
+        req: Request<v1::ListRegionPoliciesRequest>,
+    ) -> Result<Response<v1::ListRegionPoliciesResponse>, Status> {
+        observe("list_region_policies", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_admin("ListRegionPolicies")?;
+            let view = self.state.view();
+            Ok(v1::ListRegionPoliciesResponse {
+                policies: view.state.policies.iter().map(|(r, p)| policy_to(r, p)).collect(),
+            })
+        })
+        .await
+    }
+}
