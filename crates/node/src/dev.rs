@@ -1,38 +1,48 @@
-//! `sovra dev`: a local node with a sample collection, loaded and searched
-//! through the public gRPC API, serving until Ctrl-C.
+//! `sovra dev`: a whole cluster on this machine (two regions, `uk` and `us`,
+//! three nodes each, own ports and data directories), a sample collection
+//! spanning both with replication factor 3, sample points about subjects in
+//! both regions, and demo searches with a uk-only key, a us-only key and an
+//! admin key, printed as a table of what each sees and which regions were
+//! excluded and why. Serves until Ctrl-C, which stops every node.
 
 use crate::config::NodeConfig;
 use anyhow::Context;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use sovra_proto::v1::{self, collections_client::CollectionsClient, points_client::PointsClient, search_client::SearchClient};
+use sovra_proto::v1::{
+    self, admin_client::AdminClient, collections_client::CollectionsClient, points_client::PointsClient, search_client::SearchClient,
+};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub const DEV_REGION: &str = "eu-west";
+pub const DEV_REGIONS: [&str; 2] = ["uk", "us"];
 pub const DEV_COLLECTION: &str = "people";
 const DIM: usize = 64;
-const COUNTRIES: [&str; 5] = ["fr", "de", "ie", "it", "es"];
+const NODES_PER_REGION: u64 = 3;
+const CITIES: [(&str, [&str; 3]); 2] = [("uk", ["london", "leeds", "glasgow"]), ("us", ["boston", "denver", "austin"])];
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// Keep data here (default: a temporary directory removed on exit).
+    /// Keep data here, a directory per node (default: a temporary directory
+    /// removed on exit).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Public gRPC address.
+    /// Public gRPC address of node 1; node N listens on the next ports (port
+    /// 0: every node picks a free port).
     #[arg(long, default_value = "127.0.0.1:7300")]
     pub grpc: SocketAddr,
-    /// Prometheus /metrics address.
+    /// Prometheus /metrics address of node 1; the others on the next ports.
     #[arg(long, default_value = "127.0.0.1:9300")]
     pub metrics: SocketAddr,
-    /// Sample points to load.
-    #[arg(long, default_value_t = 5000)]
+    /// Sample points to load, half in each region.
+    #[arg(long, default_value_t = 2000)]
     pub points: usize,
 }
 
-/// A seeded sample: 40 clusters of 64-d vectors, each point a pseudonymous subject
-/// with a country and an age.
+/// A seeded sample: 40 clusters of 64-d vectors shared by both regions (so
+/// a query finds neighbours in each), each point a pseudonymous subject of
+/// region `uk` (even ids) or `us` (odd ids) with a city and an age.
 fn sample(n: usize) -> Vec<v1::Point> {
     let mut rng = StdRng::seed_from_u64(7);
     let centers: Vec<Vec<f32>> = (0..40).map(|_| (0..DIM).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
@@ -41,11 +51,12 @@ fn sample(n: usize) -> Vec<v1::Point> {
             let c = &centers[rng.random_range(0..centers.len())];
             let vector = c.iter().map(|x| x + rng.random_range(-0.15..0.15)).collect();
             let age: i64 = rng.random_range(18..88);
+            let (region, cities) = CITIES[i % 2];
             let payload = [
                 (
-                    "country".to_string(),
+                    "city".to_string(),
                     v1::Value {
-                        kind: Some(v1::value::Kind::StringValue(COUNTRIES[i % 5].into())),
+                        kind: Some(v1::value::Kind::StringValue(cities[(i / 2) % 3].into())),
                     },
                 ),
                 (
@@ -61,8 +72,8 @@ fn sample(n: usize) -> Vec<v1::Point> {
                     kind: Some(v1::point_id::Kind::Num(i as u64)),
                 }),
                 vector,
-                subject: format!("subject-{:06}", i / 3),
-                region: DEV_REGION.into(),
+                subject: format!("{region}-subject-{:06}", i / 6),
+                region: region.into(),
                 payload,
                 lawful_basis: v1::LawfulBasis::Consent as i32,
                 source: "sovra dev synthetic sample".into(),
@@ -100,6 +111,64 @@ fn value_text(k: &v1::value::Kind) -> String {
     }
 }
 
+/// Presents an API key on every call.
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let v = format!("Bearer {}", self.0)
+            .parse()
+            .map_err(|_| tonic::Status::internal("the key is not valid metadata"))?;
+        req.metadata_mut().insert("authorization", v);
+        Ok(req)
+    }
+}
+
+pub type Keyed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+pub fn keyed(ch: &tonic::transport::Channel, key: &str) -> Keyed {
+    tonic::service::interceptor::InterceptedService::new(ch.clone(), Bearer(key.to_string()))
+}
+
+fn nth_port(base: SocketAddr, i: u16) -> SocketAddr {
+    if base.port() == 0 {
+        base
+    } else {
+        SocketAddr::new(base.ip(), base.port() + i)
+    }
+}
+
+/// The configs of the six dev nodes (node 1 bootstraps; the others join).
+pub fn dev_configs(root: &std::path::Path, grpc: SocketAddr, metrics: SocketAddr) -> Vec<NodeConfig> {
+    let secret = crate::cluster::new_secret();
+    let mut out = Vec::new();
+    for (r, region) in DEV_REGIONS.iter().enumerate() {
+        for z in 0..NODES_PER_REGION {
+            let id = r as u64 * NODES_PER_REGION + z + 1;
+            let mut c = NodeConfig::local(id, region, root.join(format!("node-{id}")));
+            c.zone = format!("{region}-{}", (b'a' + z as u8) as char);
+            c.grpc_listen = nth_port(grpc, (id - 1) as u16);
+            c.metrics_listen = nth_port(metrics, (id - 1) as u16);
+            c.cluster_listen = "127.0.0.1:0".parse().expect("literal");
+            c.cluster_secret = Some(secret.clone());
+            c.cache_capacity_mb = 32;
+            c.max_replicas = 32;
+            c.index_threads = 1;
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn id_text(p: &v1::Point) -> String {
+    match p.id.as_ref().and_then(|i| i.kind.as_ref()) {
+        Some(v1::point_id::Kind::Num(n)) => n.to_string(),
+        Some(v1::point_id::Kind::Uuid(u)) => u.clone(),
+        None => "-".into(),
+    }
+}
+
 pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let tmp;
     let data_dir = match &args.data {
@@ -109,135 +178,251 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
             tmp.path().to_path_buf()
         }
     };
-    let mut config = NodeConfig::local(1, DEV_REGION, data_dir.clone());
-    config.grpc_listen = args.grpc;
-    config.metrics_listen = args.metrics;
-    // One node: nothing else speaks to its cluster listener, so any free port.
-    config.cluster_listen = "127.0.0.1:0".parse().expect("literal");
-    let node = crate::start(config).await?;
-    let addr = node.grpc_addr;
-    println!("sovra dev: node 1 in region {DEV_REGION}, data in {}", data_dir.display());
-    let ch = wait_serving(addr, Duration::from_secs(120)).await?;
-    let mut collections = CollectionsClient::new(ch.clone());
-    let mut points = PointsClient::new(ch.clone());
-    let mut search = SearchClient::new(ch);
+    let fresh = !data_dir.join("node-1").exists();
+    println!(
+        "sovra dev: starting 6 nodes (regions {} x {NODES_PER_REGION}), data in {}",
+        DEV_REGIONS.join(", "),
+        data_dir.display()
+    );
+    let t = Instant::now();
+    let mut configs = dev_configs(&data_dir, args.grpc, args.metrics);
+    if !fresh {
+        // Restarted on kept data: everyone joins whoever is back first.
+        for c in &mut configs {
+            c.bootstrap = false;
+        }
+    }
+    let nodes = crate::run::start_joined(configs, sovra_raft::Faults::default(), Duration::from_secs(120))
+        .await
+        .context("starting the dev cluster")?;
+    for n in &nodes {
+        let s = &n.state;
+        println!(
+            "  node {} region {:<3} zone {:<5} grpc {}  metrics http://{}/metrics",
+            s.config.node_id, s.region, s.config.zone, n.grpc_addr, n.metrics_addr
+        );
+    }
+    println!("cluster up in {:.1?}", t.elapsed());
+    let result = demo(&nodes, &args, fresh).await;
+    if let Err(e) = &result {
+        eprintln!("sovra dev: {e:#}");
+    }
+    if result.is_ok() {
+        println!("serving; Ctrl-C stops every node");
+        let fatal = futures_any(&nodes);
+        tokio::select! {
+            _ = shutdown => {}
+            reason = fatal => eprintln!("a node stopped: {reason}"),
+        }
+    }
+    for n in nodes {
+        n.stop().await?;
+    }
+    result
+}
 
-    let exists = collections
-        .get_collection(v1::GetCollectionRequest {
-            name: DEV_COLLECTION.into(),
-            ..Default::default()
+/// Resolves with the first node's fatal error.
+async fn futures_any(nodes: &[crate::RunningNode]) -> String {
+    let mut set = tokio::task::JoinSet::new();
+    for n in nodes {
+        let mut rx = n.state.fatal();
+        set.spawn(async move {
+            let reason = rx.wait_for(Option::is_some).await.ok().map(|r| r.clone().unwrap_or_default());
+            match reason {
+                Some(r) => r,
+                None => std::future::pending().await,
+            }
+        });
+    }
+    set.join_next().await.and_then(Result::ok).unwrap_or_default()
+}
+
+async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyhow::Result<()> {
+    let uk = &nodes[0];
+    let us = &nodes[NODES_PER_REGION as usize];
+    let admin = if fresh {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(k) = uk.state.first_admin_key.lock().clone() {
+                break k;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the bootstrap node made no admin key");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        match std::env::var("SOVRA_DEV_ADMIN_KEY") {
+            Ok(k) => k,
+            Err(_) => {
+                println!("data kept from an earlier run: its admin key was printed then; set SOVRA_DEV_ADMIN_KEY to it for the demo");
+                return Ok(());
+            }
+        }
+    };
+    let uk_ch = wait_serving(uk.grpc_addr, Duration::from_secs(60)).await?;
+    let us_ch = wait_serving(us.grpc_addr, Duration::from_secs(60)).await?;
+    let mut adm = AdminClient::new(keyed(&uk_ch, &admin));
+    let mut keys = vec![("admin".to_string(), admin.clone())];
+    if fresh {
+        // us results may be shown to uk coordinators; uk results stay in uk.
+        adm.set_region_policy(v1::SetRegionPolicyRequest {
+            policy: Some(v1::RegionPolicy {
+                region: "us".into(),
+                results_may_go_to: vec!["uk".into()],
+            }),
         })
         .await
-        .is_ok();
-    if !exists {
+        .context("setting the us region policy")?;
         let spec = v1::CollectionSpec {
             name: DEV_COLLECTION.into(),
             dimension: DIM as u32,
             metric: v1::Metric::Cosine as i32,
-            regions: vec![v1::RegionShards {
-                region: DEV_REGION.into(),
-                shard_count: 2,
-            }],
+            regions: DEV_REGIONS
+                .iter()
+                .map(|r| v1::RegionShards {
+                    region: (*r).into(),
+                    shard_count: 2,
+                })
+                .collect(),
+            replication_factor: 3,
             require_lawful_basis: true,
             ..Default::default()
         };
-        collections
+        CollectionsClient::new(keyed(&uk_ch, &admin))
             .create_collection(v1::CreateCollectionRequest { collection: Some(spec) })
             .await
             .context("creating the sample collection")?;
         let all = sample(args.points);
         let t = Instant::now();
-        for batch in all.chunks(500) {
-            points
-                .upsert(v1::UpsertRequest {
-                    collection: DEV_COLLECTION.into(),
-                    points: batch.to_vec(),
-                })
-                .await
-                .context("loading sample points")?;
+        // A region's points enter through a node of that region (R2).
+        for (region, ch) in [("uk", &uk_ch), ("us", &us_ch)] {
+            let mine: Vec<v1::Point> = all.iter().filter(|p| p.region == region).cloned().collect();
+            let mut points = PointsClient::new(keyed(ch, &admin));
+            for batch in mine.chunks(250) {
+                points
+                    .upsert(v1::UpsertRequest {
+                        collection: DEV_COLLECTION.into(),
+                        points: batch.to_vec(),
+                    })
+                    .await
+                    .context("loading sample points")?;
+            }
         }
         println!(
-            "loaded {} sample points into collection {DEV_COLLECTION:?} (2 shards) in {:.1?}",
+            "loaded {} sample points into {DEV_COLLECTION:?} (uk and us, 2 shards each, 3 replicas per shard) in {:.1?}",
             all.len(),
             t.elapsed()
         );
-    } else {
-        println!(
-            "collection {DEV_COLLECTION:?} already exists in {}; not reloading",
-            data_dir.display()
-        );
+        for (id, read, write) in [("uk-reader", "uk", "uk"), ("us-reader", "us", "us")] {
+            let k = adm
+                .create_key(v1::CreateKeyRequest {
+                    id: id.into(),
+                    scopes: Some(v1::KeyScopes {
+                        read_regions: vec![read.into()],
+                        write_regions: vec![write.into()],
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .with_context(|| format!("creating key {id}"))?
+                .into_inner();
+            keys.push((id.to_string(), k.key));
+        }
     }
 
     let query = sample(1)[0].vector.clone();
-    let fr_in_thirties = v1::Filter {
-        kind: Some(v1::filter::Kind::And(v1::FilterList {
-            filters: vec![
-                v1::Filter {
-                    kind: Some(v1::filter::Kind::Condition(v1::Condition {
-                        key: "country".into(),
-                        test: Some(v1::condition::Test::Match(v1::Value {
-                            kind: Some(v1::value::Kind::StringValue("fr".into())),
-                        })),
-                    })),
-                },
-                v1::Filter {
-                    kind: Some(v1::filter::Kind::Condition(v1::Condition {
-                        key: "age".into(),
-                        test: Some(v1::condition::Test::Range(v1::Range {
-                            gte: Some(30.0),
-                            lt: Some(40.0),
-                            ..Default::default()
-                        })),
-                    })),
-                },
-            ],
-        })),
-    };
-    for (title, filter) in [
-        ("nearest 5", None),
-        ("nearest 5 with country = fr and 30 <= age < 40", Some(fr_in_thirties)),
-    ] {
-        let t = Instant::now();
-        let r = search
+    println!("\ndemo: nearest 5 to one sample vector, per key and coordinator");
+    println!(
+        "{:<10} {:<12} {:<6} {:<28} excluded regions (why)",
+        "key", "coordinator", "hits", "ids (region)"
+    );
+    let rows: Vec<(&str, &str, &tonic::transport::Channel, u64)> = vec![
+        ("admin", &admin, &uk_ch, 1),
+        (
+            "uk-reader",
+            keys.iter().find(|k| k.0 == "uk-reader").map_or("", |k| k.1.as_str()),
+            &uk_ch,
+            1,
+        ),
+        (
+            "us-reader",
+            keys.iter().find(|k| k.0 == "us-reader").map_or("", |k| k.1.as_str()),
+            &uk_ch,
+            1,
+        ),
+        ("admin", &admin, &us_ch, NODES_PER_REGION + 1),
+    ];
+    for (name, key, ch, node) in rows {
+        if key.is_empty() {
+            continue;
+        }
+        let coordinator = if node == 1 { "uk (node 1)" } else { "us (node 4)" };
+        let r = SearchClient::new(keyed(ch, key))
             .search(v1::SearchRequest {
                 collection: DEV_COLLECTION.into(),
                 vector: query.clone(),
                 k: 5,
-                filter,
                 with_payload: true,
                 ..Default::default()
             })
-            .await?
-            .into_inner();
-        println!(
-            "search: {title} ({:.1?}, {} shards answered)",
-            t.elapsed(),
-            r.shards.iter().filter(|s| s.answered).count()
-        );
-        for h in r.hits {
-            let p = h.point.unwrap_or_default();
-            let show = |k: &str| p.payload.get(k).and_then(|v| v.kind.as_ref()).map(value_text).unwrap_or_default();
-            let id = match p.id.as_ref().and_then(|i| i.kind.as_ref()) {
-                Some(v1::point_id::Kind::Num(n)) => n.to_string(),
-                Some(v1::point_id::Kind::Uuid(u)) => u.clone(),
-                None => "-".into(),
-            };
-            println!(
-                "  id {id:>6}  distance {:.4}  subject {}  country {}  age {}",
-                h.distance,
-                p.subject,
-                show("country"),
-                show("age")
-            );
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                let ids: Vec<String> = r
+                    .hits
+                    .iter()
+                    .map(|h| {
+                        let p = h.point.clone().unwrap_or_default();
+                        format!("{} ({})", id_text(&p), p.region)
+                    })
+                    .collect();
+                let excluded: Vec<String> = r.excluded.iter().map(|e| format!("{}: {}", e.region, e.reason)).collect();
+                println!(
+                    "{name:<10} {coordinator:<12} {:<6} {:<28} {}",
+                    r.hits.len(),
+                    ids.join(" "),
+                    if excluded.is_empty() { "-".into() } else { excluded.join("; ") }
+                );
+            }
+            Err(e) => println!("{name:<10} {coordinator:<12} refused: {:?} {}", e.code(), e.message()),
         }
     }
-    println!("\nconnect: grpcurl -plaintext {addr} list");
-    println!("         grpcurl -plaintext -d '{{\"name\":\"{DEV_COLLECTION}\"}}' {addr} sovra.v1.Collections/GetCollection");
-    println!("metrics: curl http://{}/metrics", node.metrics_addr);
-    println!("serving; Ctrl-C to stop");
-    tokio::select! {
-        _ = shutdown => {}
-        reason = node.fatal() => anyhow::bail!("node stopped: {reason}"),
+    let one = SearchClient::new(keyed(&uk_ch, &admin))
+        .search(v1::SearchRequest {
+            collection: DEV_COLLECTION.into(),
+            vector: query.clone(),
+            k: 3,
+            with_payload: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    println!("\nthe admin key's nearest 3 through node 1, with payloads:");
+    for h in one.hits {
+        let p = h.point.unwrap_or_default();
+        let show = |k: &str| p.payload.get(k).and_then(|v| v.kind.as_ref()).map(value_text).unwrap_or_default();
+        println!(
+            "  id {:>5}  region {}  distance {:.4}  subject {}  city {}  age {}",
+            id_text(&p),
+            p.region,
+            h.distance,
+            p.subject,
+            show("city"),
+            show("age")
+        );
     }
-    node.stop().await
+    let addr = uk.grpc_addr;
+    println!("\nconnect: grpcurl -plaintext {addr} list");
+    for (name, key) in &keys {
+        println!("key {name}: {key}");
+    }
+    println!(
+        "try:     grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"name\":\"{DEV_COLLECTION}\"}}' {addr} sovra.v1.Collections/GetCollection"
+    );
+    if let Some((_, k)) = keys.iter().find(|k| k.0 == "uk-reader") {
+        println!(
+            "         grpcurl -plaintext -H \"authorization: Bearer {k}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"limit\":3}}' {addr} sovra.v1.Points/Scroll"
+        );
+    }
+    Ok(())
 }

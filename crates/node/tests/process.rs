@@ -202,16 +202,17 @@ async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sovra_dev_starts_and_answers_a_search() {
-    let (mut child, line, _rest) = spawn_until(
-        &["dev", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--points", "800"],
+    let (mut child, line, rest) = spawn_until(
+        &["dev", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--points", "600"],
         "connect: grpcurl",
     );
     let addr: SocketAddr = line
         .split_whitespace()
         .find_map(|w| w.parse().ok())
         .expect("address in the connect line");
+    let key = printed_key(&rest, "key admin:");
     let ch = sovra_node::dev::wait_serving(addr, Duration::from_secs(30)).await.unwrap();
-    let mut search = v1::search_client::SearchClient::new(ch);
+    let mut search = v1::search_client::SearchClient::new(keyed(&ch, &key));
     let r = search
         .search(v1::SearchRequest {
             collection: "people".into(),
@@ -225,7 +226,21 @@ async fn sovra_dev_starts_and_answers_a_search() {
         .into_inner();
     assert_eq!(r.hits.len(), 7);
     assert!(r.hits.windows(2).all(|w| w[0].distance <= w[1].distance));
-    assert!(r.hits.iter().all(|h| h.point.as_ref().unwrap().payload.contains_key("country")));
+    assert!(r.hits.iter().all(|h| h.point.as_ref().unwrap().payload.contains_key("city")));
+    // Two regions, both searched through a uk coordinator (us lets its results go to uk).
+    assert_eq!(r.shards.len(), 4, "{:?}", r.shards);
+    assert!(r.shards.iter().all(|s| s.answered));
+    // Without a key: refused.
+    let st = v1::search_client::SearchClient::new(ch)
+        .search(v1::SearchRequest {
+            collection: "people".into(),
+            vector: vec![0.5; 64],
+            k: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Unauthenticated);
     assert!(
         Command::new("kill")
             .args(["-INT", &child.id().to_string()])
