@@ -23,6 +23,9 @@ pub struct SearchBenchArgs {
     pub k: u32,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// An API key that may read the collection (`sovra dev` prints them).
+    #[arg(long, env = "SOVRA_KEY", default_value = "")]
+    pub key: String,
 }
 
 fn quantiles(lat: &mut [Duration]) -> (f64, f64, f64) {
@@ -36,7 +39,7 @@ pub fn search(args: SearchBenchArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let ch = crate::dev::wait_serving(args.addr, Duration::from_secs(30)).await?;
-        let info = v1::collections_client::CollectionsClient::new(ch.clone())
+        let info = v1::collections_client::CollectionsClient::new(crate::dev::keyed(&ch, &args.key))
             .get_collection(v1::GetCollectionRequest {
                 name: args.collection.clone(),
                 ..Default::default()
@@ -47,7 +50,7 @@ pub fn search(args: SearchBenchArgs) -> anyhow::Result<()> {
         let points: u64 = info.shards.iter().map(|s| s.live_points).sum();
         let dim = spec.dimension as usize;
         let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-        let mut search = v1::search_client::SearchClient::new(ch.clone());
+        let mut search = v1::search_client::SearchClient::new(crate::dev::keyed(&ch, &args.key));
         let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
         let (mut s_lat, mut h_lat) = (Vec::with_capacity(args.queries), Vec::with_capacity(args.queries));
         // Interleaved, so both see the same machine load.

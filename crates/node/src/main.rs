@@ -1,8 +1,8 @@
-//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication|search|replicas`.
+//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication|search|replicas|cluster`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sovra_node::{NodeConfig, bench, bench_replicas, bench_replication, bench_search, dev};
+use sovra_node::{NodeConfig, bench, bench_cluster, bench_replicas, bench_replication, bench_search, dev};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -38,6 +38,8 @@ enum BenchCommand {
     Search(bench_search::SearchBenchArgs),
     /// What many replicas cost a node: threads, memory, files, start-up time.
     Replicas(bench_replicas::ReplicasBenchArgs),
+    /// Search through a coordinator over 2 regions x 3 nodes beside one in-process engine.
+    Cluster(bench_cluster::ClusterBenchArgs),
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -81,6 +83,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Replicas(args),
         } => bench_replicas::replicas(args),
+        Command::Bench {
+            what: BenchCommand::Cluster(args),
+        } => bench_cluster::cluster(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {

@@ -1,0 +1,311 @@
+//! `sovra bench cluster`: end-to-end search through a coordinator over two
+//! regions x three nodes on loopback (in this process, real gRPC between
+//! them), beside the same points in one in-process engine, in one run, on a
+//! seeded clustered set (the recall tests' Gaussian mixture). For each `ef`:
+//! recall@k against exact truth, QPS and p50/p99 of one client's searches,
+//! and the coordinator's overhead per request: its end-to-end time minus the
+//! slowest leaf's own time (reported by the leaves in the answer).
+
+use crate::dev::keyed;
+use sovra_index::synth::{MixtureSpec, gaussian_mixture};
+use sovra_proto::v1;
+use sovra_shard::{CacheBudget, ReplicaStore, SearchParams, ShardEngine};
+use sovra_types::{CollectionName, HnswParams, Metric, PointId, PointRecord, RegionId, RegionShards, ShardCommand, ShardId};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct ClusterBenchArgs {
+    /// Points (half in each region).
+    #[arg(long, default_value_t = 20_000)]
+    pub points: usize,
+    /// Held-out queries, searched one at a time.
+    #[arg(long, default_value_t = 500)]
+    pub queries: usize,
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Shards per region.
+    #[arg(long, default_value_t = 3)]
+    pub shards: u32,
+    #[arg(long, default_value_t = 1)]
+    pub replication_factor: u32,
+    /// Candidate list sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
+    pub ef: Vec<u32>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn q(lat: &mut [f64], p: f64) -> f64 {
+    lat.sort_by(f64::total_cmp);
+    lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
+}
+
+fn l2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+struct Row {
+    recall: f64,
+    qps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    overhead_p50_ms: f64,
+    overhead_p99_ms: f64,
+}
+
+pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.points >= 2 && args.queries > 0 && args.k > 0, "--points >= 2, --queries and --k >= 1");
+    let mut spec = MixtureSpec::gmm_128(args.seed);
+    spec.base = args.points;
+    spec.queries = args.queries;
+    let data = gaussian_mixture(spec);
+    let dim = data.base[0].len();
+    eprintln!("truth: exact top-{} of {} queries over {} points ({dim}-d)", args.k, data.queries.len(), data.base.len());
+    // Exact truth over every point (ids are positions; even ids uk, odd us).
+    let truth: Vec<Vec<u64>> = data
+        .queries
+        .iter()
+        .map(|qv| {
+            let mut all: Vec<(f32, u64)> = data.base.iter().enumerate().map(|(i, v)| (l2(v, qv), i as u64)).collect();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            all.into_iter().take(args.k).map(|(_, i)| i).collect()
+        })
+        .collect();
+    let recall = |got: &[u64], want: &[u64]| got.iter().filter(|g| want.contains(g)).count() as f64 / want.len() as f64;
+    let regions = ["uk", "us"];
+    let region_of = |i: usize| regions[i % 2];
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let cluster_rows = rt.block_on(async {
+        let dir = tempfile::tempdir()?;
+        let configs = crate::dev::dev_configs(dir.path(), "127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?);
+        let nodes = crate::run::start_joined(configs, sovra_raft::Faults::default(), Duration::from_secs(120)).await?;
+        let key = {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(k) = nodes[0].state.first_admin_key.lock().clone() {
+                    break k;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "no admin key");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let uk = crate::dev::wait_serving(nodes[0].grpc_addr, Duration::from_secs(60)).await?;
+        let us = crate::dev::wait_serving(nodes[3].grpc_addr, Duration::from_secs(60)).await?;
+        let mut admin = v1::admin_client::AdminClient::new(keyed(&uk, &key));
+        // us results may come to the uk coordinator that runs the searches.
+        admin
+            .set_region_policy(v1::SetRegionPolicyRequest {
+                policy: Some(v1::RegionPolicy {
+                    region: "us".into(),
+                    results_may_go_to: vec!["uk".into()],
+                }),
+            })
+            .await?;
+        v1::collections_client::CollectionsClient::new(keyed(&uk, &key))
+            .create_collection(v1::CreateCollectionRequest {
+                collection: Some(v1::CollectionSpec {
+                    name: "bench".into(),
+                    dimension: dim as u32,
+                    metric: v1::Metric::L2 as i32,
+                    regions: regions
+                        .iter()
+                        .map(|r| v1::RegionShards {
+                            region: (*r).into(),
+                            shard_count: args.shards,
+                        })
+                        .collect(),
+                    replication_factor: args.replication_factor,
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        let t = Instant::now();
+        for (r, ch) in [("uk", &uk), ("us", &us)] {
+            let mut points = v1::points_client::PointsClient::new(keyed(ch, &key));
+            let mine: Vec<v1::Point> = data
+                .base
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| region_of(*i) == r)
+                .map(|(i, v)| v1::Point {
+                    id: Some(v1::PointId {
+                        kind: Some(v1::point_id::Kind::Num(i as u64)),
+                    }),
+                    vector: v.clone(),
+                    region: r.into(),
+                    subject: format!("s{i}"),
+                    ..Default::default()
+                })
+                .collect();
+            for b in mine.chunks(500) {
+                points
+                    .upsert(v1::UpsertRequest {
+                        collection: "bench".into(),
+                        points: b.to_vec(),
+                    })
+                    .await?;
+            }
+        }
+        eprintln!("cluster: loaded {} points in {:.1?}", data.base.len(), t.elapsed());
+        let mut search = v1::search_client::SearchClient::new(keyed(&uk, &key));
+        let mut rows = Vec::new();
+        for &ef in &args.ef {
+            // Warm-up: every shard's latency window fills (hedging uses it).
+            for qv in data.queries.iter().take(50) {
+                search
+                    .search(v1::SearchRequest {
+                        collection: "bench".into(),
+                        vector: qv.clone(),
+                        k: args.k as u32,
+                        ef: Some(ef),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            let (mut lat, mut over, mut rec) = (Vec::new(), Vec::new(), 0.0);
+            let start = Instant::now();
+            for (qv, want) in data.queries.iter().zip(&truth) {
+                let t = Instant::now();
+                let r = search
+                    .search(v1::SearchRequest {
+                        collection: "bench".into(),
+                        vector: qv.clone(),
+                        k: args.k as u32,
+                        ef: Some(ef),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                let e2e = t.elapsed().as_secs_f64() * 1e3;
+                anyhow::ensure!(r.shards.len() == 2 * args.shards as usize && !r.partial, "not every shard answered");
+                let slowest = r.shards.iter().map(|s| s.leaf_us).max().unwrap_or(0) as f64 / 1e3;
+                lat.push(e2e);
+                over.push(e2e - slowest);
+                let got: Vec<u64> = r
+                    .hits
+                    .iter()
+                    .filter_map(|h| match h.point.as_ref()?.id.as_ref()?.kind {
+                        Some(v1::point_id::Kind::Num(n)) => Some(n),
+                        _ => None,
+                    })
+                    .collect();
+                rec += recall(&got, want);
+            }
+            let secs = start.elapsed().as_secs_f64();
+            rows.push((
+                ef,
+                Row {
+                    recall: rec / truth.len() as f64,
+                    qps: truth.len() as f64 / secs,
+                    p50_ms: q(&mut lat, 0.5),
+                    p99_ms: q(&mut lat, 0.99),
+                    overhead_p50_ms: q(&mut over, 0.5),
+                    overhead_p99_ms: q(&mut over, 0.99),
+                },
+            ));
+        }
+        for n in nodes {
+            n.stop().await?;
+        }
+        anyhow::Ok(rows)
+    })?;
+
+    // The same points in one engine, searched in this process.
+    let dir = tempfile::tempdir()?;
+    let spec = sovra_types::CollectionSpec {
+        name: CollectionName::parse("bench")?,
+        dimension: dim as u32,
+        metric: Metric::L2,
+        hnsw: HnswParams::default(),
+        regions: vec![RegionShards {
+            region: RegionId::parse("uk")?,
+            shard_count: 1,
+        }],
+        replication_factor: 1,
+        default_retention_seconds: 0,
+        require_lawful_basis: false,
+    };
+    let replica = ReplicaStore::open(&dir.path().join("one"), &CacheBudget::new(512 << 20, 1))?;
+    let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build()?);
+    let id = ShardId {
+        collection: spec.name.clone(),
+        region: spec.regions[0].region.clone(),
+        number: 0,
+    };
+    let engine = ShardEngine::open(id, Arc::new(spec), &replica, Some(pool))?;
+    let t = Instant::now();
+    let records: Vec<PointRecord> = data
+        .base
+        .iter()
+        .enumerate()
+        .map(|(i, v)| PointRecord {
+            id: PointId::Num(i as u64),
+            region: RegionId::parse("uk").expect("literal"),
+            vector: v.clone(),
+            subject: format!("s{i}"),
+            payload: Default::default(),
+            lawful_basis: sovra_types::LawfulBasis::Unspecified,
+            source: String::new(),
+            expires_at_ms: 0,
+        })
+        .collect();
+    for b in records.chunks(500) {
+        engine.apply_next(&ShardCommand::Upsert(b.to_vec()))?;
+    }
+    eprintln!("engine: loaded {} points in {:.1?}", records.len(), t.elapsed());
+    println!(
+        "sovra bench cluster: {} points ({dim}-d gmm, seed {}), 2 regions x 3 nodes, {} shards per region, rf {}, k={}, {} queries, one client",
+        data.base.len(),
+        args.seed,
+        args.shards,
+        args.replication_factor,
+        args.k,
+        data.queries.len()
+    );
+    println!(
+        "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} | {:>8} {:>8} {:>8} {:>8} | {:>9}",
+        "ef", "recall", "QPS", "p50 ms", "p99 ms", "ovh p50", "ovh p99", "recall", "QPS", "p50 ms", "p99 ms", "QPS ratio"
+    );
+    for (ef, c) in cluster_rows {
+        let (mut lat, mut rec) = (Vec::new(), 0.0);
+        let start = Instant::now();
+        for (qv, want) in data.queries.iter().zip(&truth) {
+            let t = Instant::now();
+            let (hits, _) = engine.search(&SearchParams {
+                vector: qv,
+                k: args.k,
+                ef: (ef as usize).max(args.k),
+                filter: None,
+                now_ms: 0,
+            });
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            let got: Vec<u64> = hits
+                .iter()
+                .filter_map(|h| match h.id {
+                    PointId::Num(n) => Some(n),
+                    _ => None,
+                })
+                .collect();
+            rec += recall(&got, want);
+        }
+        let qps = truth.len() as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "{ef:>5} | {:>8.4} {:>8.0} {:>8.3} {:>8.3} {:>10.3} {:>10.3} | {:>8.4} {:>8.0} {:>8.3} {:>8.3} | {:>8.2}x",
+            c.recall,
+            c.qps,
+            c.p50_ms,
+            c.p99_ms,
+            c.overhead_p50_ms,
+            c.overhead_p99_ms,
+            rec / truth.len() as f64,
+            qps,
+            q(&mut lat, 0.5),
+            q(&mut lat, 0.99),
+            c.qps / qps
+        );
+    }
+    println!("left: cluster through node 1's coordinator (ovh = end-to-end minus the slowest leaf's own time); right: one in-process engine");
+    Ok(())
+}
