@@ -429,7 +429,10 @@ async fn a_revoked_key_is_refused_on_every_node_also_one_cut_off_from_meta_withi
     // At once on the node that revoked it; within the lease on the other.
     let st = list(&nodes[0]).await.unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
-    let st = eventually("node 2 refuses the revoked key", Duration::from_secs(5), async || list(&nodes[1]).await.err()).await;
+    let st = eventually("node 2 refuses the revoked key", Duration::from_secs(5), async || {
+        list(&nodes[1]).await.err()
+    })
+    .await;
     assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
     // The cut-off node cannot learn of the revocation: within its lease it
     // refuses every key (fail closed).

@@ -55,13 +55,21 @@ struct Row {
 }
 
 pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.points >= 2 && args.queries > 0 && args.k > 0, "--points >= 2, --queries and --k >= 1");
+    anyhow::ensure!(
+        args.points >= 2 && args.queries > 0 && args.k > 0,
+        "--points >= 2, --queries and --k >= 1"
+    );
     let mut spec = MixtureSpec::gmm_128(args.seed);
     spec.base = args.points;
     spec.queries = args.queries;
     let data = gaussian_mixture(spec);
     let dim = data.base[0].len();
-    eprintln!("truth: exact top-{} of {} queries over {} points ({dim}-d)", args.k, data.queries.len(), data.base.len());
+    eprintln!(
+        "truth: exact top-{} of {} queries over {} points ({dim}-d)",
+        args.k,
+        data.queries.len(),
+        data.base.len()
+    );
     // Exact truth over every point (ids are positions; even ids uk, odd us).
     let truth: Vec<Vec<u64>> = data
         .queries
@@ -306,6 +314,8 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
             c.qps / qps
         );
     }
-    println!("left: cluster through node 1's coordinator (ovh = end-to-end minus the slowest leaf's own time); right: one in-process engine");
+    println!(
+        "left: cluster through node 1's coordinator (ovh = end-to-end minus the slowest leaf's own time); right: one in-process engine"
+    );
     Ok(())
 }
