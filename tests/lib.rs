@@ -6,30 +6,12 @@ use sovra_proto::v1::{
     self, admin_client::AdminClient, collections_client::CollectionsClient, points_client::PointsClient, search_client::SearchClient,
 };
 use std::time::Duration;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// The secret the nodes of a test cluster share.
 pub const CLUSTER_SECRET: &str = "sovra-tests-cluster-secret";
 
-/// Attaches `authorization: Bearer <key>` to every call (nothing when empty).
-#[derive(Clone)]
-pub struct Bearer(pub String);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if !self.0.is_empty() {
-            let v = format!("Bearer {}", self.0)
-                .parse()
-                .map_err(|_| tonic::Status::internal("key is not metadata"))?;
-            req.metadata_mut().insert("authorization", v);
-        }
-        Ok(req)
-    }
-}
-
-/// A channel that presents one key.
-pub type Keyed = InterceptedService<Channel, Bearer>;
+pub use sovra_node::dev::{Keyed, keyed};
 
 /// Clients of every public service, presenting one key.
 #[derive(Clone)]
@@ -42,7 +24,7 @@ pub struct Clients {
 
 impl Clients {
     pub fn new(channel: &Channel, key: &str) -> Self {
-        let k = || InterceptedService::new(channel.clone(), Bearer(key.to_string()));
+        let k = || keyed(channel, key);
         Self {
             collections: CollectionsClient::new(k()),
             points: PointsClient::new(k()),
@@ -97,13 +79,11 @@ impl TestNode {
         let key = match key {
             Some(k) => k,
             None if !config.auth => String::new(),
-            None => {
-                let state = node.state.clone();
-                eventually("the bootstrap node's first admin key", Duration::from_secs(30), async || {
-                    state.first_admin_key.lock().clone()
-                })
+            None => node
+                .state
+                .first_admin_key_within(Duration::from_secs(30))
                 .await
-            }
+                .expect("the bootstrap node's first admin key"),
         };
         let c = Clients::new(&channel, &key);
         TestNode {

@@ -89,16 +89,11 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let configs = crate::dev::dev_configs(dir.path(), "127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?);
         let nodes = crate::run::start_joined(configs, sovra_raft::Faults::default(), Duration::from_secs(120)).await?;
-        let key = {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Some(k) = nodes[0].state.first_admin_key.lock().clone() {
-                    break k;
-                }
-                anyhow::ensure!(Instant::now() < deadline, "no admin key");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
+        let key = nodes[0]
+            .state
+            .first_admin_key_within(Duration::from_secs(30))
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the bootstrap node made no admin key"))?;
         let uk = crate::dev::wait_serving(nodes[0].grpc_addr, Duration::from_secs(60)).await?;
         let us = crate::dev::wait_serving(nodes[3].grpc_addr, Duration::from_secs(60)).await?;
         let mut admin = v1::admin_client::AdminClient::new(keyed(&uk, &key));

@@ -111,16 +111,18 @@ fn value_text(k: &v1::value::Kind) -> String {
     }
 }
 
-/// Presents an API key on every call.
+/// Presents an API key on every call (none when the key is empty).
 #[derive(Clone)]
 pub struct Bearer(pub String);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let v = format!("Bearer {}", self.0)
-            .parse()
-            .map_err(|_| tonic::Status::internal("the key is not valid metadata"))?;
-        req.metadata_mut().insert("authorization", v);
+        if !self.0.is_empty() {
+            let v = format!("Bearer {}", self.0)
+                .parse()
+                .map_err(|_| tonic::Status::internal("the key is not valid metadata"))?;
+            req.metadata_mut().insert("authorization", v);
+        }
         Ok(req)
     }
 }
@@ -241,14 +243,10 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
     let uk = &nodes[0];
     let us = &nodes[NODES_PER_REGION as usize];
     let admin = if fresh {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(k) = uk.state.first_admin_key.lock().clone() {
-                break k;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "the bootstrap node made no admin key");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        uk.state
+            .first_admin_key_within(Duration::from_secs(30))
+            .await
+            .context("the bootstrap node made no admin key")?
     } else {
         match std::env::var("SOVRA_DEV_ADMIN_KEY") {
             Ok(k) => k,

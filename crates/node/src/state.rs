@@ -216,6 +216,21 @@ impl NodeState {
         Ok(this)
     }
 
+    /// The first admin key this (bootstrap) node made in this run, once it
+    /// has (`None` after `within`, or on a node that makes none).
+    pub async fn first_admin_key_within(&self, within: std::time::Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(k) = self.first_admin_key.lock().clone() {
+                return Some(k);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// The coordinator of this node.
     pub fn root(&self) -> &Arc<sovra_coord::Root> {
         self.root.get().expect("set when the state is made")
@@ -280,17 +295,6 @@ impl NodeState {
             .values()
             .filter(|n| n.region == *region && n.status != NodeStatus::Down && n.roles.coordinator)
             .map(|n| n.public_addr.clone())
-            .collect()
-    }
-
-    /// Node ids of `region` known to meta, sorted.
-    pub fn region_nodes(&self, region: &RegionId) -> Vec<NodeId> {
-        self.view()
-            .state
-            .nodes
-            .values()
-            .filter(|n| n.region == *region)
-            .map(|n| n.id)
             .collect()
     }
 

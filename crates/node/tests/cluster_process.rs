@@ -23,23 +23,7 @@ struct Proc {
     key: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
-/// Presents an API key on every call.
-#[derive(Clone)]
-struct Key(String);
-
-impl tonic::service::Interceptor for Key {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {}", self.0).parse().unwrap());
-        Ok(req)
-    }
-}
-
-type Keyed = tonic::service::interceptor::InterceptedService<Channel, Key>;
-
-fn keyed(ch: &Channel, key: &str) -> Keyed {
-    tonic::service::interceptor::InterceptedService::new(ch.clone(), Key(key.to_string()))
-}
+use sovra_node::dev::keyed;
 
 /// The key node 1 printed when it bootstrapped the cluster.
 fn admin_key(p: &Proc) -> String {

@@ -10,23 +10,7 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sovra");
 
-/// Presents an API key on every call.
-#[derive(Clone)]
-struct Key(String);
-
-impl tonic::service::Interceptor for Key {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {}", self.0).parse().unwrap());
-        Ok(req)
-    }
-}
-
-type Keyed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Key>;
-
-fn keyed(ch: &tonic::transport::Channel, key: &str) -> Keyed {
-    tonic::service::interceptor::InterceptedService::new(ch.clone(), Key(key.to_string()))
-}
+use sovra_node::dev::keyed;
 
 /// The key a bootstrap node (or `sovra dev`) prints once: the last word of
 /// the first stdout line containing `marker`.

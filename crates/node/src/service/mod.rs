@@ -46,6 +46,14 @@ pub(crate) async fn observe<T>(method: &'static str, body: impl Future<Output = 
     out.map(Response::new).map_err(|e| status_of(&e))
 }
 
+/// A request's optional payload filter, converted and checked.
+pub(crate) fn parse_filter(f: Option<&sovra_proto::v1::Filter>) -> Result<Option<sovra_types::Filter>, ApiError> {
+    let Some(f) = f else { return Ok(None) };
+    let f = sovra_proto::convert::filter_from(f, "filter")?;
+    f.validate()?;
+    Ok(Some(f))
+}
+
 /// Counts the encoded size of an answer while it is assembled, so an answer
 /// too large to send is refused part way, never built whole first.
 pub(crate) struct AnswerBudget {

@@ -1,7 +1,6 @@
-use super::{AnswerBudget, ReadLevels, now_ms, observe};
+use super::{AnswerBudget, ReadLevels, now_ms, observe, parse_filter};
 use crate::state::{Collection, NodeState};
 use sovra_coord::wire::{GetQuery, ScrollQuery};
-use sovra_proto::convert::filter_from;
 use sovra_proto::convert::{point_from, point_id_from, point_to};
 use sovra_proto::v1::{self, points_server::Points};
 use sovra_types::limits::{MAX_ANSWER_BYTES, MAX_IDS_PER_REQUEST};
@@ -108,6 +107,22 @@ fn check_policy(state: &NodeState, region: &RegionId) -> Result<(), ApiError> {
     )))
 }
 
+/// The collection and region a read (get, scroll) names, once the key may
+/// read them and the region's policy lets its points come to this node.
+async fn readable(
+    state: &Arc<NodeState>,
+    caller: &crate::auth::Caller,
+    collection: &str,
+    region: &str,
+) -> Result<(Arc<Collection>, RegionId), ApiError> {
+    let c = state.collection_now(collection).await?;
+    caller.require_collection(&c.spec.name)?;
+    let region = check_region(&c.spec, region).map_err(|e| e.at("region"))?;
+    caller.require_read(&region)?;
+    check_policy(state, &region)?;
+    Ok((c, region))
+}
+
 /// A scroll cursor: `s1.<region>.<shard>.<hex of the last id's key bytes>`
 /// (no id: from the shard's start). Opaque to clients; checked on the way in.
 fn cursor_to(region: &RegionId, at: &(u32, Option<PointId>)) -> String {
@@ -195,11 +210,7 @@ impl Points for PointsService {
         observe("get", async {
             let caller = self.state.authenticate(req.metadata()).await?;
             let req = req.into_inner();
-            let c = self.state.collection_now(&req.collection).await?;
-            caller.require_collection(&c.spec.name)?;
-            let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
-            caller.require_read(&region)?;
-            check_policy(&self.state, &region)?;
+            let (c, region) = readable(&self.state, &caller, &req.collection, &req.region).await?;
             let ids = ids_from(&req.ids)?;
             let levels = ReadLevels::parse(req.consistency, &req.after)?;
             let (with_vector, with_payload) = (req.with_vector, req.with_payload);
@@ -240,11 +251,7 @@ impl Points for PointsService {
         observe("scroll", async {
             let caller = self.state.authenticate(req.metadata()).await?;
             let req = req.into_inner();
-            let c = self.state.collection_now(&req.collection).await?;
-            caller.require_collection(&c.spec.name)?;
-            let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
-            caller.require_read(&region)?;
-            check_policy(&self.state, &region)?;
+            let (c, region) = readable(&self.state, &caller, &req.collection, &req.region).await?;
             let limit = match req.limit {
                 0 => DEFAULT_SCROLL_LIMIT,
                 n if n as usize > MAX_IDS_PER_REQUEST => {
@@ -254,14 +261,7 @@ impl Points for PointsService {
                 }
                 n => n as usize,
             };
-            let filter = match &req.filter {
-                Some(f) => {
-                    let f = filter_from(f, "filter")?;
-                    f.validate()?;
-                    Some(f)
-                }
-                None => None,
-            };
+            let filter = parse_filter(req.filter.as_ref())?;
             let shards = c.spec.region(&region).map_or(0, |r| r.shard_count);
             let at = cursor_from(&req.cursor, &region, shards).map_err(|e| e.at("cursor"))?;
             let levels = ReadLevels::parse(req.consistency, &req.after)?;

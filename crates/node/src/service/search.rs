@@ -1,9 +1,9 @@
-use super::{AnswerBudget, ReadLevels, now_ms, observe};
+use super::{AnswerBudget, ReadLevels, now_ms, observe, parse_filter};
 use crate::auth::Caller;
 use crate::state::NodeState;
 use sovra_coord::plan::regions_to_ask;
 use sovra_coord::wire::SearchQuery;
-use sovra_proto::convert::{filter_from, point_id_to, point_to};
+use sovra_proto::convert::{point_id_to, point_to};
 use sovra_proto::v1::{self, search_server::Search};
 use sovra_types::limits::{MAX_ANSWER_BYTES, MAX_EF_SEARCH, MAX_K};
 use sovra_types::validate::{check_region, prepare_vector};
@@ -44,14 +44,7 @@ impl SearchService {
         .max(req.k);
         let levels = ReadLevels::parse(req.consistency, &req.after)?;
         let vector = prepare_vector(&c.spec, req.vector, "vector")?;
-        let filter = match &req.filter {
-            Some(f) => {
-                let f = filter_from(f, "filter")?;
-                f.validate()?;
-                Some(f)
-            }
-            None => None,
-        };
+        let filter = parse_filter(req.filter.as_ref())?;
         let mut requested: Vec<RegionId> = Vec::with_capacity(req.regions.len());
         for (i, r) in req.regions.iter().enumerate() {
             let region = check_region(&c.spec, r).map_err(|e| e.at(&format!("regions[{i}]")))?;
