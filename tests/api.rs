@@ -329,6 +329,58 @@ async fn upsert_get_search_delete_round_trip() {
     assert_eq!(got.points.len(), 1, "expired 10 and unknown 999 are absent");
     assert_eq!(got.points[0].vector, vec![5.0, 0.0]);
 
+    // T1 in a scroll too: every live point once, the expired one never; a
+    // filter keeps only what it matches.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = n
+            .points
+            .scroll(v1::ScrollRequest {
+                collection: "faces".into(),
+                region: EU.into(),
+                limit: 128,
+                cursor,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for p in &page.points {
+            let Some(v1::point_id::Kind::Num(i)) = p.id.as_ref().unwrap().kind else {
+                unreachable!()
+            };
+            seen.push(i);
+        }
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..300).filter(|i| *i != 10).collect::<Vec<u64>>(), "10 is expired");
+    let evens = n
+        .points
+        .scroll(v1::ScrollRequest {
+            collection: "faces".into(),
+            region: EU.into(),
+            limit: 1000,
+            filter: Some(v1::Filter {
+                kind: Some(v1::filter::Kind::Condition(v1::Condition {
+                    key: "even".into(),
+                    test: Some(v1::condition::Test::Match(v1::Value {
+                        kind: Some(v1::value::Kind::BoolValue(true)),
+                    })),
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(evens.points.len(), 149, "150 even ids, 10 expired");
+    assert!(evens.next_cursor.is_empty());
+
     let d = n
         .points
         .delete(v1::DeletePointsRequest {
