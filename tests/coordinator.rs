@@ -269,7 +269,10 @@ async fn with_rf_1_a_search_from_any_node_returns_the_full_top_k_equal_to_the_gl
                 .into_inner();
             assert_eq!(hits_of(&r), want);
             assert_eq!(r.shards.len(), 6);
-            assert!(r.shards.iter().all(|s| s.answered && s.node != 0));
+            assert!(r.shards.iter().all(|s| s.answered && s.node != 0 && s.leaf_us > 0));
+            // The coordinator's own time covers every leaf's.
+            let slowest = r.shards.iter().map(|s| s.leaf_us).max().unwrap();
+            assert!(r.took_us >= slowest, "took {} us, slowest leaf {slowest} us", r.took_us);
             // And through the graphs: the full k from every shard, never partial.
             let r = n.search.search(search_req("people", &q.vector, 10)).await.unwrap().into_inner();
             assert_eq!(r.hits.len(), 10);

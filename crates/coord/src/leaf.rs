@@ -9,6 +9,7 @@
 
 use crate::NodeContext;
 use crate::plan::results_may_go;
+use crate::pool::SearchPool;
 use crate::wire::{self, Answer, GetQuery, LeafHit, Query, RecordsAnswer, ScrollQuery, SearchAnswer, SearchQuery};
 use sovra_proto::raft as pb;
 use sovra_proto::status_of;
@@ -53,6 +54,7 @@ pub struct LeafCall {
 pub struct Leaf {
     pub host: Arc<RaftHost>,
     ctx: Arc<dyn NodeContext>,
+    pool: SearchPool,
     pub stats: LeafStats,
 }
 
@@ -73,10 +75,11 @@ fn too_large(what: &str, fitted: usize, asked: usize) -> Status {
 }
 
 impl Leaf {
-    pub fn new(host: Arc<RaftHost>, ctx: Arc<dyn NodeContext>) -> Self {
+    pub fn new(host: Arc<RaftHost>, ctx: Arc<dyn NodeContext>, pool: SearchPool) -> Self {
         Self {
             host,
             ctx,
+            pool,
             stats: LeafStats::default(),
         }
     }
@@ -119,13 +122,14 @@ impl Leaf {
         self.host.read_barrier(&call.shard, call.level).await.map_err(|e| status_of(&e))?;
         let engine = group.engine().clone();
         let ctx = self.ctx.clone();
-        let answer = tokio::task::spawn_blocking(move || match query {
-            Query::Search(q) => search(&engine, q, &*ctx).map(Answer::Search),
-            Query::Get(q) => get(&engine, q, &*ctx).map(Answer::Records),
-            Query::Scroll(q) => scroll(&engine, q, &*ctx).map(Answer::Records),
-        })
-        .await
-        .map_err(|e| Status::internal(format!("leaf task failed: {e}")))??;
+        let answer = self
+            .pool
+            .run(move || match query {
+                Query::Search(q) => search(&engine, q, &*ctx).map(Answer::Search),
+                Query::Get(q) => get(&engine, q, &*ctx).map(Answer::Records),
+                Query::Scroll(q) => scroll(&engine, q, &*ctx).map(Answer::Records),
+            })
+            .await??;
         self.stats.served.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(LEAF_REQUESTS, "node" => self.host.me.to_string(), "region" => call.shard.region.to_string(), "rpc" => rpc)
             .increment(1);

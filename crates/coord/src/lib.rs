@@ -12,6 +12,7 @@
 //!   the replica is on the coordinator's node). It refuses a shard of another
 //!   region (R2) and checks the region policy again (R3).
 //! - [`wire`]: the queries and answers the two exchange.
+//! - [`pool`]: the fixed, lower-priority threads leaf reads run on.
 //!
 //! Depends on `sovra-raft` (replicas, read levels, peer channels),
 //! `sovra-shard` (engines), `sovra-meta` (the view: shard map, nodes,
@@ -20,10 +21,12 @@
 
 pub mod leaf;
 pub mod plan;
+pub mod pool;
 pub mod root;
 pub mod wire;
 
 pub use leaf::{Leaf, LeafService};
+pub use pool::SearchPool;
 pub use root::{Root, RootConfig};
 
 use sovra_meta::View;

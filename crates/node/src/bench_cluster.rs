@@ -3,8 +3,10 @@
 //! them), beside the same points in one in-process engine, in one run, on a
 //! seeded clustered set (the recall tests' Gaussian mixture). For each `ef`:
 //! recall@k against exact truth, QPS and p50/p99 of one client's searches,
-//! and the coordinator's overhead per request: its end-to-end time minus the
-//! slowest leaf's own time (reported by the leaves in the answer).
+//! and the coordinator's overhead per request: its end-to-end time (the
+//! answer's `took_us`, receipt to answer) minus the slowest leaf's own time
+//! (each shard's `leaf_us`); and the same seen from the client (its round
+//! trip minus the slowest leaf), which adds the client's own hop.
 
 use crate::dev::keyed;
 use sovra_index::synth::{MixtureSpec, gaussian_mixture};
@@ -52,6 +54,7 @@ struct Row {
     p99_ms: f64,
     overhead_p50_ms: f64,
     overhead_p99_ms: f64,
+    client_overhead_p50_ms: f64,
 }
 
 pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
@@ -152,6 +155,18 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
             }
         }
         eprintln!("cluster: loaded {} points in {:.1?}", data.base.len(), t.elapsed());
+        // One bare gRPC round trip on this machine (health check, no key):
+        // the unit the overhead is made of.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(uk.clone());
+        let mut rtt = Vec::new();
+        for _ in 0..500 {
+            let t = Instant::now();
+            health
+                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await?;
+            rtt.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let rtt_p50 = q(&mut rtt, 0.5);
         let mut search = v1::search_client::SearchClient::new(keyed(&uk, &key));
         let mut rows = Vec::new();
         for &ef in &args.ef {
@@ -167,7 +182,7 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
                     })
                     .await?;
             }
-            let (mut lat, mut over, mut rec) = (Vec::new(), Vec::new(), 0.0);
+            let (mut lat, mut over, mut client_over, mut rec) = (Vec::new(), Vec::new(), Vec::new(), 0.0);
             let start = Instant::now();
             for (qv, want) in data.queries.iter().zip(&truth) {
                 let t = Instant::now();
@@ -185,7 +200,8 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
                 anyhow::ensure!(r.shards.len() == 2 * args.shards as usize && !r.partial, "not every shard answered");
                 let slowest = r.shards.iter().map(|s| s.leaf_us).max().unwrap_or(0) as f64 / 1e3;
                 lat.push(e2e);
-                over.push(e2e - slowest);
+                over.push(r.took_us as f64 / 1e3 - slowest);
+                client_over.push(e2e - slowest);
                 let got: Vec<u64> = r
                     .hits
                     .iter()
@@ -206,14 +222,16 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
                     p99_ms: q(&mut lat, 0.99),
                     overhead_p50_ms: q(&mut over, 0.5),
                     overhead_p99_ms: q(&mut over, 0.99),
+                    client_overhead_p50_ms: q(&mut client_over, 0.5),
                 },
             ));
         }
         for n in nodes {
             n.stop().await?;
         }
-        anyhow::Ok(rows)
+        anyhow::Ok((rows, rtt_p50))
     })?;
+    let (cluster_rows, rtt_p50) = cluster_rows;
 
     // The same points in one engine, searched in this process.
     let dir = tempfile::tempdir()?;
@@ -268,8 +286,8 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
         data.queries.len()
     );
     println!(
-        "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} | {:>8} {:>8} {:>8} {:>8} | {:>9}",
-        "ef", "recall", "QPS", "p50 ms", "p99 ms", "ovh p50", "ovh p99", "recall", "QPS", "p50 ms", "p99 ms", "QPS ratio"
+        "{:>5} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} {:>8} | {:>9}",
+        "ef", "recall", "QPS", "p50 ms", "p99 ms", "ovh p50", "ovh p99", "c-ovh p50", "recall", "QPS", "p50 ms", "p99 ms", "QPS ratio"
     );
     for (ef, c) in cluster_rows {
         let (mut lat, mut rec) = (Vec::new(), 0.0);
@@ -295,13 +313,14 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
         }
         let qps = truth.len() as f64 / start.elapsed().as_secs_f64();
         println!(
-            "{ef:>5} | {:>8.4} {:>8.0} {:>8.3} {:>8.3} {:>10.3} {:>10.3} | {:>8.4} {:>8.0} {:>8.3} {:>8.3} | {:>8.2}x",
+            "{ef:>5} | {:>8.4} {:>8.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3} | {:>8.4} {:>8.0} {:>8.3} {:>8.3} | {:>8.2}x",
             c.recall,
             c.qps,
             c.p50_ms,
             c.p99_ms,
             c.overhead_p50_ms,
             c.overhead_p99_ms,
+            c.client_overhead_p50_ms,
             rec / truth.len() as f64,
             qps,
             q(&mut lat, 0.5),
@@ -309,8 +328,9 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
             c.qps / qps
         );
     }
+    println!("one bare gRPC round trip (health check) to the coordinator: p50 {rtt_p50:.3} ms");
     println!(
-        "left: cluster through node 1's coordinator (ovh = end-to-end minus the slowest leaf's own time); right: one in-process engine"
+        "left: cluster through node 1's coordinator (ovh = the coordinator's took_us minus the slowest leaf's leaf_us; c-ovh = the client's round trip minus the same); right: one in-process engine"
     );
     Ok(())
 }

@@ -47,6 +47,10 @@ pub struct NodeConfig {
     /// Threads for index builds and compaction.
     #[serde(default = "default_threads")]
     pub index_threads: usize,
+    /// Threads for leaf reads (search, get, scroll), at a lower CPU priority
+    /// than the runtime; reads beyond them queue. 0: one per core.
+    #[serde(default)]
+    pub search_threads: usize,
     /// Compact a shard when tombstones reach this share of its slots.
     #[serde(default = "default_ratio")]
     pub compaction_tombstone_ratio: f64,
@@ -216,6 +220,16 @@ fn default_max_replicas() -> usize {
 fn default_threads() -> usize {
     2
 }
+
+impl NodeConfig {
+    /// `search_threads`, with 0 resolved to the cores this process may use.
+    pub fn search_threads(&self) -> usize {
+        match self.search_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
 fn default_ratio() -> f64 {
     0.2
 }
@@ -267,6 +281,7 @@ impl NodeConfig {
             cache_capacity_mb: 64,
             max_replicas: 64,
             index_threads: default_threads(),
+            search_threads: 0,
             compaction_tombstone_ratio: default_ratio(),
             compaction_check_seconds: default_check(),
             roles: default_roles(),
@@ -354,6 +369,9 @@ impl NodeConfig {
         if let Some(v) = env("SOVRA_INDEX_THREADS") {
             self.index_threads = parse("index_threads", v)?;
         }
+        if let Some(v) = env("SOVRA_SEARCH_THREADS") {
+            self.search_threads = parse("search_threads", v)?;
+        }
         if let Some(v) = env("SOVRA_AUTH") {
             self.auth = parse("auth", v)?;
         }
@@ -405,6 +423,12 @@ impl NodeConfig {
             return Err(invalid(
                 "index_threads",
                 format!("is {}: must be between 1 and 256", self.index_threads),
+            ));
+        }
+        if self.search_threads > 256 {
+            return Err(invalid(
+                "search_threads",
+                format!("is {}: must be between 0 (one per core) and 256", self.search_threads),
             ));
         }
         if !(self.compaction_tombstone_ratio > 0.0 && self.compaction_tombstone_ratio <= 1.0) {

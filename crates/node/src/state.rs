@@ -205,7 +205,8 @@ impl NodeState {
             unknown_key_refresh: std::sync::atomic::AtomicU64::new(0),
         });
         let ctx: Arc<dyn sovra_coord::NodeContext> = Arc::new(Ctx(Arc::downgrade(&this)));
-        let leaf = Arc::new(sovra_coord::Leaf::new(this.host.clone(), ctx.clone()));
+        let pool = sovra_coord::SearchPool::new(this.config.node_id, this.config.search_threads())?;
+        let leaf = Arc::new(sovra_coord::Leaf::new(this.host.clone(), ctx.clone(), pool));
         let cfg = sovra_coord::RootConfig {
             leaf_timeout: std::time::Duration::from_millis(this.config.leaf_timeout_ms),
             hedge_after: (this.config.hedge_after_ms > 0).then(|| std::time::Duration::from_millis(this.config.hedge_after_ms)),

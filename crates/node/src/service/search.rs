@@ -18,9 +18,12 @@ pub struct SearchService {
 #[tonic::async_trait]
 impl Search for SearchService {
     async fn search(&self, req: Request<v1::SearchRequest>) -> Result<Response<v1::SearchResponse>, Status> {
+        let start = std::time::Instant::now();
         observe("search", async {
             let caller = self.state.authenticate(req.metadata()).await?;
-            self.run(caller, req.into_inner()).await
+            let mut answer = self.run(caller, req.into_inner()).await?;
+            answer.took_us = start.elapsed().as_micros() as u64;
+            Ok(answer)
         })
         .await
     }
@@ -149,6 +152,7 @@ impl SearchService {
             shards: statuses,
             partial,
             excluded,
+            took_us: 0,
         })
     }
 }
