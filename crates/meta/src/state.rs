@@ -168,6 +168,25 @@ fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
 }
 
 impl MetaState {
+    /// Whether `other` differs from this state at most in nodes' heartbeat
+    /// times: what a node derives from its view (replicas, routing,
+    /// addresses, keys, policies) is then the same, so a heartbeat alone
+    /// need not be saved or reconciled on every node.
+    pub fn same_but_heartbeats(&self, other: &MetaState) -> bool {
+        self.map_version == other.map_version
+            && self.collections == other.collections
+            && self.policies == other.policies
+            && self.api_keys == other.api_keys
+            && self.nodes.len() == other.nodes.len()
+            && self.nodes.iter().zip(&other.nodes).all(|((a, x), (b, y))| {
+                a == b
+                    && NodeRecord {
+                        last_heartbeat_ms: y.last_heartbeat_ms,
+                        ..x.clone()
+                    } == *y
+            })
+    }
+
     /// Applies `cmd` whole, or refuses it and changes nothing.
     pub fn apply(&mut self, cmd: MetaCommand) -> Result<Applied, Refused> {
         match cmd {

@@ -409,15 +409,24 @@ async fn fetch(state: &NodeState, confirm: bool) -> Option<(u64, MetaState)> {
 /// seconds, to retry what failed for a passing reason).
 pub async fn reconcile_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
     let mut rx = state.view_changes();
+    let mut last: Option<Arc<sovra_meta::View>> = None;
     loop {
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        let changed = tokio::select! {
+            _ = rx.changed() => true,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => false,
             _ = stop.wait_for(|s| *s) => return,
+        };
+        if !state.is_ready() {
+            continue;
         }
-        if state.is_ready() {
-            state.reconcile().await;
+        let view = state.view();
+        // A heartbeat alone changes no replica: skip it (the timer still
+        // reconciles every 2 s, to retry what failed for a passing reason).
+        if changed && last.as_ref().is_some_and(|l| l.state.same_but_heartbeats(&view.state)) {
+            continue;
         }
+        state.reconcile().await;
+        last = Some(view);
     }
 }
 

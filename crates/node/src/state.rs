@@ -326,12 +326,20 @@ impl NodeState {
         if index <= self.view().index {
             return Ok(false);
         }
-        let bytes = postcard::to_allocvec(&(index, &state)).map_err(ShardError::Encode)?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.store.put_raw(VIEW_KEY, &bytes))
-            .await
-            .map_err(|e| ShardError::Io(std::io::Error::other(e)))??;
-        self.apply_view_addresses(&state);
+        // The saved view is what a restart serves from before meta answers: a
+        // heartbeat alone changes nothing it is used for, so only other
+        // changes are written (otherwise every node would write and flush its
+        // whole view on every node's heartbeat).
+        let held = self.view();
+        let only_heartbeats = held.index > 0 && held.state.same_but_heartbeats(&state);
+        if !only_heartbeats {
+            let bytes = postcard::to_allocvec(&(index, &state)).map_err(ShardError::Encode)?;
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || this.store.put_raw(VIEW_KEY, &bytes))
+                .await
+                .map_err(|e| ShardError::Io(std::io::Error::other(e)))??;
+            self.apply_view_addresses(&state);
+        }
         {
             let mut v = self.view.write();
             if index <= v.index {

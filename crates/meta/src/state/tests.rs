@@ -220,3 +220,36 @@ fn a_node_id_keeps_its_region_and_heartbeats_only_move_forward() {
     assert_eq!(s.overdue(1000, 500), vec![1, 2, 5]);
     assert!(s.overdue(400, 500).is_empty());
 }
+
+#[test]
+fn a_heartbeat_alone_leaves_the_state_the_same_but_for_heartbeats_and_anything_else_does_not() {
+    let mut s = MetaState::default();
+    s.apply(MetaCommand::RegisterNode(node(1, eu(), "a"))).unwrap();
+    s.apply(MetaCommand::RegisterNode(node(2, eu(), "b"))).unwrap();
+    let before = s.clone();
+    s.apply(MetaCommand::Heartbeat { node: 2, at_ms: 50 }).unwrap();
+    assert_ne!(before, s);
+    assert!(before.same_but_heartbeats(&s));
+
+    let mut down = s.clone();
+    down.apply(MetaCommand::SetNodeStatus {
+        node: 2,
+        status: NodeStatus::Down,
+    })
+    .unwrap();
+    assert!(!s.same_but_heartbeats(&down), "a status change matters");
+
+    let mut moved = s.clone();
+    moved
+        .apply(MetaCommand::RegisterNode(NodeRecord {
+            cluster_addr: "10.0.0.9:7400".into(),
+            incarnation: 2,
+            ..node(2, eu(), "b")
+        }))
+        .unwrap();
+    assert!(!s.same_but_heartbeats(&moved), "a new address matters");
+
+    let mut more = s.clone();
+    more.apply(MetaCommand::RegisterNode(node(3, eu(), "c"))).unwrap();
+    assert!(!s.same_but_heartbeats(&more), "a new node matters");
+}
