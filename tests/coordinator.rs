@@ -19,20 +19,15 @@ fn two_regions() -> Vec<(u64, &'static str)> {
 }
 
 fn spanning(name: &str, regions: &[&str], shards: u32, rf: u32) -> v1::CollectionSpec {
-    v1::CollectionSpec {
-        name: name.into(),
-        dimension: DIM as u32,
-        metric: v1::Metric::L2 as i32,
-        regions: regions
-            .iter()
-            .map(|r| v1::RegionShards {
-                region: (*r).into(),
-                shard_count: shards,
-            })
-            .collect(),
-        replication_factor: rf,
-        ..Default::default()
-    }
+    sovra_node::dev::spanning_spec(name, DIM as u32, v1::Metric::L2, regions, shards, rf)
+}
+
+async fn create(n: &mut TestNode, spec: v1::CollectionSpec) -> v1::CollectionInfo {
+    n.collections
+        .create_collection(v1::CreateCollectionRequest { collection: Some(spec) })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Seeded points of `region` with ids `ids`.
@@ -103,13 +98,7 @@ fn scopes(read: &[&str], write: &[&str]) -> v1::KeyScopes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_two_regions_every_nodes_store_holds_only_its_regions_points() {
     let mut nodes = TestNode::start_cluster(&two_regions()).await;
-    nodes[0]
-        .collections
-        .create_collection(v1::CreateCollectionRequest {
-            collection: Some(spanning("people", &[UK, US], 2, 3)),
-        })
-        .await
-        .unwrap();
+    create(&mut nodes[0], spanning("people", &[UK, US], 2, 3)).await;
     upsert(&mut nodes[0], "people", points(UK, 0..300, 1)).await;
     upsert(&mut nodes[3], "people", points(US, 1000..1300, 2)).await;
     for n in &nodes {
@@ -149,13 +138,7 @@ async fn a_us_only_key_never_receives_a_uk_point_and_uk_nodes_serve_no_leaf_requ
             .await
             .unwrap();
     }
-    nodes[0]
-        .collections
-        .create_collection(v1::CreateCollectionRequest {
-            collection: Some(spanning("people", &[UK, US], 2, 3)),
-        })
-        .await
-        .unwrap();
+    create(&mut nodes[0], spanning("people", &[UK, US], 2, 3)).await;
     // The same vectors in both regions: a uk point is always as near as a us one.
     let uk = points(UK, 0..200, 7);
     let us = points(US, 0..200, 7);
@@ -244,13 +227,7 @@ async fn reqwest_metrics(n: &TestNode) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_rf_1_a_search_from_any_node_returns_the_full_top_k_equal_to_the_global_exact_top_k() {
     let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
-    nodes[0]
-        .collections
-        .create_collection(v1::CreateCollectionRequest {
-            collection: Some(spanning("people", &[UK], 6, 1)),
-        })
-        .await
-        .unwrap();
+    create(&mut nodes[0], spanning("people", &[UK], 6, 1)).await;
     let pts = points(UK, 0..900, 3);
     upsert(&mut nodes[0], "people", pts.clone()).await;
     let queries = points(UK, 0..20, 99);
@@ -287,14 +264,7 @@ async fn with_rf_1_a_search_from_any_node_returns_the_full_top_k_equal_to_the_gl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_replicas_of_a_shard_down_is_unavailable_naming_it_and_allow_partial_answers_the_rest_correctly() {
     let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
-    let info = nodes[0]
-        .collections
-        .create_collection(v1::CreateCollectionRequest {
-            collection: Some(spanning("people", &[UK], 3, 1)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = create(&mut nodes[0], spanning("people", &[UK], 3, 1)).await;
     let pts = points(UK, 0..300, 4);
     upsert(&mut nodes[0], "people", pts.clone()).await;
     // The shard whose one replica is on node 3.
@@ -350,14 +320,7 @@ async fn a_delayed_replica_is_hedged_and_the_answer_arrives_within_the_deadline(
     )
     .await;
     // Meta places the two replicas of the one shard on the least loaded nodes.
-    let info = nodes[0]
-        .collections
-        .create_collection(v1::CreateCollectionRequest {
-            collection: Some(spanning("people", &[UK], 1, 2)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = create(&mut nodes[0], spanning("people", &[UK], 1, 2)).await;
     let replicas = info.shards[0].replicas.clone();
     let coordinator = (1..=4u64).find(|n| !replicas.contains(n)).unwrap();
     let c = (coordinator - 1) as usize;
@@ -390,13 +353,7 @@ async fn a_delayed_replica_is_hedged_and_the_answer_arrives_within_the_deadline(
 async fn a_revoked_key_is_refused_on_every_node_also_one_cut_off_from_meta_within_its_lease() {
     let faults = sovra_raft::Faults::seeded(3);
     let mut nodes = TestNode::start_cluster_faults(&[(1, UK), (2, UK), (3, US)], |c| c.key_lease_ms = 2_000, faults.clone()).await;
-    nodes[0]
-        .collections
-        .create_collection(v1::CreateCollectionRequest {
-            collection: Some(spanning("people", &[UK, US], 1, 1)),
-        })
-        .await
-        .unwrap();
+    create(&mut nodes[0], spanning("people", &[UK, US], 1, 1)).await;
     let key = nodes[0].make_key("reader", scopes(&["*"], &[])).await;
     let list = |n: &TestNode| {
         let mut c = n.clients(&key).collections;
@@ -467,13 +424,7 @@ async fn a_revoked_key_is_refused_on_every_node_also_one_cut_off_from_meta_withi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scroll_returns_every_point_exactly_once_across_pages_also_while_points_are_written() {
     let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
-    nodes[0]
-        .collections
-        .create_collection(v1::CreateCollectionRequest {
-            collection: Some(spanning("people", &[UK], 3, 2)),
-        })
-        .await
-        .unwrap();
+    create(&mut nodes[0], spanning("people", &[UK], 3, 2)).await;
     let pts = points(UK, 0..500, 6);
     upsert(&mut nodes[0], "people", pts.clone()).await;
     // A writer adds new points and rewrites old ones while node 2 scrolls.
@@ -549,13 +500,7 @@ async fn scroll_returns_every_point_exactly_once_across_pages_also_while_points_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaf_request_for_another_regions_shard_is_refused_and_counted() {
     let mut nodes = TestNode::start_cluster(&[(1, UK), (2, US)]).await;
-    nodes[0]
-        .collections
-        .create_collection(v1::CreateCollectionRequest {
-            collection: Some(spanning("people", &[UK, US], 1, 1)),
-        })
-        .await
-        .unwrap();
+    create(&mut nodes[0], spanning("people", &[UK, US], 1, 1)).await;
     let secret = sovra_raft::ClusterSecret::new(CLUSTER_SECRET).unwrap();
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", nodes[1].cluster_addr()))
         .unwrap()

@@ -111,20 +111,14 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
             .await?;
         v1::collections_client::CollectionsClient::new(keyed(&uk, &key))
             .create_collection(v1::CreateCollectionRequest {
-                collection: Some(v1::CollectionSpec {
-                    name: "bench".into(),
-                    dimension: dim as u32,
-                    metric: v1::Metric::L2 as i32,
-                    regions: regions
-                        .iter()
-                        .map(|r| v1::RegionShards {
-                            region: (*r).into(),
-                            shard_count: args.shards,
-                        })
-                        .collect(),
-                    replication_factor: args.replication_factor,
-                    ..Default::default()
-                }),
+                collection: Some(crate::dev::spanning_spec(
+                    "bench",
+                    dim as u32,
+                    v1::Metric::L2,
+                    &regions,
+                    args.shards,
+                    args.replication_factor,
+                )),
             })
             .await?;
         let t = Instant::now();
@@ -171,31 +165,21 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
         let mut rows = Vec::new();
         for &ef in &args.ef {
             // Warm-up: every shard's latency window fills (hedging uses it).
+            let request = |qv: &Vec<f32>| v1::SearchRequest {
+                collection: "bench".into(),
+                vector: qv.clone(),
+                k: args.k as u32,
+                ef: Some(ef),
+                ..Default::default()
+            };
             for qv in data.queries.iter().take(50) {
-                search
-                    .search(v1::SearchRequest {
-                        collection: "bench".into(),
-                        vector: qv.clone(),
-                        k: args.k as u32,
-                        ef: Some(ef),
-                        ..Default::default()
-                    })
-                    .await?;
+                search.search(request(qv)).await?;
             }
             let (mut lat, mut over, mut client_over, mut rec) = (Vec::new(), Vec::new(), Vec::new(), 0.0);
             let start = Instant::now();
             for (qv, want) in data.queries.iter().zip(&truth) {
                 let t = Instant::now();
-                let r = search
-                    .search(v1::SearchRequest {
-                        collection: "bench".into(),
-                        vector: qv.clone(),
-                        k: args.k as u32,
-                        ef: Some(ef),
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
+                let r = search.search(request(qv)).await?.into_inner();
                 let e2e = t.elapsed().as_secs_f64() * 1e3;
                 anyhow::ensure!(r.shards.len() == 2 * args.shards as usize && !r.partial, "not every shard answered");
                 let slowest = r.shards.iter().map(|s| s.leaf_us).max().unwrap_or(0) as f64 / 1e3;

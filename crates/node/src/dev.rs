@@ -141,6 +141,25 @@ fn nth_port(base: SocketAddr, i: u16) -> SocketAddr {
     }
 }
 
+/// A collection spanning `regions` with `shards` shards in each and `rf`
+/// replicas per shard (the other fields at their defaults).
+pub fn spanning_spec(name: &str, dimension: u32, metric: v1::Metric, regions: &[&str], shards: u32, rf: u32) -> v1::CollectionSpec {
+    v1::CollectionSpec {
+        name: name.into(),
+        dimension,
+        metric: metric as i32,
+        regions: regions
+            .iter()
+            .map(|r| v1::RegionShards {
+                region: (*r).into(),
+                shard_count: shards,
+            })
+            .collect(),
+        replication_factor: rf,
+        ..Default::default()
+    }
+}
+
 /// The configs of the six dev nodes (node 1 bootstraps; the others join).
 pub fn dev_configs(root: &std::path::Path, grpc: SocketAddr, metrics: SocketAddr) -> Vec<NodeConfig> {
     let secret = crate::cluster::new_secret();
@@ -271,19 +290,8 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
         .await
         .context("setting the us region policy")?;
         let spec = v1::CollectionSpec {
-            name: DEV_COLLECTION.into(),
-            dimension: DIM as u32,
-            metric: v1::Metric::Cosine as i32,
-            regions: DEV_REGIONS
-                .iter()
-                .map(|r| v1::RegionShards {
-                    region: (*r).into(),
-                    shard_count: 2,
-                })
-                .collect(),
-            replication_factor: 3,
             require_lawful_basis: true,
-            ..Default::default()
+            ..spanning_spec(DEV_COLLECTION, DIM as u32, v1::Metric::Cosine, &DEV_REGIONS, 2, 3)
         };
         CollectionsClient::new(keyed(&uk_ch, &admin))
             .create_collection(v1::CreateCollectionRequest { collection: Some(spec) })

@@ -73,6 +73,15 @@ impl AnswerBudget {
         self.used += 1 + prost::length_delimiter_len(n) + n;
         self.used <= MAX_ANSWER_BYTES
     }
+
+    /// The refusal when only `fitted` of the `asked` `what` fit; `fix` says
+    /// what to ask for instead.
+    pub(crate) fn exceeded(what: &str, fitted: usize, asked: usize, fix: &str) -> ApiError {
+        ApiError::new(
+            sovra_types::ErrorCode::ResourceExhausted,
+            format!("the answer would pass {MAX_ANSWER_BYTES} bytes: only {fitted} of the {asked} {what} asked for fitted; {fix}"),
+        )
+    }
 }
 
 /// The read level each shard must reach before it answers: `linearizable`, or

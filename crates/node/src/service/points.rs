@@ -231,11 +231,12 @@ impl Points for PointsService {
             for r in &records {
                 let p = point_to(r, with_vector, with_payload);
                 if !budget.add(&p) {
-                    return Err(ApiError::new(
-                        ErrorCode::ResourceExhausted,
-                        format!(
-                            "the answer would pass {MAX_ANSWER_BYTES} bytes: only {} of the {asked} points asked for fitted; ask for at most {} ids per request, or leave out with_payload / with_vector",
-                            points.len(),
+                    return Err(AnswerBudget::exceeded(
+                        "points",
+                        points.len(),
+                        asked,
+                        &format!(
+                            "ask for at most {} ids per request, or leave out with_payload / with_vector",
                             points.len().max(1)
                         ),
                     ));

@@ -5,9 +5,9 @@ use sovra_coord::plan::regions_to_ask;
 use sovra_coord::wire::SearchQuery;
 use sovra_proto::convert::{point_id_to, point_to};
 use sovra_proto::v1::{self, search_server::Search};
-use sovra_types::limits::{MAX_ANSWER_BYTES, MAX_EF_SEARCH, MAX_K};
+use sovra_types::limits::{MAX_EF_SEARCH, MAX_K};
 use sovra_types::validate::{check_region, prepare_vector};
-use sovra_types::{ApiError, ErrorCode, RegionId};
+use sovra_types::{ApiError, RegionId};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -136,11 +136,12 @@ impl SearchService {
                 distance: hit.distance,
             };
             if !budget.add(&scored) {
-                return Err(ApiError::new(
-                    ErrorCode::ResourceExhausted,
-                    format!(
-                        "the answer would pass {MAX_ANSWER_BYTES} bytes: only {} of the {k} hits asked for fitted; lower k to at most {}, or set with_payload / with_vector to false",
-                        hits.len(),
+                return Err(AnswerBudget::exceeded(
+                    "hits",
+                    hits.len(),
+                    k,
+                    &format!(
+                        "lower k to at most {}, or set with_payload / with_vector to false",
                         hits.len().max(1)
                     ),
                 ));
