@@ -1,7 +1,7 @@
 //! Distance kernels. hnsw_rs asserts that distances are >= 0 and never NaN; the
 //! spaces here guarantee that for every vector `sovra-types` validation accepts.
-//! AVX2+FMA kernels are chosen at run time, with a portable fallback the compiler
-//! can vectorise.
+//! AVX-512 and AVX2+FMA kernels are chosen at run time, with a portable fallback
+//! the compiler can vectorise; tests hold every kernel the CPU has to the others.
 
 /// The distance the index computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,21 +23,72 @@ pub struct SpaceDistance {
     dot: Kernel,
 }
 
-impl SpaceDistance {
-    pub fn new(space: Space) -> Self {
-        #[cfg(target_arch = "x86_64")]
+/// A set of kernels for one instruction set.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernels {
+    pub name: &'static str,
+    pub l2: Kernel,
+    pub dot: Kernel,
+}
+
+const PORTABLE: Kernels = Kernels {
+    name: "portable",
+    l2: l2_portable,
+    dot: dot_portable,
+};
+
+/// Every kernel set this CPU can run, best first; the portable one is always last.
+pub(crate) fn available_kernels() -> Vec<Kernels> {
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            out.push(Kernels {
+                name: "avx512",
+                l2: x86::l2_avx512,
+                dot: x86::dot_avx512,
+            });
+        }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Self {
-                space,
+            out.push(Kernels {
+                name: "avx2",
                 l2: x86::l2_avx2,
                 dot: x86::dot_avx2,
-            };
+            });
         }
+    }
+    out.push(PORTABLE);
+    out
+}
+
+/// The kernels every index uses: the best the CPU has, or the one named by
+/// `SOVRA_SIMD` (`avx512`, `avx2`, `portable`) if the CPU has it, for measuring.
+fn chosen() -> Kernels {
+    static CHOSEN: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let all = available_kernels();
+        let wanted = std::env::var("SOVRA_SIMD").ok();
+        wanted.and_then(|w| all.iter().find(|k| k.name == w).copied()).unwrap_or(all[0])
+    })
+}
+
+/// The name of the kernel set in use, for reports.
+pub fn simd_kernels() -> &'static str {
+    chosen().name
+}
+
+impl SpaceDistance {
+    pub fn new(space: Space) -> Self {
+        let k = chosen();
         Self {
             space,
-            l2: l2_portable,
-            dot: dot_portable,
+            l2: k.l2,
+            dot: k.dot,
         }
+    }
+
+    pub fn space(&self) -> Space {
+        self.space
     }
 
     #[inline]
@@ -95,6 +146,73 @@ mod x86 {
     pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: as above.
         unsafe { dot(a, b) }
+    }
+
+    pub fn l2_avx512(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: only selected after `is_x86_feature_detected!` found avx512f.
+        unsafe { l2_512(a, b) }
+    }
+
+    pub fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { dot_512(a, b) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn l2_512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut i = 0;
+        // SAFETY: full loads read 16 floats at i <= n - 16; the masked tail load
+        // touches only the `n - i` lanes inside both slices.
+        unsafe {
+            while i + 32 <= n {
+                let d0 = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
+                let d1 = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)));
+                acc0 = _mm512_fmadd_ps(d0, d0, acc0);
+                acc1 = _mm512_fmadd_ps(d1, d1, acc1);
+                i += 32;
+            }
+            while i + 16 <= n {
+                let d = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
+                acc0 = _mm512_fmadd_ps(d, d, acc0);
+                i += 16;
+            }
+            if i < n {
+                let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+                let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i)));
+                acc1 = _mm512_fmadd_ps(d, d, acc1);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut i = 0;
+        // SAFETY: as in `l2_512`.
+        unsafe {
+            while i + 32 <= n {
+                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+                acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), acc1);
+                i += 32;
+            }
+            while i + 16 <= n {
+                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+                i += 16;
+            }
+            if i < n {
+                let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+                acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i)), acc1);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -186,13 +304,13 @@ mod tests {
                 proptest::collection::vec(-10f32..10., n),
             ))
         ) {
-            let d = SpaceDistance::new(Space::L2);
-            let want = l2_ref(&a, &b);
-            prop_assert!((d.eval(&a, &b) as f64 - want).abs() <= 1e-3 * want.max(1.0));
-            prop_assert!((l2_portable(&a, &b) as f64 - want).abs() <= 1e-3 * want.max(1.0));
-            let want = dot_ref(&a, &b);
-            prop_assert!((dot_portable(&a, &b) as f64 - want).abs() <= 1e-3 * want.abs().max(1.0));
-            prop_assert!(((d.dot)(&a, &b) as f64 - want).abs() <= 1e-3 * want.abs().max(1.0));
+            let (l2_want, dot_want) = (l2_ref(&a, &b), dot_ref(&a, &b));
+            for k in available_kernels() {
+                prop_assert!(((k.l2)(&a, &b) as f64 - l2_want).abs() <= 1e-3 * l2_want.max(1.0), "{} l2", k.name);
+                prop_assert!(((k.dot)(&a, &b) as f64 - dot_want).abs() <= 1e-3 * dot_want.abs().max(1.0), "{} dot", k.name);
+                // The SIMD kernels agree with the portable one within float tolerance.
+                prop_assert!(((k.l2)(&a, &b) - l2_portable(&a, &b)).abs() <= 1e-4 * (l2_want as f32).max(1.0), "{} vs portable", k.name);
+            }
         }
     }
 

@@ -20,8 +20,8 @@ impl VectorIndex for ExactIndex {
         self.vectors.push_batch(vectors)
     }
 
-    fn search(&self, query: &[f32], k: usize, _ef: usize, accept: SlotFilter<'_>) -> Vec<Neighbour> {
-        self.vectors.exact_search(query, k, None, accept)
+    fn search(&self, query: &[f32], k: usize, _ef: usize, accept: Option<SlotFilter<'_>>) -> Vec<Neighbour> {
+        self.vectors.exact_search(query, k, None, accept.unwrap_or(&|_| true))
     }
 
     fn vectors(&self) -> &FlatVectors {

@@ -2,15 +2,26 @@
 //! compaction rebuild reads them back without touching storage.
 
 use crate::Neighbour;
+use crate::chunked::Chunked;
 use crate::distance::{Space, SpaceDistance};
-use parking_lot::RwLock;
+use parking_lot::Mutex;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+
+/// Rows are padded to a multiple of this many floats so every row starts 32-byte
+/// aligned (the chunks are cache-line aligned).
+const ROW_ALIGN_FLOATS: usize = 8;
 
 pub struct FlatVectors {
     dimension: usize,
     distance: SpaceDistance,
-    data: RwLock<Vec<f32>>,
+    rows: Chunked<f32>,
+    /// Rows below this are written and visible; published with release order
+    /// after the rows are written.
+    len: AtomicUsize,
+    /// One writer at a time hands out slots.
+    writer: Mutex<()>,
 }
 
 /// Max-heap entry by distance, then slot, so ties resolve the same way every time.
@@ -30,10 +41,13 @@ impl Ord for Far {
 
 impl FlatVectors {
     pub fn new(dimension: usize, space: Space) -> Self {
+        assert!(dimension > 0, "dimension is validated before it reaches the index");
         Self {
             dimension,
             distance: SpaceDistance::new(space),
-            data: RwLock::new(Vec::new()),
+            rows: Chunked::new(dimension.div_ceil(ROW_ALIGN_FLOATS) * ROW_ALIGN_FLOATS),
+            len: AtomicUsize::new(0),
+            writer: Mutex::new(()),
         }
     }
 
@@ -46,28 +60,54 @@ impl FlatVectors {
     }
 
     pub fn len(&self) -> usize {
-        self.data.read().len() / self.dimension
+        self.len.load(AtomicOrdering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Appends vectors and returns their slots.
+    /// Appends vectors and returns their slots. Writers are serialised; readers
+    /// see the new rows once this returns.
     pub fn push_batch(&self, vectors: &[&[f32]]) -> std::ops::Range<usize> {
-        let mut data = self.data.write();
-        let start = data.len() / self.dimension;
-        for v in vectors {
+        let _one_writer = self.writer.lock();
+        let start = self.len.load(AtomicOrdering::Relaxed);
+        for (i, v) in vectors.iter().enumerate() {
             assert_eq!(v.len(), self.dimension, "vector dimension is validated before it reaches the index");
-            data.extend_from_slice(v);
+            let slot = start + i;
+            self.rows.reserve(slot);
+            // SAFETY: the slot is at or past `len`, so no reader looks at this row
+            // yet, and the writer lock makes this thread its only writer.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.rows.row_ptr(slot), self.dimension) };
         }
+        self.len.store(start + vectors.len(), AtomicOrdering::Release);
         start..start + vectors.len()
     }
 
+    /// The row of a published slot, without the bounds check.
+    ///
+    /// # Safety
+    /// `slot` must be below a value of [`Self::len`] this thread has observed (or
+    /// reached through a link published after it).
+    #[inline]
+    pub(crate) unsafe fn row_unchecked(&self, slot: usize) -> &[f32] {
+        // SAFETY: published rows are never written again.
+        unsafe { &self.rows.row(slot)[..self.dimension] }
+    }
+
+    /// Address of a published row, for prefetching.
+    #[inline]
+    pub(crate) fn row_address(&self, slot: usize) -> *const f32 {
+        self.rows.row_ptr(slot)
+    }
+
+    pub(crate) fn row(&self, slot: usize) -> Option<&[f32]> {
+        // SAFETY: checked against the published length.
+        (slot < self.len()).then(|| unsafe { self.row_unchecked(slot) })
+    }
+
     pub fn get(&self, slot: usize) -> Option<Vec<f32>> {
-        let data = self.data.read();
-        let at = slot.checked_mul(self.dimension)?;
-        data.get(at..at + self.dimension).map(<[f32]>::to_vec)
+        self.row(slot).map(<[f32]>::to_vec)
     }
 
     /// The exact `k` nearest among `slots` (all slots if `None`) accepted by `accept`.
@@ -81,15 +121,14 @@ impl FlatVectors {
         if k == 0 {
             return Vec::new();
         }
-        let data = self.data.read();
-        let d = self.dimension;
-        let n = data.len() / d;
+        let n = self.len();
         let mut heap: BinaryHeap<Far> = BinaryHeap::with_capacity(k + 1);
         let mut consider = |slot: usize| {
             if slot >= n || !accept(slot) {
                 return;
             }
-            let dist = self.distance.eval(query, &data[slot * d..(slot + 1) * d]);
+            // SAFETY: slot < n, a published length.
+            let dist = self.distance.eval(query, unsafe { self.row_unchecked(slot) });
             if heap.len() < k {
                 heap.push(Far(dist, slot));
             } else if let Some(top) = heap.peek()
@@ -110,6 +149,6 @@ impl FlatVectors {
     }
 
     pub fn memory_bytes(&self) -> usize {
-        self.data.read().capacity() * 4
+        self.rows.allocated_bytes()
     }
 }

@@ -2,7 +2,7 @@
 //! tombstones in its predicate and rebuilds (compacts) the graph to drop them.
 
 use crate::distance::SpaceDistance;
-use crate::{FlatVectors, Neighbour, SlotFilter, Space, VectorIndex};
+use crate::{FlatVectors, GraphConfig, Neighbour, SlotFilter, SovraIndex, Space, VectorIndex};
 use hnsw_rs::hnsw::Hnsw;
 use std::sync::Arc;
 
@@ -50,6 +50,41 @@ impl HnswIndex {
     }
 }
 
+impl HnswIndex {
+    /// hnsw_rs's graph copied link for link into Sovra's layout, to be searched
+    /// by Sovra's search: separates what the graph is worth from what hnsw_rs's
+    /// search costs.
+    pub fn freeze(&self, cfg: &GraphConfig) -> SovraIndex {
+        let n = self.vectors.len();
+        let mut levels = vec![0usize; n];
+        let mut lists: Vec<Vec<Vec<u32>>> = vec![Vec::new(); n];
+        for p in self.graph.get_point_indexation() {
+            let slot = p.get_origin_id();
+            let level = p.get_point_id().0 as usize;
+            if slot >= n {
+                continue;
+            }
+            levels[slot] = level;
+            lists[slot] = p
+                .get_neighborhood_id()
+                .into_iter()
+                .take(level + 1)
+                .map(|layer| layer.into_iter().map(|nb| nb.d_id as u32).collect())
+                .collect();
+        }
+        let rows: Vec<Vec<f32>> = (0..n).filter_map(|s| self.vectors.get(s)).collect();
+        let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+        SovraIndex::from_lists(
+            self.vectors.dimension(),
+            self.vectors.distance().space(),
+            cfg,
+            &refs,
+            &levels,
+            |s, l| lists[s].get(l).cloned().unwrap_or_default(),
+        )
+    }
+}
+
 impl VectorIndex for HnswIndex {
     fn add_batch(&self, vectors: &[&[f32]]) -> std::ops::Range<usize> {
         let slots = self.vectors.push_batch(vectors);
@@ -61,13 +96,15 @@ impl VectorIndex for HnswIndex {
         slots
     }
 
-    fn search(&self, query: &[f32], k: usize, ef: usize, accept: SlotFilter<'_>) -> Vec<Neighbour> {
+    fn search(&self, query: &[f32], k: usize, ef: usize, accept: Option<SlotFilter<'_>>) -> Vec<Neighbour> {
         if k == 0 || self.vectors.is_empty() {
             return Vec::new();
         }
-        let filter = |slot: &usize| accept(*slot);
+        // With a filter hnsw_rs skips the paper's early stop: pass one only when
+        // something must be refused.
+        let filter = accept.map(|accept| move |slot: &usize| accept(*slot));
         self.graph
-            .search_filter(query, k, ef.max(k), Some(&filter))
+            .search_filter(query, k, ef.max(k), filter.as_ref().map(|f| f as &dyn hnsw_rs::hnsw::FilterT))
             .into_iter()
             .map(|n| Neighbour {
                 slot: n.d_id,

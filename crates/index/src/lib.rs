@@ -1,5 +1,6 @@
-//! Vector indexes for one shard replica: the [`VectorIndex`] trait, an HNSW graph
-//! built on hnsw_rs, and an exact (brute-force) index that is the oracle in tests.
+//! Vector indexes for one shard replica: the [`VectorIndex`] trait, Sovra's own
+//! HNSW engine ([`SovraIndex`]), a second HNSW engine built on hnsw_rs
+//! ([`HnswIndex`]), and an exact (brute-force) index that is the oracle in tests.
 //!
 //! The index knows nothing of points, ids, payloads or storage: it holds vectors
 //! under dense *slot* numbers that it hands out itself, and searches with a
@@ -8,16 +9,19 @@
 //! [`synth`] generates the seeded datasets the recall tests use. Depends on no
 //! other Sovra crate.
 
+mod chunked;
 mod distance;
 mod exact;
 mod flat;
 pub mod fvecs;
+mod graph;
 mod hnsw;
 pub mod synth;
 
-pub use distance::Space;
+pub use distance::{Space, simd_kernels};
 pub use exact::ExactIndex;
 pub use flat::FlatVectors;
+pub use graph::{GraphConfig, SovraIndex};
 pub use hnsw::{HnswConfig, HnswIndex};
 
 /// One search hit: a slot and its distance to the query (lower is closer).
@@ -37,10 +41,11 @@ pub trait VectorIndex: Send + Sync {
     /// slots they were given, consecutive and in order.
     fn add_batch(&self, vectors: &[&[f32]]) -> std::ops::Range<usize>;
 
-    /// Up to `k` nearest slots accepted by `accept`, closest first. Approximate
-    /// indexes may return fewer than `k` even if more are accepted, and may return
-    /// slots `accept` refused: callers re-check every hit.
-    fn search(&self, query: &[f32], k: usize, ef: usize, accept: SlotFilter<'_>) -> Vec<Neighbour>;
+    /// Up to `k` nearest slots accepted by `accept` (every slot if `None`),
+    /// closest first. Approximate indexes may return fewer than `k` even if more
+    /// are accepted, and may return slots `accept` refused: callers re-check every
+    /// hit.
+    fn search(&self, query: &[f32], k: usize, ef: usize, accept: Option<SlotFilter<'_>>) -> Vec<Neighbour>;
 
     /// The stored vectors, for exact scans and rebuilds.
     fn vectors(&self) -> &FlatVectors;
@@ -56,4 +61,77 @@ pub trait VectorIndex: Send + Sync {
 
     /// Approximate memory held, for reports.
     fn memory_bytes(&self) -> usize;
+}
+
+/// Which HNSW engine a node builds its shards' indexes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IndexEngine {
+    /// Sovra's own ([`SovraIndex`]).
+    #[default]
+    Sovra,
+    /// hnsw_rs ([`HnswIndex`]), kept as a second engine to compare against.
+    HnswRs,
+}
+
+impl IndexEngine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sovra => "sovra",
+            Self::HnswRs => "hnsw_rs",
+        }
+    }
+}
+
+impl std::str::FromStr for IndexEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sovra" => Ok(Self::Sovra),
+            "hnsw_rs" | "hnsw-rs" => Ok(Self::HnswRs),
+            other => Err(format!("index engine {other:?} is not known: use \"sovra\" or \"hnsw_rs\"")),
+        }
+    }
+}
+
+/// How a shard builds its index: the engine, and the pool bulk inserts run on
+/// (the global rayon pool would compete with the async runtime's threads).
+#[derive(Clone, Default)]
+pub struct IndexOptions {
+    pub engine: IndexEngine,
+    pub pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+}
+
+impl IndexOptions {
+    pub fn with_pool(pool: std::sync::Arc<rayon::ThreadPool>) -> Self {
+        Self {
+            engine: IndexEngine::default(),
+            pool: Some(pool),
+        }
+    }
+
+    /// An empty index. `m` is validated to 4..=128 upstream.
+    pub fn build(&self, dimension: usize, space: Space, m: usize, ef_construction: usize, expected: usize) -> Box<dyn VectorIndex> {
+        match self.engine {
+            IndexEngine::Sovra => Box::new(SovraIndex::new(
+                dimension,
+                space,
+                &GraphConfig {
+                    m,
+                    ef_construction,
+                    seed: 0x5EED_50F7,
+                },
+                self.pool.clone(),
+            )),
+            IndexEngine::HnswRs => Box::new(HnswIndex::new(
+                dimension,
+                space,
+                &HnswConfig {
+                    m,
+                    ef_construction,
+                    expected_points: expected,
+                },
+                self.pool.clone(),
+            )),
+        }
+    }
 }

@@ -29,8 +29,8 @@ fn hnsw_finds_what_exact_finds_and_respects_the_filter() {
     let (mut hit, mut total) = (0, 0);
     let even = |s: usize| s.is_multiple_of(2);
     for q in &queries {
-        let want: Vec<usize> = exact.search(q, 10, 0, &even).iter().map(|n| n.slot).collect();
-        let got: Vec<usize> = hnsw.search(q, 10, 128, &even).iter().map(|n| n.slot).collect();
+        let want: Vec<usize> = exact.search(q, 10, 0, Some(&even)).iter().map(|n| n.slot).collect();
+        let got: Vec<usize> = hnsw.search(q, 10, 128, Some(&even)).iter().map(|n| n.slot).collect();
         assert!(want.iter().all(|s| s % 2 == 0));
         hit += got.iter().filter(|s| want.contains(s)).count();
         total += want.len();
@@ -44,9 +44,9 @@ fn exact_search_is_sorted_and_bounded_by_k() {
     let idx = ExactIndex::new(2, Space::OneMinusDot);
     let v: Vec<Vec<f32>> = (0..10).map(|i| vec![(i as f32 / 10.0).cos(), (i as f32 / 10.0).sin()]).collect();
     idx.add_batch(&v.iter().map(Vec::as_slice).collect::<Vec<_>>());
-    let hits = idx.search(&[1.0, 0.0], 3, 0, &|_| true);
+    let hits = idx.search(&[1.0, 0.0], 3, 0, None);
     assert_eq!(hits.iter().map(|h| h.slot).collect::<Vec<_>>(), vec![0, 1, 2]);
     assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
-    assert!(idx.search(&[1.0, 0.0], 0, 0, &|_| true).is_empty());
-    assert!(idx.search(&[1.0, 0.0], 3, 0, &|_| false).is_empty());
+    assert!(idx.search(&[1.0, 0.0], 0, 0, None).is_empty());
+    assert!(idx.search(&[1.0, 0.0], 3, 0, Some(&|_| false)).is_empty());
 }

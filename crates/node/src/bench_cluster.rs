@@ -239,7 +239,7 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
         region: spec.regions[0].region.clone(),
         number: 0,
     };
-    let engine = ShardEngine::open(id, Arc::new(spec), &replica, Some(pool))?;
+    let engine = ShardEngine::open(id, Arc::new(spec), &replica, sovra_index::IndexOptions::with_pool(pool))?;
     let t = Instant::now();
     let records: Vec<PointRecord> = data
         .base

@@ -89,7 +89,7 @@ fn single_engine(args: &ReplicationBenchArgs, data: &[Vec<PointRecord>]) -> anyh
         number: 0,
     };
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build()?);
-    let engine = ShardEngine::open(id.clone(), Arc::new(spec), &replica, Some(pool))?;
+    let engine = ShardEngine::open(id.clone(), Arc::new(spec), &replica, sovra_index::IndexOptions::with_pool(pool))?;
     let mut lat = Vec::with_capacity(data.len());
     let started = Instant::now();
     for b in data {

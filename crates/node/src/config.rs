@@ -47,6 +47,10 @@ pub struct NodeConfig {
     /// Threads for index builds and compaction.
     #[serde(default = "default_threads")]
     pub index_threads: usize,
+    /// The HNSW engine shards are indexed with: `sovra` (Sovra's own) or
+    /// `hnsw_rs` (the second engine, kept to compare against).
+    #[serde(default = "default_engine")]
+    pub index_engine: String,
     /// Threads for leaf reads (search, get, scroll), at a lower CPU priority
     /// than the runtime; reads beyond them queue. 0: one per core.
     #[serde(default)]
@@ -217,6 +221,10 @@ pub const ROLES: [&str; 3] = ["meta", "data", "coordinator"];
 fn default_max_replicas() -> usize {
     256
 }
+fn default_engine() -> String {
+    sovra_index::IndexEngine::default().name().to_string()
+}
+
 fn default_threads() -> usize {
     2
 }
@@ -281,6 +289,7 @@ impl NodeConfig {
             cache_capacity_mb: 64,
             max_replicas: 64,
             index_threads: default_threads(),
+            index_engine: default_engine(),
             search_threads: 0,
             compaction_tombstone_ratio: default_ratio(),
             compaction_check_seconds: default_check(),
@@ -369,6 +378,9 @@ impl NodeConfig {
         if let Some(v) = env("SOVRA_INDEX_THREADS") {
             self.index_threads = parse("index_threads", v)?;
         }
+        if let Some(v) = env("SOVRA_INDEX_ENGINE") {
+            self.index_engine = v;
+        }
         if let Some(v) = env("SOVRA_SEARCH_THREADS") {
             self.search_threads = parse("search_threads", v)?;
         }
@@ -418,6 +430,9 @@ impl NodeConfig {
                     self.cache_capacity_mb, self.max_replicas
                 ),
             ));
+        }
+        if let Err(e) = self.index_engine.parse::<sovra_index::IndexEngine>() {
+            return Err(invalid("index_engine", e));
         }
         if !(1..=256).contains(&self.index_threads) {
             return Err(invalid(

@@ -103,7 +103,8 @@ pub struct NodeState {
     /// Where each replica keeps its own directory and database.
     replicas_root: std::path::PathBuf,
     budget: Arc<CacheBudget>,
-    pool: Arc<rayon::ThreadPool>,
+    /// The engine and build pool every replica's index is made with.
+    index: sovra_index::IndexOptions,
     collections: RwLock<BTreeMap<CollectionName, Arc<Collection>>>,
     ready: AtomicBool,
     /// Set once on a storage failure; `run` then stops the node.
@@ -163,6 +164,10 @@ impl NodeState {
             .thread_name(|i| format!("sovra-index-{i}"))
             .build()
             .expect("thread pool");
+        let index_options = sovra_index::IndexOptions {
+            engine: config.index_engine.parse().expect("validated with the config"),
+            pool: Some(Arc::new(pool)),
+        };
         let book = AddressBook::default();
         let view = match store.get_raw(VIEW_KEY)? {
             None => View::default(),
@@ -195,7 +200,7 @@ impl NodeState {
             budget,
             config,
             store,
-            pool: Arc::new(pool),
+            index: index_options,
             collections: RwLock::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             fatal: tokio::sync::watch::channel(None).0,
@@ -518,7 +523,7 @@ impl NodeState {
         let (this, sid, sp) = (self.clone(), id.clone(), spec.clone());
         let (engine, log) = tokio::task::spawn_blocking(move || -> Result<_, ShardError> {
             let rs = ReplicaStore::open(&replica_dir(&this.replicas_root, &sid), &this.budget)?;
-            let engine = ShardEngine::open(sid.clone(), sp, &rs, Some(this.pool.clone()))?;
+            let engine = ShardEngine::open(sid.clone(), sp, &rs, this.index.clone())?;
             Ok((Arc::new(engine), LogStore::of(&rs)))
         })
         .await??;

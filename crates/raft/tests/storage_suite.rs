@@ -50,7 +50,7 @@ fn replica(shard_region: &str, node_region: &str) -> Replica {
         number: 0,
     };
     let rs = ReplicaStore::open(&dir.path().join("replica"), &CacheBudget::new(16 << 20, 1)).unwrap();
-    let engine = Arc::new(ShardEngine::open(id.clone(), Arc::new(spec), &rs, None).unwrap());
+    let engine = Arc::new(ShardEngine::open(id.clone(), Arc::new(spec), &rs, Default::default()).unwrap());
     let sm = ShardStateMachine::open(engine, rs.snapshot_dir(), RegionId::parse(node_region).unwrap()).unwrap();
     let log = LogStore::of(&rs);
     Replica { _dir: dir, store, sm, log }

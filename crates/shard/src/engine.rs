@@ -14,7 +14,7 @@ use crate::ShardError;
 use crate::live::{LiveIndex, SearchPath};
 use crate::store::{Rejections, ShardStore};
 use parking_lot::{Mutex, RwLock};
-use sovra_index::{HnswConfig, HnswIndex, Space, VectorIndex};
+use sovra_index::{IndexOptions, Space};
 use sovra_types::validate::{check_command, check_record};
 use sovra_types::{CollectionSpec, Filter, Metric, PointId, PointRecord, ShardCommand, ShardId};
 use std::sync::Arc;
@@ -36,7 +36,7 @@ pub struct ShardEngine {
     /// Serialises `apply` and the last step of a compaction.
     writer: Mutex<()>,
     last_applied: AtomicU64,
-    pool: Option<Arc<rayon::ThreadPool>>,
+    index: IndexOptions,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,23 +99,18 @@ pub fn space_of(metric: Metric) -> Space {
 impl ShardEngine {
     /// Opens the shard's store and rebuilds its index from it. Slow for big
     /// shards: the node reports NOT_SERVING until every engine is open.
-    pub fn open(
-        id: ShardId,
-        spec: Arc<CollectionSpec>,
-        replica: &crate::ReplicaStore,
-        pool: Option<Arc<rayon::ThreadPool>>,
-    ) -> Result<Self, ShardError> {
+    pub fn open(id: ShardId, spec: Arc<CollectionSpec>, replica: &crate::ReplicaStore, index: IndexOptions) -> Result<Self, ShardError> {
         let store = ShardStore::new(replica.points().clone());
         let last_applied = store.last_applied()?;
         let engine = Self {
-            live: RwLock::new(Arc::new(new_live(&spec, 0, pool.clone()))),
+            live: RwLock::new(Arc::new(new_live(&spec, 0, &index))),
             id,
             spec,
             store,
             replica: replica.clone(),
             writer: Mutex::new(()),
             last_applied: AtomicU64::new(last_applied),
-            pool,
+            index,
         };
         let live = engine.live.read().clone();
         let mut chunk = Vec::with_capacity(LOAD_CHUNK);
@@ -274,7 +269,7 @@ impl ShardEngine {
     ) -> Result<Result<usize, E>, ShardError> {
         let _w = self.writer.lock();
         self.store.begin_install()?;
-        let fresh = new_live(&self.spec, 0, self.pool.clone());
+        let fresh = new_live(&self.spec, 0, &self.index);
         let mut chunk = Vec::with_capacity(LOAD_CHUNK);
         let mut count = 0;
         for rec in records {
@@ -317,7 +312,7 @@ impl ShardEngine {
     /// collection dropped). The Raft core writing to it is stopped first.
     pub fn destroy(&self) -> Result<(), ShardError> {
         let _w = self.writer.lock();
-        *self.live.write() = Arc::new(new_live(&self.spec, 0, self.pool.clone()));
+        *self.live.write() = Arc::new(new_live(&self.spec, 0, &self.index));
         self.last_applied.store(0, Ordering::Release);
         self.replica.destroy()
     }
@@ -400,7 +395,7 @@ impl ShardEngine {
         let started = Instant::now();
         let old = self.live.read().clone();
         let before_tombstones = old.tombstones();
-        let fresh = new_live(&self.spec, old.live_count(), self.pool.clone());
+        let fresh = new_live(&self.spec, old.live_count(), &self.index);
         let mut mark = old.copy_into(&fresh, 0);
         // A second pass without the lock shortens the pause under steady writes.
         mark = old.copy_into(&fresh, mark);
@@ -435,12 +430,8 @@ impl ShardEngine {
     }
 }
 
-fn new_live(spec: &CollectionSpec, expected: usize, pool: Option<Arc<rayon::ThreadPool>>) -> LiveIndex {
-    let cfg = HnswConfig {
-        m: spec.hnsw.m as usize,
-        ef_construction: spec.hnsw.ef_construction as usize,
-        expected_points: expected,
-    };
-    let index: Box<dyn VectorIndex> = Box::new(HnswIndex::new(spec.dimension as usize, space_of(spec.metric), &cfg, pool));
-    LiveIndex::new(index)
+fn new_live(spec: &CollectionSpec, expected: usize, index: &IndexOptions) -> LiveIndex {
+    let m = spec.hnsw.m as usize;
+    let efc = spec.hnsw.ef_construction as usize;
+    LiveIndex::new(index.build(spec.dimension as usize, space_of(spec.metric), m, efc, expected))
 }

@@ -23,6 +23,13 @@ pub const EXACT_SCAN_FRACTION: f64 = 0.03;
 /// Slots sampled to estimate a filter's selectivity.
 const SAMPLE: usize = 512;
 
+/// Most points carry no payload: they share one empty map instead of each
+/// holding an allocation.
+fn shared_payload(p: &Payload) -> Arc<Payload> {
+    static EMPTY: std::sync::LazyLock<Arc<Payload>> = std::sync::LazyLock::new(|| Arc::new(Payload::new()));
+    if p.is_empty() { EMPTY.clone() } else { Arc::new(p.clone()) }
+}
+
 pub(crate) struct SlotMeta {
     pub id: PointId,
     pub expires_at_ms: u64,
@@ -35,6 +42,9 @@ pub(crate) struct SlotTable {
     pub slots: Vec<SlotMeta>,
     pub by_id: HashMap<PointId, usize>,
     pub live: usize,
+    /// Slots (live or not) with an expiry: while there are none and no
+    /// tombstones, a search without a filter needs no predicate at all.
+    pub expiring: usize,
 }
 
 impl SlotTable {
@@ -85,13 +95,37 @@ impl LiveIndex {
         }
     }
 
+    /// A view over an index that already holds `records`' vectors in slots
+    /// `0..records.len()` (built elsewhere, e.g. by a benchmark).
+    pub fn adopt(index: Box<dyn VectorIndex>, records: &[PointRecord]) -> Self {
+        assert_eq!(index.len(), records.len(), "one slot per record");
+        let me = Self::new(index);
+        {
+            let mut t = me.table.write();
+            for (slot, r) in records.iter().enumerate() {
+                t.expiring += (r.expires_at_ms != 0) as usize;
+                t.slots.push(SlotMeta {
+                    id: r.id,
+                    expires_at_ms: r.expires_at_ms,
+                    payload: shared_payload(&r.payload),
+                    live: true,
+                });
+                t.live += 1;
+                if let Some(old) = t.by_id.insert(r.id, slot) {
+                    t.kill(old);
+                }
+            }
+        }
+        me
+    }
+
     /// Adds records (callers serialise writers); later records of one id win.
     pub fn upsert(&self, records: &[PointRecord]) {
         let vectors: Vec<&[f32]> = records.iter().map(|r| r.vector.as_slice()).collect();
         let metas = records.iter().map(|r| SlotMeta {
             id: r.id,
             expires_at_ms: r.expires_at_ms,
-            payload: Arc::new(r.payload.clone()),
+            payload: shared_payload(&r.payload),
             live: true,
         });
         self.insert(&vectors, metas.collect());
@@ -106,6 +140,7 @@ impl LiveIndex {
         debug_assert_eq!(slots.start, t.slots.len(), "one writer at a time keeps slots aligned");
         for (slot, meta) in slots.zip(metas) {
             let id = meta.id;
+            t.expiring += (meta.expires_at_ms != 0) as usize;
             t.slots.push(meta);
             t.live += 1;
             if let Some(old) = t.by_id.insert(id, slot) {
@@ -185,7 +220,10 @@ impl LiveIndex {
             let hits = self.index.vectors().exact_search(query, k, Some(&matching), &accept);
             return (to_hits(hits), SearchPath::ExactFiltered);
         }
-        let hits = to_hits(self.index.search(query, k, ef, &accept));
+        // Every slot the index holds is live, unexpiring and wanted: the graph
+        // search runs without a predicate (the paper's search, nothing to skip).
+        let all = filter.is_none() && t.live == t.slots.len() && t.expiring == 0 && self.index.len() == t.slots.len();
+        let hits = to_hits(self.index.search(query, k, ef, if all { None } else { Some(&accept) }));
         if hits.len() >= k {
             return (hits, SearchPath::Graph);
         }

@@ -45,7 +45,16 @@ pub fn replica(dir: &Path) -> ReplicaStore {
 }
 
 pub fn open(dir: &Path, spec: &CollectionSpec) -> ShardEngine {
-    ShardEngine::open(shard_id(spec), Arc::new(spec.clone()), &replica(dir), Some(pool())).unwrap()
+    open_with(dir, spec, sovra_index::IndexEngine::default())
+}
+
+#[allow(dead_code)] // not every test binary compares engines
+pub fn open_with(dir: &Path, spec: &CollectionSpec, engine: sovra_index::IndexEngine) -> ShardEngine {
+    let options = sovra_index::IndexOptions {
+        engine,
+        pool: Some(pool()),
+    };
+    ShardEngine::open(shard_id(spec), Arc::new(spec.clone()), &replica(dir), options).unwrap()
 }
 
 pub fn record(id: u64, vector: Vec<f32>, payload: Payload) -> PointRecord {

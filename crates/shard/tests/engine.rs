@@ -273,7 +273,7 @@ fn invalid_commands_are_recorded_rejections_and_invalid_stored_records_fail_the_
     let mut b = raw.batch();
     b.upsert(&record(7, vec![1.0], Payload::new())).unwrap();
     b.commit(100).unwrap();
-    let err = ShardEngine::open(id, std::sync::Arc::new(s), &replica, None)
+    let err = ShardEngine::open(id, std::sync::Arc::new(s), &replica, Default::default())
         .err()
         .expect("an invalid stored record fails the load");
     assert!(err.to_string().contains("record 7") && err.to_string().contains("invalid"), "{err}");

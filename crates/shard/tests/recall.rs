@@ -2,14 +2,15 @@
 //! here), on seeded synthetic Gaussian mixtures made by the test itself:
 //! plain, with a ~10% filter, a ~0.1% filter, and after deleting 30% of points
 //! and compacting. When `../shared/bench/data` is beside the checkout, the
-//! shipped sets' figures are printed (and held to the same floors) too.
+//! shipped sets' figures are printed (and held to floors) too. Sovra's engine is
+//! also held to at least hnsw_rs's recall at equal ef (the differential test).
 
 mod common;
 
 use common::*;
 use sovra_index::fvecs::read_fvecs;
 use sovra_index::synth::{Dataset, MixtureSpec, gaussian_mixture};
-use sovra_index::{ExactIndex, Space, VectorIndex};
+use sovra_index::{ExactIndex, IndexEngine, Space, VectorIndex};
 use sovra_shard::{SearchParams, ShardEngine};
 use sovra_types::*;
 use std::collections::HashSet;
@@ -49,9 +50,13 @@ fn shipped(set: &str) -> Option<Dataset> {
 }
 
 fn load(base: Vec<Vec<f32>>, queries: Vec<Vec<f32>>, metric: Metric) -> Bench {
+    load_with(base, queries, metric, IndexEngine::Sovra)
+}
+
+fn load_with(base: Vec<Vec<f32>>, queries: Vec<Vec<f32>>, metric: Metric, index: IndexEngine) -> Bench {
     let tmp = tempfile::tempdir().unwrap();
     let spec = spec("bench", base[0].len() as u32, metric);
-    let engine = open(tmp.path(), &spec);
+    let engine = open_with(tmp.path(), &spec, index);
     for chunk in base.chunks(1000).enumerate() {
         let (c, rows) = chunk;
         let recs = rows
@@ -80,6 +85,10 @@ fn load(base: Vec<Vec<f32>>, queries: Vec<Vec<f32>>, metric: Metric) -> Bench {
 
 /// Mean recall@K of the engine against an exact scan of the rows `keep` accepts.
 fn recall(b: &Bench, metric: Metric, filter: Option<&Filter>, keep: &(dyn Fn(usize) -> bool + Sync)) -> f64 {
+    recall_at(b, metric, filter, keep, EF)
+}
+
+fn recall_at(b: &Bench, metric: Metric, filter: Option<&Filter>, keep: &(dyn Fn(usize) -> bool + Sync), ef: usize) -> f64 {
     let space = if metric == Metric::L2 { Space::L2 } else { Space::OneMinusDot };
     // The oracle sees the vectors as the engine holds them (normalised under cosine).
     let oracle = ExactIndex::new(b.base[0].len(), space);
@@ -92,11 +101,11 @@ fn recall(b: &Bench, metric: Metric, filter: Option<&Filter>, keep: &(dyn Fn(usi
     oracle.add_batch(&rows);
     let (mut found, mut wanted) = (0usize, 0usize);
     for q in &b.queries {
-        let truth: HashSet<u64> = oracle.search(q, K, 0, &|s| keep(s)).iter().map(|n| n.slot as u64).collect();
+        let truth: HashSet<u64> = oracle.search(q, K, 0, Some(&|s| keep(s))).iter().map(|n| n.slot as u64).collect();
         let params = SearchParams {
             vector: q,
             k: K,
-            ef: EF,
+            ef,
             filter,
             now_ms: 1,
         };
@@ -153,7 +162,7 @@ fn check(name: &str, b: &Bench, metric: Metric, floor: f64, with_deletes: bool) 
 fn recall_synthetic_gmm_128_l2() {
     let d = gaussian_mixture(MixtureSpec::gmm_128(20240601));
     let b = load(d.base, d.queries, Metric::L2);
-    check("synthetic gmm-128-l2", &b, Metric::L2, 0.92, true);
+    check("synthetic gmm-128-l2", &b, Metric::L2, 0.97, true);
 }
 
 /// Another draw of the recipe, searched by cosine (normalised on write), standing
@@ -166,13 +175,51 @@ fn recall_synthetic_gmm_128_cosine() {
 }
 
 /// The shipped sets, when `../shared` is beside the checkout: printed beside
-/// the synthetic figures and held to the same floors.
+/// the synthetic figures, the text set held to 0.99.
 #[test]
 fn recall_shipped_sets_when_present() {
-    for (set, metric, floor) in [("minilm-384-ip", Metric::Cosine, 0.95), ("gmm-128-l2", Metric::L2, 0.90)] {
+    for (set, metric, floor) in [("minilm-384-ip", Metric::Cosine, 0.99), ("gmm-128-l2", Metric::L2, 0.97)] {
         match shipped(set) {
             Some(d) => check(set, &load(d.base, d.queries, metric), metric, floor, false),
             None => println!("{set}: ../shared/bench/data is not beside the checkout; skipped"),
+        }
+    }
+}
+
+/// Sovra's engine against hnsw_rs, both through the engine's search path, at
+/// equal ef: on the clustered set (synthetic) and the text set (shipped, when
+/// present), Sovra's recall is at least hnsw_rs's. The exception, printed and
+/// not held: the text set below ef=64, where hnsw_rs's layer 0 (the 2m nearest
+/// links for every node, no pruning: about twice the comparisons per step)
+/// buys recall per ef that Sovra buys more cheaply with ef (there Sovra matches
+/// hnswlib, 0.925 vs 0.93 at ef=16, and is faster per query; from ef=64 on it
+/// matches hnsw_rs, held within 0.001: three neighbours in the 3,000, the
+/// noise between two builds of hnsw_rs, whose parallel build is not repeatable).
+#[test]
+fn recall_differential_sovra_at_least_hnsw_rs() {
+    let mut sets = vec![("synthetic gmm-128-l2", gaussian_mixture(MixtureSpec::gmm_128(20240603)), Metric::L2)];
+    match shipped("minilm-384-ip") {
+        Some(d) => sets.push(("minilm-384-ip", d, Metric::Cosine)),
+        None => println!("minilm-384-ip: ../shared/bench/data is not beside the checkout; skipped"),
+    }
+    for (name, d, metric) in sets {
+        let sovra = load_with(d.base.clone(), d.queries.clone(), metric, IndexEngine::Sovra);
+        let hnsw_rs = load_with(d.base, d.queries, metric, IndexEngine::HnswRs);
+        let figures: Vec<(usize, f64, f64)> = [16, 32, 64, 128]
+            .into_iter()
+            .map(|ef| {
+                let a = recall_at(&sovra, metric, None, &|_| true, ef);
+                let b = recall_at(&hnsw_rs, metric, None, &|_| true, ef);
+                println!("{name} ef={ef}: recall@{K} sovra {a:.4}, hnsw_rs {b:.4}");
+                (ef, a, b)
+            })
+            .collect();
+        for (ef, a, b) in figures {
+            let slack = if name == "minilm-384-ip" { 0.001 } else { 0.0 };
+            if name == "minilm-384-ip" && ef < 64 {
+                continue;
+            }
+            assert!(a + slack >= b, "{name} ef={ef}: sovra's recall {a:.4} is below hnsw_rs's {b:.4}");
         }
     }
 }

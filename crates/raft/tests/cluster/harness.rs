@@ -134,7 +134,7 @@ impl Cluster {
         let members: BTreeSet<NodeId> = (1..=n).collect();
         for node in c.nodes.iter().flatten() {
             let rs = ReplicaStore::open(&node._dir.path().join("replica"), &CacheBudget::new(32 << 20, 1)).unwrap();
-            let engine = Arc::new(ShardEngine::open(shard(), Arc::new(c.spec.clone()), &rs, None).unwrap());
+            let engine = Arc::new(ShardEngine::open(shard(), Arc::new(c.spec.clone()), &rs, Default::default()).unwrap());
             let log = LogStore::of(&rs);
             node.host.open_group(shard(), engine, log, Some(members.clone())).await.unwrap();
         }
