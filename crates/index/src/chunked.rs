@@ -129,6 +129,11 @@ impl<T: ZeroValid> Chunked<T> {
         self.chunk(locate(slot).0);
     }
 
+    /// Whether `slot`'s row exists.
+    pub fn is_reserved(&self, slot: usize) -> bool {
+        self.chunks[locate(slot).0].get().is_some()
+    }
+
     /// Pointer to the first value of `slot`'s row, which must be reserved.
     #[inline]
     pub fn row_ptr(&self, slot: usize) -> *mut T {

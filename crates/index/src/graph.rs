@@ -24,6 +24,7 @@
 
 use crate::chunked::Chunked;
 use crate::distance::SpaceDistance;
+use crate::file::{CrcReader, CrcWriter, IndexFileError, header_fields};
 use crate::{FlatVectors, Neighbour, SlotFilter, Space, VectorIndex};
 use parking_lot::Mutex;
 use rayon::prelude::*;
@@ -527,6 +528,149 @@ impl SovraIndex {
         me
     }
 
+    /// Everything after the file's header: see [`crate::file`].
+    pub(crate) fn write_body<W: std::io::Write>(&self, w: &mut CrcWriter<W>, keep: SlotFilter<'_>) -> std::io::Result<()> {
+        let n = self.vectors.len();
+        for f in header_fields(self.vectors.dimension(), self.distance.space(), self.m) {
+            w.u32(f)?;
+        }
+        w.u64(n as u64)?;
+        w.u64(self.entry.load(Ordering::Acquire))?;
+        let zero = vec![0f32; self.vectors.dimension()];
+        let mut buf: Vec<u8> = Vec::new();
+        for s in 0..n {
+            // SAFETY: s < a published length.
+            let row = if keep(s) { unsafe { self.vectors.row_unchecked(s) } } else { &zero };
+            buf.clear();
+            row.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+            w.put(&buf)?;
+        }
+        let mut put_words = |w: &mut CrcWriter<W>, words: &[AtomicU32], mask: u32| {
+            buf.clear();
+            for (i, x) in words.iter().enumerate() {
+                let v = x.load(Ordering::Acquire);
+                buf.extend_from_slice(&(if i == 0 { v & mask } else { v }).to_le_bytes());
+            }
+            w.put(&buf)
+        };
+        for s in 0..n {
+            put_words(w, self.links0.atomic_row(s), !LOCK)?;
+        }
+        for s in 0..n as u32 {
+            for l in 1..=self.node_level(s) {
+                let (count, words) = self.list(s, l);
+                // The count word sits right before the links in the block.
+                let block = std::iter::once(count).chain(words.iter());
+                let all: Vec<u32> = block.map(|x| x.load(Ordering::Acquire)).collect();
+                buf.clear();
+                all.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+                w.put(&buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what [`Self::write_body`] wrote, checking every field and link.
+    pub(crate) fn read_body<R: std::io::Read>(
+        r: &mut CrcReader<R>,
+        dimension: usize,
+        space: Space,
+        cfg: &GraphConfig,
+        pool: Option<Arc<rayon::ThreadPool>>,
+        file_len: u64,
+    ) -> Result<Self, IndexFileError> {
+        let want = header_fields(dimension, space, cfg.m);
+        let got = [r.u32()?, r.u32()?, r.u32()?];
+        if got != want {
+            return Err(IndexFileError::Mismatch(format!(
+                "dimension, space and m are {got:?} in the file, {want:?} here"
+            )));
+        }
+        let n = r.u64()?;
+        if n >= u32::MAX as u64 || n.saturating_mul(dimension as u64 * 4) > file_len {
+            return Err(IndexFileError::Corrupt(format!("{n} slots do not fit in {file_len} bytes")));
+        }
+        let n = n as usize;
+        let entry = r.u64()?;
+        let me = Self::new(dimension, space, cfg, pool);
+        let bad = |why: String| IndexFileError::Corrupt(why);
+        // Vectors, in batches through the one writer path.
+        let mut bytes = vec![0u8; dimension * 4];
+        let mut rows: Vec<Vec<f32>> = Vec::with_capacity(4096);
+        for s in 0..n {
+            r.take(&mut bytes)?;
+            let row: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                .collect();
+            if row.iter().any(|x| !x.is_finite()) {
+                return Err(bad(format!("slot {s} has a vector value that is not finite")));
+            }
+            rows.push(row);
+            if rows.len() == 4096 || s + 1 == n {
+                let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+                me.vectors.push_batch(&refs);
+                rows.clear();
+            }
+        }
+        let mut words = vec![0u32; 1 + me.m0];
+        let mut levels = vec![0usize; n];
+        for (s, level_out) in levels.iter_mut().enumerate() {
+            r.u32s(&mut words)?;
+            let h = words[0];
+            let (count, level) = ((h & COUNT_MASK) as usize, ((h >> LEVEL_SHIFT) & 0xff) as usize);
+            if h & !(COUNT_MASK | (0xff << LEVEL_SHIFT)) != 0 || count > me.m0 || level > MAX_LEVEL {
+                return Err(bad(format!("slot {s} has a bad layer-0 header {h:#x}")));
+            }
+            if let Some(l) = words[1..=count].iter().find(|&&l| l as usize >= n || l as usize == s) {
+                return Err(bad(format!("slot {s} links to slot {l} (of {n})")));
+            }
+            me.links0.reserve(s);
+            me.upper.reserve(s);
+            me.prepare(s as u32, level);
+            let row = me.links0.atomic_row(s);
+            for (cell, &v) in row.iter().zip(&words) {
+                cell.store(v, Ordering::Relaxed);
+            }
+            *level_out = level;
+        }
+        let mut block = vec![0u32; 1 + me.m];
+        for s in 0..n {
+            for l in 1..=levels[s] {
+                r.u32s(&mut block)?;
+                let count = block[0] as usize;
+                if count > me.m {
+                    return Err(bad(format!("slot {s} has {count} links on layer {l}")));
+                }
+                if let Some(t) = block[1..=count]
+                    .iter()
+                    .find(|&&t| t as usize >= n || t as usize == s || levels[t as usize] < l)
+                {
+                    return Err(bad(format!("slot {s} links on layer {l} to slot {t}, which is not on that layer")));
+                }
+                let (c, links) = me.list(s as u32, l);
+                c.store(block[0], Ordering::Relaxed);
+                for (cell, &v) in links.iter().zip(&block[1..]) {
+                    cell.store(v, Ordering::Relaxed);
+                }
+            }
+        }
+        let top = levels.iter().copied().max();
+        let entry_ok = match (entry, top) {
+            (NO_ENTRY, None) => true,
+            (e, Some(top)) if e != NO_ENTRY => {
+                let (slot, level) = ((e as u32) as usize, (e >> 32) as usize);
+                slot < n && level == top && levels[slot] == top
+            }
+            _ => false,
+        };
+        if !entry_ok {
+            return Err(bad(format!("entry point {entry:#x} is not a top-level slot")));
+        }
+        me.entry.store(entry, Ordering::Release);
+        Ok(me)
+    }
+
     /// Per-layer link counts, for tests and reports: (nodes, links) per layer.
     pub fn layer_stats(&self) -> Vec<(usize, usize)> {
         let mut out = vec![(0usize, 0usize); MAX_LEVEL + 1];
@@ -546,7 +690,8 @@ impl SovraIndex {
 
 impl Drop for SovraIndex {
     fn drop(&mut self) {
-        for s in 0..self.vectors.len() {
+        // A load that failed part way leaves slots without rows: stop there.
+        for s in (0..self.vectors.len()).take_while(|&s| self.upper.is_reserved(s) && self.links0.is_reserved(s)) {
             // SAFETY: a row of atomic pointers; nothing else uses the index now.
             let p = unsafe { self.upper.row(s) }[0].load(Ordering::Acquire);
             if !p.is_null() {
@@ -590,6 +735,10 @@ impl VectorIndex for SovraIndex {
 
     fn vectors(&self) -> &FlatVectors {
         &self.vectors
+    }
+
+    fn save(&self, path: &std::path::Path, meta: &[u8], keep: SlotFilter<'_>) -> Result<(), IndexFileError> {
+        Ok(crate::file::save(self, path, meta, keep)?)
     }
 
     fn memory_bytes(&self) -> usize {

@@ -12,6 +12,7 @@
 mod chunked;
 mod distance;
 mod exact;
+pub mod file;
 mod flat;
 pub mod fvecs;
 mod graph;
@@ -61,6 +62,14 @@ pub trait VectorIndex: Send + Sync {
 
     /// Approximate memory held, for reports.
     fn memory_bytes(&self) -> usize;
+
+    /// Saves the graph to `path` with the caller's `meta` (see [`file`]); slots
+    /// `keep` refuses are saved without their vectors. Engines that cannot
+    /// save say so.
+    fn save(&self, path: &std::path::Path, meta: &[u8], keep: SlotFilter<'_>) -> Result<(), file::IndexFileError> {
+        let _ = (path, meta, keep);
+        Err(file::IndexFileError::Unsupported("this"))
+    }
 }
 
 /// Which HNSW engine a node builds its shards' indexes with.
@@ -109,17 +118,41 @@ impl IndexOptions {
         }
     }
 
+    /// An index loaded from a file [`VectorIndex::save`] wrote, and the caller's
+    /// metadata saved with it.
+    pub fn load(
+        &self,
+        path: &std::path::Path,
+        dimension: usize,
+        space: Space,
+        m: usize,
+        ef_construction: usize,
+    ) -> Result<(Box<dyn VectorIndex>, Vec<u8>), file::IndexFileError> {
+        match self.engine {
+            IndexEngine::Sovra => {
+                let cfg = Self::graph_config(m, ef_construction);
+                let (index, meta) = file::load(path, dimension, space, &cfg, self.pool.clone())?;
+                Ok((Box::new(index), meta))
+            }
+            IndexEngine::HnswRs => Err(file::IndexFileError::Unsupported("hnsw_rs")),
+        }
+    }
+
+    fn graph_config(m: usize, ef_construction: usize) -> GraphConfig {
+        GraphConfig {
+            m,
+            ef_construction,
+            seed: 0x5EED_50F7,
+        }
+    }
+
     /// An empty index. `m` is validated to 4..=128 upstream.
     pub fn build(&self, dimension: usize, space: Space, m: usize, ef_construction: usize, expected: usize) -> Box<dyn VectorIndex> {
         match self.engine {
             IndexEngine::Sovra => Box::new(SovraIndex::new(
                 dimension,
                 space,
-                &GraphConfig {
-                    m,
-                    ef_construction,
-                    seed: 0x5EED_50F7,
-                },
+                &Self::graph_config(m, ef_construction),
                 self.pool.clone(),
             )),
             IndexEngine::HnswRs => Box::new(HnswIndex::new(

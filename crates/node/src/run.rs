@@ -253,7 +253,11 @@ impl RunningNode {
         // Everything acknowledged was flushed already; this flush only shortens
         // the next start's recovery.
         let state = self.state.clone();
-        tokio::task::spawn_blocking(move || state.flush()).await??;
+        tokio::task::spawn_blocking(move || {
+            state.save_indexes();
+            state.flush()
+        })
+        .await??;
         Ok(())
     }
 }

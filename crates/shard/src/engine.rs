@@ -15,6 +15,9 @@ use crate::live::{LiveIndex, SearchPath};
 use crate::store::{Rejections, ShardStore};
 use parking_lot::{Mutex, RwLock};
 use sovra_index::{IndexOptions, Space};
+
+/// The saved index's file name in a replica's directory.
+pub const INDEX_FILE: &str = "index.sovra";
 use sovra_types::validate::{check_command, check_record};
 use sovra_types::{CollectionSpec, Filter, Metric, PointId, PointRecord, ShardCommand, ShardId};
 use std::sync::Arc;
@@ -37,6 +40,8 @@ pub struct ShardEngine {
     writer: Mutex<()>,
     last_applied: AtomicU64,
     index: IndexOptions,
+    /// Whether open loaded a saved index (rather than rebuilding it).
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,7 +116,30 @@ impl ShardEngine {
             writer: Mutex::new(()),
             last_applied: AtomicU64::new(last_applied),
             index,
+            loaded: std::sync::atomic::AtomicBool::new(false),
         };
+        let path = engine.index_path();
+        if path.exists() {
+            let started = std::time::Instant::now();
+            let records = engine.store.points().map(|r| {
+                let rec = r.map_err(|e| e.to_string())?;
+                engine.check_held(&rec).map_err(|e| e.to_string())?;
+                Ok(rec)
+            });
+            match LiveIndex::load_verified(&engine.index, &path, &engine.spec, last_applied, records) {
+                Ok(live) => {
+                    tracing::info!(shard = %engine.id, points = live.live_count(), elapsed = ?started.elapsed(), "loaded the saved index");
+                    *engine.live.write() = Arc::new(live);
+                    std::fs::remove_file(&path)?;
+                    engine.loaded.store(true, Ordering::Release);
+                    return Ok(engine);
+                }
+                Err(why) => tracing::warn!(shard = %engine.id, %why, "the saved index is not usable; rebuilding it from the store"),
+            }
+            // Used or not, the file goes: writes from now on make it stale, and it
+            // holds vectors that deletes must not leave on disk.
+            std::fs::remove_file(&path)?;
+        }
         let live = engine.live.read().clone();
         let mut chunk = Vec::with_capacity(LOAD_CHUNK);
         for rec in engine.store.points() {
@@ -127,6 +155,31 @@ impl ShardEngine {
         }
         live.upsert(&chunk);
         Ok(engine)
+    }
+
+    /// Whether this open loaded the saved index instead of rebuilding it.
+    pub fn loaded_saved_index(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// The saved index's file, inside the replica's own directory so that
+    /// destroying the replica removes it.
+    fn index_path(&self) -> std::path::PathBuf {
+        self.replica.dir().join(INDEX_FILE)
+    }
+
+    /// Saves the index (graph, vectors of live points, slot table) so the next
+    /// open loads it instead of rebuilding; for a clean stop. Applies wait
+    /// meanwhile. `Ok(false)`: the engine cannot save (hnsw_rs).
+    pub fn save_index(&self) -> Result<bool, ShardError> {
+        let _w = self.writer.lock();
+        let live = self.live.read().clone();
+        match live.save(&self.index_path(), self.last_applied()) {
+            Ok(()) => Ok(true),
+            Err(sovra_index::file::IndexFileError::Unsupported(_)) => Ok(false),
+            Err(sovra_index::file::IndexFileError::Io(e)) => Err(e.into()),
+            Err(e) => Err(std::io::Error::other(e.to_string()).into()),
+        }
     }
 
     pub fn id(&self) -> &ShardId {

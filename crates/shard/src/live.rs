@@ -11,9 +11,10 @@
 //!    slot: a search returns `k` results whenever `k` points are accepted.
 
 use parking_lot::RwLock;
-use sovra_index::{Neighbour, VectorIndex};
+use sovra_index::file::IndexFileError;
+use sovra_index::{IndexOptions, Neighbour, VectorIndex};
 use sovra_types::point::expired;
-use sovra_types::{Filter, Payload, PointId, PointRecord};
+use sovra_types::{CollectionSpec, Filter, Payload, PointId, PointRecord};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -28,6 +29,13 @@ const SAMPLE: usize = 512;
 fn shared_payload(p: &Payload) -> Arc<Payload> {
     static EMPTY: std::sync::LazyLock<Arc<Payload>> = std::sync::LazyLock::new(|| Arc::new(Payload::new()));
     if p.is_empty() { EMPTY.clone() } else { Arc::new(p.clone()) }
+}
+
+/// What the index file carries besides the graph.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedTable {
+    applied: u64,
+    slots: Vec<(PointId, bool)>,
 }
 
 pub(crate) struct SlotMeta {
@@ -117,6 +125,91 @@ impl LiveIndex {
             }
         }
         me
+    }
+
+    /// Saves the index and its slot table to `path` as of `applied` (the last
+    /// log index applied). Tombstoned slots are saved without their vectors.
+    pub fn save(&self, path: &std::path::Path, applied: u64) -> Result<(), IndexFileError> {
+        let t = self.table.read();
+        let saved = SavedTable {
+            applied,
+            slots: t.slots.iter().map(|m| (m.id, m.live)).collect(),
+        };
+        let meta = postcard::to_allocvec(&saved).map_err(|e| IndexFileError::Corrupt(format!("encoding the slot table: {e}")))?;
+        self.index.save(path, &meta, &|s| t.slots.get(s).is_some_and(|m| m.live))
+    }
+
+    /// Loads a saved index and checks it against the store, which stays the truth:
+    /// saved at `applied`, one live slot per stored point, each holding exactly
+    /// the stored vector. Payloads and expiry come from the store's records.
+    pub fn load_verified(
+        options: &IndexOptions,
+        path: &std::path::Path,
+        spec: &CollectionSpec,
+        applied: u64,
+        records: impl Iterator<Item = Result<PointRecord, String>>,
+    ) -> Result<Self, String> {
+        let (index, meta) = options
+            .load(
+                path,
+                spec.dimension as usize,
+                crate::engine::space_of(spec.metric),
+                spec.hnsw.m as usize,
+                spec.hnsw.ef_construction as usize,
+            )
+            .map_err(|e| e.to_string())?;
+        let saved: SavedTable = postcard::from_bytes(&meta).map_err(|e| format!("the slot table does not decode: {e}"))?;
+        if saved.applied != applied {
+            return Err(format!("saved at log index {}, the store is at {applied}", saved.applied));
+        }
+        if saved.slots.len() != index.len() {
+            return Err(format!("{} slots in the table, {} in the graph", saved.slots.len(), index.len()));
+        }
+        let mut by_id = HashMap::with_capacity(saved.slots.len());
+        for (slot, (id, live)) in saved.slots.iter().enumerate() {
+            if *live && by_id.insert(*id, slot).is_some() {
+                return Err(format!("{id} is live in two slots"));
+            }
+        }
+        let mut slots: Vec<SlotMeta> = saved
+            .slots
+            .iter()
+            .map(|(id, _)| SlotMeta {
+                id: *id,
+                expires_at_ms: 0,
+                payload: shared_payload(&Payload::new()),
+                live: false,
+            })
+            .collect();
+        let mut seen = 0usize;
+        for rec in records {
+            let rec = rec?;
+            let slot = *by_id
+                .get(&rec.id)
+                .ok_or_else(|| format!("stored point {} has no live slot", rec.id))?;
+            let row = index.vectors().get(slot).ok_or("a slot beyond the graph")?;
+            if row.len() != rec.vector.len() || row.iter().zip(&rec.vector).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                return Err(format!("the vector of {} differs from the stored one", rec.id));
+            }
+            let m = &mut slots[slot];
+            if m.live {
+                return Err(format!("stored point {} appears twice", rec.id));
+            }
+            (m.live, m.expires_at_ms, m.payload) = (true, rec.expires_at_ms, shared_payload(&rec.payload));
+            seen += 1;
+        }
+        if seen != by_id.len() {
+            return Err(format!("{} live slots, {seen} stored points", by_id.len()));
+        }
+        let expiring = slots.iter().filter(|m| m.expires_at_ms != 0).count();
+        let live = Self::new(index);
+        *live.table.write() = SlotTable {
+            slots,
+            by_id,
+            live: seen,
+            expiring,
+        };
+        Ok(live)
     }
 
     /// Adds records (callers serialise writers); later records of one id win.

@@ -278,3 +278,69 @@ fn invalid_commands_are_recorded_rejections_and_invalid_stored_records_fail_the_
         .expect("an invalid stored record fails the load");
     assert!(err.to_string().contains("record 7") && err.to_string().contains("invalid"), "{err}");
 }
+
+/// Every id the engine returns for a handful of queries, with ef high enough to
+/// be exact on these sizes.
+fn answers(engine: &ShardEngine) -> Vec<Vec<u64>> {
+    (0..20u64).map(|i| ids(engine, &v(i * 37), 10, 1)).collect()
+}
+
+#[test]
+fn a_saved_index_is_loaded_on_open_and_its_file_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec("saved", 4, Metric::L2);
+    let before = {
+        let e = open(dir.path(), &s);
+        upsert(&e, 0..3000);
+        e.apply_next(&ShardCommand::Delete((0..3000).step_by(4).map(PointId::Num).collect()))
+            .unwrap();
+        assert!(!e.loaded_saved_index());
+        assert!(e.save_index().unwrap());
+        (answers(&e), e.stats())
+    };
+    let file = dir.path().join("replica").join(sovra_shard::engine::INDEX_FILE);
+    assert!(file.exists());
+    let e = open(dir.path(), &s);
+    assert!(e.loaded_saved_index(), "the saved index was rebuilt instead of loaded");
+    assert!(!file.exists(), "the file stays behind after it was loaded");
+    assert_eq!(answers(&e), before.0);
+    assert_eq!(
+        (e.stats().live_points, e.stats().tombstones),
+        (before.1.live_points, before.1.tombstones)
+    );
+    assert!(answers(&e).iter().flatten().all(|id| id % 4 != 0), "a deleted point came back");
+    // It keeps taking writes.
+    upsert(&e, 3000..3100);
+    assert_eq!(ids(&e, &v(3050), 1, 1), vec![3050]);
+}
+
+#[test]
+fn a_stale_or_damaged_saved_index_is_rebuilt_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec("stale", 4, Metric::L2);
+    let file = dir.path().join("replica").join(sovra_shard::engine::INDEX_FILE);
+    let want = {
+        let e = open(dir.path(), &s);
+        upsert(&e, 0..2000);
+        e.save_index().unwrap();
+        // A write after the save makes the file stale.
+        upsert(&e, 2000..2100);
+        answers(&e)
+    };
+    let e = open(dir.path(), &s);
+    assert!(!e.loaded_saved_index(), "a stale index was trusted");
+    assert!(!file.exists());
+    assert_eq!(answers(&e), want);
+    assert_eq!(ids(&e, &v(2050), 1, 1), vec![2050]);
+    e.save_index().unwrap();
+    drop(e);
+
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let e = open(dir.path(), &s);
+    assert!(!e.loaded_saved_index(), "a damaged index was trusted");
+    assert!(!file.exists());
+    assert_eq!(answers(&e), want);
+}
