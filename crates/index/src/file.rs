@@ -99,6 +99,8 @@ impl<R: Read> CrcReader<R> {
 /// Saves `index` with the caller's `meta` to `path`, atomically: written to a
 /// temporary file beside it, synced, then renamed over it.
 pub fn save(index: &SovraIndex, path: &Path, meta: &[u8], keep: SlotFilter<'_>) -> io::Result<()> {
+    // The file holds the graph whole: link what is still pending first.
+    crate::VectorIndex::link_pending(index);
     let tmp = path.with_extension("tmp");
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;

@@ -148,6 +148,23 @@ impl FlatVectors {
             .collect()
     }
 
+    /// The exact `k` nearest among the slots of `range` that `accept` takes.
+    pub(crate) fn exact_range(
+        &self,
+        query: &[f32],
+        k: usize,
+        range: std::ops::Range<usize>,
+        accept: Option<&(dyn Fn(usize) -> bool + Sync)>,
+    ) -> Vec<Neighbour> {
+        let n = self.len();
+        let range = range.start.min(n)..range.end.min(n);
+        if range.is_empty() {
+            return Vec::new();
+        }
+        let slots: Vec<usize> = range.collect();
+        self.exact_search(query, k, Some(&slots), accept.unwrap_or(&|_| true))
+    }
+
     pub fn memory_bytes(&self) -> usize {
         self.rows.allocated_bytes()
     }

@@ -151,8 +151,15 @@ pub struct SovraIndex {
     entry: AtomicU64,
     /// Held by an insert that may raise the top level, for its whole insert.
     entry_lock: Mutex<()>,
-    /// One `add_batch` at a time.
+    /// One writer (append) at a time.
     writer: Mutex<()>,
+    /// Slots below this are linked into the graph; the rest are found by an
+    /// exact scan until a linker gets to them.
+    linked: AtomicUsize,
+    /// One linker at a time.
+    linker: Mutex<()>,
+    /// A background linker is queued or running.
+    linking: std::sync::atomic::AtomicBool,
     pool: Option<Arc<rayon::ThreadPool>>,
 }
 
@@ -182,6 +189,9 @@ impl SovraIndex {
             entry: AtomicU64::new(NO_ENTRY),
             entry_lock: Mutex::new(()),
             writer: Mutex::new(()),
+            linked: AtomicUsize::new(0),
+            linker: Mutex::new(()),
+            linking: std::sync::atomic::AtomicBool::new(false),
             pool,
         }
     }
@@ -525,6 +535,7 @@ impl SovraIndex {
         if let Some((l, s)) = best {
             me.entry.store(((l as u64) << 32) | s as u64, Ordering::Release);
         }
+        me.linked.store(me.vectors.len(), Ordering::Release);
         me
     }
 
@@ -668,6 +679,7 @@ impl SovraIndex {
             return Err(bad(format!("entry point {entry:#x} is not a top-level slot")));
         }
         me.entry.store(entry, Ordering::Release);
+        me.linked.store(n, Ordering::Release);
         Ok(me)
     }
 
@@ -705,32 +717,87 @@ impl Drop for SovraIndex {
 
 impl VectorIndex for SovraIndex {
     fn add_batch(&self, vectors: &[&[f32]]) -> std::ops::Range<usize> {
-        let _one_writer = self.writer.lock();
-        let slots = self.vectors.push_batch(vectors);
-        self.insert_slots(slots.clone());
+        let slots = self.append(vectors);
+        self.link_pending();
         slots
     }
 
+    fn append(&self, vectors: &[&[f32]]) -> std::ops::Range<usize> {
+        let _one_writer = self.writer.lock();
+        self.vectors.push_batch(vectors)
+    }
+
+    fn link_pending(&self) -> usize {
+        let _one_linker = self.linker.lock();
+        let from = self.linked.load(Ordering::Acquire);
+        let to = self.vectors.len();
+        if from < to {
+            self.insert_slots(from..to);
+            self.linked.store(to, Ordering::Release);
+        }
+        to - from
+    }
+
+    fn pending(&self) -> usize {
+        self.vectors.len() - self.linked.load(Ordering::Acquire)
+    }
+
+    fn schedule_linking(self: Arc<Self>) {
+        let Some(pool) = self.pool.clone() else {
+            self.link_pending();
+            return;
+        };
+        if self.linking.swap(true, Ordering::AcqRel) {
+            return; // the linker at work loops until nothing is pending
+        }
+        pool.spawn(move || {
+            loop {
+                self.link_pending();
+                self.linking.store(false, Ordering::Release);
+                // An append after the last look may have left its slots to this
+                // linker (it saw `linking` still set).
+                if self.pending() == 0 || self.linking.swap(true, Ordering::AcqRel) {
+                    break;
+                }
+            }
+        });
+    }
+
     fn search(&self, query: &[f32], k: usize, ef: usize, accept: Option<SlotFilter<'_>>) -> Vec<Neighbour> {
+        // Read before the graph walk: every slot below was linked when it began.
+        let linked = self.linked.load(Ordering::Acquire);
         let e = self.entry.load(Ordering::Acquire);
-        if k == 0 || e == NO_ENTRY {
+        if k == 0 {
             return Vec::new();
         }
-        let (ep, top) = (e as u32, (e >> 32) as usize);
-        let (cur, cur_d) = self.descend(query, ep, self.dist_to(query, ep), top, 0);
-        CTX.with(|ctx| {
-            let mut ctx = ctx.borrow_mut();
-            self.search_layer(&mut ctx, query, key(cur_d, cur), ef.max(k), 0, accept);
-            let mut best: Vec<u64> = ctx.best.drain().collect();
+        let mut best: Vec<u64> = if e == NO_ENTRY {
+            Vec::new()
+        } else {
+            let (ep, top) = (e as u32, (e >> 32) as usize);
+            let (cur, cur_d) = self.descend(query, ep, self.dist_to(query, ep), top, 0);
+            CTX.with(|ctx| {
+                let mut ctx = ctx.borrow_mut();
+                self.search_layer(&mut ctx, query, key(cur_d, cur), ef.max(k), 0, accept);
+                ctx.best.drain().collect()
+            })
+        };
+        // Stored but not yet linked: compared exactly, so an acknowledged point
+        // is found from the moment it is stored. Some may also have been reached
+        // through the graph while being linked: each slot once.
+        let tail = self.vectors.exact_range(query, k, linked..usize::MAX, accept);
+        if !tail.is_empty() {
+            best.extend(tail.iter().map(|n| key(n.distance, n.slot as u32)));
             best.sort_unstable();
-            best.truncate(k);
-            best.into_iter()
-                .map(|k| Neighbour {
-                    slot: key_slot(k) as usize,
-                    distance: key_distance(k),
-                })
-                .collect()
-        })
+            best.dedup_by_key(|k| key_slot(*k));
+        }
+        best.sort_unstable();
+        best.truncate(k);
+        best.into_iter()
+            .map(|k| Neighbour {
+                slot: key_slot(k) as usize,
+                distance: key_distance(k),
+            })
+            .collect()
     }
 
     fn vectors(&self) -> &FlatVectors {

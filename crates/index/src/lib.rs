@@ -42,6 +42,29 @@ pub trait VectorIndex: Send + Sync {
     /// slots they were given, consecutive and in order.
     fn add_batch(&self, vectors: &[&[f32]]) -> std::ops::Range<usize>;
 
+    /// Stores vectors and gives them slots without linking them into a graph
+    /// yet: until [`Self::link_pending`] links them, searches find them by an
+    /// exact scan of the unlinked tail. Engines without a deferred path link at
+    /// once.
+    fn append(&self, vectors: &[&[f32]]) -> std::ops::Range<usize> {
+        self.add_batch(vectors)
+    }
+
+    /// Links every stored, unlinked slot (waiting for a linker already at it);
+    /// returns how many this call linked.
+    fn link_pending(&self) -> usize {
+        0
+    }
+
+    /// Slots stored but not linked yet.
+    fn pending(&self) -> usize {
+        0
+    }
+
+    /// Has the pending slots linked in the background (on the index's pool),
+    /// or now if it has none.
+    fn schedule_linking(self: std::sync::Arc<Self>) {}
+
     /// Up to `k` nearest slots accepted by `accept` (every slot if `None`),
     /// closest first. Approximate indexes may return fewer than `k` even if more
     /// are accepted, and may return slots `accept` refused: callers re-check every

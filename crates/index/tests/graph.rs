@@ -183,3 +183,47 @@ fn empty_and_tiny_indexes() {
     let slots: Vec<usize> = g.search(&[2.9, 0.0, 0.0], 5, 10, None).iter().map(|n| n.slot).collect();
     assert_eq!(slots, vec![2, 1, 0]);
 }
+
+/// Appended points are found from the moment `append` returns (the unlinked
+/// tail is scanned exactly), while a background linker brings them into the
+/// graph; once it is done nothing is pending and the graph alone finds them.
+#[test]
+fn appended_points_are_found_at_once_and_linked_behind() {
+    let d = 16;
+    let data = random(4000, d, 11);
+    let g = Arc::new(SovraIndex::new(d, Space::L2, &cfg(12), Some(pool())));
+    g.add_batch(&refs(&data[..1000]));
+    for chunk in data[1000..].chunks(250) {
+        let slots = g.append(&refs(chunk));
+        // Every point of the batch is its own nearest neighbour right away.
+        for s in slots.clone().step_by(25) {
+            assert_eq!(g.search(&data[s], 1, 32, None)[0].slot, s, "appended slot {s} not found");
+        }
+        g.clone().schedule_linking();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while g.pending() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} points still unlinked after 60 s",
+            g.pending()
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(g.link_pending(), 0);
+    let missed = (0..4000)
+        .step_by(13)
+        .filter(|&s| g.search(&data[s], 1, 64, None)[0].slot != s)
+        .count();
+    assert!(missed <= 2, "{missed} linked points not found as their own nearest");
+}
+
+#[test]
+fn without_a_pool_linking_happens_at_once() {
+    let data = random(300, 8, 12);
+    let g = Arc::new(SovraIndex::new(8, Space::L2, &cfg(6), None));
+    g.append(&refs(&data));
+    assert_eq!(g.pending(), 300);
+    g.clone().schedule_linking();
+    assert_eq!(g.pending(), 0);
+}

@@ -151,6 +151,8 @@ pub fn index(args: IndexBenchArgs) -> anyhow::Result<()> {
                     .collect::<Result<Vec<_>, _>>()?;
                 live.upsert(&recs);
             }
+            // The build is done when the graph holds every point.
+            live.link_pending();
             live
         }
     };

@@ -11,6 +11,7 @@ pub mod bench_cluster;
 pub mod bench_replicas;
 pub mod bench_replication;
 pub mod bench_search;
+pub mod bench_startup;
 pub mod cluster;
 pub mod config;
 pub mod dev;

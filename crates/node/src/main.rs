@@ -1,8 +1,8 @@
-//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication|search|replicas|cluster`.
+//! The `sovra` binary: `sovra node`, `sovra dev`, `sovra bench index|replication|search|replicas|cluster|startup`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sovra_node::{NodeConfig, bench, bench_cluster, bench_replicas, bench_replication, bench_search, dev};
+use sovra_node::{NodeConfig, bench, bench_cluster, bench_replicas, bench_replication, bench_search, bench_startup, dev};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -40,6 +40,8 @@ enum BenchCommand {
     Replicas(bench_replicas::ReplicasBenchArgs),
     /// Search through a coordinator over 2 regions x 3 nodes beside one in-process engine.
     Cluster(bench_cluster::ClusterBenchArgs),
+    /// A replica's start-up time: loading its saved index against rebuilding it.
+    Startup(bench_startup::StartupBenchArgs),
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -86,6 +88,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Cluster(args),
         } => bench_cluster::cluster(args),
+        Command::Bench {
+            what: BenchCommand::Startup(args),
+        } => bench_startup::startup(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {

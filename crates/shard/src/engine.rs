@@ -157,6 +157,12 @@ impl ShardEngine {
         Ok(engine)
     }
 
+    /// Links every point still waiting for the graph (they are searched exactly
+    /// meanwhile); for benchmarks and tests that time or inspect the graph.
+    pub fn link_pending(&self) {
+        self.live.read().clone().link_pending();
+    }
+
     /// Whether this open loaded the saved index instead of rebuilding it.
     pub fn loaded_saved_index(&self) -> bool {
         self.loaded.load(Ordering::Acquire)

@@ -90,15 +90,20 @@ pub enum SearchPath {
     Exact,
 }
 
+/// Points stored but not yet linked into the graph, at most: past it, a write
+/// links them itself before it is acknowledged (back-pressure), so the exact scan
+/// of the unlinked tail every search makes stays short.
+pub const MAX_PENDING: usize = 10_000;
+
 pub struct LiveIndex {
-    index: Box<dyn VectorIndex>,
+    index: Arc<dyn VectorIndex>,
     table: RwLock<SlotTable>,
 }
 
 impl LiveIndex {
     pub fn new(index: Box<dyn VectorIndex>) -> Self {
         Self {
-            index,
+            index: Arc::from(index),
             table: RwLock::new(SlotTable::default()),
         }
     }
@@ -228,7 +233,14 @@ impl LiveIndex {
     /// still unknown to the table and so refused), then the table, so a point is
     /// replaced atomically for readers.
     fn insert(&self, vectors: &[&[f32]], metas: Vec<SlotMeta>) {
-        let slots = self.index.add_batch(vectors);
+        // Stored now, searchable at once (exactly, in the unlinked tail), linked
+        // into the graph behind the write; unless too much is pending already.
+        let defer = self.index.pending() + vectors.len() <= MAX_PENDING;
+        let slots = if defer {
+            self.index.append(vectors)
+        } else {
+            self.index.add_batch(vectors)
+        };
         let mut t = self.table.write();
         debug_assert_eq!(slots.start, t.slots.len(), "one writer at a time keeps slots aligned");
         for (slot, meta) in slots.zip(metas) {
@@ -240,6 +252,20 @@ impl LiveIndex {
                 t.kill(old);
             }
         }
+        drop(t);
+        if defer {
+            self.index.clone().schedule_linking();
+        }
+    }
+
+    /// Points stored but not yet linked into the graph.
+    pub fn pending(&self) -> usize {
+        self.index.pending()
+    }
+
+    /// Links every pending point now (tests, benchmarks, saves).
+    pub fn link_pending(&self) {
+        self.index.link_pending();
     }
 
     pub fn delete(&self, ids: &[PointId]) {

@@ -70,6 +70,9 @@ fn load_with(base: Vec<Vec<f32>>, queries: Vec<Vec<f32>>, metric: Metric, index:
             .collect();
         engine.apply_next(&ShardCommand::Upsert(recs)).unwrap();
     }
+    // Recall of the graph itself: nothing left to the exact scan of the
+    // not-yet-linked tail.
+    engine.link_pending();
     // Queries as the search service sends them to the engine.
     let queries = queries
         .into_iter()
