@@ -485,6 +485,17 @@ impl SovraIndex {
         drop(raise);
     }
 
+    /// Links every stored slot not linked yet; the caller holds the linker lock.
+    fn link_locked(&self) -> usize {
+        let from = self.linked.load(Ordering::Acquire);
+        let to = self.vectors.len();
+        if from < to {
+            self.insert_slots(from..to);
+            self.linked.store(to, Ordering::Release);
+        }
+        to - from
+    }
+
     /// Puts already-stored slots into the graph.
     fn insert_slots(&self, slots: std::ops::Range<usize>) {
         assert!(slots.end < u32::MAX as usize, "a shard's index holds fewer than 2^32 slots");
@@ -729,13 +740,7 @@ impl VectorIndex for SovraIndex {
 
     fn link_pending(&self) -> usize {
         let _one_linker = self.linker.lock();
-        let from = self.linked.load(Ordering::Acquire);
-        let to = self.vectors.len();
-        if from < to {
-            self.insert_slots(from..to);
-            self.linked.store(to, Ordering::Release);
-        }
-        to - from
+        self.link_locked()
     }
 
     fn pending(&self) -> usize {
@@ -752,7 +757,15 @@ impl VectorIndex for SovraIndex {
         }
         pool.spawn(move || {
             loop {
-                self.link_pending();
+                // Never wait for the linker lock on a pool thread: its holder may
+                // be waiting for this very thread to run its parallel insert. A
+                // holder links everything stored before it started.
+                let Some(_one_linker) = self.linker.try_lock() else {
+                    self.linking.store(false, Ordering::Release);
+                    return;
+                };
+                self.link_locked();
+                drop(_one_linker);
                 self.linking.store(false, Ordering::Release);
                 // An append after the last look may have left its slots to this
                 // linker (it saw `linking` still set).
