@@ -798,12 +798,10 @@ impl VectorIndex for SovraIndex {
         // is found from the moment it is stored. Some may also have been reached
         // through the graph while being linked: each slot once.
         let tail = self.vectors.exact_range(query, k, linked..usize::MAX, accept);
-        if !tail.is_empty() {
-            best.extend(tail.iter().map(|n| key(n.distance, n.slot as u32)));
-            best.sort_unstable();
-            best.dedup_by_key(|k| key_slot(*k));
-        }
+        best.extend(tail.iter().map(|n| key(n.distance, n.slot as u32)));
         best.sort_unstable();
+        // Equal slots have equal keys, so after the sort they are neighbours.
+        best.dedup_by_key(|k| key_slot(*k));
         best.truncate(k);
         best.into_iter()
             .map(|k| Neighbour {
