@@ -29,6 +29,9 @@ unsafe impl<T> ZeroValid for std::sync::atomic::AtomicPtr<T> {}
 
 /// Chunks at least this large are mapped, not allocated.
 const MAP_BYTES: usize = 1 << 20;
+/// Mapped chunks at least this large (a few huge pages) ask for huge pages;
+/// below it the rounding to 2 MiB would cost more memory than it saves misses.
+const HUGE_PAGE_BYTES: usize = 8 << 20;
 
 struct Chunk<T> {
     ptr: NonNull<T>,
@@ -109,6 +112,14 @@ impl<T: ZeroValid> Chunked<T> {
                 };
                 if raw == libc::MAP_FAILED {
                     handle_alloc_error(layout);
+                }
+                // Searches touch rows at random: with 4 KiB pages nearly every
+                // row of a large index is a TLB miss. Ask for transparent huge
+                // pages (the kernel's default mode is `madvise`); it is a hint,
+                // and a refusal leaves ordinary pages.
+                if bytes >= HUGE_PAGE_BYTES {
+                    // SAFETY: advice on the mapping made just above.
+                    unsafe { libc::madvise(raw, bytes, libc::MADV_HUGEPAGE) };
                 }
                 let ptr = NonNull::new(raw.cast::<T>()).unwrap_or_else(|| handle_alloc_error(layout));
                 return Chunk { ptr, layout, mapped: true };

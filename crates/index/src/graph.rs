@@ -79,6 +79,11 @@ fn prefetch(p: *const f32) {
     }
 }
 
+#[inline(always)]
+fn prefetch_u32(p: *const AtomicU32) {
+    prefetch(p.cast::<f32>())
+}
+
 /// What one search thread reuses from one search to the next.
 struct SearchCtx {
     visited: Vec<u16>,
@@ -337,6 +342,11 @@ impl SovraIndex {
                 let k = key(self.dist_to(query, s), s);
                 if ctx.best.len() < ef || k < bound {
                     ctx.candidates.push(!k);
+                    if level == 0 {
+                        // Its list lies apart from its vector (unlike hnswlib's
+                        // one block per node): fetch it now, before it is expanded.
+                        prefetch_u32(self.links0.row_ptr(s as usize));
+                    }
                     if accept.is_none_or(|f| f(s as usize)) {
                         ctx.best.push(k);
                         if ctx.best.len() > ef {
