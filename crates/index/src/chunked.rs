@@ -31,7 +31,7 @@ unsafe impl<T> ZeroValid for std::sync::atomic::AtomicPtr<T> {}
 const MAP_BYTES: usize = 1 << 20;
 /// Mapped chunks at least this large (a few huge pages) ask for huge pages;
 /// below it the rounding to 2 MiB would cost more memory than it saves misses.
-const HUGE_PAGE_BYTES: usize = 8 << 20;
+const HUGE_PAGE_BYTES: usize = 16 << 20;
 
 struct Chunk<T> {
     ptr: NonNull<T>,
