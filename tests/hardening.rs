@@ -573,6 +573,7 @@ async fn a_poisoned_entry_leaves_every_replica_running_and_restartable_with_equa
         lawful_basis: sovra_types::LawfulBasis::Consent,
         source: String::new(),
         expires_at_ms: 0,
+        consent_at_ms: 0,
     };
     let leader = info(&mut nodes[0], "faces", false).await.shards[0].leader;
     let host = nodes[(leader - 1) as usize].node().state.host.clone();

@@ -84,6 +84,20 @@ impl Caller {
         ))
     }
 
+    pub fn require_data_protection(&self, what: &str) -> Result<(), ApiError> {
+        if self.scopes.data_protection {
+            return Ok(());
+        }
+        Err(denied(
+            self.node,
+            "data_protection",
+            ApiError::denied(format!(
+                "{what} needs the data_protection scope, which {} does not have",
+                self.name()
+            )),
+        ))
+    }
+
     /// Counts a denial the root or the region plan made (R3).
     pub fn count_denial(&self, e: ApiError) -> ApiError {
         if e.code == sovra_types::ErrorCode::PermissionDenied {

@@ -111,6 +111,7 @@ pub fn index(args: IndexBenchArgs) -> anyhow::Result<()> {
             lawful_basis: LawfulBasis::Unspecified,
             source: String::new(),
             expires_at_ms: 0,
+            consent_at_ms: 0,
         })
     };
     let heap_before = resident_bytes();

@@ -263,6 +263,7 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
             lawful_basis: sovra_types::LawfulBasis::Unspecified,
             source: String::new(),
             expires_at_ms: 0,
+            consent_at_ms: 0,
         })
         .collect();
     for b in records.chunks(500) {

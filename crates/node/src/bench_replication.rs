@@ -57,6 +57,7 @@ fn batches(args: &ReplicationBenchArgs) -> Vec<Vec<PointRecord>> {
                     lawful_basis: LawfulBasis::Consent,
                     source: "bench".into(),
                     expires_at_ms: 0,
+                    consent_at_ms: 0,
                 })
                 .collect()
         })

@@ -88,6 +88,7 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<()> {
                         lawful_basis: LawfulBasis::Unspecified,
                         source: String::new(),
                         expires_at_ms: 0,
+                        consent_at_ms: 0,
                     })
                 })
                 .collect::<Result<Vec<_>, ApiError>>()?;

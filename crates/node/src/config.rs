@@ -60,6 +60,11 @@ pub struct NodeConfig {
     pub compaction_tombstone_ratio: f64,
     #[serde(default = "default_check")]
     pub compaction_check_seconds: u64,
+    /// How often the leader of each shard on this node looks for points past
+    /// their `expires_at` and erases them through the log (T1: they are never
+    /// returned once expired, and are removed within this interval).
+    #[serde(default = "default_retention_sweep_ms")]
+    pub retention_sweep_ms: u64,
     /// What this node does: `meta` (a replica of the cluster's metadata group:
     /// a voter or learner), `data` (holds shard replicas of its region),
     /// `coordinator` (serves the public API). All three by default.
@@ -123,6 +128,11 @@ pub struct RaftConfig {
     pub write_timeout_ms: u64,
     /// How long a read at `any` with a minimum index, or `linearizable`, waits.
     pub read_wait_ms: u64,
+    /// A replica answers `any` reads only this long after its leader last
+    /// confirmed it current; an erasure waits it out for replicas it cannot
+    /// reach. 0 turns the lease off (then a replica cut off from its leader
+    /// keeps answering `any` reads, erased points included, until it catches up).
+    pub read_lease_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -136,6 +146,7 @@ impl Default for RaftConfig {
             keep_logs: d.keep_logs,
             write_timeout_ms: d.write_timeout.as_millis() as u64,
             read_wait_ms: d.read_wait.as_millis() as u64,
+            read_lease_ms: d.read_lease.as_millis() as u64,
         }
     }
 }
@@ -150,6 +161,7 @@ impl RaftConfig {
             keep_logs: self.keep_logs,
             write_timeout: std::time::Duration::from_millis(self.write_timeout_ms),
             read_wait: std::time::Duration::from_millis(self.read_wait_ms),
+            read_lease: std::time::Duration::from_millis(self.read_lease_ms),
             ..Default::default()
         }
     }
@@ -173,6 +185,12 @@ impl RaftConfig {
         if self.snapshot_after_logs == 0 {
             return Err(invalid("raft.snapshot_after_logs", "must be at least 1"));
         }
+        if self.read_lease_ms > 60_000 {
+            return Err(invalid(
+                "raft.read_lease_ms",
+                format!("is {}: at most 60000 (every erasure may wait it out)", self.read_lease_ms),
+            ));
+        }
         if self.write_timeout_ms == 0 || self.read_wait_ms == 0 {
             return Err(invalid(
                 "raft.write_timeout_ms",
@@ -185,6 +203,9 @@ impl RaftConfig {
 
 fn default_auth() -> bool {
     true
+}
+fn default_retention_sweep_ms() -> u64 {
+    10_000
 }
 fn default_key_lease_ms() -> u64 {
     5_000
@@ -293,6 +314,7 @@ impl NodeConfig {
             search_threads: 0,
             compaction_tombstone_ratio: default_ratio(),
             compaction_check_seconds: default_check(),
+            retention_sweep_ms: default_retention_sweep_ms(),
             roles: default_roles(),
             bootstrap: true,
             join: Vec::new(),
@@ -448,6 +470,9 @@ impl NodeConfig {
         }
         if !(self.compaction_tombstone_ratio > 0.0 && self.compaction_tombstone_ratio <= 1.0) {
             return Err(invalid("compaction_tombstone_ratio", "must be in (0, 1]"));
+        }
+        if self.retention_sweep_ms == 0 {
+            return Err(invalid("retention_sweep_ms", "must be at least 1"));
         }
         if self.compaction_check_seconds == 0 {
             return Err(invalid("compaction_check_seconds", "must be at least 1"));

@@ -78,6 +78,7 @@ fn sample(n: usize) -> Vec<v1::Point> {
                 lawful_basis: v1::LawfulBasis::Consent as i32,
                 source: "sovra dev synthetic sample".into(),
                 expires_at_ms: 0,
+                consent_at_ms: 0,
             }
         })
         .collect()

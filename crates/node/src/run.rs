@@ -5,11 +5,12 @@
 
 use crate::config::NodeConfig;
 use crate::metrics as m;
-use crate::service::{AdminService, CollectionsService, PointsService, SearchService};
+use crate::service::{AdminService, CollectionsService, ErasureService, PointsService, SearchService};
 use crate::state::NodeState;
 use anyhow::Context;
 use sovra_proto::v1::{
-    admin_server::AdminServer, collections_server::CollectionsServer, points_server::PointsServer, search_server::SearchServer,
+    admin_server::AdminServer, collections_server::CollectionsServer, erasure_server::ErasureServer, points_server::PointsServer,
+    search_server::SearchServer,
 };
 use sovra_raft::Faults;
 use sovra_raft::server::{RaftService, cluster_service};
@@ -116,6 +117,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(AdminServer::new(AdminService { state: state.clone() }))
+        .add_service(ErasureServer::new(ErasureService { state: state.clone() }))
         .serve_with_incoming_shutdown(incoming(grpc), shutdown());
     let leaf = tonic::service::interceptor::InterceptedService::new(
         sovra_proto::raft::leaf_server::LeafServer::new(sovra_coord::LeafService {
@@ -160,6 +162,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
         }));
     }
     tasks.push(tokio::spawn(compaction_loop(state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(retention_loop(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(
         state.host.clone().run_watchdog(Duration::from_millis(500), stop_rx.clone()),
     ));
@@ -334,6 +337,61 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
+}
+
+/// Expired points per sweep command: bounded so one entry stays small.
+const SWEEP_BATCH: usize = 1_000;
+
+/// T1: on every shard this node leads, erases points past their `expires_at`
+/// through the shard's log (so every replica removes them alike), in bounded
+/// batches, every `retention_sweep_ms`. The command carries the sweep's clock
+/// and removes only points still expired when it applies.
+async fn retention_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.config.retention_sweep_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for g in state.host.groups() {
+            if g.leader() != Some(state.config.node_id) {
+                continue;
+            }
+            loop {
+                let now = crate::service::now_ms();
+                let engine = g.engine().clone();
+                let found = tokio::task::spawn_blocking(move || engine.store().expired_ids(now, SWEEP_BATCH)).await;
+                let ids = match found {
+                    Ok(Ok(ids)) if !ids.is_empty() => ids,
+                    Ok(Err(e)) => {
+                        tracing::warn!(shard = %g.id, error = %e, "retention sweep could not read the expiry index");
+                        break;
+                    }
+                    _ => break,
+                };
+                let full = ids.len() == SWEEP_BATCH;
+                let cmd = sovra_types::ShardCommand::Erase(sovra_types::Erase {
+                    job: format!("expiry-{}", uuid::Uuid::new_v4().simple()),
+                    target: sovra_types::EraseTarget::Expired { ids, now_ms: now },
+                    at_ms: now,
+                    salt: rand::random(),
+                });
+                match state.host.write(&g.id, cmd).await {
+                    Ok(ack) => {
+                        metrics::counter!(m::EXPIRED_ERASED).increment(ack.changed);
+                        tracing::debug!(shard = %g.id, erased = ack.changed, "retention sweep");
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = %g.id, error = %e.message, "retention sweep not committed; the next sweep retries");
+                        break;
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Rebuilds the graph of any shard whose tombstones pass the configured share.

@@ -95,6 +95,7 @@ pub fn point_from(p: v1::Point, i: usize) -> Result<t::PointRecord, ApiError> {
         lawful_basis: lawful_basis_from(p.lawful_basis, &format!("{at}.lawful_basis"))?,
         source: p.source,
         expires_at_ms: p.expires_at_ms,
+        consent_at_ms: p.consent_at_ms,
     })
 }
 
@@ -112,6 +113,7 @@ pub fn point_to(r: &t::PointRecord, with_vector: bool, with_payload: bool) -> v1
         lawful_basis: lawful_basis_to(r.lawful_basis) as i32,
         source: r.source.clone(),
         expires_at_ms: r.expires_at_ms,
+        consent_at_ms: r.consent_at_ms,
     }
 }
 

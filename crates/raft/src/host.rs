@@ -24,6 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// Slack added to the read lease when an erasure waits out a replica.
+const LEASE_MARGIN: Duration = Duration::from_millis(200);
+
 /// Timing and log-size knobs of every group on a node.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
@@ -40,6 +43,12 @@ pub struct RaftSettings {
     pub read_wait: Duration,
     /// Bound on one AppendEntries message (a single entry is always sent).
     pub max_append_bytes: usize,
+    /// A shard replica answers reads at consistency `any` only for this long
+    /// after the group's leader last confirmed what was committed (a read
+    /// index it has applied), so a replica cut off from its leader stops
+    /// answering within it; an erasure's acknowledgement waits it out for
+    /// replicas that cannot confirm they applied the erasure. Zero: no lease.
+    pub read_lease: Duration,
 }
 
 impl Default for RaftSettings {
@@ -53,6 +62,7 @@ impl Default for RaftSettings {
             write_timeout: Duration::from_secs(5),
             read_wait: Duration::from_secs(2),
             max_append_bytes: crate::network::MAX_APPEND_BYTES,
+            read_lease: Duration::from_secs(2),
         }
     }
 }
@@ -105,6 +115,8 @@ pub struct Replica<C: GroupConfig> {
     pub sm: C::Sm,
     pub log: LogStore<C>,
     pub restarts: AtomicU64,
+    /// Until when this replica may answer `any` reads ([`RaftSettings::read_lease`]).
+    lease: parking_lot::Mutex<Option<Instant>>,
 }
 
 /// A replica of a shard group.
@@ -294,6 +306,7 @@ impl RaftHost {
             sm,
             log,
             restarts: AtomicU64::new(0),
+            lease: parking_lot::Mutex::new(None),
         });
         self.groups.write().insert(id, g.clone());
         Ok(g)
@@ -320,6 +333,7 @@ impl RaftHost {
             sm,
             log,
             restarts: AtomicU64::new(0),
+            lease: parking_lot::Mutex::new(None),
         });
         *self.meta.write() = Some(g.clone());
         Ok(g)
@@ -610,10 +624,110 @@ impl RaftHost {
         }
     }
 
-    /// Returns once this node's replica of `id` may answer a read at `level`.
+    /// Returns once this node's replica of `id` may answer a read at `level`:
+    /// at `any`, once it holds a read lease (and has applied `min_index`).
     pub async fn read_barrier(&self, id: &ShardId, level: ReadLevel) -> Result<(), ApiError> {
         let g = self.group_or_unavailable(id)?;
+        if matches!(level, ReadLevel::Any { .. }) {
+            self.ensure_lease(&g).await?;
+        }
         self.barrier_in(&g, level).await
+    }
+
+    /// A replica answers `any` reads only while its lease holds: renewed by a
+    /// read index the leader confirmed (a quorum heartbeat) and this replica
+    /// applied, valid for `read_lease` from when this replica asked (its own
+    /// clock, so no clocks are compared). Any read index confirmed after an
+    /// erasure committed is at or past it, so a replica whose lease began
+    /// before the erasure loses it at most `read_lease` after the commit.
+    async fn ensure_lease(&self, g: &Group) -> Result<(), ApiError> {
+        let lease = self.settings.read_lease;
+        if lease.is_zero() {
+            return Ok(());
+        }
+        if g.lease.lock().is_some_and(|until| Instant::now() < until) {
+            return Ok(());
+        }
+        let asked = Instant::now();
+        let id = &g.id;
+        let cut_off = |why: String| {
+            ApiError::unavailable(format!(
+                "the replica of shard {id} on node {} cannot confirm it is current ({why}); it answers no read until its leader confirms it: another replica may answer",
+                self.me
+            ))
+        };
+        let index = match g.leader() {
+            Some(l) if l == self.me => self.read_index_in(g).await.map_err(|s| cut_off(s.message().to_string()))?,
+            Some(l) => self
+                .remote_read_index(l, TypeConfig::group_pb(id), self.settings.read_wait)
+                .await
+                .map_err(|s| cut_off(format!("leader {l}: {}", s.message())))?,
+            None => return Err(cut_off("its group has no leader now".into())),
+        };
+        self.barrier_in(g, ReadLevel::Any { min_index: index }).await?;
+        let mut l = g.lease.lock();
+        let until = asked + lease;
+        if l.is_none_or(|u| u < until) {
+            *l = Some(until);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `within` for `g` to apply `index`; answers what it has applied.
+    pub async fn wait_applied_in<C: GroupConfig>(&self, g: &Replica<C>, index: u64, within: Duration) -> u64 {
+        let raft = g.raft();
+        let _ = raft.wait(Some(within)).applied_index_at_least(Some(index), "wait applied").await;
+        raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
+    }
+
+    /// After a write at `index` (an erasure) committed on shard `id`: asks every
+    /// replica in `members` to confirm it applied it; for those that do not
+    /// within `read_wait`, waits until `read_lease` has passed since
+    /// `committed` (they can answer no read after that without having applied
+    /// it). Returns the replicas waited out.
+    pub async fn confirm_applied(&self, id: &ShardId, members: &BTreeSet<NodeId>, index: u64, committed: Instant) -> Vec<NodeId> {
+        let within = self.settings.read_wait;
+        let asks = members.iter().map(|&n| async move {
+            let ok = if n == self.me {
+                match self.group(id) {
+                    Some(g) => self.wait_applied_in(&g, index, within).await >= index,
+                    None => false,
+                }
+            } else {
+                self.remote_wait_applied(n, TypeConfig::group_pb(id), index, within)
+                    .await
+                    .is_ok_and(|a| a >= index)
+            };
+            (n, ok)
+        });
+        let unconfirmed: Vec<NodeId> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(|(n, ok)| (!ok).then_some(n))
+            .collect();
+        if !unconfirmed.is_empty() {
+            // A small margin over the lease for the time between the replica
+            // asking for its read index and the leader answering it.
+            let until = committed + self.settings.read_lease + LEASE_MARGIN;
+            tokio::time::sleep_until(until.into()).await;
+        }
+        unconfirmed
+    }
+
+    async fn remote_wait_applied(&self, to: NodeId, group: pb::GroupId, index: u64, within: Duration) -> Result<u64, tonic::Status> {
+        let mut client = self.peers.client(to).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::WaitAppliedRequest {
+            group: Some(group),
+            from: self.me,
+            index,
+            within_ms: within.as_millis() as u64,
+        });
+        let budget = within + Duration::from_millis(500);
+        req.set_timeout(budget);
+        let r = tokio::time::timeout(budget, client.wait_applied(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no answer in time"))??;
+        Ok(r.into_inner().applied)
     }
 
     /// Returns once this node's meta replica reflects every change committed

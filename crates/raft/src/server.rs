@@ -15,7 +15,11 @@ use sovra_proto::raft::raft_server::Raft as RaftRpc;
 use sovra_types::{CollectionName, RegionId, ShardCommand, ShardId};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 use tonic::{Request, Response, Status};
+
+/// Longest a WaitApplied request may hold its handler.
+const MAX_WAIT_APPLIED_MS: u64 = 10_000;
 
 /// The node's side of membership: announcements from other nodes, and the
 /// metadata a node without a meta replica asks for.
@@ -232,6 +236,16 @@ impl RaftRpc for RaftService {
             Target::Meta(m) => self.host.read_index_in(&m).await?,
         };
         Ok(Response::new(pb::ReadIndexReply { index }))
+    }
+
+    async fn wait_applied(&self, req: Request<pb::WaitAppliedRequest>) -> Result<Response<pb::WaitAppliedReply>, Status> {
+        let r = req.into_inner();
+        let within = Duration::from_millis(r.within_ms.min(MAX_WAIT_APPLIED_MS));
+        let applied = match self.target(r.group, r.from, "wait_applied")? {
+            Target::Shard(g) => self.host.wait_applied_in(&g, r.index, within).await,
+            Target::Meta(m) => self.host.wait_applied_in(&m, r.index, within).await,
+        };
+        Ok(Response::new(pb::WaitAppliedReply { applied }))
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {

@@ -2,20 +2,22 @@
 //! than memory is never held whole:
 //!
 //! ```text
-//! magic "SOVRASNP" | version u32 BE (2) | header length u32 BE | postcard SnapshotHeader
+//! magic "SOVRASNP" | version u32 BE (3) | header length u32 BE | postcard SnapshotHeader
 //! { record length u32 BE | postcard PointRecord }*
 //! end mark 0xFFFFFFFF | record count u64 BE | xxh3-64 of every byte before it, u64 BE
 //! ```
 //!
 //! The header names the shard (collection, region, number), the last log id and
-//! membership it reflects, the collection spec and the shard's recorded
-//! rejections. A receiver checks the whole file (digest, shard, region, every
-//! record against its own collection spec) before it touches its state.
-//! Version 1 (no rejections) is refused with a clear error.
+//! membership it reflects, the collection spec, the shard's recorded
+//! rejections and its suppression list (erased subjects as keyed hashes, and
+//! the key: a snapshot never leaves the shard's region). A receiver checks the
+//! whole file (digest, shard, region, every record against its own collection
+//! spec) before it touches its state. Versions 1 (no rejections) and 2 (no
+//! suppression list) are refused with a clear error.
 
 use crate::types::{LogId, SnapshotMeta, StoredMembership};
 use serde::{Deserialize, Serialize};
-use sovra_shard::Rejections;
+use sovra_shard::{Rejections, Suppression};
 use sovra_types::{CollectionSpec, PointRecord, RegionId, ShardId};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -27,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 pub const MAGIC: &[u8; 8] = b"SOVRASNP";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 const END: u32 = u32::MAX;
 /// A record longer than this is corruption, not data (batches are at most 8 MiB).
 const MAX_RECORD: u32 = 64 << 20;
@@ -40,6 +42,7 @@ pub struct SnapshotHeader {
     pub membership: StoredMembership,
     pub spec: CollectionSpec,
     pub rejections: Rejections,
+    pub suppression: Suppression,
 }
 
 impl SnapshotHeader {

@@ -148,7 +148,10 @@ impl ShardStateMachine {
         let meta_bytes = postcard::to_allocvec(&meta)?;
         let index = header.last_log_id.map_or(0, |l| l.index);
         let records = snapshot::Reader::open(&current)?;
-        let count = match self.engine.install(records, index, &meta_bytes, &header.rejections) {
+        let count = match self
+            .engine
+            .install(records, index, &meta_bytes, &header.rejections, &header.suppression)
+        {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e),
             Err(ShardError::Io(e)) => return Err(SnapshotError::Io(e)),
@@ -198,6 +201,9 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
                     spec: this.engine.spec().clone(),
                     rejections: store
                         .rejections()
+                        .map_err(|e| SnapshotError::Io(std::io::Error::other(e.to_string())))?,
+                    suppression: store
+                        .suppression()
                         .map_err(|e| SnapshotError::Io(std::io::Error::other(e.to_string())))?,
                 };
                 snapshot::write(&tmp, &header, store.points())?.map_err(|e| SnapshotError::Io(std::io::Error::other(e.to_string())))?;

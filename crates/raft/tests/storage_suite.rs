@@ -81,6 +81,7 @@ fn point(id: u64, region: &str) -> PointRecord {
         lawful_basis: LawfulBasis::Consent,
         source: "test".into(),
         expires_at_ms: 0,
+        consent_at_ms: 0,
     }
 }
 

@@ -18,8 +18,9 @@ use sovra_index::{IndexOptions, Space};
 
 /// The saved index's file name in a replica's directory.
 pub const INDEX_FILE: &str = "index.sovra";
+use crate::store::{Suppression, subject_tag};
 use sovra_types::validate::{check_command, check_record};
-use sovra_types::{CollectionSpec, Filter, Metric, PointId, PointRecord, ShardCommand, ShardId};
+use sovra_types::{CollectionSpec, Erase, EraseTarget, Filter, LawfulBasis, Metric, PointId, PointRecord, ShardCommand, ShardId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -277,6 +278,23 @@ impl ShardEngine {
                 rejected: Some(refused.message),
             });
         }
+        if let Some(ShardCommand::Upsert(points)) = cmd
+            && let Some(refused) = self.suppressed_write(points)?
+        {
+            let mut r = self.store.rejections()?;
+            r.record(index, refused.clone());
+            batch.set_rejections(&r)?;
+            batch.commit_with(index, meta)?;
+            self.last_applied.store(index, Ordering::Release);
+            // Expected (an erased subject written again), not a fault; the
+            // reason names no subject.
+            tracing::info!(shard = %self.id, index, reason = %refused, "write refused on apply");
+            return Ok(EntryOutcome {
+                changed: 0,
+                rejected: Some(refused),
+            });
+        }
+        let mut erased: Vec<PointId> = Vec::new();
         let changed = match cmd {
             Some(ShardCommand::Upsert(points)) => {
                 for p in points {
@@ -291,6 +309,10 @@ impl ShardEngine {
                 }
                 n
             }
+            Some(ShardCommand::Erase(e)) => {
+                erased = self.erase_into(&mut batch, e)?;
+                erased.len()
+            }
             None => 0,
         };
         batch.commit_with(index, meta)?;
@@ -300,10 +322,91 @@ impl ShardEngine {
         match cmd {
             Some(ShardCommand::Upsert(points)) => live.upsert(points),
             Some(ShardCommand::Delete(ids)) => live.delete(ids),
+            Some(ShardCommand::Erase(_)) => live.delete(&erased),
             None => {}
         }
         self.last_applied.store(index, Ordering::Release);
         Ok(EntryOutcome { changed, rejected: None })
+    }
+
+    /// Why a batch may not be written: a point of a subject on the
+    /// suppression list without consent given after the erasure. Checked at
+    /// apply, so a write validated before the erasure committed is refused too.
+    fn suppressed_write(&self, points: &[PointRecord]) -> Result<Option<String>, ShardError> {
+        let Some(key) = self.store.suppress_key()? else { return Ok(None) };
+        for (i, p) in points.iter().enumerate() {
+            if p.subject.is_empty() {
+                continue;
+            }
+            let Some(erased_at) = self.store.suppressed_at(&subject_tag(&key, &p.subject))? else {
+                continue;
+            };
+            if p.lawful_basis == LawfulBasis::Consent && p.consent_at_ms > erased_at {
+                continue;
+            }
+            return Ok(Some(format!(
+                "points[{i}]: its subject was erased at {erased_at} (Unix ms) and is on region {}'s suppression list; \
+                 a write for them needs lawful_basis CONSENT with consent_at_ms after the erasure; nothing was written",
+                self.id.region
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Removes what an erasure selects, in `batch`, and suppresses the subjects
+    /// it names; returns the ids removed.
+    fn erase_into(&self, batch: &mut crate::store::PendingBatch<'_>, e: &Erase) -> Result<Vec<PointId>, ShardError> {
+        let key = match self.store.suppress_key()? {
+            Some(k) => k,
+            None => {
+                batch.set_suppress_key(&e.salt);
+                e.salt
+            }
+        };
+        let candidates: Vec<PointId> = match &e.target {
+            EraseTarget::Ids(ids) => ids.clone(),
+            EraseTarget::Expired { ids, now_ms } => {
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if self.store.get(id)?.is_some_and(|r| r.is_expired(*now_ms)) {
+                        out.push(*id);
+                    }
+                }
+                out
+            }
+            EraseTarget::Subject(s) => self.store.ids_of_subject(s)?,
+            EraseTarget::Filter(f) => {
+                let mut ids = Vec::new();
+                for r in self.store.points() {
+                    let r = r?;
+                    if f.matches(&r.payload) {
+                        ids.push(r.id);
+                    }
+                }
+                ids
+            }
+            EraseTarget::All => self.store.points().map(|r| r.map(|r| r.id)).collect::<Result<_, _>>()?,
+        };
+        let mut subjects = std::collections::BTreeSet::new();
+        if let EraseTarget::Subject(s) = &e.target {
+            subjects.insert(s.clone());
+        }
+        let mut erased = Vec::with_capacity(candidates.len());
+        for id in candidates {
+            if let Some(old) = batch.take(&id)? {
+                if e.target.suppresses() && !old.subject.is_empty() {
+                    subjects.insert(old.subject);
+                }
+                erased.push(id);
+            }
+        }
+        for s in &subjects {
+            let tag = subject_tag(&key, s);
+            // A later erasure of the same subject moves the line consent must pass.
+            let at = self.store.suppressed_at(&tag)?.map_or(e.at_ms, |t| t.max(e.at_ms));
+            batch.suppress(&tag, at);
+        }
+        Ok(erased)
     }
 
     /// Runs `f` with writers held back, so what it reads of the store is exactly
@@ -325,6 +428,7 @@ impl ShardEngine {
         index: u64,
         meta: &[u8],
         rejections: &Rejections,
+        suppression: &Suppression,
     ) -> Result<Result<usize, E>, ShardError> {
         let _w = self.writer.lock();
         self.store.begin_install()?;
@@ -347,7 +451,7 @@ impl ShardEngine {
             }
         }
         count += self.install_chunk(&fresh, &mut chunk)?;
-        self.store.finish_install(index, meta, rejections)?;
+        self.store.finish_install(index, meta, rejections, suppression)?;
         self.replica.db().flush()?;
         *self.live.write() = Arc::new(fresh);
         self.last_applied.store(index, Ordering::Release);

@@ -9,6 +9,13 @@
 //! | `m` + `replica` | opaque bytes of the replication layer (Raft's applied log id and membership) |
 //! | `m` + `installing` | present only while a snapshot replaces the shard's contents |
 //! | `m` + `rejections` | postcard [`Rejections`]: entries refused on apply |
+//! | `m` + `suppress_key` | 32 bytes: the key of the suppression list's hashes |
+//! | `x` + HMAC-SHA256(suppress key, subject) | u64 BE: when the subject was erased (ms) |
+//!
+//! The suppression list names erased subjects only by a keyed hash: the list
+//! alone does not tell whose data was erased, and a guessed subject id cannot be
+//! checked against it without the key, which lives only in this shard group's
+//! replicas (its own region).
 //!
 //! Point keys are [`PointId::key_bytes`], so `p` keys sort by id. The state
 //! digest is a pure function of the points and the recorded rejections.
@@ -21,6 +28,8 @@ use xxhash_rust::xxh3::Xxh3;
 const POINT: u8 = b'p';
 const SUBJECT: u8 = b's';
 const EXPIRY: u8 = b'e';
+const SUPPRESSED: u8 = b'x';
+const SUPPRESS_KEY: &[u8] = b"msuppress_key";
 const LAST_APPLIED: &[u8] = b"mlast_applied";
 const REPLICA_META: &[u8] = b"mreplica";
 const INSTALLING: &[u8] = b"minstalling";
@@ -54,6 +63,29 @@ impl Rejections {
             self.recent.remove(0);
         }
     }
+}
+
+/// A shard's suppression list as a snapshot carries it: the hash key and
+/// every entry (tag, erased at ms), in tag order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Suppression {
+    pub key: Option<[u8; 32]>,
+    pub entries: Vec<([u8; 32], u64)>,
+}
+
+/// The suppression list's tag of a subject: HMAC-SHA256 under the shard's key.
+pub fn subject_tag(key: &[u8; 32], subject: &str) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(subject.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+fn suppressed_key(tag: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(SUPPRESSED);
+    k.extend_from_slice(tag);
+    k
 }
 
 pub struct ShardStore {
@@ -144,6 +176,25 @@ impl<'a> PendingBatch<'a> {
         Ok(true)
     }
 
+    /// Removes a point and returns it as it was (`None`: it did not exist).
+    pub fn take(&mut self, id: &PointId) -> Result<Option<PointRecord>, ShardError> {
+        let Some(old) = self.current(id)? else { return Ok(None) };
+        self.remove_indexes(&old);
+        self.batch.remove(point_key(id));
+        self.overlay.insert(*id, None);
+        Ok(Some(old))
+    }
+
+    /// Sets the suppression list's key (only ever once per shard).
+    pub fn set_suppress_key(&mut self, key: &[u8; 32]) {
+        self.batch.insert(SUPPRESS_KEY, &key[..]);
+    }
+
+    /// Puts a subject's tag on the suppression list, erased at `at_ms`.
+    pub fn suppress(&mut self, tag: &[u8; 32], at_ms: u64) {
+        self.batch.insert(suppressed_key(tag), &at_ms.to_be_bytes());
+    }
+
     /// Records a refused entry in the same batch.
     pub fn set_rejections(&mut self, r: &Rejections) -> Result<(), ShardError> {
         self.batch.insert(REJECTIONS, postcard::to_allocvec(r).map_err(ShardError::Encode)?);
@@ -222,10 +273,22 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Ends an install: position, meta and the snapshot's rejections written,
-    /// marker removed, in one batch.
-    pub(crate) fn finish_install(&self, index: u64, meta: &[u8], rejections: &Rejections) -> Result<(), ShardError> {
+    /// Ends an install: position, meta, the snapshot's rejections and
+    /// suppression list written, marker removed, in one batch.
+    pub(crate) fn finish_install(
+        &self,
+        index: u64,
+        meta: &[u8],
+        rejections: &Rejections,
+        suppression: &Suppression,
+    ) -> Result<(), ShardError> {
         let mut b = Batch::default();
+        if let Some(key) = &suppression.key {
+            b.insert(SUPPRESS_KEY, &key[..]);
+        }
+        for (tag, at) in &suppression.entries {
+            b.insert(suppressed_key(tag), &at.to_be_bytes());
+        }
         b.insert(LAST_APPLIED, &index.to_be_bytes());
         b.insert(REPLICA_META, meta);
         if rejections.count > 0 {
@@ -234,6 +297,34 @@ impl ShardStore {
         b.remove(INSTALLING);
         self.tree.apply_batch(b)?;
         Ok(())
+    }
+
+    /// The suppression list's key, once the shard has applied an erasure.
+    pub fn suppress_key(&self) -> Result<Option<[u8; 32]>, ShardError> {
+        Ok(self.tree.get(SUPPRESS_KEY)?.and_then(|v| <[u8; 32]>::try_from(v.as_ref()).ok()))
+    }
+
+    /// When the subject with this tag was erased, if it is suppressed.
+    pub fn suppressed_at(&self, tag: &[u8; 32]) -> Result<Option<u64>, ShardError> {
+        Ok(self
+            .tree
+            .get(suppressed_key(tag))?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+    }
+
+    /// The whole suppression list, for a snapshot.
+    pub fn suppression(&self) -> Result<Suppression, ShardError> {
+        let mut entries = Vec::new();
+        for kv in self.tree.scan_prefix([SUPPRESSED]) {
+            let (k, v) = kv?;
+            if let (Ok(tag), Ok(at)) = (<[u8; 32]>::try_from(&k[1..]), <[u8; 8]>::try_from(v.as_ref())) {
+                entries.push((tag, u64::from_be_bytes(at)));
+            }
+        }
+        Ok(Suppression {
+            key: self.suppress_key()?,
+            entries,
+        })
     }
 
     /// Removes every key of the shard (the replica left its group).
@@ -294,14 +385,23 @@ impl ShardStore {
         Ok(out)
     }
 
-    /// xxh3-64 over the recorded rejections, then every point's key and encoded
-    /// record in key order: equal digests mean equal points and rejections,
-    /// whatever order the commands came in.
+    /// xxh3-64 over the recorded rejections, the suppression list, then every
+    /// point's key and encoded record in key order: equal digests mean equal
+    /// points, rejections and suppressions, whatever order the commands came in.
     pub fn digest(&self) -> Result<u64, ShardError> {
         let mut h = Xxh3::new();
         if let Some(r) = self.tree.get(REJECTIONS)? {
             h.update(&(r.len() as u32).to_be_bytes());
             h.update(&r);
+        }
+        let suppression = self.suppression()?;
+        if let Some(key) = &suppression.key {
+            h.update(b"suppress");
+            h.update(key);
+        }
+        for (tag, at) in &suppression.entries {
+            h.update(tag);
+            h.update(&at.to_be_bytes());
         }
         for kv in self.tree.scan_prefix([POINT]) {
             let (k, v) = kv?;

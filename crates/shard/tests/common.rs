@@ -67,6 +67,7 @@ pub fn record(id: u64, vector: Vec<f32>, payload: Payload) -> PointRecord {
         lawful_basis: LawfulBasis::Consent,
         source: "test".into(),
         expires_at_ms: 0,
+        consent_at_ms: 0,
     }
 }
 

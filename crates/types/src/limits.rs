@@ -35,3 +35,7 @@ pub const MAX_COMPONENT_ABS: f32 = 1e15;
 /// Under the dot metric, distance is `1 - dot`, which hnsw_rs requires to be >= 0:
 /// vectors must have norm <= 1 (with this slack for rounding).
 pub const DOT_MAX_NORM: f32 = 1.0 + 1e-3;
+/// Bytes of an erasure job's id.
+pub const MAX_JOB_ID_BYTES: usize = 64;
+/// How far ahead of a node's clock a stated consent time may be (clock skew).
+pub const MAX_CLOCK_AHEAD_MS: u64 = 5 * 60 * 1000;

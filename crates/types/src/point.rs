@@ -51,6 +51,10 @@ pub struct PointRecord {
     pub source: String,
     /// Unix milliseconds; 0 = never expires.
     pub expires_at_ms: u64,
+    /// When the subject gave the consent this point's `Consent` basis rests on
+    /// (Unix milliseconds; 0 = not stated). Only consent given after an
+    /// erasure lets an erased subject's data back in.
+    pub consent_at_ms: u64,
 }
 
 impl PointRecord {

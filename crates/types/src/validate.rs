@@ -63,6 +63,19 @@ pub fn prepare_point(spec: &CollectionSpec, mut p: PointRecord, i: usize, now_ms
         return Err(spec.region_not_spanned(&p.region).at(&at));
     }
     p.vector = prepare_vector(spec, std::mem::take(&mut p.vector), &format!("{at}.vector"))?;
+    if p.consent_at_ms != 0 {
+        if p.lawful_basis != LawfulBasis::Consent {
+            return Err(ApiError::invalid(format!(
+                "{at}.consent_at_ms is set but lawful_basis is not CONSENT: the consent time belongs to a consent basis"
+            )));
+        }
+        if p.consent_at_ms > now_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
+            return Err(ApiError::invalid(format!(
+                "{at}.consent_at_ms is {} ms ahead of this node's clock: consent cannot be given in the future",
+                p.consent_at_ms - now_ms
+            )));
+        }
+    }
     if p.expires_at_ms == 0 && spec.default_retention_seconds > 0 {
         p.expires_at_ms = now_ms.saturating_add(spec.default_retention_seconds.saturating_mul(1000));
     }
@@ -216,6 +229,50 @@ pub fn check_command(spec: &CollectionSpec, shard: &ShardId, cmd: &ShardCommand)
                 owned(id, &format!("ids[{i}]"))?;
             }
         }
+        ShardCommand::Erase(e) => check_erase(e, owned)?,
+    }
+    Ok(())
+}
+
+/// Bounds an erasure command (its ids must be the shard's own, like a delete's).
+fn check_erase(e: &crate::command::Erase, owned: impl Fn(&PointId, &str) -> Result<(), ApiError>) -> Result<(), ApiError> {
+    use crate::command::EraseTarget;
+    if e.job.is_empty() || e.job.len() > MAX_JOB_ID_BYTES {
+        return Err(ApiError::invalid(format!(
+            "erase job id is {} bytes: 1..={MAX_JOB_ID_BYTES}",
+            e.job.len()
+        )));
+    }
+    match &e.target {
+        EraseTarget::Ids(ids) | EraseTarget::Expired { ids, .. } => {
+            if ids.is_empty() || ids.len() > MAX_IDS_PER_REQUEST {
+                return Err(ApiError::invalid(format!(
+                    "erase names {} ids: 1..={MAX_IDS_PER_REQUEST} per request",
+                    ids.len()
+                )));
+            }
+            for (i, id) in ids.iter().enumerate() {
+                owned(id, &format!("ids[{i}]"))?;
+            }
+        }
+        EraseTarget::Subject(s) => check_subject(s, "subject")?,
+        EraseTarget::Filter(f) => f.validate()?,
+        EraseTarget::All => {}
+    }
+    Ok(())
+}
+
+/// A subject named by an erasure or a lookup: present, and as bounded as a
+/// stored one.
+pub fn check_subject(subject: &str, at: &str) -> Result<(), ApiError> {
+    if subject.is_empty() {
+        return Err(ApiError::invalid(format!("{at} is empty: name the subject")));
+    }
+    if subject.len() > MAX_SUBJECT_BYTES {
+        return Err(ApiError::invalid(format!(
+            "{at} is {} bytes: at most {MAX_SUBJECT_BYTES}",
+            subject.len()
+        )));
     }
     Ok(())
 }

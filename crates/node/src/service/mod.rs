@@ -4,11 +4,13 @@
 
 mod admin;
 mod collections;
+mod erasure;
 mod points;
 mod search;
 
 pub use admin::AdminService;
 pub use collections::CollectionsService;
+pub use erasure::ErasureService;
 pub use points::PointsService;
 pub use search::SearchService;
 

@@ -17,7 +17,7 @@ pub struct PointsService {
     pub state: Arc<NodeState>,
 }
 
-fn ids_from(ids: &[v1::PointId]) -> Result<Vec<PointId>, ApiError> {
+pub(super) fn ids_from(ids: &[v1::PointId]) -> Result<Vec<PointId>, ApiError> {
     if ids.is_empty() {
         return Err(ApiError::invalid("ids is empty: name at least one point"));
     }
@@ -38,7 +38,11 @@ fn ids_from(ids: &[v1::PointId]) -> Result<Vec<PointId>, ApiError> {
 /// so any refusal writes nothing. Shards are independent groups: if one fails
 /// to commit after others did, the error says which committed (retrying the
 /// whole request is safe: writes are idempotent by id).
-async fn write(state: &Arc<NodeState>, c: &Collection, per_shard: Vec<(ShardId, ShardCommand)>) -> Result<v1::WriteResponse, ApiError> {
+pub(super) async fn write(
+    state: &Arc<NodeState>,
+    c: &Collection,
+    per_shard: Vec<(ShardId, ShardCommand)>,
+) -> Result<v1::WriteResponse, ApiError> {
     for (shard, cmd) in &per_shard {
         // R2: a region's data enters the cluster only through that region's nodes.
         if shard.region != state.region {
@@ -169,7 +173,7 @@ fn cursor_from(text: &str, region: &RegionId, shards: u32) -> Result<(u32, Optio
 /// Items grouped by the shard that owns them, in shard order.
 type PerShard<T> = Vec<(ShardId, Vec<T>)>;
 
-fn group<T>(c: &Collection, items: Vec<(RegionId, PointId, T)>) -> Result<PerShard<T>, ApiError> {
+pub(super) fn group<T>(c: &Collection, items: Vec<(RegionId, PointId, T)>) -> Result<PerShard<T>, ApiError> {
     let mut by_shard: BTreeMap<ShardId, Vec<T>> = BTreeMap::new();
     for (region, id, item) in items {
         by_shard.entry(c.route(&region, &id)?).or_default().push(item);

@@ -85,6 +85,7 @@ pub fn fast_settings() -> RaftSettings {
         write_timeout: Duration::from_secs(3),
         read_wait: Duration::from_secs(2),
         max_append_bytes: sovra_raft::network::MAX_APPEND_BYTES,
+        read_lease: Duration::from_secs(2),
     }
 }
 
@@ -98,6 +99,7 @@ pub fn point(id: u64, dim: u32, value: f32) -> PointRecord {
         lawful_basis: LawfulBasis::Consent,
         source: "test".into(),
         expires_at_ms: 0,
+        consent_at_ms: 0,
     }
 }
 

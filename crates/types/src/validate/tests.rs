@@ -29,6 +29,7 @@ fn point(v: Vec<f32>) -> PointRecord {
         lawful_basis: LawfulBasis::Consent,
         source: String::new(),
         expires_at_ms: 0,
+        consent_at_ms: 0,
     }
 }
 

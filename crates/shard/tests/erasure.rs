@@ -1,0 +1,265 @@
+//! Erasure on one replica: what each kind of erasure removes, the suppression
+//! list it leaves (keyed hashes only), the consent rule for re-ingest checked
+//! at apply, and that all of it survives a reopen and is covered by the digest.
+
+mod common;
+
+use common::*;
+use sovra_shard::{SearchParams, ShardEngine};
+use sovra_types::*;
+
+fn v(i: u64) -> Vec<f32> {
+    vec![(i % 17) as f32, (i / 17) as f32, 1.0, (i % 5) as f32]
+}
+
+/// Points 0..n; subject "alice" for ids below 10, else `subject-<id % 97>`;
+/// payload `team` = id % 3.
+fn fill(e: &ShardEngine, n: u64) {
+    let recs: Vec<PointRecord> = (0..n)
+        .map(|i| {
+            let mut payload = Payload::new();
+            payload.insert("team".into(), Value::Integer((i % 3) as i64));
+            let mut r = record(i, v(i), payload);
+            if i < 10 {
+                r.subject = "alice".into();
+            }
+            r
+        })
+        .collect();
+    let out = e.apply_next(&ShardCommand::Upsert(recs)).unwrap();
+    assert_eq!(out.rejected, None);
+}
+
+fn erase(target: EraseTarget, at_ms: u64) -> ShardCommand {
+    ShardCommand::Erase(Erase {
+        job: "erase-test".into(),
+        target,
+        at_ms,
+        salt: [7; 32],
+    })
+}
+
+fn live_ids(e: &ShardEngine) -> Vec<u64> {
+    e.store()
+        .points()
+        .map(|r| match r.unwrap().id {
+            PointId::Num(n) => n,
+            PointId::Uuid(_) => unreachable!(),
+        })
+        .collect()
+}
+
+fn found(e: &ShardEngine, q: &[f32], k: usize) -> Vec<u64> {
+    let (hits, _) = e.search(&SearchParams {
+        vector: q,
+        k,
+        ef: 64,
+        filter: None,
+        now_ms: 1,
+    });
+    hits.iter()
+        .map(|h| match h.id {
+            PointId::Num(n) => n,
+            PointId::Uuid(_) => unreachable!(),
+        })
+        .collect()
+}
+
+fn alice(id: u64, basis: LawfulBasis, consent_at_ms: u64) -> PointRecord {
+    let mut r = record(id, v(id), Payload::new());
+    r.subject = "alice".into();
+    r.lawful_basis = basis;
+    r.consent_at_ms = consent_at_ms;
+    r
+}
+
+#[test]
+fn erasing_a_subject_removes_its_points_everywhere_and_suppresses_it_by_a_keyed_hash_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
+    fill(&e, 200);
+    let out = e.apply_next(&erase(EraseTarget::Subject("alice".into()), 1_000)).unwrap();
+    assert_eq!((out.changed, out.rejected), (10, None));
+    assert!(live_ids(&e).iter().all(|&n| n >= 10), "an erased point is still stored");
+    assert_eq!(e.store().ids_of_subject("alice").unwrap(), Vec::<PointId>::new());
+    for i in 0..10 {
+        assert!(e.get(&PointId::Num(i), 1).unwrap().is_none());
+        assert!(!found(&e, &v(i), 20).iter().any(|&n| n < 10), "search returned an erased point");
+    }
+    let s = e.store().suppression().unwrap();
+    assert_eq!(s.key, Some([7; 32]), "the first erasure's salt became the key");
+    assert_eq!(s.entries, vec![(sovra_shard::subject_tag(&[7; 32], "alice"), 1_000)]);
+    // No key or value of the store holds the subject id in the clear.
+    for kv in e.replica().points().iter() {
+        let (k, val) = kv.unwrap();
+        let has = |b: &[u8]| b.windows(5).any(|w| w == b"alice");
+        assert!(!has(&k) && !has(&val), "the subject id is stored in the clear");
+    }
+}
+
+#[test]
+fn a_suppressed_subject_is_written_again_only_with_consent_given_after_the_erasure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
+    fill(&e, 50);
+    e.apply_next(&erase(EraseTarget::Subject("alice".into()), 5_000)).unwrap();
+    // A write validated before the erasure committed arrives after it: the
+    // check runs at apply, so it is refused, and nothing of the batch is written.
+    for (basis, consent) in [
+        (LawfulBasis::Consent, 0),
+        (LawfulBasis::Consent, 4_999),
+        (LawfulBasis::Consent, 5_000),
+        (LawfulBasis::LegitimateInterests, 0),
+    ] {
+        let batch = vec![record(900, v(900), Payload::new()), alice(901, basis, consent)];
+        let out = e.apply_next(&ShardCommand::Upsert(batch)).unwrap();
+        let why = out.rejected.unwrap_or_else(|| panic!("{basis:?} consent {consent} was let in"));
+        assert!(
+            why.contains("points[1]") && why.contains("suppression list") && !why.contains("alice"),
+            "{why}"
+        );
+        assert!(
+            e.get(&PointId::Num(900), 1).unwrap().is_none(),
+            "part of a refused batch was written"
+        );
+        assert!(e.get(&PointId::Num(901), 1).unwrap().is_none());
+    }
+    let out = e
+        .apply_next(&ShardCommand::Upsert(vec![alice(901, LawfulBasis::Consent, 5_001)]))
+        .unwrap();
+    assert_eq!(out.rejected, None, "consent after the erasure lets the subject back in");
+    assert!(e.get(&PointId::Num(901), 1).unwrap().is_some());
+    // Other subjects were never affected.
+    assert_eq!(
+        e.apply_next(&ShardCommand::Upsert(vec![record(902, v(902), Payload::new())]))
+            .unwrap()
+            .rejected,
+        None
+    );
+}
+
+#[test]
+fn erasing_ids_or_a_filter_removes_exactly_those_points_and_suppresses_no_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
+    fill(&e, 90);
+    let out = e
+        .apply_next(&erase(
+            EraseTarget::Ids(vec![PointId::Num(3), PointId::Num(40), PointId::Num(5_000)]),
+            10,
+        ))
+        .unwrap();
+    assert_eq!(out.changed, 2, "the unknown id counts nothing");
+    let team1 = Filter::Condition(Condition::Match {
+        key: "team".into(),
+        value: Value::Integer(1),
+    });
+    let out = e.apply_next(&erase(EraseTarget::Filter(team1), 20)).unwrap();
+    let left = live_ids(&e);
+    assert_eq!(out.changed, (0..90).filter(|i| i % 3 == 1 && *i != 40).count());
+    let want: Vec<u64> = (0..90).filter(|i| i % 3 != 1 && *i != 3).collect();
+    assert_eq!(left, want);
+    assert!(
+        e.store().suppression().unwrap().entries.is_empty(),
+        "ids and filters suppress no subject"
+    );
+    assert_eq!(
+        e.apply_next(&ShardCommand::Upsert(vec![alice(3, LawfulBasis::Unspecified, 0)]))
+            .unwrap()
+            .rejected,
+        None
+    );
+}
+
+#[test]
+fn erasing_the_region_empties_the_shard_and_suppresses_every_subject_it_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
+    fill(&e, 120);
+    let out = e.apply_next(&erase(EraseTarget::All, 77)).unwrap();
+    assert_eq!(out.changed, 120);
+    assert!(live_ids(&e).is_empty());
+    assert!(found(&e, &v(5), 10).is_empty());
+    // alice plus subject-<n> for every n that ids 10..120 produce.
+    let subjects: std::collections::BTreeSet<u64> = (10..120).map(|i| i % 97).collect();
+    assert_eq!(e.store().suppression().unwrap().entries.len(), 1 + subjects.len());
+    let out = e
+        .apply_next(&ShardCommand::Upsert(vec![record(10, v(10), Payload::new())]))
+        .unwrap();
+    assert!(out.rejected.is_some(), "a subject of the erased region came back without consent");
+}
+
+#[test]
+fn suppression_survives_a_reopen_and_replicas_that_applied_the_same_log_have_equal_digests() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let s = spec("c", 4, Metric::L2);
+    let log = [
+        ShardCommand::Upsert((0..60).map(|i| record(i, v(i), Payload::new())).collect()),
+        erase(EraseTarget::Subject("subject-5".into()), 100),
+        erase(EraseTarget::Subject("subject-6".into()), 200),
+    ];
+    let digests: Vec<u64> = [&a, &b]
+        .iter()
+        .map(|dir| {
+            let e = open(dir.path(), &s);
+            for (i, c) in log.iter().enumerate() {
+                e.apply(i as u64 + 1, c).unwrap();
+            }
+            e.digest().unwrap()
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+    // Another salt in a later erasure does not change the key already adopted,
+    // and a different suppression list changes the digest.
+    let e = open(a.path(), &s);
+    assert_eq!(e.digest().unwrap(), digests[0], "reopening changed the state");
+    let mut later = Erase {
+        job: "erase-later".into(),
+        target: EraseTarget::Subject("subject-7".into()),
+        at_ms: 300,
+        salt: [9; 32],
+    };
+    e.apply(4, &ShardCommand::Erase(later.clone())).unwrap();
+    assert_eq!(e.store().suppression().unwrap().key, Some([7; 32]));
+    assert_ne!(e.digest().unwrap(), digests[0]);
+    let out = e.apply(5, &ShardCommand::Upsert(vec![record(5, v(5), Payload::new())])).unwrap();
+    assert!(out.rejected.is_some(), "suppression was lost on reopen");
+    later.job = String::new();
+    // An invalid erasure (no job id) is refused on apply like any invalid entry.
+    let out = e.apply(6, &ShardCommand::Erase(later)).unwrap();
+    assert!(out.rejected.is_some());
+}
+
+#[test]
+fn the_sweepers_erasure_removes_only_points_still_expired_when_it_applies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = open(tmp.path(), &spec("c", 4, Metric::L2));
+    let recs: Vec<PointRecord> = (0..10)
+        .map(|i| {
+            let mut r = record(i, v(i), Payload::new());
+            r.expires_at_ms = 1_000;
+            r
+        })
+        .collect();
+    e.apply_next(&ShardCommand::Upsert(recs)).unwrap();
+    let expired = e.store().expired_ids(1_500, 100).unwrap();
+    assert_eq!(expired.len(), 10);
+    // Point 4 is rewritten with a later expiry between the sweep's scan and
+    // its command's apply: it stays.
+    let mut renewed = record(4, v(4), Payload::new());
+    renewed.expires_at_ms = 9_000;
+    e.apply_next(&ShardCommand::Upsert(vec![renewed])).unwrap();
+    let out = e
+        .apply_next(&erase(
+            EraseTarget::Expired {
+                ids: expired,
+                now_ms: 1_500,
+            },
+            1_500,
+        ))
+        .unwrap();
+    assert_eq!(out.changed, 9);
+    assert_eq!(live_ids(&e), vec![4]);
+    assert!(e.store().expired_ids(1_500, 100).unwrap().is_empty());
+    assert!(e.store().suppression().unwrap().entries.is_empty(), "expiry suppresses no subject");
+}

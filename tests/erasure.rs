@@ -1,0 +1,312 @@
+//! Erasure on real in-process clusters: E1 (an acknowledged erasure is
+//! visible on every replica, also one cut off from its leader during the
+//! erasure), the re-ingest rule of E3 (an erased subject comes back only with
+//! consent given after the erasure), R2 for the erasure's criteria, and the
+//! data-protection scope.
+
+use sovra_proto::v1::{self, erasure_client::ErasureClient};
+use sovra_tests::*;
+use std::time::Duration;
+use tonic::Code;
+
+const UK: &str = "uk";
+const DIM: usize = 4;
+
+fn vector(i: u64) -> Vec<f32> {
+    vec![(i % 13) as f32, (i / 13) as f32, (i % 7) as f32 * 0.5, 1.0]
+}
+
+/// Point `i` of region `region`; ids below `alice` belong to subject "alice".
+fn person(i: u64, region: &str, alice: u64) -> v1::Point {
+    let mut p = point(i, vector(i), region);
+    if i < alice {
+        p.subject = "alice".into();
+    }
+    p
+}
+
+async fn upsert(n: &mut TestNode, pts: Vec<v1::Point>) -> Result<v1::WriteResponse, tonic::Status> {
+    n.points
+        .upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points: pts,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Collection "people" in uk with `shards` shards, replication factor 3.
+async fn create(n: &mut TestNode, shards: u32) {
+    n.collections
+        .create_collection(v1::CreateCollectionRequest {
+            collection: Some(sovra_node::dev::spanning_spec(
+                "people",
+                DIM as u32,
+                v1::Metric::L2,
+                &[UK],
+                shards,
+                3,
+            )),
+        })
+        .await
+        .unwrap();
+}
+
+fn erasure(n: &TestNode, key: &str) -> ErasureClient<Keyed> {
+    ErasureClient::new(keyed(&n.channel, key))
+}
+
+fn erase_subject(region: &str, subject: &str) -> v1::EraseRequest {
+    v1::EraseRequest {
+        collection: "people".into(),
+        region: region.into(),
+        target: Some(v1::erase_request::Target::Subject(subject.into())),
+    }
+}
+
+/// Ids a search through `n` returns for the vector of point `i`, at `any`.
+async fn searched(n: &mut TestNode, i: u64, k: u32) -> Result<Vec<u64>, tonic::Status> {
+    n.search
+        .search(v1::SearchRequest {
+            collection: "people".into(),
+            vector: vector(i),
+            k,
+            ..Default::default()
+        })
+        .await
+        .map(|r| ids_of(&r.into_inner()))
+}
+
+async fn got(n: &mut TestNode, region: &str, ids: std::ops::Range<u64>) -> Result<Vec<v1::Point>, tonic::Status> {
+    n.points
+        .get(v1::GetPointsRequest {
+            collection: "people".into(),
+            region: region.into(),
+            ids: ids.map(num).collect(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().points)
+}
+
+/// Points of subject "alice" in the stores of `n`'s replicas.
+fn stored_alice(n: &TestNode) -> usize {
+    n.node()
+        .state
+        .engines()
+        .iter()
+        .map(|e| e.store().ids_of_subject("alice").unwrap().len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_erasure_is_gone_from_every_replica_and_the_subject_comes_back_only_with_later_consent() {
+    let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, "us")]).await;
+    create(&mut nodes[0], 2).await;
+    upsert(&mut nodes[0], (0..300).map(|i| person(i, UK, 15)).collect()).await.unwrap();
+    for n in &nodes[..3] {
+        eventually("every uk replica holds alice's points", Duration::from_secs(30), async || {
+            (stored_alice(n) == 15).then_some(())
+        })
+        .await;
+    }
+
+    // Only a data-protection key may erase; and only through a node of the region.
+    let writer = nodes[0]
+        .make_key(
+            "writer",
+            v1::KeyScopes {
+                read_regions: vec!["*".into()],
+                write_regions: vec!["*".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    let st = erasure(&nodes[1], &writer).erase(erase_subject(UK, "alice")).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    assert!(st.message().contains("data_protection"), "{}", st.message());
+    let key = nodes[0].key.clone();
+    let st = erasure(&nodes[3], &key).erase(erase_subject(UK, "alice")).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("through a node of uk"), "{}", st.message());
+    assert_eq!(stored_alice(&nodes[0]), 15, "a refused erasure erased something");
+
+    let ack = erasure(&nodes[1], &key)
+        .erase(erase_subject(UK, "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.erased, 15);
+    assert_eq!(ack.writes.len(), 2, "a subject's erasure reaches every shard of the region");
+    assert!(ack.waited_out.is_empty(), "every replica was reachable: {:?}", ack.waited_out);
+    // E1: from the acknowledgement on, on every replica, nothing of alice.
+    for n in nodes[..3].iter_mut() {
+        assert_eq!(stored_alice(n), 0, "node {} still stores alice", n.node().state.config.node_id);
+        for i in 0..15 {
+            let ids = searched(n, i, 20).await.unwrap();
+            assert!(ids.iter().all(|&id| id >= 15), "a search returned an erased point: {ids:?}");
+        }
+        assert!(got(n, UK, 0..15).await.unwrap().is_empty(), "a get returned an erased point");
+        let page = n
+            .points
+            .scroll(v1::ScrollRequest {
+                collection: "people".into(),
+                region: UK.into(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            page.points.iter().all(|p| p.subject != "alice"),
+            "a scroll returned an erased point"
+        );
+    }
+
+    // E3: alice's data comes back only with consent given after the erasure.
+    let mut again = person(7, UK, 15);
+    let st = upsert(&mut nodes[0], vec![again.clone()]).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(
+        st.message().contains("suppression list") && !st.message().contains("alice"),
+        "{}",
+        st.message()
+    );
+    again.consent_at_ms = ack.erased_at_ms;
+    assert_eq!(
+        upsert(&mut nodes[0], vec![again.clone()]).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    again.consent_at_ms = ack.erased_at_ms + 1;
+    upsert(&mut nodes[0], vec![again]).await.unwrap();
+    assert_eq!(got(&mut nodes[0], UK, 7..8).await.unwrap().len(), 1);
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_during_an_erasure_is_waited_out_and_never_answers_with_the_erased_points() {
+    let faults = sovra_raft::Faults::seeded(21);
+    let mut nodes = TestNode::start_cluster_faults(&[(1, UK), (2, UK), (3, UK)], |_| {}, faults.clone()).await;
+    create(&mut nodes[0], 1).await;
+    upsert(&mut nodes[0], (0..100).map(|i| person(i, UK, 10)).collect()).await.unwrap();
+    for n in &nodes {
+        eventually("every replica holds alice's points", Duration::from_secs(30), async || {
+            (stored_alice(n) == 10).then_some(())
+        })
+        .await;
+    }
+    // A follower that has just answered (its read lease is fresh) is cut off.
+    let leader = eventually("the shard has a leader", Duration::from_secs(10), async || {
+        nodes[0].node().state.host.groups().first().and_then(|g| g.leader())
+    })
+    .await;
+    let f = (1..=3u64).find(|&n| n != leader).unwrap();
+    let fi = (f - 1) as usize;
+    let before = searched(&mut nodes[fi], 3, 5).await.unwrap();
+    assert!(before.contains(&3), "{before:?}");
+    faults.isolate(f);
+
+    let li = (leader - 1) as usize;
+    let key = nodes[li].key.clone();
+    let ack = erasure(&nodes[li], &key)
+        .erase(erase_subject(UK, "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.erased, 10);
+    assert_eq!(ack.waited_out, vec![format!("node {f} (shard people/uk/0)")]);
+    // The cut-off replica has not applied the erasure: it still holds alice...
+    assert_eq!(stored_alice(&nodes[fi]), 10, "the scenario needs a replica that missed the erasure");
+    // ...but its lease ran out before the acknowledgement, so it answers no
+    // read: neither through its own coordinator nor as anyone's leaf.
+    for i in [0, 3, 9] {
+        match searched(&mut nodes[fi], i, 10).await {
+            Ok(ids) => assert!(
+                ids.iter().all(|&id| id >= 10),
+                "the cut-off replica returned an erased point: {ids:?}"
+            ),
+            Err(st) => assert_eq!(st.code(), Code::Unavailable, "{st:?}"),
+        }
+    }
+    match got(&mut nodes[fi], UK, 0..10).await {
+        Ok(pts) => assert!(pts.is_empty(), "the cut-off replica returned an erased point"),
+        Err(st) => assert_eq!(st.code(), Code::Unavailable, "{st:?}"),
+    }
+    // The others answer, without alice.
+    let other = (1..=3u64).find(|&n| n != leader && n != f).unwrap();
+    let ids = searched(&mut nodes[(other - 1) as usize], 3, 10).await.unwrap();
+    assert!(!ids.is_empty() && ids.iter().all(|&id| id >= 10), "{ids:?}");
+
+    // Healed, it applies the erasure and answers again, without alice.
+    faults.heal();
+    eventually("the cut-off replica applies the erasure", Duration::from_secs(30), async || {
+        (stored_alice(&nodes[fi]) == 0).then_some(())
+    })
+    .await;
+    let ids = eventually("the healed replica answers", Duration::from_secs(30), async || {
+        searched(&mut nodes[fi], 3, 10).await.ok()
+    })
+    .await;
+    assert!(!ids.is_empty() && ids.iter().all(|&id| id >= 10), "{ids:?}");
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_points_are_erased_from_every_replica_by_the_leaders_sweeper() {
+    let mut nodes = TestNode::start_cluster_with(&[(1, UK), (2, UK), (3, UK)], |c| c.retention_sweep_ms = 200).await;
+    create(&mut nodes[0], 2).await;
+    let soon = now_ms() + 1_500;
+    let pts: Vec<v1::Point> = (0..40)
+        .map(|i| {
+            let mut p = person(i, UK, 0);
+            if i < 20 {
+                p.expires_at_ms = soon;
+            }
+            p
+        })
+        .collect();
+    upsert(&mut nodes[0], pts).await.unwrap();
+    // Point 5 is renewed before it expires: it stays.
+    let mut renewed = person(5, UK, 0);
+    renewed.expires_at_ms = now_ms() + 3_600_000;
+    upsert(&mut nodes[0], vec![renewed]).await.unwrap();
+    let mut want: Vec<u64> = vec![5];
+    want.extend(20..40);
+    for n in &nodes {
+        eventually(
+            "every replica holds only the unexpired points",
+            Duration::from_secs(20),
+            async || {
+                let mut held: Vec<u64> = n
+                    .node()
+                    .state
+                    .engines()
+                    .iter()
+                    .flat_map(|e| e.store().points().map(|r| r.unwrap().id).collect::<Vec<_>>())
+                    .map(|id| match id {
+                        sovra_types::PointId::Num(n) => n,
+                        sovra_types::PointId::Uuid(_) => unreachable!(),
+                    })
+                    .collect();
+                held.sort();
+                (held == want).then_some(())
+            },
+        )
+        .await;
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
