@@ -426,6 +426,9 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
     println!(
         "try:     grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"name\":\"{DEV_COLLECTION}\"}}' {addr} sovra.v1.Collections/GetCollection"
     );
+    println!(
+        "erase:   grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"subject\":\"uk-subject-000001\"}}' {addr} sovra.v1.Erasure/Erase"
+    );
     if let Some((_, k)) = keys.iter().find(|k| k.0 == "uk-reader") {
         println!(
             "         grpcurl -plaintext -H \"authorization: Bearer {k}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"limit\":3}}' {addr} sovra.v1.Points/Scroll"

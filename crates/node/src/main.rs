@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sovra_node::{NodeConfig, bench, bench_cluster, bench_replicas, bench_replication, bench_search, bench_startup, dev};
+use sovra_node::{NodeConfig, bench, bench_cluster, bench_erasure, bench_replicas, bench_replication, bench_search, bench_startup, dev};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -42,6 +42,8 @@ enum BenchCommand {
     Cluster(bench_cluster::ClusterBenchArgs),
     /// A replica's start-up time: loading its saved index against rebuilding it.
     Startup(bench_startup::StartupBenchArgs),
+    /// Erasure acknowledgement latency beside a one-point write, on 3 nodes of one region.
+    Erasure(bench_erasure::ErasureBenchArgs),
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -91,6 +93,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Startup(args),
         } => bench_startup::startup(args),
+        Command::Bench {
+            what: BenchCommand::Erasure(args),
+        } => bench_erasure::erasure(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {

@@ -6,7 +6,7 @@
 //! its read lease (E1): from then on no replica answers a read with the erased
 //! points. The criteria travel only inside the region (R2).
 
-use super::points::{group, ids_from, write};
+use super::points::{check_writes, group, ids_from, record_ack, with_committed};
 use super::{now_ms, observe, parse_filter};
 use crate::state::NodeState;
 use sovra_proto::v1::{self, erasure_server::Erasure as ErasureRpc};
@@ -83,28 +83,45 @@ impl ErasureRpc for ErasureService {
                         .collect()
                 }
             };
-            let shards: Vec<ShardId> = per_shard.iter().map(|(s, _)| s.clone()).collect();
             // R2 (the criteria are the region's personal data) and validation
-            // of every command happen in `write`, before anything is written.
-            let written = write(&self.state, &c, per_shard).await?;
-            let committed = Instant::now();
-            // E1: every replica confirms it applied the erasure, or is waited
-            // out for its read lease; the shards are confirmed together.
-            let confirms = shards.iter().zip(&written.writes).map(|(shard, w)| {
-                let members = self.state.replicas(&c.spec, shard);
+            // of every command, before anything is written.
+            check_writes(&self.state, &c, &per_shard)?;
+            let shards = per_shard.len();
+            // Every shard commits and then confirms (E1: each replica applied
+            // it, or is waited out for its read lease) at the same time as the
+            // others: one commit round trip and one confirmation round in all.
+            let each = per_shard.into_iter().map(|(shard, cmd)| {
+                let members = self.state.replicas(&c.spec, &shard);
                 let host = self.state.host.clone();
-                let shard = shard.clone();
-                let index = w.index;
                 async move {
-                    let missed = host.confirm_applied(&shard, &members, index, committed).await;
-                    missed.into_iter().map(move |n| format!("node {n} (shard {shard})")).collect::<Vec<_>>()
+                    let ack = host.write_to(&shard, &members, cmd).await;
+                    let committed = Instant::now();
+                    let missed = match &ack {
+                        Ok(a) => host.confirm_applied(&shard, &members, a.index, committed).await,
+                        Err(_) => Vec::new(),
+                    };
+                    (shard, ack, missed)
                 }
             });
-            let waited_out: Vec<String> = futures::future::join_all(confirms).await.into_iter().flatten().collect();
+            let mut written = v1::WriteResponse::default();
+            let mut failed = None;
+            let mut waited_out = Vec::new();
+            for (shard, ack, missed) in futures::future::join_all(each).await {
+                match ack {
+                    Ok(a) => {
+                        record_ack(&mut written, &shard, &a);
+                        waited_out.extend(missed.into_iter().map(|n| format!("node {n} (shard {shard})")));
+                    }
+                    Err(e) => failed = failed.or(Some(e)),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(with_committed(e, &written.writes));
+            }
             if !waited_out.is_empty() {
                 tracing::warn!(job = %job, waited_out = ?waited_out, "erasure acknowledged after waiting out replicas that did not confirm it");
             }
-            tracing::info!(job = %job, kind, shards = shards.len(), erased = written.count, "erasure committed");
+            tracing::info!(job = %job, kind, shards, erased = written.count, "erasure committed");
             Ok(v1::EraseResponse {
                 job,
                 erased: written.count,

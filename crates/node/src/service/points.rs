@@ -43,11 +43,52 @@ pub(super) async fn write(
     c: &Collection,
     per_shard: Vec<(ShardId, ShardCommand)>,
 ) -> Result<v1::WriteResponse, ApiError> {
-    for (shard, cmd) in &per_shard {
+    check_writes(state, c, &per_shard)?;
+    let mut out = v1::WriteResponse::default();
+    for (shard, cmd) in per_shard {
+        let members = state.replicas(&c.spec, &shard);
+        match state.host.write_to(&shard, &members, cmd).await {
+            Ok(ack) => record_ack(&mut out, &shard, &ack),
+            Err(e) => return Err(with_committed(e, &out.writes)),
+        }
+    }
+    Ok(out)
+}
+
+/// Adds one shard's acknowledgement to a write's answer.
+pub(super) fn record_ack(out: &mut v1::WriteResponse, shard: &ShardId, ack: &sovra_raft::WriteAck) {
+    out.count += ack.changed;
+    out.writes.push(v1::ShardWrite {
+        region: shard.region.to_string(),
+        shard: shard.number,
+        index: ack.index,
+    });
+}
+
+/// A write's failure, naming the shards that did commit their part.
+pub(super) fn with_committed(mut e: ApiError, done: &[v1::ShardWrite]) -> ApiError {
+    if !done.is_empty() {
+        let done: Vec<String> = done
+            .iter()
+            .map(|w| format!("{}/{} at index {}", w.region, w.shard, w.index))
+            .collect();
+        e.message = format!(
+            "{}; shards {} did commit their part (retrying the whole request is safe)",
+            e.message,
+            done.join(", ")
+        );
+    }
+    e
+}
+
+/// R2 and the log's own validation for every shard's command, before any is
+/// written, so a refusal writes nothing.
+pub(super) fn check_writes(state: &Arc<NodeState>, c: &Collection, per_shard: &[(ShardId, ShardCommand)]) -> Result<(), ApiError> {
+    for (shard, cmd) in per_shard {
         // R2: a region's data enters the cluster only through that region's nodes.
         if shard.region != state.region {
             return Err(ApiError::precondition(format!(
-                "points of region {} must be written through a node of {} (at {}); this node is in {}; nothing was written",
+                "data of region {} must be written through a node of {} (at {}); this node is in {}; nothing was written",
                 shard.region,
                 shard.region,
                 addresses(state, &shard.region),
@@ -57,36 +98,7 @@ pub(super) async fn write(
         // The same check every proposal path runs, here for all shards first.
         check_command(&c.spec, shard, cmd)?;
     }
-    let mut out = v1::WriteResponse::default();
-    for (shard, cmd) in per_shard {
-        let members = state.replicas(&c.spec, &shard);
-        match state.host.write_to(&shard, &members, cmd).await {
-            Ok(ack) => {
-                out.count += ack.changed;
-                out.writes.push(v1::ShardWrite {
-                    region: shard.region.to_string(),
-                    shard: shard.number,
-                    index: ack.index,
-                });
-            }
-            Err(mut e) => {
-                if !out.writes.is_empty() {
-                    let done: Vec<String> = out
-                        .writes
-                        .iter()
-                        .map(|w| format!("{}/{} at index {}", w.region, w.shard, w.index))
-                        .collect();
-                    e.message = format!(
-                        "{}; shards {} did commit their part (retrying the whole request is safe)",
-                        e.message,
-                        done.join(", ")
-                    );
-                }
-                return Err(e);
-            }
-        }
-    }
-    Ok(out)
+    Ok(())
 }
 
 fn addresses(state: &NodeState, region: &RegionId) -> String {

@@ -1,0 +1,158 @@
+//! `sovra bench erasure`: how long an erasure takes to be acknowledged, beside
+//! a one-point write to the same shards, in one run: three nodes of one region
+//! on loopback, replication factor 3, subjects spread over every shard. An
+//! erasure by subject writes one command into every shard's log and then waits
+//! for every replica to confirm it applied it (E1), so its unit is one commit
+//! round trip per shard plus one confirmation round; the ratio printed is
+//! erasure / write at p50 and p99.
+//!
+//! Purging the bytes (E2) and receipts are not measured here yet.
+
+use crate::config::NodeConfig;
+use crate::run::RunningNode;
+use rand::{Rng, SeedableRng};
+use sovra_proto::v1;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct ErasureBenchArgs {
+    /// Points loaded first (each subject holds `per_subject` of them).
+    #[arg(long, default_value_t = 20_000)]
+    pub points: usize,
+    #[arg(long, default_value_t = 10)]
+    pub per_subject: usize,
+    /// Erasures measured (and as many one-point writes).
+    #[arg(long, default_value_t = 100)]
+    pub erasures: usize,
+    /// Shards of the region.
+    #[arg(long, default_value_t = 2)]
+    pub shards: u32,
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn quantile(xs: &mut [f64], p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[((xs.len() as f64 * p) as usize).min(xs.len() - 1)]
+}
+
+pub fn erasure(args: ErasureBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.erasures > 0 && args.per_subject > 0,
+        "--erasures and --per-subject must be at least 1"
+    );
+    anyhow::ensure!(
+        args.erasures * args.per_subject <= args.points,
+        "--points must hold --erasures x --per-subject points"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let secret = format!("bench-{:032x}", rand::random::<u128>());
+    let configs = (1..=3u64)
+        .map(|id| {
+            let mut cfg = NodeConfig::local(id, "uk", dir.path().join(format!("n{id}")));
+            cfg.cluster_secret = Some(secret.clone());
+            cfg.zone = format!("zone-{id}");
+            cfg
+        })
+        .collect();
+    let nodes: Vec<RunningNode> = crate::run::start_joined(configs, Default::default(), Duration::from_secs(60)).await?;
+    let key = nodes[0]
+        .state
+        .first_admin_key_within(Duration::from_secs(30))
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no admin key"))?;
+    let ch = crate::dev::wait_serving(nodes[0].grpc_addr, Duration::from_secs(60)).await?;
+    for n in &nodes[1..] {
+        crate::dev::wait_serving(n.grpc_addr, Duration::from_secs(60)).await?;
+    }
+    let k = crate::dev::keyed(&ch, &key);
+    let mut collections = v1::collections_client::CollectionsClient::new(k.clone());
+    let mut points = v1::points_client::PointsClient::new(k.clone())
+        .max_encoding_message_size(sovra_types::limits::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(sovra_types::limits::MAX_MESSAGE_BYTES);
+    let mut erasure = v1::erasure_client::ErasureClient::new(k);
+    let spec = crate::dev::spanning_spec("bench", args.dim as u32, v1::Metric::L2, &["uk"], args.shards, 3);
+    collections
+        .create_collection(v1::CreateCollectionRequest { collection: Some(spec) })
+        .await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mut vector = || (0..args.dim).map(|_| rng.random::<f32>()).collect::<Vec<f32>>();
+    let point = |i: usize, v: Vec<f32>| v1::Point {
+        id: Some(v1::PointId {
+            kind: Some(v1::point_id::Kind::Num(i as u64)),
+        }),
+        vector: v,
+        subject: format!("subject-{}", i / args.per_subject),
+        region: "uk".into(),
+        lawful_basis: v1::LawfulBasis::Consent as i32,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let all: Vec<v1::Point> = (0..args.points).map(|i| point(i, vector())).collect();
+    for batch in all.chunks(500) {
+        points
+            .upsert(v1::UpsertRequest {
+                collection: "bench".into(),
+                points: batch.to_vec(),
+            })
+            .await?;
+    }
+    eprintln!("loaded {} points in {:.1?}", args.points, started.elapsed());
+    let (mut writes, mut erases) = (Vec::new(), Vec::new());
+    let mut erased = 0u64;
+    for s in 0..args.erasures {
+        // One write of a fresh point (a new subject), then one erasure of an
+        // old subject, interleaved so both see the same machine.
+        let fresh = point(args.points + s * args.per_subject, vector());
+        let t = Instant::now();
+        points
+            .upsert(v1::UpsertRequest {
+                collection: "bench".into(),
+                points: vec![fresh],
+            })
+            .await?;
+        writes.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let ack = erasure
+            .erase(v1::EraseRequest {
+                collection: "bench".into(),
+                region: "uk".into(),
+                target: Some(v1::erase_request::Target::Subject(format!("subject-{s}"))),
+            })
+            .await?
+            .into_inner();
+        erases.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(ack.waited_out.is_empty(), "a replica was waited out: {:?}", ack.waited_out);
+        erased += ack.erased;
+    }
+    anyhow::ensure!(
+        erased == (args.erasures * args.per_subject) as u64,
+        "erased {erased} points, expected {}",
+        args.erasures * args.per_subject
+    );
+    let (w50, w99) = (quantile(&mut writes, 0.5), quantile(&mut writes, 0.99));
+    let (e50, e99) = (quantile(&mut erases, 0.5), quantile(&mut erases, 0.99));
+    println!(
+        "sovra bench erasure: 3 nodes of one region, rf 3, {} shards, {} points of {}-d, {} per subject, {} erasures",
+        args.shards, args.points, args.dim, args.per_subject, args.erasures
+    );
+    println!("| operation | p50 ms | p99 ms |");
+    println!("|---|---:|---:|");
+    println!("| one-point write (commit on one shard) | {w50:.2} | {w99:.2} |");
+    println!(
+        "| erase one subject ({} points; commit on {} shards, then every replica confirms) | {e50:.2} | {e99:.2} |",
+        args.per_subject, args.shards
+    );
+    println!("erasure / write: p50 {:.2}x, p99 {:.2}x", e50 / w50, e99 / w99);
+    for n in nodes {
+        n.stop().await?;
+    }
+    Ok(())
+}
