@@ -310,3 +310,93 @@ async fn expired_points_are_erased_from_every_replica_by_the_leaders_sweeper() {
         n.stop().await;
     }
 }
+
+/// Whether any file under `dir` holds `needle`.
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_holding(&p, needle));
+        } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_purges_an_erasure_from_its_index_snapshots_and_raft_log() {
+    let mut nodes = TestNode::start_cluster_with(&[(1, UK), (2, UK), (3, UK)], |c| c.purge_check_ms = 100).await;
+    create(&mut nodes[0], 1).await;
+    const CANARY: &str = "canary-9c1e-7f3a";
+    let pts: Vec<v1::Point> = (0..60)
+        .map(|i| {
+            let mut p = person(i, UK, 0);
+            if i < 5 {
+                p.subject = format!("{CANARY}-subject");
+                p.payload.insert(
+                    "note".into(),
+                    v1::Value {
+                        kind: Some(v1::value::Kind::StringValue(format!("{CANARY}-payload"))),
+                    },
+                );
+            }
+            p
+        })
+        .collect();
+    upsert(&mut nodes[0], pts).await.unwrap();
+    // Positive control: a snapshot built now holds the canary.
+    for n in &nodes {
+        let g = n.node().state.host.groups()[0].clone();
+        eventually("every replica applied the points", Duration::from_secs(30), async || {
+            (g.engine().store().points().count() == 60).then_some(())
+        })
+        .await;
+        g.raft().trigger().snapshot().await.unwrap();
+        eventually("a snapshot is built", Duration::from_secs(30), async || {
+            g.raft().metrics().borrow().snapshot.is_some().then_some(())
+        })
+        .await;
+        let snaps = g.engine().replica().snapshot_dir();
+        assert!(
+            !files_holding(&snaps, CANARY.as_bytes()).is_empty(),
+            "the positive control failed: no snapshot holds the canary"
+        );
+    }
+    let key = nodes[0].key.clone();
+    let ack = erasure(&nodes[0], &key)
+        .erase(erase_subject(UK, &format!("{CANARY}-subject")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.erased, 5);
+    let index = ack.writes[0].index;
+    for n in &nodes {
+        let g = n.node().state.host.groups()[0].clone();
+        eventually("the replica purged the erasure", Duration::from_secs(30), async || {
+            let (pending, done) = g.engine().store().purge_state().unwrap();
+            (pending == index && done >= index).then_some(())
+        })
+        .await;
+        let m = g.raft().metrics().borrow().clone();
+        assert!(
+            m.purged.is_some_and(|l| l.index >= index),
+            "the log still holds the erasure: {:?}",
+            m.purged
+        );
+        assert_eq!(g.engine().stats().tombstones, 0, "the index still holds erased vectors");
+        let snaps = g.engine().replica().snapshot_dir();
+        assert_eq!(files_holding(&snaps, CANARY.as_bytes()), Vec::<std::path::PathBuf>::new());
+        // What is left in the log store is above the erasure.
+        let first = g.log.first_index().unwrap();
+        assert!(
+            first.is_none_or(|f| f > index),
+            "log entry {first:?} at or below the erasure {index} is still stored"
+        );
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}

@@ -65,6 +65,10 @@ pub struct NodeConfig {
     /// returned once expired, and are removed within this interval).
     #[serde(default = "default_retention_sweep_ms")]
     pub retention_sweep_ms: u64,
+    /// How often each replica checks for erasures to purge from its index,
+    /// snapshots and Raft log.
+    #[serde(default = "default_purge_check_ms")]
+    pub purge_check_ms: u64,
     /// What this node does: `meta` (a replica of the cluster's metadata group:
     /// a voter or learner), `data` (holds shard replicas of its region),
     /// `coordinator` (serves the public API). All three by default.
@@ -204,6 +208,11 @@ impl RaftConfig {
 fn default_auth() -> bool {
     true
 }
+fn default_purge_check_ms() -> u64 {
+    // Each purge rebuilds the replica's index: erasures in the same few
+    // seconds share one.
+    5_000
+}
 fn default_retention_sweep_ms() -> u64 {
     10_000
 }
@@ -315,6 +324,7 @@ impl NodeConfig {
             compaction_tombstone_ratio: default_ratio(),
             compaction_check_seconds: default_check(),
             retention_sweep_ms: default_retention_sweep_ms(),
+            purge_check_ms: default_purge_check_ms(),
             roles: default_roles(),
             bootstrap: true,
             join: Vec::new(),
@@ -470,6 +480,9 @@ impl NodeConfig {
         }
         if !(self.compaction_tombstone_ratio > 0.0 && self.compaction_tombstone_ratio <= 1.0) {
             return Err(invalid("compaction_tombstone_ratio", "must be in (0, 1]"));
+        }
+        if self.purge_check_ms == 0 {
+            return Err(invalid("purge_check_ms", "must be at least 1"));
         }
         if self.retention_sweep_ms == 0 {
             return Err(invalid("retention_sweep_ms", "must be at least 1"));

@@ -13,6 +13,7 @@ pub const SHARD_APPLIED_INDEX: &str = "sovra_shard_applied_index";
 pub const SHARD_INDEX_BYTES: &str = "sovra_shard_index_bytes";
 pub const COMPACTIONS: &str = "sovra_compactions_total";
 pub const EXPIRED_ERASED: &str = "sovra_retention_erased_total";
+pub const ERASURE_PURGES: &str = "sovra_erasure_purges_total";
 pub const COMPACTION_PAUSE_SECONDS: &str = "sovra_compaction_pause_seconds";
 /// Replicas on this node that failed to open (the node serves the others).
 pub const SHARDS_FAILED: &str = "sovra_shards_failed";

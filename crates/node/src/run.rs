@@ -163,6 +163,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     }
     tasks.push(tokio::spawn(compaction_loop(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(retention_loop(state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(purge_loop(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(
         state.host.clone().run_watchdog(Duration::from_millis(500), stop_rx.clone()),
     ));
@@ -337,6 +338,26 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
+}
+
+/// E2 on every replica of this node: purges applied erasures from the index,
+/// the snapshots and the Raft log (`RaftHost::purge_erasures`), one replica at
+/// a time; one not done (a follower still needs the log) is tried again.
+async fn purge_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.config.purge_check_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for g in state.host.groups() {
+            match state.host.purge_erasures(&g).await {
+                Ok(Some(_)) => metrics::counter!(m::ERASURE_PURGES).increment(1),
+                Ok(None) => {}
+                Err(why) => tracing::warn!(shard = %g.id, %why, "erasure purge not finished; tried again"),
+            }
+        }
+    }
 }
 
 /// Expired points per sweep command: bounded so one entry stays small.

@@ -680,6 +680,60 @@ impl RaftHost {
         raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
     }
 
+    /// E2 on this replica, for erasures applied and not yet purged (the
+    /// store's purge state, so a purge cut off by a restart is done again):
+    /// rebuilds the index without their tombstones, builds a snapshot at or
+    /// past the last erasure (which replaces and deletes the older snapshot
+    /// files), then purges the Raft log through that snapshot, so the
+    /// erasure's entry and every entry that wrote the erased points are gone
+    /// from the log store. Returns the index purged through, `None` when
+    /// nothing was due. Bytes sled has not yet reclaimed in its own files are
+    /// not covered here.
+    pub async fn purge_erasures(&self, g: &Group) -> Result<Option<u64>, String> {
+        let engine = g.engine().clone();
+        let e = engine.clone();
+        let (pending, done) = tokio::task::spawn_blocking(move || e.store().purge_state())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if pending <= done {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let e = engine.clone();
+        let report = tokio::task::spawn_blocking(move || e.compact()).await.map_err(|e| e.to_string())?;
+        let raft = g.raft();
+        let within = self.settings.write_timeout;
+        let snapshot_index = |m: &openraft::RaftMetrics<NodeId, openraft::EmptyNode>| m.snapshot.map_or(0, |l| l.index);
+        if snapshot_index(&raft.metrics().borrow()) < pending {
+            raft.trigger().snapshot().await.map_err(|e| e.to_string())?;
+            raft.wait(Some(within))
+                .metrics(|m| snapshot_index(m) >= pending, "purge: snapshot past the erasure")
+                .await
+                .map_err(|e| format!("no snapshot past index {pending} yet: {e}"))?;
+        }
+        let upto = snapshot_index(&raft.metrics().borrow());
+        raft.trigger().purge_log(upto).await.map_err(|e| e.to_string())?;
+        raft.wait(Some(within))
+            .metrics(|m| m.purged.map_or(0, |l| l.index) >= pending, "purge: log through the erasure")
+            .await
+            .map_err(|e| format!("the log is not purged through index {pending} yet (a follower may still need it): {e}"))?;
+        let e = engine.clone();
+        tokio::task::spawn_blocking(move || e.store().set_purged(pending))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            shard = %g.id,
+            through = pending,
+            snapshot = upto,
+            tombstones_dropped = report.tombstones_dropped,
+            took = ?started.elapsed(),
+            "erasures purged from the index, snapshots and log"
+        );
+        Ok(Some(pending))
+    }
+
     /// After a write at `index` (an erasure) committed on shard `id`: asks every
     /// replica in `members` to confirm it applied it; for those that do not
     /// within `read_wait`, waits until `read_lease` has passed since

@@ -151,6 +151,18 @@ impl<C: GroupConfig> LogStore<C> {
     pub fn entry_count(&self) -> usize {
         self.tree.scan_prefix([LOG]).count()
     }
+
+    /// The index of the first entry held, if any (what a purge left).
+    pub fn first_index(&self) -> Result<Option<u64>, StorageErr> {
+        match self.tree.scan_prefix([LOG]).next() {
+            None => Ok(None),
+            Some(kv) => {
+                let (_, v) = kv.map_err(|e| io_err(e, StorageIOError::read_logs))?;
+                let e = decode_entry::<C>(&v).map_err(|e| io_err(e, StorageIOError::read_logs))?;
+                Ok(Some(e.log_id.index))
+            }
+        }
+    }
 }
 
 impl<C: GroupConfig> RaftLogReader<C> for LogStore<C> {

@@ -311,6 +311,9 @@ impl ShardEngine {
             }
             Some(ShardCommand::Erase(e)) => {
                 erased = self.erase_into(&mut batch, e)?;
+                if !erased.is_empty() {
+                    batch.purge_pending(index);
+                }
                 erased.len()
             }
             None => 0,

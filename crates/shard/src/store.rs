@@ -10,6 +10,8 @@
 //! | `m` + `installing` | present only while a snapshot replaces the shard's contents |
 //! | `m` + `rejections` | postcard [`Rejections`]: entries refused on apply |
 //! | `m` + `suppress_key` | 32 bytes: the key of the suppression list's hashes |
+//! | `m` + `purge_pending` | u64 BE: log index of the last erasure applied (this replica's own bookkeeping) |
+//! | `m` + `purge_done` | u64 BE: erasures through this index are purged from the index, snapshots and log |
 //! | `x` + HMAC-SHA256(suppress key, subject) | u64 BE: when the subject was erased (ms) |
 //!
 //! The suppression list names erased subjects only by a keyed hash: the list
@@ -30,6 +32,8 @@ const SUBJECT: u8 = b's';
 const EXPIRY: u8 = b'e';
 const SUPPRESSED: u8 = b'x';
 const SUPPRESS_KEY: &[u8] = b"msuppress_key";
+const PURGE_PENDING: &[u8] = b"mpurge_pending";
+const PURGE_DONE: &[u8] = b"mpurge_done";
 const LAST_APPLIED: &[u8] = b"mlast_applied";
 const REPLICA_META: &[u8] = b"mreplica";
 const INSTALLING: &[u8] = b"minstalling";
@@ -195,6 +199,12 @@ impl<'a> PendingBatch<'a> {
         self.batch.insert(suppressed_key(tag), &at_ms.to_be_bytes());
     }
 
+    /// Notes that the entry at `index` erased points, so the replica purges
+    /// what is left of them (index, snapshots, log) through it.
+    pub fn purge_pending(&mut self, index: u64) {
+        self.batch.insert(PURGE_PENDING, &index.to_be_bytes());
+    }
+
     /// Records a refused entry in the same batch.
     pub fn set_rejections(&mut self, r: &Rejections) -> Result<(), ShardError> {
         self.batch.insert(REJECTIONS, postcard::to_allocvec(r).map_err(ShardError::Encode)?);
@@ -296,6 +306,27 @@ impl ShardStore {
         }
         b.remove(INSTALLING);
         self.tree.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// (last erasure applied, erasures purged through): a purge is due while
+    /// the first is above the second. Survives restarts, so a purge cut off
+    /// is done again.
+    pub fn purge_state(&self) -> Result<(u64, u64), ShardError> {
+        let read = |k: &[u8]| -> Result<u64, ShardError> {
+            Ok(self
+                .tree
+                .get(k)?
+                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+                .unwrap_or(0))
+        };
+        Ok((read(PURGE_PENDING)?, read(PURGE_DONE)?))
+    }
+
+    /// Records that erasures through `index` are purged.
+    pub fn set_purged(&self, index: u64) -> Result<(), ShardError> {
+        self.tree.insert(PURGE_DONE, &index.to_be_bytes())?;
+        self.tree.flush()?;
         Ok(())
     }
 

@@ -39,9 +39,21 @@ pub fn shard_id(spec: &CollectionSpec) -> ShardId {
     }
 }
 
-/// The replica store of `spec`'s one shard under `dir`.
+/// The replica store of `spec`'s one shard under `dir`. A store just dropped
+/// may still be locked for a moment by sled's own I/O threads finishing its
+/// last writes (it locks the directory): the open is retried until it works,
+/// within a deadline.
 pub fn replica(dir: &Path) -> ReplicaStore {
-    ReplicaStore::open(&dir.join("replica"), &CacheBudget::new(64 << 20, 4)).unwrap()
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match ReplicaStore::open(&dir.join("replica"), &CacheBudget::new(64 << 20, 4)) {
+            Ok(r) => return r,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("opening the replica store: {e}"),
+        }
+    }
 }
 
 pub fn open(dir: &Path, spec: &CollectionSpec) -> ShardEngine {
