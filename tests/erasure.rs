@@ -179,8 +179,22 @@ async fn an_acknowledged_erasure_is_gone_from_every_replica_and_the_subject_come
         Code::FailedPrecondition
     );
     again.consent_at_ms = ack.erased_at_ms + 1;
-    upsert(&mut nodes[0], vec![again]).await.unwrap();
-    assert_eq!(got(&mut nodes[0], UK, 7..8).await.unwrap().len(), 1);
+    let w = upsert(&mut nodes[0], vec![again]).await.unwrap();
+    // Read your write: whichever replica answers has applied it.
+    let back = nodes[0]
+        .points
+        .get(v1::GetPointsRequest {
+            collection: "people".into(),
+            region: UK.into(),
+            ids: vec![num(7)],
+            after: w.writes,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .points;
+    assert_eq!(back.len(), 1);
     for n in nodes {
         n.stop().await;
     }
@@ -327,7 +341,7 @@ fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_replica_purges_an_erasure_from_its_index_snapshots_and_raft_log() {
+async fn every_replica_purges_an_erasure_from_every_file_of_its_data_directory() {
     let mut nodes = TestNode::start_cluster_with(&[(1, UK), (2, UK), (3, UK)], |c| c.purge_check_ms = 100).await;
     create(&mut nodes[0], 1).await;
     const CANARY: &str = "canary-9c1e-7f3a";
@@ -364,6 +378,11 @@ async fn every_replica_purges_an_erasure_from_its_index_snapshots_and_raft_log()
             !files_holding(&snaps, CANARY.as_bytes()).is_empty(),
             "the positive control failed: no snapshot holds the canary"
         );
+        let db = g.engine().replica().dir().join("db");
+        assert!(
+            !files_holding(&db, CANARY.as_bytes()).is_empty(),
+            "the positive control failed: the database files do not hold the canary"
+        );
     }
     let key = nodes[0].key.clone();
     let ack = erasure(&nodes[0], &key)
@@ -374,12 +393,15 @@ async fn every_replica_purges_an_erasure_from_its_index_snapshots_and_raft_log()
     assert_eq!(ack.erased, 5);
     let index = ack.writes[0].index;
     for n in &nodes {
-        let g = n.node().state.host.groups()[0].clone();
-        eventually("the replica purged the erasure", Duration::from_secs(30), async || {
-            let (pending, done) = g.engine().store().purge_state().unwrap();
+        // Nothing here may hold the replica open: the purge ends by closing
+        // and rewriting its database.
+        let group = || n.node().state.host.groups().first().cloned();
+        eventually("the replica purged the erasure", Duration::from_secs(60), async || {
+            let (pending, done) = group()?.engine().store().purge_state().unwrap();
             (pending == index && done >= index).then_some(())
         })
         .await;
+        let g = group().unwrap();
         let m = g.raft().metrics().borrow().clone();
         assert!(
             m.purged.is_some_and(|l| l.index >= index),
@@ -387,15 +409,22 @@ async fn every_replica_purges_an_erasure_from_its_index_snapshots_and_raft_log()
             m.purged
         );
         assert_eq!(g.engine().stats().tombstones, 0, "the index still holds erased vectors");
-        let snaps = g.engine().replica().snapshot_dir();
-        assert_eq!(files_holding(&snaps, CANARY.as_bytes()), Vec::<std::path::PathBuf>::new());
         // What is left in the log store is above the erasure.
         let first = g.log.first_index().unwrap();
         assert!(
             first.is_none_or(|f| f > index),
             "log entry {first:?} at or below the erasure {index} is still stored"
         );
+        // E2: no file under the node's data directory (database, log,
+        // snapshots, index files) holds the canary any more.
+        assert_eq!(files_holding(n.dir.path(), CANARY.as_bytes()), Vec::<std::path::PathBuf>::new());
+        // The rewritten replica serves again, without the erased points.
+        assert_eq!(g.engine().store().points().count(), 55);
     }
+    let mut n0 = nodes.remove(0);
+    let ids = searched(&mut n0, 2, 10).await.unwrap();
+    assert!(!ids.is_empty() && ids.iter().all(|&id| id >= 5), "{ids:?}");
+    nodes.insert(0, n0);
     for n in nodes {
         n.stop().await;
     }

@@ -350,11 +350,19 @@ async fn purge_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        for g in state.host.groups() {
-            match state.host.purge_erasures(&g).await {
-                Ok(Some(_)) => metrics::counter!(m::ERASURE_PURGES).increment(1),
+        let ids: Vec<sovra_types::ShardId> = state.host.groups().iter().map(|g| g.id.clone()).collect();
+        for id in ids {
+            let Some(g) = state.host.group(&id) else { continue };
+            let purged = state.host.purge_erasures(&g).await;
+            // The rewrite needs every handle on the replica's database closed.
+            drop(g);
+            match purged {
+                Ok(Some(through)) => match state.rewrite_replica(&id, through).await {
+                    Ok(()) => metrics::counter!(m::ERASURE_PURGES).increment(1),
+                    Err(why) => tracing::warn!(shard = %id, why = %format!("{why:#}"), "replica rewrite not finished; tried again"),
+                },
                 Ok(None) => {}
-                Err(why) => tracing::warn!(shard = %g.id, %why, "erasure purge not finished; tried again"),
+                Err(why) => tracing::warn!(shard = %id, %why, "erasure purge not finished; tried again"),
             }
         }
     }

@@ -514,6 +514,51 @@ impl NodeState {
         (self.budget.open(), self.budget.shares())
     }
 
+    /// The last step of a purge (E2): takes this node's replica of `id` out of
+    /// service (its Raft core stopped, every handle on its database dropped),
+    /// rewrites its database into fresh files so no removed value stays in
+    /// sled's old ones, reopens it (it catches up with its group like any
+    /// restarted replica), and records erasures through `through` as purged.
+    /// Meanwhile the shard's other replicas serve it. The reconcile loop waits.
+    pub async fn rewrite_replica(self: &Arc<Self>, id: &ShardId, through: u64) -> anyhow::Result<()> {
+        let _one = self.reconciling.lock().await;
+        let Some(engine) = self.engines.write().remove(id) else {
+            return Ok(()); // no longer held here
+        };
+        let spec = Arc::new(engine.spec().clone());
+        let dir = engine.replica().dir().to_path_buf();
+        let started = std::time::Instant::now();
+        self.host.remove_group(id, false).await?;
+        // Saved (the compacted graph: no erased vector in it), the index is
+        // loaded on reopen instead of rebuilt, which keeps the replica's time
+        // out of service to the rewrite itself.
+        let e = engine.clone();
+        if let Err(err) = tokio::task::spawn_blocking(move || e.save_index()).await? {
+            tracing::warn!(shard = %id, error = %err, "index not saved before the rewrite; it is rebuilt on reopen");
+        }
+        self.rebuild_collections(&self.view());
+        drop(engine);
+        let rewritten =
+            tokio::task::spawn_blocking(move || sovra_shard::replica::rewrite(&dir, std::time::Duration::from_secs(30))).await?;
+        // Reopened whatever happened: a failed rewrite leaves the old database.
+        let reopened = self.open_replica(id, &spec, None).await;
+        let engine = match reopened {
+            Ok(e) => e,
+            Err(e) => {
+                self.failed.write().insert(id.clone(), format!("{e:#}"));
+                self.rebuild_collections(&self.view());
+                return Err(e.context("reopening the replica after its rewrite"));
+            }
+        };
+        self.engines.write().insert(id.clone(), engine.clone());
+        self.rebuild_collections(&self.view());
+        let (before, after) = rewritten?;
+        let e = engine.clone();
+        tokio::task::spawn_blocking(move || e.store().set_purged(through)).await??;
+        tracing::info!(shard = %id, through, bytes_before = before, bytes_after = after, took = ?started.elapsed(), "replica database rewritten; the erasure is purged");
+        Ok(())
+    }
+
     async fn open_replica(
         self: &Arc<Self>,
         id: &ShardId,

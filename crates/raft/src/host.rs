@@ -687,8 +687,9 @@ impl RaftHost {
     /// files), then purges the Raft log through that snapshot, so the
     /// erasure's entry and every entry that wrote the erased points are gone
     /// from the log store. Returns the index purged through, `None` when
-    /// nothing was due. Bytes sled has not yet reclaimed in its own files are
-    /// not covered here.
+    /// nothing was due. The caller then rewrites the replica's database (sled
+    /// keeps removed values in its files) and only then records the purge
+    /// (`ShardStore::set_purged`), so a purge cut off anywhere is done again.
     pub async fn purge_erasures(&self, g: &Group) -> Result<Option<u64>, String> {
         let engine = g.engine().clone();
         let e = engine.clone();
@@ -718,11 +719,6 @@ impl RaftHost {
             .metrics(|m| m.purged.map_or(0, |l| l.index) >= pending, "purge: log through the erasure")
             .await
             .map_err(|e| format!("the log is not purged through index {pending} yet (a follower may still need it): {e}"))?;
-        let e = engine.clone();
-        tokio::task::spawn_blocking(move || e.store().set_purged(pending))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
         tracing::info!(
             shard = %g.id,
             through = pending,

@@ -22,6 +22,11 @@ const FORMAT_KEY: &[u8] = b"replica_format";
 const POINTS: &str = "points";
 const RAFT_LOG: &str = "raftlog";
 const DB_DIR: &str = "db";
+/// A rewrite's copy while it is made, and the old database while it goes.
+const DB_NEW: &str = "db.rewrite";
+const DB_OLD: &str = "db.old";
+/// Page cache of each database while a rewrite copies one into the other.
+const REWRITE_CACHE: u64 = 8 << 20;
 const SNAPSHOT_DIR: &str = "snapshots";
 
 /// The node's page-cache budget, shared out among replica databases.
@@ -115,6 +120,7 @@ impl ReplicaStore {
     pub fn open(dir: &Path, budget: &Arc<CacheBudget>) -> Result<Self, ShardError> {
         let share = budget.take()?;
         std::fs::create_dir_all(dir)?;
+        finish_rewrite(dir)?;
         let db = sled::Config::new()
             .path(dir.join(DB_DIR))
             .cache_capacity(share.bytes)
@@ -173,6 +179,87 @@ impl ReplicaStore {
     pub fn destroy(&self) -> Result<(), ShardError> {
         remove_dir(&self.dir)
     }
+}
+
+/// Rewrites the replica database in `dir` into a fresh one and deletes the old:
+/// sled keeps removed and overwritten values in its files until its own
+/// cleaner relocates their segment (sled #1512), so after an erasure the only
+/// way to be sure they are gone is to copy what is live into new files and
+/// delete the old ones. Nothing may hold the database open: the caller has
+/// closed every handle, and the open is retried while sled's own threads
+/// finish with a handle just dropped. Crash-safe: the copy is flushed before
+/// the swap, and [`ReplicaStore::open`] finishes or drops a swap cut off.
+/// Returns the bytes the database's files took before and after.
+pub fn rewrite(dir: &Path, within: std::time::Duration) -> Result<(u64, u64), ShardError> {
+    let deadline = std::time::Instant::now() + within;
+    let (old_path, new_path) = (dir.join(DB_DIR), dir.join(DB_NEW));
+    remove_dir(&new_path)?;
+    let before = dir_bytes(&old_path);
+    {
+        let old = loop {
+            match sled::Config::new()
+                .path(&old_path)
+                .cache_capacity(REWRITE_CACHE)
+                .flush_every_ms(None)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let new = sled::Config::new()
+            .path(&new_path)
+            .cache_capacity(REWRITE_CACHE)
+            .flush_every_ms(None)
+            .open()?;
+        for name in old.tree_names() {
+            let (from, to) = (old.open_tree(&name)?, new.open_tree(&name)?);
+            let mut batch = sled::Batch::default();
+            let mut n = 0usize;
+            for kv in from.iter() {
+                let (k, v) = kv?;
+                batch.insert(k, v);
+                n += 1;
+                if n.is_multiple_of(10_000) {
+                    to.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+            to.apply_batch(batch)?;
+        }
+        new.flush()?;
+    }
+    std::fs::rename(&old_path, dir.join(DB_OLD))?;
+    std::fs::rename(&new_path, &old_path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    remove_dir(&dir.join(DB_OLD))?;
+    Ok((before, dir_bytes(&old_path)))
+}
+
+/// Finishes a rewrite cut off by a crash: a complete copy waiting to be
+/// swapped in is swapped in; otherwise a partial copy or an old database left
+/// behind is deleted.
+fn finish_rewrite(dir: &Path) -> Result<(), ShardError> {
+    let (db, new, old) = (dir.join(DB_DIR), dir.join(DB_NEW), dir.join(DB_OLD));
+    if !db.exists() && new.exists() && old.exists() {
+        // Cut off between the two renames: the copy was flushed before them.
+        std::fs::rename(&new, &db)?;
+    }
+    remove_dir(&new)?;
+    remove_dir(&old)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Removes `dir` and everything in it; a directory already gone is fine.

@@ -263,3 +263,62 @@ fn the_sweepers_erasure_removes_only_points_still_expired_when_it_applies() {
     assert!(e.store().expired_ids(1_500, 100).unwrap().is_empty());
     assert!(e.store().suppression().unwrap().entries.is_empty(), "expiry suppresses no subject");
 }
+
+fn holds(dir: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            holds(&p, needle)
+        } else {
+            std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+        }
+    })
+}
+
+#[test]
+fn a_rewrite_leaves_no_removed_value_in_the_files_and_one_cut_off_is_finished_on_open() {
+    use sovra_shard::{CacheBudget, ReplicaStore, replica::rewrite};
+    let tmp = tempfile::tempdir().unwrap();
+    let budget = CacheBudget::new(8 << 20, 4);
+    let dir = tmp.path().join("r");
+    const CANARY: &[u8] = b"canary-removed-value";
+    {
+        let r = ReplicaStore::open(&dir, &budget).unwrap();
+        for i in 0..2000u32 {
+            let mut v = vec![b'.'; 200];
+            if i % 10 == 0 {
+                v[50..50 + CANARY.len()].copy_from_slice(CANARY);
+            }
+            r.points().insert(i.to_be_bytes(), v).unwrap();
+        }
+        r.db().flush().unwrap();
+        for i in (0..2000u32).step_by(10) {
+            r.points().remove(i.to_be_bytes()).unwrap();
+        }
+        r.db().flush().unwrap();
+        // Positive control: removed and flushed, the values are still in sled's files.
+        assert!(holds(&dir, CANARY), "the control failed: sled dropped the removed values itself");
+    }
+    rewrite(&dir, std::time::Duration::from_secs(20)).unwrap();
+    assert!(!holds(&dir, CANARY), "a removed value is still in the files after the rewrite");
+    let kept = |dir: &std::path::Path| {
+        let r = ReplicaStore::open(dir, &budget).unwrap();
+        let n = r.points().len();
+        assert!(r.points().get(0u32.to_be_bytes()).unwrap().is_none());
+        assert!(r.points().get(1u32.to_be_bytes()).unwrap().is_some());
+        n
+    };
+    assert_eq!(kept(&dir), 1800);
+    // Cut off between the two renames: the flushed copy waits under its own
+    // name, the old database under its own; open swaps the copy in.
+    std::fs::rename(dir.join("db"), dir.join("db.rewrite")).unwrap();
+    std::fs::create_dir_all(dir.join("db.old")).unwrap();
+    std::fs::write(dir.join("db.old").join("junk"), CANARY).unwrap();
+    assert_eq!(kept(&dir), 1800);
+    assert!(!dir.join("db.old").exists() && !dir.join("db.rewrite").exists());
+    // Cut off while copying: the partial copy is dropped, the database kept.
+    std::fs::create_dir_all(dir.join("db.rewrite")).unwrap();
+    std::fs::write(dir.join("db.rewrite").join("partial"), CANARY).unwrap();
+    assert_eq!(kept(&dir), 1800);
+    assert!(!dir.join("db.rewrite").exists() && !holds(&dir, CANARY));
+}
