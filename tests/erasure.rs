@@ -429,3 +429,50 @@ async fn every_replica_purges_an_erasure_from_every_file_of_its_data_directory()
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erased_points_never_come_back_after_every_node_restarts_and_the_subject_stays_suppressed() {
+    let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
+    create(&mut nodes[0], 2).await;
+    upsert(&mut nodes[0], (0..120).map(|i| person(i, UK, 12)).collect()).await.unwrap();
+    for n in &nodes {
+        eventually("every replica holds alice's points", Duration::from_secs(30), async || {
+            (stored_alice(n) == 12).then_some(())
+        })
+        .await;
+    }
+    let key = nodes[0].key.clone();
+    let ack = erasure(&nodes[1], &key)
+        .erase(erase_subject(UK, "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.erased, 12);
+    // Every node restarts, one after another.
+    let mut restarted = Vec::new();
+    for n in nodes {
+        restarted.push(n.restart().await);
+    }
+    let mut nodes = restarted;
+    for n in nodes.iter_mut() {
+        eventually("the restarted node serves its replicas", Duration::from_secs(30), async || {
+            (n.node().state.engines().len() == 2).then_some(())
+        })
+        .await;
+        assert_eq!(stored_alice(n), 0, "an erased point came back in a store after the restart");
+        for i in [0, 5, 11] {
+            let ids = eventually("a search answers after the restart", Duration::from_secs(30), async || {
+                searched(n, i, 20).await.ok()
+            })
+            .await;
+            assert!(ids.iter().all(|&id| id >= 12), "an erased point came back in a search: {ids:?}");
+        }
+        assert!(got(n, UK, 0..12).await.unwrap().is_empty(), "an erased point came back in a get");
+    }
+    // The suppression list outlived the restart.
+    let st = upsert(&mut nodes[2], vec![person(3, UK, 12)]).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    for n in nodes {
+        n.stop().await;
+    }
+}

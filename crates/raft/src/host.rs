@@ -656,7 +656,19 @@ impl RaftHost {
                 self.me
             ))
         };
-        let index = match g.leader() {
+        // Just after a start or an election a replica may not know its leader
+        // yet: wait for one (within the read wait) rather than refuse at once.
+        let leader = match g.leader() {
+            Some(l) => Some(l),
+            None => g
+                .raft()
+                .wait(Some(self.settings.read_wait))
+                .metrics(|m| m.current_leader.is_some(), "read lease: a leader")
+                .await
+                .ok()
+                .and_then(|m| m.current_leader),
+        };
+        let index = match leader {
             Some(l) if l == self.me => self.read_index_in(g).await.map_err(|s| cut_off(s.message().to_string()))?,
             Some(l) => self
                 .remote_read_index(l, TypeConfig::group_pb(id), self.settings.read_wait)
