@@ -26,10 +26,12 @@ fn printed_key(rx: &mpsc::Receiver<String>, marker: &str) -> String {
 /// Starts `sovra` with `args` and waits (with a deadline) for a stdout line
 /// containing `marker`; returns the child, that line, and the rest of stdout.
 fn spawn_until(args: &[&str], marker: &str) -> (Child, String, mpsc::Receiver<String>) {
+    // The child's log goes to a file, shown if it never prints the marker.
+    let log = tempfile::NamedTempFile::new().expect("a log file");
     let mut child = Command::new(BIN)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().expect("the log file"))
         .spawn()
         .expect("spawn sovra");
     let stdout = child.stdout.take().unwrap();
@@ -47,7 +49,12 @@ fn spawn_until(args: &[&str], marker: &str) -> (Child, String, mpsc::Receiver<St
             Ok(_) => continue,
             Err(e) => {
                 let _ = child.kill();
-                panic!("sovra {args:?} never printed {marker:?}: {e}");
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().filter(|l| !l.contains("WARN")).rev().take(30).collect();
+                panic!(
+                    "sovra {args:?} never printed {marker:?}: {e}; its last log lines (WARN left out):\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
         }
     }
