@@ -205,7 +205,8 @@ impl ClusterHandler for Membership {
     }
 }
 
-async fn stopped(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+/// Sleeps `d`; true if the node is stopping meanwhile (the loops' tick).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => false,
         _ = stop.wait_for(|s| *s) => true,

@@ -346,9 +346,8 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
 async fn purge_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.purge_check_ms);
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        if crate::cluster::stopped(&mut stop, every).await {
+            return;
         }
         let ids: Vec<sovra_types::ShardId> = state.host.groups().iter().map(|g| g.id.clone()).collect();
         for id in ids {
@@ -378,9 +377,8 @@ const SWEEP_BATCH: usize = 1_000;
 async fn retention_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.retention_sweep_ms);
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        if crate::cluster::stopped(&mut stop, every).await {
+            return;
         }
         for g in state.host.groups() {
             if g.leader() != Some(state.config.node_id) {
@@ -427,9 +425,8 @@ async fn retention_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) 
 async fn compaction_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_secs(state.config.compaction_check_seconds);
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        if crate::cluster::stopped(&mut stop, every).await {
+            return;
         }
         let ratio = state.config.compaction_tombstone_ratio;
         for engine in state.engines() {

@@ -267,32 +267,16 @@ impl ShardEngine {
     fn write_entry(&self, index: u64, cmd: Option<&ShardCommand>, meta: Option<&[u8]>) -> Result<EntryOutcome, ShardError> {
         let mut batch = self.store.batch();
         if let Some(Err(refused)) = cmd.map(|c| check_command(&self.spec, &self.id, c)) {
-            let mut r = self.store.rejections()?;
-            r.record(index, refused.message.clone());
-            batch.set_rejections(&r)?;
-            batch.commit_with(index, meta)?;
-            self.last_applied.store(index, Ordering::Release);
             tracing::error!(shard = %self.id, index, reason = %refused.message, "log entry refused on apply");
-            return Ok(EntryOutcome {
-                changed: 0,
-                rejected: Some(refused.message),
-            });
+            return self.refuse(batch, index, meta, refused.message);
         }
         if let Some(ShardCommand::Upsert(points)) = cmd
             && let Some(refused) = self.suppressed_write(points)?
         {
-            let mut r = self.store.rejections()?;
-            r.record(index, refused.clone());
-            batch.set_rejections(&r)?;
-            batch.commit_with(index, meta)?;
-            self.last_applied.store(index, Ordering::Release);
             // Expected (an erased subject written again), not a fault; the
             // reason names no subject.
             tracing::info!(shard = %self.id, index, reason = %refused, "write refused on apply");
-            return Ok(EntryOutcome {
-                changed: 0,
-                rejected: Some(refused),
-            });
+            return self.refuse(batch, index, meta, refused);
         }
         let mut erased: Vec<PointId> = Vec::new();
         let changed = match cmd {
@@ -330,6 +314,26 @@ impl ShardEngine {
         }
         self.last_applied.store(index, Ordering::Release);
         Ok(EntryOutcome { changed, rejected: None })
+    }
+
+    /// Applies a refused entry: only the refusal is recorded (with the log
+    /// position), identically on every replica.
+    fn refuse(
+        &self,
+        mut batch: crate::store::PendingBatch<'_>,
+        index: u64,
+        meta: Option<&[u8]>,
+        reason: String,
+    ) -> Result<EntryOutcome, ShardError> {
+        let mut r = self.store.rejections()?;
+        r.record(index, reason.clone());
+        batch.set_rejections(&r)?;
+        batch.commit_with(index, meta)?;
+        self.last_applied.store(index, Ordering::Release);
+        Ok(EntryOutcome {
+            changed: 0,
+            rejected: Some(reason),
+        })
     }
 
     /// Why a batch may not be written: a point of a subject on the

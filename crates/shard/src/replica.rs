@@ -195,14 +195,16 @@ pub fn rewrite(dir: &Path, within: std::time::Duration) -> Result<(u64, u64), Sh
     let (old_path, new_path) = (dir.join(DB_DIR), dir.join(DB_NEW));
     remove_dir(&new_path)?;
     let before = dir_bytes(&old_path);
+    let open = |p: &Path| {
+        sled::Config::new()
+            .path(p)
+            .cache_capacity(REWRITE_CACHE)
+            .flush_every_ms(None)
+            .open()
+    };
     {
         let old = loop {
-            match sled::Config::new()
-                .path(&old_path)
-                .cache_capacity(REWRITE_CACHE)
-                .flush_every_ms(None)
-                .open()
-            {
+            match open(&old_path) {
                 Ok(db) => break db,
                 Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
                     std::thread::sleep(std::time::Duration::from_millis(20))
@@ -210,11 +212,7 @@ pub fn rewrite(dir: &Path, within: std::time::Duration) -> Result<(u64, u64), Sh
                 Err(e) => return Err(e.into()),
             }
         };
-        let new = sled::Config::new()
-            .path(&new_path)
-            .cache_capacity(REWRITE_CACHE)
-            .flush_every_ms(None)
-            .open()?;
+        let new = open(&new_path)?;
         for name in old.tree_names() {
             let (from, to) = (old.open_tree(&name)?, new.open_tree(&name)?);
             let mut batch = sled::Batch::default();

@@ -11,7 +11,7 @@
 //! | `m` + `rejections` | postcard [`Rejections`]: entries refused on apply |
 //! | `m` + `suppress_key` | 32 bytes: the key of the suppression list's hashes |
 //! | `m` + `purge_pending` | u64 BE: log index of the last erasure applied (this replica's own bookkeeping) |
-//! | `m` + `purge_done` | u64 BE: erasures through this index are purged from the index, snapshots and log |
+//! | `m` + `purge_done` | u64 BE: erasures through this index are purged (index, snapshots, log, database files) |
 //! | `x` + HMAC-SHA256(suppress key, subject) | u64 BE: when the subject was erased (ms) |
 //!
 //! The suppression list names erased subjects only by a keyed hash: the list
@@ -20,7 +20,8 @@
 //! replicas (its own region).
 //!
 //! Point keys are [`PointId::key_bytes`], so `p` keys sort by id. The state
-//! digest is a pure function of the points and the recorded rejections.
+//! digest is a pure function of the points, the recorded rejections and the
+//! suppression list (the purge marks are this replica's own and not in it).
 
 use crate::ShardError;
 use sled::{Batch, Tree};
@@ -173,11 +174,7 @@ impl<'a> PendingBatch<'a> {
 
     /// Returns whether the id existed.
     pub fn delete(&mut self, id: &PointId) -> Result<bool, ShardError> {
-        let Some(old) = self.current(id)? else { return Ok(false) };
-        self.remove_indexes(&old);
-        self.batch.remove(point_key(id));
-        self.overlay.insert(*id, None);
-        Ok(true)
+        Ok(self.take(id)?.is_some())
     }
 
     /// Removes a point and returns it as it was (`None`: it did not exist).
@@ -200,7 +197,7 @@ impl<'a> PendingBatch<'a> {
     }
 
     /// Notes that the entry at `index` erased points, so the replica purges
-    /// what is left of them (index, snapshots, log) through it.
+    /// what is left of them (index, snapshots, log, database files) through it.
     pub fn purge_pending(&mut self, index: u64) {
         self.batch.insert(PURGE_PENDING, &index.to_be_bytes());
     }
@@ -242,11 +239,15 @@ impl ShardStore {
     }
 
     pub fn last_applied(&self) -> Result<u64, ShardError> {
+        Ok(self.get_u64(LAST_APPLIED)?.unwrap_or(0))
+    }
+
+    /// A u64 BE value under `key`.
+    fn get_u64(&self, key: &[u8]) -> Result<Option<u64>, ShardError> {
         Ok(self
             .tree
-            .get(LAST_APPLIED)?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(0))
+            .get(key)?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
     }
 
     /// The replication layer's bytes from the last commit, if any.
@@ -313,14 +314,7 @@ impl ShardStore {
     /// the first is above the second. Survives restarts, so a purge cut off
     /// is done again.
     pub fn purge_state(&self) -> Result<(u64, u64), ShardError> {
-        let read = |k: &[u8]| -> Result<u64, ShardError> {
-            Ok(self
-                .tree
-                .get(k)?
-                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-                .unwrap_or(0))
-        };
-        Ok((read(PURGE_PENDING)?, read(PURGE_DONE)?))
+        Ok((self.get_u64(PURGE_PENDING)?.unwrap_or(0), self.get_u64(PURGE_DONE)?.unwrap_or(0)))
     }
 
     /// Records that erasures through `index` are purged.
@@ -337,10 +331,7 @@ impl ShardStore {
 
     /// When the subject with this tag was erased, if it is suppressed.
     pub fn suppressed_at(&self, tag: &[u8; 32]) -> Result<Option<u64>, ShardError> {
-        Ok(self
-            .tree
-            .get(suppressed_key(tag))?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+        self.get_u64(&suppressed_key(tag))
     }
 
     /// The whole suppression list, for a snapshot.
