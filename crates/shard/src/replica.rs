@@ -121,11 +121,7 @@ impl ReplicaStore {
         let share = budget.take()?;
         std::fs::create_dir_all(dir)?;
         finish_rewrite(dir)?;
-        let db = sled::Config::new()
-            .path(dir.join(DB_DIR))
-            .cache_capacity(share.bytes)
-            .flush_every_ms(None)
-            .open()?;
+        let db = open_db(&dir.join(DB_DIR), share.bytes, LOCK_WAIT)?;
         match db.get(FORMAT_KEY)? {
             None => {
                 db.insert(FORMAT_KEY, &REPLICA_FORMAT.to_be_bytes())?;
@@ -191,28 +187,12 @@ impl ReplicaStore {
 /// the swap, and [`ReplicaStore::open`] finishes or drops a swap cut off.
 /// Returns the bytes the database's files took before and after.
 pub fn rewrite(dir: &Path, within: std::time::Duration) -> Result<(u64, u64), ShardError> {
-    let deadline = std::time::Instant::now() + within;
     let (old_path, new_path) = (dir.join(DB_DIR), dir.join(DB_NEW));
     remove_dir(&new_path)?;
     let before = dir_bytes(&old_path);
-    let open = |p: &Path| {
-        sled::Config::new()
-            .path(p)
-            .cache_capacity(REWRITE_CACHE)
-            .flush_every_ms(None)
-            .open()
-    };
     {
-        let old = loop {
-            match open(&old_path) {
-                Ok(db) => break db,
-                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let new = open(&new_path)?;
+        let old = open_db(&old_path, REWRITE_CACHE, within)?;
+        let new = open_db(&new_path, REWRITE_CACHE, LOCK_WAIT)?;
         for name in old.tree_names() {
             let (from, to) = (old.open_tree(&name)?, new.open_tree(&name)?);
             let mut batch = sled::Batch::default();
@@ -234,6 +214,26 @@ pub fn rewrite(dir: &Path, within: std::time::Duration) -> Result<(u64, u64), Sh
     std::fs::File::open(dir)?.sync_all()?;
     remove_dir(&dir.join(DB_OLD))?;
     Ok((before, dir_bytes(&old_path)))
+}
+
+/// How long an open waits for a database lock to be let go. A database just
+/// dropped (before a rewrite, or by the rewrite's copy) stays locked for a
+/// moment while sled's own I/O threads finish with it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens the sled database at `path`, waiting up to `within` for its lock.
+/// Another process holding it past that is an error naming the lock.
+fn open_db(path: &Path, cache: u64, within: std::time::Duration) -> Result<sled::Db, ShardError> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match sled::Config::new().path(path).cache_capacity(cache).flush_every_ms(None).open() {
+            Ok(db) => return Ok(db),
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Finishes a rewrite cut off by a crash: a complete copy waiting to be

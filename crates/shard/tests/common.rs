@@ -48,10 +48,12 @@ pub fn replica(dir: &Path) -> ReplicaStore {
     loop {
         match ReplicaStore::open(&dir.join("replica"), &CacheBudget::new(64 << 20, 4)) {
             Ok(r) => return r,
-            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+            // The Debug form carries sled's own message, whichever way the
+            // display of the error is worded.
+            Err(e) if std::time::Instant::now() < deadline && format!("{e:?}").contains("lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(20))
             }
-            Err(e) => panic!("opening the replica store: {e}"),
+            Err(e) => panic!("opening the replica store: {e}: {e:?}"),
         }
     }
 }
