@@ -1,7 +1,8 @@
 //! Cluster metadata: what the meta group replicates. Nodes (labels, roles,
 //! state, addresses), collections, the shard map (each shard's hash range and
-//! recorded replicas, with a version), region policies, and API keys (hashes
-//! and scopes; [`keys`]).
+//! recorded replicas, with a version), region policies, API keys (hashes
+//! and scopes; [`keys`]), and erasure jobs (ids, kinds, counts, every
+//! replica's purge progress, and the receipt built from them; [`erasure`]).
 //!
 //! - [`placement`]: where a new collection's replicas go; a pure function.
 //! - [`state`]: [`state::MetaState::apply`], deterministic over plain data, which
@@ -15,6 +16,7 @@
 //! the glue that makes this a Raft state machine lives above it. Depends on
 //! `sovra-types` (and `sha2` for key hashes) only.
 
+pub mod erasure;
 pub mod keys;
 pub mod placement;
 pub mod state;

@@ -87,6 +87,8 @@ pub struct MetaState {
     pub policies: BTreeMap<RegionId, RegionPolicy>,
     /// API keys by id: hashes and scopes, never secrets.
     pub api_keys: BTreeMap<String, crate::keys::ApiKeyRecord>,
+    /// Erasure jobs and replicas' purge marks (no personal data).
+    pub erasures: crate::erasure::Erasures,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +125,26 @@ pub enum MetaCommand {
     RevokeApiKey {
         id: String,
     },
+    /// An erasure job starts on these shards of `region`; its replicas are
+    /// the shards' replicas as this applies.
+    StartErasure {
+        job: String,
+        kind: crate::erasure::EraseKind,
+        collection: CollectionName,
+        region: RegionId,
+        shards: Vec<u32>,
+        at_ms: u64,
+    },
+    /// The job's erase committed (shard number, log index, points erased)
+    /// on every shard, or, with `failed`, did not.
+    ErasureCommitted {
+        job: String,
+        at_ms: u64,
+        shards: Vec<(u32, u64, u64)>,
+        failed: Option<String>,
+    },
+    /// A replica purged its shard's erasures through an index.
+    ReplicaPurged(crate::erasure::PurgeReport),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +183,8 @@ pub enum Refused {
     KeyExists(String),
     #[error("API key {0} does not exist")]
     UnknownKey(String),
+    #[error("{0}")]
+    Job(#[from] crate::erasure::JobRefused),
 }
 
 fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
@@ -169,10 +193,10 @@ fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
 
 impl MetaState {
     /// Whether `other` differs from this state at most in nodes' heartbeat
-    /// times: what a node derives from its view (replicas, routing,
-    /// addresses, keys, policies) is then the same, so a heartbeat alone
-    /// need not be saved or reconciled on every node.
-    pub fn same_but_heartbeats(&self, other: &MetaState) -> bool {
+    /// times and erasure jobs' progress: what a node derives from its view
+    /// (replicas, routing, addresses, keys, policies) is then the same, so
+    /// such a change need not be saved or reconciled on every node.
+    pub fn same_but_progress(&self, other: &MetaState) -> bool {
         self.map_version == other.map_version
             && self.collections == other.collections
             && self.policies == other.policies
@@ -219,7 +243,10 @@ impl MetaState {
             }
             MetaCommand::CreateCollection { spec, replicas } => self.create(spec, replicas),
             MetaCommand::DropCollection { name } => {
-                self.collections.remove(&name).ok_or(Refused::UnknownCollection(name))?;
+                self.collections
+                    .remove(&name)
+                    .ok_or_else(|| Refused::UnknownCollection(name.clone()))?;
+                self.erasures.collection_dropped(&name);
                 Ok(self.bump())
             }
             MetaCommand::SetReplicas {
@@ -238,6 +265,7 @@ impl MetaState {
                     });
                 }
                 let replicas = self.check_replicas(&collection, &shard, replicas, None)?;
+                self.erasures.replicas_set(&collection, &shard, &replicas);
                 let c = self.collections.get_mut(&collection).expect("checked above");
                 c.shards.get_mut(&shard).expect("checked above").replicas = replicas;
                 Ok(self.bump())
@@ -255,6 +283,66 @@ impl MetaState {
             }
             MetaCommand::RevokeApiKey { id } => {
                 self.api_keys.remove(&id).ok_or(Refused::UnknownKey(id))?;
+                Ok(Applied::Done)
+            }
+            MetaCommand::StartErasure {
+                job,
+                kind,
+                collection,
+                region,
+                shards,
+                at_ms,
+            } => {
+                let c = self
+                    .collections
+                    .get(&collection)
+                    .ok_or_else(|| Refused::UnknownCollection(collection.clone()))?;
+                let mut job_shards = BTreeMap::new();
+                for n in shards {
+                    let key = (region.clone(), n);
+                    let s = c.shards.get(&key).ok_or_else(|| Refused::UnknownShard {
+                        shard: shard_name(&collection, &key),
+                        collection: collection.clone(),
+                    })?;
+                    let replicas = s
+                        .replicas
+                        .iter()
+                        .map(|&r| (r, crate::erasure::ReplicaPurge::Pending))
+                        .collect();
+                    job_shards.insert(
+                        n,
+                        crate::erasure::JobShard {
+                            index: None,
+                            erased: None,
+                            replicas,
+                        },
+                    );
+                }
+                self.erasures.start(crate::erasure::ErasureJob {
+                    id: job,
+                    kind,
+                    collection,
+                    region,
+                    requested_at_ms: at_ms,
+                    acknowledged_at_ms: None,
+                    done_at_ms: None,
+                    state: crate::erasure::JobState::Requested,
+                    shards: job_shards,
+                    seq: 0,
+                })?;
+                Ok(Applied::Done)
+            }
+            MetaCommand::ErasureCommitted {
+                job,
+                at_ms,
+                shards,
+                failed,
+            } => {
+                self.erasures.committed(&job, at_ms, &shards, failed)?;
+                Ok(Applied::Done)
+            }
+            MetaCommand::ReplicaPurged(report) => {
+                self.erasures.report(report);
                 Ok(Applied::Done)
             }
         }

@@ -423,7 +423,7 @@ pub async fn reconcile_loop(state: Arc<NodeState>, mut stop: watch::Receiver<boo
         let view = state.view();
         // A heartbeat alone changes no replica: skip it (the timer still
         // reconciles every 2 s, to retry what failed for a passing reason).
-        if changed && last.as_ref().is_some_and(|l| l.state.same_but_heartbeats(&view.state)) {
+        if changed && last.as_ref().is_some_and(|l| l.state.same_but_progress(&view.state)) {
             continue;
         }
         state.reconcile().await;

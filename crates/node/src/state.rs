@@ -336,7 +336,7 @@ impl NodeState {
         // changes are written (otherwise every node would write and flush its
         // whole view on every node's heartbeat).
         let held = self.view();
-        let only_heartbeats = held.index > 0 && held.state.same_but_heartbeats(&state);
+        let only_heartbeats = held.index > 0 && held.state.same_but_progress(&state);
         if !only_heartbeats {
             let bytes = postcard::to_allocvec(&(index, &state)).map_err(ShardError::Encode)?;
             let this = self.clone();

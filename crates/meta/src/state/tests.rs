@@ -229,7 +229,7 @@ fn a_heartbeat_alone_leaves_the_state_the_same_but_for_heartbeats_and_anything_e
     let before = s.clone();
     s.apply(MetaCommand::Heartbeat { node: 2, at_ms: 50 }).unwrap();
     assert_ne!(before, s);
-    assert!(before.same_but_heartbeats(&s));
+    assert!(before.same_but_progress(&s));
 
     let mut down = s.clone();
     down.apply(MetaCommand::SetNodeStatus {
@@ -237,7 +237,7 @@ fn a_heartbeat_alone_leaves_the_state_the_same_but_for_heartbeats_and_anything_e
         status: NodeStatus::Down,
     })
     .unwrap();
-    assert!(!s.same_but_heartbeats(&down), "a status change matters");
+    assert!(!s.same_but_progress(&down), "a status change matters");
 
     let mut moved = s.clone();
     moved
@@ -247,9 +247,184 @@ fn a_heartbeat_alone_leaves_the_state_the_same_but_for_heartbeats_and_anything_e
             ..node(2, eu(), "b")
         }))
         .unwrap();
-    assert!(!s.same_but_heartbeats(&moved), "a new address matters");
+    assert!(!s.same_but_progress(&moved), "a new address matters");
 
     let mut more = s.clone();
     more.apply(MetaCommand::RegisterNode(node(3, eu(), "c"))).unwrap();
-    assert!(!s.same_but_heartbeats(&more), "a new node matters");
+    assert!(!s.same_but_progress(&more), "a new node matters");
+}
+
+mod erasure_jobs {
+    use super::*;
+    use crate::erasure::{EraseKind, JobState, PurgeReport, Receipt, ReplicaPurge};
+
+    fn faces() -> CollectionName {
+        CollectionName::parse("faces").unwrap()
+    }
+
+    /// `faces` with rf 3 on eu-west's two shards: every eu node holds both.
+    fn with_collection() -> MetaState {
+        let mut s = cluster();
+        let mut r = BTreeMap::new();
+        r.insert((eu(), 0), vec![1, 2, 3]);
+        r.insert((eu(), 1), vec![1, 2, 3]);
+        // us-east has two nodes only: the collection spans eu-west alone.
+        let mut sp = spec(3);
+        sp.regions.retain(|r| r.region == eu());
+        s.apply(MetaCommand::CreateCollection { spec: sp, replicas: r }).unwrap();
+        s
+    }
+
+    fn start(s: &mut MetaState, job: &str) -> Result<Applied, Refused> {
+        s.apply(MetaCommand::StartErasure {
+            job: job.into(),
+            kind: EraseKind::Subject,
+            collection: faces(),
+            region: eu(),
+            shards: vec![0, 1],
+            at_ms: 1_000,
+        })
+    }
+
+    fn report(s: &mut MetaState, shard: u32, node: u64, through: u64, applied: Vec<(String, u64, u64)>) {
+        s.apply(MetaCommand::ReplicaPurged(PurgeReport {
+            collection: faces(),
+            shard: (eu(), shard),
+            node,
+            through,
+            at_ms: 5_000 + node,
+            applied,
+        }))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_job_is_done_when_every_replica_of_every_shard_purged_through_its_erase() {
+        let mut s = with_collection();
+        start(&mut s, "j1").unwrap();
+        assert_eq!(start(&mut s, "j1"), Err(Refused::Job(crate::erasure::JobRefused::Exists("j1".into()))));
+        s.apply(MetaCommand::ErasureCommitted {
+            job: "j1".into(),
+            at_ms: 1_010,
+            shards: vec![(0, 40, 3), (1, 17, 2)],
+            failed: None,
+        })
+        .unwrap();
+        let j = &s.erasures.jobs["j1"];
+        assert_eq!(j.state, JobState::Acknowledged);
+        assert_eq!(j.pending().len(), 6);
+        // A purge short of the erase's index does not count.
+        report(&mut s, 0, 1, 39, vec![]);
+        assert_eq!(s.erasures.jobs["j1"].pending().len(), 6);
+        for n in [1, 2, 3] {
+            report(&mut s, 0, n, 40, vec![("j1".into(), 40, 3)]);
+        }
+        report(&mut s, 1, 1, 20, vec![("j1".into(), 17, 2)]);
+        report(&mut s, 1, 2, 17, vec![]);
+        assert_eq!(s.erasures.jobs["j1"].pending(), vec![(1, 3)], "node 3 has not purged shard 1");
+        assert!(Receipt::of(&s.erasures.jobs["j1"]).is_none(), "no receipt while a replica is pending");
+        report(&mut s, 1, 3, 18, vec![("j1".into(), 17, 2)]);
+        let j = &s.erasures.jobs["j1"];
+        assert_eq!(j.state, JobState::Done);
+        assert_eq!(j.done_at_ms, Some(5_003));
+        let r = Receipt::of(j).unwrap();
+        assert_eq!((r.erased, r.shards.len()), (5, 2));
+        assert_eq!(r.shards[1].log_index, 17);
+        let n2 = &r.shards[1].replicas[1];
+        assert_eq!((n2.node, n2.purged_through, n2.removed), (2, Some(17), None), "node 2 reported no count");
+        assert_eq!(r.shards[1].replicas[2].removed, Some(2));
+    }
+
+    #[test]
+    fn a_purge_reported_before_the_acknowledgement_settles_the_job_and_a_moved_replica_ends_removed() {
+        let mut s = with_collection();
+        start(&mut s, "j2").unwrap();
+        for n in [1, 2] {
+            report(&mut s, 0, n, 50, vec![]);
+            report(&mut s, 1, n, 50, vec![]);
+        }
+        s.apply(MetaCommand::ErasureCommitted {
+            job: "j2".into(),
+            at_ms: 1_010,
+            shards: vec![(0, 40, 1), (1, 41, 0)],
+            failed: None,
+        })
+        .unwrap();
+        assert_eq!(s.erasures.jobs["j2"].pending(), vec![(0, 3), (1, 3)]);
+        // Node 3 is down; it is replaced in shard 0 only: shard 1 still waits.
+        s.apply(MetaCommand::SetReplicas {
+            collection: faces(),
+            shard: (eu(), 0),
+            replicas: vec![1, 2],
+        })
+        .unwrap();
+        assert_eq!(s.erasures.jobs["j2"].shards[&0].replicas[&3], ReplicaPurge::Removed);
+        assert_eq!(s.erasures.jobs["j2"].pending(), vec![(1, 3)]);
+        assert!(!s.erasures.purged.contains_key(&(faces(), (eu(), 0), 3)));
+        s.apply(MetaCommand::DropCollection { name: faces() }).unwrap();
+        assert_eq!(s.erasures.jobs["j2"].state, JobState::Done, "a dropped collection destroys every replica");
+    }
+
+    #[test]
+    fn a_failed_erase_ends_failed_and_unknown_shards_or_jobs_are_refused() {
+        let mut s = with_collection();
+        let bad = s.apply(MetaCommand::StartErasure {
+            job: "j3".into(),
+            kind: EraseKind::Ids,
+            collection: faces(),
+            region: eu(),
+            shards: vec![7],
+            at_ms: 1,
+        });
+        assert!(matches!(bad, Err(Refused::UnknownShard { .. })), "{bad:?}");
+        assert!(s.erasures.jobs.is_empty(), "a refused start leaves nothing");
+        start(&mut s, "j3").unwrap();
+        s.apply(MetaCommand::ErasureCommitted {
+            job: "j3".into(),
+            at_ms: 2,
+            shards: vec![(0, 9, 1)],
+            failed: Some("shard 1 unavailable".into()),
+        })
+        .unwrap();
+        assert!(matches!(s.erasures.jobs["j3"].state, JobState::Failed { .. }));
+        let unknown = s.apply(MetaCommand::ErasureCommitted {
+            job: "nope".into(),
+            at_ms: 2,
+            shards: vec![],
+            failed: None,
+        });
+        assert!(matches!(unknown, Err(Refused::Job(_))), "{unknown:?}");
+    }
+
+    #[test]
+    fn replicas_rewrite_one_at_a_time_in_id_order_by_their_marks() {
+        let mut s = with_collection();
+        let shard = (eu(), 0);
+        let behind = |s: &MetaState, node| s.erasures.behind_before(&faces(), &shard, &[1, 2, 3], node, 40);
+        assert_eq!(behind(&s, 1), Vec::<u64>::new());
+        assert_eq!(behind(&s, 3), vec![1, 2]);
+        report(&mut s, 0, 1, 40, vec![]);
+        assert_eq!(behind(&s, 3), vec![2]);
+        report(&mut s, 0, 2, 45, vec![]);
+        assert_eq!(behind(&s, 3), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn finished_jobs_past_the_limit_go_oldest_first() {
+        let mut s = with_collection();
+        let n = crate::erasure::KEPT_FINISHED_JOBS + 5;
+        for i in 0..n {
+            let id = format!("j{i}");
+            start(&mut s, &id).unwrap();
+            s.apply(MetaCommand::ErasureCommitted {
+                job: id,
+                at_ms: 2,
+                shards: vec![],
+                failed: Some("test".into()),
+            })
+            .unwrap();
+        }
+        assert_eq!(s.erasures.jobs.len(), crate::erasure::KEPT_FINISHED_JOBS);
+        assert!(!s.erasures.jobs.contains_key("j4") && s.erasures.jobs.contains_key("j5"));
+    }
 }
