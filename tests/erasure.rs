@@ -1,8 +1,11 @@
 //! Erasure on real in-process clusters: E1 (an acknowledged erasure is
 //! visible on every replica, also one cut off from its leader during the
 //! erasure), the re-ingest rule of E3 (an erased subject comes back only with
-//! consent given after the erasure), R2 for the erasure's criteria, and the
-//! data-protection scope.
+//! consent given after the erasure), R2 for the erasure's criteria, the
+//! data-protection scope, E2 (every replica purges every file; the job ends
+//! with a receipt signed by the cluster key, also after a replica was cut off
+//! during the purge) and E3 after restarts and a lagging replica's snapshot
+//! install.
 
 use sovra_proto::v1::{self, erasure_client::ErasureClient};
 use sovra_tests::*;
@@ -326,6 +329,32 @@ async fn expired_points_are_erased_from_every_replica_by_the_leaders_sweeper() {
 }
 
 /// Whether any file under `dir` holds `needle`.
+/// The job `job` as node `n` serves it, once `done` (within `within`).
+async fn job_done(n: &TestNode, job: &str, within: Duration) -> v1::ErasureJob {
+    let mut c = erasure(n, &n.key);
+    eventually("the erasure job is done", within, async || {
+        let j = c
+            .get_erasure_job(v1::GetErasureJobRequest { job: job.into() })
+            .await
+            .ok()?
+            .into_inner();
+        (j.state == "done").then_some(j)
+    })
+    .await
+}
+
+/// Checks `j`'s receipt against the cluster key every node holds; returns it.
+fn verified(nodes: &[TestNode], j: &v1::ErasureJob) -> sovra_meta::erasure::Receipt {
+    let key = nodes[0].node().state.receipt_key.public_hex();
+    for n in nodes {
+        assert_eq!(n.node().state.receipt_key.public_hex(), key, "every node signs with the cluster key");
+    }
+    assert_eq!(j.public_key, key);
+    let r = sovra_node::receipt::verify(&j.receipt_json, &j.signature, &key).unwrap();
+    assert_eq!(r.job, j.job);
+    r
+}
+
 fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else { return out };
@@ -425,6 +454,26 @@ async fn every_replica_purges_an_erasure_from_every_file_of_its_data_directory()
     let ids = searched(&mut n0, 2, 10).await.unwrap();
     assert!(!ids.is_empty() && ids.iter().all(|&id| id >= 5), "{ids:?}");
     nodes.insert(0, n0);
+    // The job ends with a receipt, served by any node and signed by the
+    // cluster key; it names every replica and none of the erased data.
+    let j = job_done(&nodes[2], &ack.job, Duration::from_secs(30)).await;
+    assert_eq!((j.kind.as_str(), j.erased), ("subject", 5));
+    let r = verified(&nodes, &j);
+    assert!(!j.receipt_json.contains(CANARY), "the receipt names erased data: {}", j.receipt_json);
+    assert_eq!(r.shards.len(), 1);
+    let shard = &r.shards[0];
+    assert_eq!((shard.log_index, shard.erased), (index, 5));
+    let replicas: Vec<(u64, &str, Option<u64>)> = shard
+        .replicas
+        .iter()
+        .map(|x| (x.node, x.outcome.as_str(), x.removed))
+        .collect();
+    assert_eq!(replicas, vec![(1, "purged", Some(5)), (2, "purged", Some(5)), (3, "purged", Some(5))]);
+    assert!(shard.replicas.iter().all(|x| x.purged_through >= Some(index)));
+    // One rewrite at a time: each replica purged after the one before it.
+    let times: Vec<u64> = shard.replicas.iter().map(|x| x.at_ms.unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "replicas rewrote out of turn: {times:?}");
+    assert!(r.acknowledged_at_ms >= r.requested_at_ms && r.done_at_ms >= r.acknowledged_at_ms);
     for n in nodes {
         n.stop().await;
     }

@@ -52,6 +52,8 @@ pub enum ReplicaPurge {
     /// The replica left the shard (moved off the node, or the collection
     /// was dropped): its directory is destroyed with it.
     Removed,
+    /// The erase removed no point on this shard: nothing to purge.
+    NothingErased,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +128,7 @@ impl ErasureJob {
             .flat_map(|s| s.replicas.values())
             .map(|p| match p {
                 ReplicaPurge::Purged { at_ms, .. } => *at_ms,
-                ReplicaPurge::Removed | ReplicaPurge::Pending => 0,
+                ReplicaPurge::Removed | ReplicaPurge::NothingErased | ReplicaPurge::Pending => 0,
             })
             .max()
             .unwrap_or(0);
@@ -142,14 +144,16 @@ impl ErasureJob {
             s.index = applied.map(|(i, _)| i);
         }
         let Some(index) = s.index else { return };
-        if let Some(p @ ReplicaPurge::Pending) = s.replicas.get_mut(&node)
-            && through >= index
-        {
-            *p = ReplicaPurge::Purged {
-                through,
-                at_ms,
-                removed: applied.map(|(_, n)| n),
-            };
+        if let Some(p @ ReplicaPurge::Pending) = s.replicas.get_mut(&node) {
+            if applied.is_some_and(|(_, n)| n == 0) {
+                *p = ReplicaPurge::NothingErased;
+            } else if through >= index {
+                *p = ReplicaPurge::Purged {
+                    through,
+                    at_ms,
+                    removed: applied.map(|(_, n)| n),
+                };
+            }
         }
         self.settle();
     }
@@ -233,6 +237,11 @@ impl Erasures {
             if let Some(s) = job.shards.get_mut(n) {
                 s.index = Some(*index);
                 s.erased = Some(*erased);
+                if *erased == 0 {
+                    for p in s.replicas.values_mut().filter(|p| **p == ReplicaPurge::Pending) {
+                        *p = ReplicaPurge::NothingErased;
+                    }
+                }
             }
         }
         if job.state == JobState::Requested {
@@ -310,22 +319,13 @@ impl Erasures {
         replicas
             .iter()
             .filter(|&&n| n < node)
-            .filter(|&&n| {
-                self.purged
-                    .get(&(c.clone(), shard.clone(), n))
-                    .is_none_or(|&t| t < index)
-            })
+            .filter(|&&n| self.purged.get(&(c.clone(), shard.clone(), n)).is_none_or(|&t| t < index))
             .copied()
             .collect()
     }
 
     fn prune(&mut self) {
-        let mut finished: Vec<(u64, String)> = self
-            .jobs
-            .values()
-            .filter(|j| j.finished())
-            .map(|j| (j.seq, j.id.clone()))
-            .collect();
+        let mut finished: Vec<(u64, String)> = self.jobs.values().filter(|j| j.finished()).map(|j| (j.seq, j.id.clone())).collect();
         if finished.len() <= KEPT_FINISHED_JOBS {
             return;
         }
@@ -365,8 +365,8 @@ pub struct ReceiptShard {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiptReplica {
     pub node: u64,
-    /// `purged` or `removed` (the replica left the shard; its directory was
-    /// destroyed).
+    /// `purged`, `removed` (the replica left the shard; its directory was
+    /// destroyed) or `nothing-erased` (no point of the shard matched).
     pub outcome: String,
     pub purged_through: Option<u64>,
     /// Points this replica's apply removed (`None`: it reached the erase by
@@ -398,6 +398,7 @@ impl Receipt {
                         let (outcome, purged_through, removed, at_ms) = match *p {
                             ReplicaPurge::Purged { through, at_ms, removed } => ("purged", Some(through), removed, Some(at_ms)),
                             ReplicaPurge::Removed => ("removed", None, None, None),
+                            ReplicaPurge::NothingErased => ("nothing-erased", None, Some(0), None),
                             // Not in a done job.
                             ReplicaPurge::Pending => ("pending", None, None, None),
                         };

@@ -304,11 +304,7 @@ impl MetaState {
                         shard: shard_name(&collection, &key),
                         collection: collection.clone(),
                     })?;
-                    let replicas = s
-                        .replicas
-                        .iter()
-                        .map(|&r| (r, crate::erasure::ReplicaPurge::Pending))
-                        .collect();
+                    let replicas = s.replicas.iter().map(|&r| (r, crate::erasure::ReplicaPurge::Pending)).collect();
                     job_shards.insert(
                         n,
                         crate::erasure::JobShard {
@@ -342,7 +338,16 @@ impl MetaState {
                 Ok(Applied::Done)
             }
             MetaCommand::ReplicaPurged(report) => {
-                self.erasures.report(report);
+                // A report from a replica no longer in its shard (moved off
+                // while it purged) changes nothing: its directory goes.
+                let member = self
+                    .collections
+                    .get(&report.collection)
+                    .and_then(|c| c.shards.get(&report.shard))
+                    .is_some_and(|s| s.replicas.contains(&report.node));
+                if member {
+                    self.erasures.report(report);
+                }
                 Ok(Applied::Done)
             }
         }

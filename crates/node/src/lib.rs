@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod dev;
 pub mod metrics;
+pub mod receipt;
 pub mod run;
 mod service;
 pub mod state;

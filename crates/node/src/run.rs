@@ -15,6 +15,7 @@ use sovra_proto::v1::{
 use sovra_raft::Faults;
 use sovra_raft::server::{RaftService, cluster_service};
 use sovra_types::limits::MAX_MESSAGE_BYTES;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -341,31 +342,65 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
 }
 
 /// E2 on every replica of this node: purges applied erasures from the index,
-/// the snapshots and the Raft log (`RaftHost::purge_erasures`), one replica at
-/// a time; one not done (a follower still needs the log) is tried again.
+/// the snapshots and the Raft log (`RaftHost::purge_erasures`; every replica
+/// at once), then rewrites the replica's database (one replica of a shard at
+/// a time: each waits for the replicas before it, by id, to report theirs,
+/// or for `TURN_WAIT`), then reports the purge to the meta group's jobs.
 async fn purge_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.purge_check_ms);
+    // While a rewrite waits its turn, look again sooner than `every`.
+    let soon = every.min(Duration::from_millis(500));
+    // Shards whose index is compacted past their pending erasure (in this
+    // run: a restart compacts again), and since when each has waited.
+    let mut compacted: BTreeMap<sovra_types::ShardId, u64> = BTreeMap::new();
+    let mut waiting: BTreeMap<sovra_types::ShardId, std::time::Instant> = BTreeMap::new();
     loop {
-        if crate::cluster::stopped(&mut stop, every).await {
+        let pause = if waiting.is_empty() { every } else { soon };
+        if crate::cluster::stopped(&mut stop, pause).await {
             return;
         }
         let ids: Vec<sovra_types::ShardId> = state.host.groups().iter().map(|g| g.id.clone()).collect();
         for id in ids {
             let Some(g) = state.host.group(&id) else { continue };
-            let purged = state.host.purge_erasures(&g).await;
+            let done_before = compacted.get(&id).copied();
+            let purged = state.host.purge_erasures(&g, done_before).await;
             // The rewrite needs every handle on the replica's database closed.
             drop(g);
             match purged {
-                Ok(Some(through)) => match state.rewrite_replica(&id, through).await {
-                    Ok(()) => metrics::counter!(m::ERASURE_PURGES).increment(1),
-                    Err(why) => tracing::warn!(shard = %id, why = %format!("{why:#}"), "replica rewrite not finished; tried again"),
-                },
-                Ok(None) => {}
+                Ok(Some(through)) => {
+                    compacted.insert(id.clone(), through);
+                    let blocked = state.rewrite_blocked_by(&id, through);
+                    let since = *waiting.entry(id.clone()).or_insert_with(std::time::Instant::now);
+                    if !blocked.is_empty() && since.elapsed() < TURN_WAIT {
+                        tracing::debug!(shard = %id, ?blocked, "rewrite waits for the replicas before it");
+                        continue;
+                    }
+                    if !blocked.is_empty() {
+                        tracing::warn!(shard = %id, ?blocked, waited = ?since.elapsed(), "replicas before this one have not purged; rewriting anyway");
+                    }
+                    waiting.remove(&id);
+                    compacted.remove(&id);
+                    match state.rewrite_replica(&id, through).await {
+                        Ok(()) => metrics::counter!(m::ERASURE_PURGES).increment(1),
+                        Err(why) => tracing::warn!(shard = %id, why = %format!("{why:#}"), "replica rewrite not finished; tried again"),
+                    }
+                }
+                Ok(None) => {
+                    waiting.remove(&id);
+                }
                 Err(why) => tracing::warn!(shard = %id, %why, "erasure purge not finished; tried again"),
+            }
+            if let Err(e) = state.report_purge(&id).await {
+                tracing::warn!(shard = %id, error = %e.message, "purge not reported to meta; reported again next time");
             }
         }
     }
 }
+
+/// How long a replica's rewrite waits for the replicas before it in its
+/// shard; past it (one of them is stuck) it goes anyway: the purge matters
+/// more than one shard's spare replica.
+const TURN_WAIT: Duration = Duration::from_secs(60);
 
 /// Expired points per sweep command: bounded so one entry stays small.
 const SWEEP_BATCH: usize = 1_000;

@@ -82,6 +82,8 @@ pub use sovra_meta::View;
 
 /// Where the node keeps its last view, so it restarts with it.
 const VIEW_KEY: &str = "meta_view";
+/// The receipt key's seed of a node alone with no configured secret.
+const RECEIPT_SEED_KEY: &str = "receipt_seed";
 
 pub struct NodeState {
     pub config: NodeConfig,
@@ -117,6 +119,8 @@ pub struct NodeState {
     meta_confirmed: std::sync::atomic::AtomicU64,
     /// Last refresh for an unknown key id (ms since `started`), to bound them.
     unknown_key_refresh: std::sync::atomic::AtomicU64,
+    /// Signs erasure receipts (the cluster's key).
+    pub receipt_key: crate::receipt::ReceiptKey,
 }
 
 /// The node as the coordinator and leaf see it (weak: the node owns them).
@@ -180,6 +184,21 @@ impl NodeState {
                 }
             },
         };
+        let receipt_key = if config.cluster_secret.is_some() || config.cluster_secret_file.is_some() {
+            crate::receipt::ReceiptKey::from_secret(secret.expose())
+        } else {
+            // Alone with a random secret: a seed of its own, kept, so its
+            // receipts verify under one key across restarts.
+            let seed = match store.get_raw(RECEIPT_SEED_KEY)?.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+                Some(seed) => seed,
+                None => {
+                    let seed: [u8; 32] = rand::random();
+                    store.put_raw(RECEIPT_SEED_KEY, &seed)?;
+                    seed
+                }
+            };
+            crate::receipt::ReceiptKey::from_seed(seed)
+        };
         let region = config.region_id();
         let host = RaftHost::new(config.node_id, region.clone(), book, faults, config.raft.settings(), secret);
         let index = view.index;
@@ -208,6 +227,7 @@ impl NodeState {
             started: std::time::Instant::now(),
             meta_confirmed: std::sync::atomic::AtomicU64::new(0),
             unknown_key_refresh: std::sync::atomic::AtomicU64::new(0),
+            receipt_key,
         });
         let ctx: Arc<dyn sovra_coord::NodeContext> = Arc::new(Ctx(Arc::downgrade(&this)));
         let pool = sovra_coord::SearchPool::new(this.config.node_id, this.config.search_threads())?;
@@ -557,6 +577,69 @@ impl NodeState {
         tokio::task::spawn_blocking(move || e.store().set_purged(through)).await??;
         tracing::info!(shard = %id, through, bytes_before = before, bytes_after = after, took = ?started.elapsed(), "replica database rewritten; the erasure is purged");
         Ok(())
+    }
+
+    /// The replicas of `id` before this node (by id) that are up and have
+    /// not reported a purge through `through`: this replica rewrites its
+    /// database only once there are none, so a shard has at most one replica
+    /// out for its rewrite at a time.
+    pub fn rewrite_blocked_by(&self, id: &ShardId, through: u64) -> Vec<NodeId> {
+        let v = self.view();
+        let Some(shard) = v
+            .state
+            .collections
+            .get(&id.collection)
+            .and_then(|c| c.shards.get(&(id.region.clone(), id.number)))
+        else {
+            return Vec::new();
+        };
+        let up: Vec<u64> = shard
+            .replicas
+            .iter()
+            .copied()
+            .filter(|n| v.state.nodes.get(n).is_some_and(|r| r.status != NodeStatus::Down))
+            .collect();
+        v.state
+            .erasures
+            .behind_before(&id.collection, &(id.region.clone(), id.number), &up, self.config.node_id, through)
+    }
+
+    /// Tells the meta group how far this replica of `id` has purged, with
+    /// the erasure jobs it applied since its last report; then forgets them.
+    /// Nothing to tell: no write.
+    pub async fn report_purge(self: &Arc<Self>, id: &ShardId) -> Result<(), ApiError> {
+        let Some(engine) = self.engines.read().get(id).cloned() else {
+            return Ok(());
+        };
+        let e = engine.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<_, ShardError> {
+            let (_, done) = e.store().purge_state()?;
+            Ok((done, e.store().purge_reported()?, e.store().applied_jobs()?))
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        let (done, reported, jobs) = read.map_err(|e| self.storage_failed(e))?;
+        // A job whose erase is not purged yet waits for the purge (its count
+        // goes with it); one that removed nothing has nothing to wait for.
+        let applied: Vec<(String, u64, u64)> = jobs.into_iter().filter(|(_, index, n)| *index <= done || *n == 0).collect();
+        if done <= reported && applied.is_empty() {
+            return Ok(());
+        }
+        let report = sovra_meta::erasure::PurgeReport {
+            collection: id.collection.clone(),
+            shard: (id.region.clone(), id.number),
+            node: self.config.node_id,
+            through: done,
+            at_ms: crate::service::now_ms(),
+            applied: applied.clone(),
+        };
+        self.meta_change(sovra_meta::MetaCommand::ReplicaPurged(report), "reporting a purge")
+            .await?;
+        let names: Vec<String> = applied.into_iter().map(|(j, _, _)| j).collect();
+        tokio::task::spawn_blocking(move || engine.store().set_reported(done, &names))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| self.storage_failed(e))
     }
 
     async fn open_replica(

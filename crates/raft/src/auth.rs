@@ -64,6 +64,11 @@ impl ClusterSecret {
         Self(hex.into())
     }
 
+    /// The secret's bytes, to derive keys from (never to send or log).
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
     /// Constant-time comparison, so the time a refusal takes says nothing
     /// about how much of a guess was right.
     fn matches(&self, offered: &[u8]) -> bool {

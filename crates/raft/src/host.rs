@@ -702,7 +702,9 @@ impl RaftHost {
     /// nothing was due. The caller then rewrites the replica's database (sled
     /// keeps removed values in its files) and only then records the purge
     /// (`ShardStore::set_purged`), so a purge cut off anywhere is done again.
-    pub async fn purge_erasures(&self, g: &Group) -> Result<Option<u64>, String> {
+    /// `compacted`: the index was compacted after the erasure through this
+    /// index already (in this run), so it is not rebuilt again.
+    pub async fn purge_erasures(&self, g: &Group, compacted: Option<u64>) -> Result<Option<u64>, String> {
         let engine = g.engine().clone();
         let e = engine.clone();
         let (pending, done) = tokio::task::spawn_blocking(move || e.store().purge_state())
@@ -713,8 +715,15 @@ impl RaftHost {
             return Ok(None);
         }
         let started = Instant::now();
-        let e = engine.clone();
-        let report = tokio::task::spawn_blocking(move || e.compact()).await.map_err(|e| e.to_string())?;
+        let dropped = if compacted.is_some_and(|c| c >= pending) {
+            0
+        } else {
+            let e = engine.clone();
+            tokio::task::spawn_blocking(move || e.compact())
+                .await
+                .map_err(|e| e.to_string())?
+                .tombstones_dropped
+        };
         let raft = g.raft();
         let within = self.settings.write_timeout;
         let snapshot_index = |m: &openraft::RaftMetrics<NodeId, openraft::EmptyNode>| m.snapshot.map_or(0, |l| l.index);
@@ -735,7 +744,7 @@ impl RaftHost {
             shard = %g.id,
             through = pending,
             snapshot = upto,
-            tombstones_dropped = report.tombstones_dropped,
+            tombstones_dropped = dropped,
             took = ?started.elapsed(),
             "erasures purged from the index, snapshots and log"
         );

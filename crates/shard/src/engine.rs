@@ -298,6 +298,11 @@ impl ShardEngine {
                 if !erased.is_empty() {
                     batch.purge_pending(index);
                 }
+                // A requested erasure is a meta job this replica reports on;
+                // the sweeper's are not.
+                if !matches!(e.target, EraseTarget::Expired { .. }) {
+                    batch.applied_job(&e.job, index, erased.len() as u64)?;
+                }
                 erased.len()
             }
             None => 0,

@@ -12,6 +12,8 @@
 //! | `m` + `suppress_key` | 32 bytes: the key of the suppression list's hashes |
 //! | `m` + `purge_pending` | u64 BE: log index of the last erasure applied (this replica's own bookkeeping) |
 //! | `m` + `purge_done` | u64 BE: erasures through this index are purged (index, snapshots, log, database files) |
+//! | `m` + `purge_reported` | u64 BE: the purge mark last reported to the meta group |
+//! | `j` + job id | postcard (log index, points removed): an erasure job this replica applied, until reported |
 //! | `x` + HMAC-SHA256(suppress key, subject) | u64 BE: when the subject was erased (ms) |
 //!
 //! The suppression list names erased subjects only by a keyed hash: the list
@@ -21,7 +23,8 @@
 //!
 //! Point keys are [`PointId::key_bytes`], so `p` keys sort by id. The state
 //! digest is a pure function of the points, the recorded rejections and the
-//! suppression list (the purge marks are this replica's own and not in it).
+//! suppression list (the purge marks and job records are this replica's own
+//! bookkeeping: not in it, and kept across a snapshot install).
 
 use crate::ShardError;
 use sled::{Batch, Tree};
@@ -35,6 +38,8 @@ const SUPPRESSED: u8 = b'x';
 const SUPPRESS_KEY: &[u8] = b"msuppress_key";
 const PURGE_PENDING: &[u8] = b"mpurge_pending";
 const PURGE_DONE: &[u8] = b"mpurge_done";
+const PURGE_REPORTED: &[u8] = b"mpurge_reported";
+const JOB: u8 = b'j';
 const LAST_APPLIED: &[u8] = b"mlast_applied";
 const REPLICA_META: &[u8] = b"mreplica";
 const INSTALLING: &[u8] = b"minstalling";
@@ -202,6 +207,16 @@ impl<'a> PendingBatch<'a> {
         self.batch.insert(PURGE_PENDING, &index.to_be_bytes());
     }
 
+    /// Records that this replica applied erasure job `job` at `index`,
+    /// removing `removed` points, for its next purge report.
+    pub fn applied_job(&mut self, job: &str, index: u64, removed: u64) -> Result<(), ShardError> {
+        let mut key = vec![JOB];
+        key.extend_from_slice(job.as_bytes());
+        self.batch
+            .insert(key, postcard::to_allocvec(&(index, removed)).map_err(ShardError::Encode)?);
+        Ok(())
+    }
+
     /// Records a refused entry in the same batch.
     pub fn set_rejections(&mut self, r: &Rejections) -> Result<(), ShardError> {
         self.batch.insert(REJECTIONS, postcard::to_allocvec(r).map_err(ShardError::Encode)?);
@@ -271,13 +286,16 @@ impl ShardStore {
         Ok(self.tree.contains_key(INSTALLING)?)
     }
 
-    /// Marks an install as started and removes every key but the marker.
+    /// Marks an install as started and removes every key but the marker
+    /// and this replica's own purge bookkeeping (an erasure not purged yet
+    /// must still be: the removed keys' bytes stay in the files).
     pub(crate) fn begin_install(&self) -> Result<(), ShardError> {
         self.tree.insert(INSTALLING, &[][..])?;
         self.tree.flush()?;
         for k in self.tree.iter().keys() {
             let k = k?;
-            if k.as_ref() != INSTALLING {
+            let own = [INSTALLING, PURGE_PENDING, PURGE_DONE, PURGE_REPORTED].contains(&k.as_ref()) || k.first() == Some(&JOB);
+            if !own {
                 self.tree.remove(k)?;
             }
         }
@@ -302,6 +320,10 @@ impl ShardStore {
         }
         b.insert(LAST_APPLIED, &index.to_be_bytes());
         b.insert(REPLICA_META, meta);
+        // What the install replaced (points, log entries, maybe erased ones)
+        // is removed but still in the files: purge through the snapshot.
+        let pending = self.get_u64(PURGE_PENDING)?.unwrap_or(0).max(index);
+        b.insert(PURGE_PENDING, &pending.to_be_bytes());
         if rejections.count > 0 {
             b.insert(REJECTIONS, postcard::to_allocvec(rejections).map_err(ShardError::Encode)?);
         }
@@ -321,6 +343,39 @@ impl ShardStore {
     pub fn set_purged(&self, index: u64) -> Result<(), ShardError> {
         self.tree.insert(PURGE_DONE, &index.to_be_bytes())?;
         self.tree.flush()?;
+        Ok(())
+    }
+
+    /// The purge mark last reported to the meta group.
+    pub fn purge_reported(&self) -> Result<u64, ShardError> {
+        Ok(self.get_u64(PURGE_REPORTED)?.unwrap_or(0))
+    }
+
+    /// Erasure jobs applied and not reported yet: (job, index, removed).
+    pub fn applied_jobs(&self) -> Result<Vec<(String, u64, u64)>, ShardError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([JOB]) {
+            let (k, v) = kv?;
+            let (index, removed): (u64, u64) = postcard::from_bytes(&v).map_err(|source| ShardError::Corrupt {
+                what: "an erasure job record".into(),
+                source,
+            })?;
+            out.push((String::from_utf8_lossy(&k[1..]).into_owned(), index, removed));
+        }
+        Ok(out)
+    }
+
+    /// The meta group took a report of a purge through `through` with
+    /// these jobs: they are forgotten here.
+    pub fn set_reported(&self, through: u64, jobs: &[String]) -> Result<(), ShardError> {
+        let mut b = Batch::default();
+        for j in jobs {
+            let mut key = vec![JOB];
+            key.extend_from_slice(j.as_bytes());
+            b.remove(key);
+        }
+        b.insert(PURGE_REPORTED, &through.to_be_bytes());
+        self.tree.apply_batch(b)?;
         Ok(())
     }
 

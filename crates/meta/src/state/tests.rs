@@ -302,7 +302,10 @@ mod erasure_jobs {
     fn a_job_is_done_when_every_replica_of_every_shard_purged_through_its_erase() {
         let mut s = with_collection();
         start(&mut s, "j1").unwrap();
-        assert_eq!(start(&mut s, "j1"), Err(Refused::Job(crate::erasure::JobRefused::Exists("j1".into()))));
+        assert_eq!(
+            start(&mut s, "j1"),
+            Err(Refused::Job(crate::erasure::JobRefused::Exists("j1".into())))
+        );
         s.apply(MetaCommand::ErasureCommitted {
             job: "j1".into(),
             at_ms: 1_010,
@@ -322,7 +325,10 @@ mod erasure_jobs {
         report(&mut s, 1, 1, 20, vec![("j1".into(), 17, 2)]);
         report(&mut s, 1, 2, 17, vec![]);
         assert_eq!(s.erasures.jobs["j1"].pending(), vec![(1, 3)], "node 3 has not purged shard 1");
-        assert!(Receipt::of(&s.erasures.jobs["j1"]).is_none(), "no receipt while a replica is pending");
+        assert!(
+            Receipt::of(&s.erasures.jobs["j1"]).is_none(),
+            "no receipt while a replica is pending"
+        );
         report(&mut s, 1, 3, 18, vec![("j1".into(), 17, 2)]);
         let j = &s.erasures.jobs["j1"];
         assert_eq!(j.state, JobState::Done);
@@ -331,7 +337,11 @@ mod erasure_jobs {
         assert_eq!((r.erased, r.shards.len()), (5, 2));
         assert_eq!(r.shards[1].log_index, 17);
         let n2 = &r.shards[1].replicas[1];
-        assert_eq!((n2.node, n2.purged_through, n2.removed), (2, Some(17), None), "node 2 reported no count");
+        assert_eq!(
+            (n2.node, n2.purged_through, n2.removed),
+            (2, Some(17), None),
+            "node 2 reported no count"
+        );
         assert_eq!(r.shards[1].replicas[2].removed, Some(2));
     }
 
@@ -346,7 +356,7 @@ mod erasure_jobs {
         s.apply(MetaCommand::ErasureCommitted {
             job: "j2".into(),
             at_ms: 1_010,
-            shards: vec![(0, 40, 1), (1, 41, 0)],
+            shards: vec![(0, 40, 1), (1, 41, 1)],
             failed: None,
         })
         .unwrap();
@@ -362,7 +372,33 @@ mod erasure_jobs {
         assert_eq!(s.erasures.jobs["j2"].pending(), vec![(1, 3)]);
         assert!(!s.erasures.purged.contains_key(&(faces(), (eu(), 0), 3)));
         s.apply(MetaCommand::DropCollection { name: faces() }).unwrap();
-        assert_eq!(s.erasures.jobs["j2"].state, JobState::Done, "a dropped collection destroys every replica");
+        assert_eq!(
+            s.erasures.jobs["j2"].state,
+            JobState::Done,
+            "a dropped collection destroys every replica"
+        );
+    }
+
+    #[test]
+    fn a_shard_where_the_erase_removed_nothing_has_nothing_to_purge() {
+        let mut s = with_collection();
+        start(&mut s, "j4").unwrap();
+        // Shard 1's replicas say so before the acknowledgement is recorded.
+        for n in [1, 2, 3] {
+            report(&mut s, 1, n, 0, vec![("j4".into(), 12, 0)]);
+        }
+        assert_eq!(s.erasures.jobs["j4"].shards[&1].replicas[&2], ReplicaPurge::NothingErased);
+        s.apply(MetaCommand::ErasureCommitted {
+            job: "j4".into(),
+            at_ms: 3,
+            shards: vec![(0, 11, 0), (1, 12, 0)],
+            failed: None,
+        })
+        .unwrap();
+        let j = &s.erasures.jobs["j4"];
+        assert_eq!(j.state, JobState::Done);
+        let r = Receipt::of(j).unwrap();
+        assert!(r.shards.iter().flat_map(|s| &s.replicas).all(|r| r.outcome == "nothing-erased"));
     }
 
     #[test]

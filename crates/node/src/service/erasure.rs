@@ -5,10 +5,18 @@
 //! and every replica has either confirmed it applied it or been waited out for
 //! its read lease (E1): from then on no replica answers a read with the erased
 //! points. The criteria travel only inside the region (R2).
+//!
+//! Each erase is a job in the meta group (started before anything is
+//! written, so no erase exists that meta does not know of; acknowledged
+//! with each shard's index and count after). Replicas report their purges
+//! to it; `GetErasureJob` shows its progress and, once done, the receipt
+//! signed with the cluster's key.
 
 use super::points::{check_writes, group, ids_from, record_ack, with_committed};
 use super::{now_ms, observe, parse_filter};
 use crate::state::NodeState;
+use sovra_meta::MetaCommand;
+use sovra_meta::erasure::{EraseKind, JobState, Receipt, ReplicaPurge};
 use sovra_proto::v1::{self, erasure_server::Erasure as ErasureRpc};
 use sovra_types::validate::{check_region, check_subject};
 use sovra_types::{ApiError, Erase, EraseTarget, ShardCommand, ShardId};
@@ -50,6 +58,12 @@ impl ErasureRpc for ErasureService {
                 }
             };
             let kind = target.kind();
+            let meta_kind = match &target {
+                EraseTarget::Ids(_) => EraseKind::Ids,
+                EraseTarget::Subject(_) => EraseKind::Subject,
+                EraseTarget::Filter(_) => EraseKind::Filter,
+                _ => EraseKind::Region,
+            };
             let job = format!("erase-{}", uuid::Uuid::new_v4().simple());
             let at_ms = now_ms();
             let salt: [u8; 32] = rand::random();
@@ -87,6 +101,19 @@ impl ErasureRpc for ErasureService {
             // of every command, before anything is written.
             check_writes(&self.state, &c, &per_shard)?;
             let shards = per_shard.len();
+            self.state
+                .meta_change(
+                    MetaCommand::StartErasure {
+                        job: job.clone(),
+                        kind: meta_kind,
+                        collection: c.spec.name.clone(),
+                        region: region.clone(),
+                        shards: per_shard.iter().map(|(s, _)| s.number).collect(),
+                        at_ms,
+                    },
+                    "starting the erasure job",
+                )
+                .await?;
             // Every shard commits and then confirms (E1: each replica applied
             // it, or is waited out for its read lease) at the same time as the
             // others: one commit round trip and one confirmation round in all.
@@ -106,14 +133,29 @@ impl ErasureRpc for ErasureService {
             let mut written = v1::WriteResponse::default();
             let mut failed = None;
             let mut waited_out = Vec::new();
+            let mut committed = Vec::new();
             for (shard, ack, missed) in futures::future::join_all(each).await {
                 match ack {
                     Ok(a) => {
                         record_ack(&mut written, &shard, &a);
+                        committed.push((shard.number, a.index, a.changed));
                         waited_out.extend(missed.into_iter().map(|n| format!("node {n} (shard {shard})")));
                     }
                     Err(e) => failed = failed.or(Some(e)),
                 }
+            }
+            // Meta learns the outcome even if it is slow to take it: the job
+            // then settles (or fails) and the receipt can be built.
+            let outcome = MetaCommand::ErasureCommitted {
+                job: job.clone(),
+                at_ms: now_ms(),
+                shards: committed,
+                failed: failed.as_ref().map(|e: &ApiError| e.message.clone()),
+            };
+            if let Err(e) = self.state.meta_change(outcome.clone(), "recording the erasure's outcome").await {
+                tracing::warn!(job = %job, error = %e.message, "erasure outcome not recorded in meta yet; retrying in the background");
+                let state = self.state.clone();
+                tokio::spawn(async move { record_later(state, outcome).await });
             }
             if let Some(e) = failed {
                 return Err(with_committed(e, &written.writes));
@@ -131,5 +173,101 @@ impl ErasureRpc for ErasureService {
             })
         })
         .await
+    }
+
+    async fn get_erasure_job(&self, req: Request<v1::GetErasureJobRequest>) -> Result<Response<v1::ErasureJob>, Status> {
+        observe("get_erasure_job", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_data_protection("erasure jobs")?;
+            let id = req.into_inner().job;
+            if id.is_empty() || id.len() > sovra_types::limits::MAX_JOB_ID_BYTES {
+                return Err(ApiError::invalid(format!(
+                    "job must be the id Erase returned (1 to {} bytes)",
+                    sovra_types::limits::MAX_JOB_ID_BYTES
+                )));
+            }
+            // A job just started elsewhere may reach this node's view a
+            // moment later.
+            let deadline = Instant::now() + self.state.host.settings.read_wait;
+            let mut changes = self.state.view_changes();
+            let (job, view) = loop {
+                let view = self.state.view();
+                if let Some(j) = view.state.erasures.jobs.get(&id) {
+                    break (j.clone(), view);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || tokio::time::timeout(left, changes.changed()).await.is_err() {
+                    return Err(ApiError::not_found(format!(
+                        "erasure job {} is not known: check the id Erase returned (jobs are kept until {} newer ones have finished)",
+                        sovra_types::error::quote(&id),
+                        sovra_meta::erasure::KEPT_FINISHED_JOBS
+                    )));
+                }
+            };
+            caller.require_collection(&job.collection)?;
+            Ok(job_status(&self.state, &job, &view.state))
+        })
+        .await
+    }
+}
+
+/// Retries recording an erase's outcome in meta, for a while (bounded).
+async fn record_later(state: Arc<NodeState>, outcome: MetaCommand) {
+    for attempt in 1..=60u32 {
+        tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt.min(10)))).await;
+        match state.meta_change(outcome.clone(), "recording the erasure's outcome").await {
+            Ok(_) => return,
+            // Already recorded (a retry after an answer that was lost).
+            Err(e) if e.code == sovra_types::ErrorCode::FailedPrecondition => return,
+            Err(_) => {}
+        }
+    }
+    tracing::error!(?outcome, "erasure outcome never recorded in meta; the job stays requested");
+}
+
+fn job_status(state: &NodeState, job: &sovra_meta::erasure::ErasureJob, meta: &sovra_meta::MetaState) -> v1::ErasureJob {
+    let (state_name, failed_reason) = match &job.state {
+        JobState::Requested => ("requested", String::new()),
+        JobState::Acknowledged => ("acknowledged", String::new()),
+        JobState::Done => ("done", String::new()),
+        JobState::Failed { why } => ("failed", why.clone()),
+    };
+    let replicas = job
+        .shards
+        .iter()
+        .flat_map(|(n, s)| {
+            s.replicas.iter().map(move |(node, p)| {
+                let (outcome, purged_through) = match p {
+                    ReplicaPurge::Pending => ("pending", 0),
+                    ReplicaPurge::Purged { through, .. } => ("purged", *through),
+                    ReplicaPurge::Removed => ("removed", 0),
+                    ReplicaPurge::NothingErased => ("nothing-erased", 0),
+                };
+                v1::ErasureJobReplica {
+                    shard: *n,
+                    node: *node,
+                    outcome: outcome.into(),
+                    purged_through,
+                    node_down: meta.nodes.get(node).is_none_or(|r| r.status == sovra_meta::NodeStatus::Down),
+                }
+            })
+        })
+        .collect();
+    let signed = Receipt::of(job).map(|r| state.receipt_key.sign(&r));
+    v1::ErasureJob {
+        job: job.id.clone(),
+        kind: job.kind.as_str().into(),
+        collection: job.collection.to_string(),
+        region: job.region.to_string(),
+        state: state_name.into(),
+        failed_reason,
+        requested_at_ms: job.requested_at_ms,
+        acknowledged_at_ms: job.acknowledged_at_ms.unwrap_or(0),
+        done_at_ms: job.done_at_ms.unwrap_or(0),
+        erased: job.shards.values().filter_map(|s| s.erased).sum(),
+        replicas,
+        receipt_json: signed.as_ref().map(|s| s.receipt_json.clone()).unwrap_or_default(),
+        signature: signed.as_ref().map(|s| s.signature.clone()).unwrap_or_default(),
+        public_key: signed.map(|s| s.public_key).unwrap_or_default(),
     }
 }
