@@ -347,7 +347,11 @@ async fn job_done(n: &TestNode, job: &str, within: Duration) -> v1::ErasureJob {
 fn verified(nodes: &[TestNode], j: &v1::ErasureJob) -> sovra_meta::erasure::Receipt {
     let key = nodes[0].node().state.receipt_key.public_hex();
     for n in nodes {
-        assert_eq!(n.node().state.receipt_key.public_hex(), key, "every node signs with the cluster key");
+        assert_eq!(
+            n.node().state.receipt_key.public_hex(),
+            key,
+            "every node signs with the cluster key"
+        );
     }
     assert_eq!(j.public_key, key);
     let r = sovra_node::receipt::verify(&j.receipt_json, &j.signature, &key).unwrap();
@@ -459,16 +463,19 @@ async fn every_replica_purges_an_erasure_from_every_file_of_its_data_directory()
     let j = job_done(&nodes[2], &ack.job, Duration::from_secs(30)).await;
     assert_eq!((j.kind.as_str(), j.erased), ("subject", 5));
     let r = verified(&nodes, &j);
-    assert!(!j.receipt_json.contains(CANARY), "the receipt names erased data: {}", j.receipt_json);
+    assert!(
+        !j.receipt_json.contains(CANARY),
+        "the receipt names erased data: {}",
+        j.receipt_json
+    );
     assert_eq!(r.shards.len(), 1);
     let shard = &r.shards[0];
     assert_eq!((shard.log_index, shard.erased), (index, 5));
-    let replicas: Vec<(u64, &str, Option<u64>)> = shard
-        .replicas
-        .iter()
-        .map(|x| (x.node, x.outcome.as_str(), x.removed))
-        .collect();
-    assert_eq!(replicas, vec![(1, "purged", Some(5)), (2, "purged", Some(5)), (3, "purged", Some(5))]);
+    let replicas: Vec<(u64, &str, Option<u64>)> = shard.replicas.iter().map(|x| (x.node, x.outcome.as_str(), x.removed)).collect();
+    assert_eq!(
+        replicas,
+        vec![(1, "purged", Some(5)), (2, "purged", Some(5)), (3, "purged", Some(5))]
+    );
     assert!(shard.replicas.iter().all(|x| x.purged_through >= Some(index)));
     // One rewrite at a time: each replica purged after the one before it.
     let times: Vec<u64> = shard.replicas.iter().map(|x| x.at_ms.unwrap()).collect();
@@ -520,6 +527,122 @@ async fn erased_points_never_come_back_after_every_node_restarts_and_the_subject
     }
     // The suppression list outlived the restart.
     let st = upsert(&mut nodes[2], vec![person(3, UK, 12)]).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_through_the_purge_keeps_the_job_open_then_catches_up_by_snapshot_and_purges_too() {
+    let faults = sovra_raft::Faults::seeded(33);
+    let mut nodes = TestNode::start_cluster_faults(&[(1, UK), (2, UK), (3, UK)], |c| c.purge_check_ms = 100, faults.clone()).await;
+    create(&mut nodes[0], 1).await;
+    const CANARY: &str = "canary-51d0-a2e8";
+    let canary_point = |i: u64| {
+        let mut p = person(i, UK, 0);
+        p.subject = format!("{CANARY}-subject");
+        p.payload.insert(
+            "note".into(),
+            v1::Value {
+                kind: Some(v1::value::Kind::StringValue(format!("{CANARY}-payload"))),
+            },
+        );
+        p
+    };
+    let pts: Vec<v1::Point> = (0..80).map(|i| if i < 6 { canary_point(i) } else { person(i, UK, 0) }).collect();
+    upsert(&mut nodes[0], pts).await.unwrap();
+    for n in &nodes {
+        eventually("every replica applied the points", Duration::from_secs(30), async || {
+            (n.node().state.engines().first()?.store().points().count() == 80).then_some(())
+        })
+        .await;
+        assert!(
+            !files_holding(n.dir.path(), CANARY.as_bytes()).is_empty(),
+            "the positive control failed: node {} holds no canary",
+            n.node().state.config.node_id
+        );
+    }
+    let leader = eventually("the shard has a leader", Duration::from_secs(10), async || {
+        nodes[0].node().state.host.groups().first().and_then(|g| g.leader())
+    })
+    .await;
+    let f = (1..=3u64).find(|&n| n != leader).unwrap();
+    let fi = (f - 1) as usize;
+    faults.isolate(f);
+    let li = (leader - 1) as usize;
+    let key = nodes[li].key.clone();
+    let ack = erasure(&nodes[li], &key)
+        .erase(erase_subject(UK, &format!("{CANARY}-subject")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.erased, 6);
+    let index = ack.writes[0].index;
+
+    // The two replicas in touch purge; the job stays open on the third,
+    // visibly, and serves no receipt.
+    let mut c = erasure(&nodes[li], &key);
+    let open = eventually("the replicas in touch purge", Duration::from_secs(60), async || {
+        let j = c
+            .get_erasure_job(v1::GetErasureJobRequest { job: ack.job.clone() })
+            .await
+            .ok()?
+            .into_inner();
+        let others_purged = j.replicas.iter().filter(|r| r.node != f).all(|r| r.outcome == "purged");
+        others_purged.then_some(j)
+    })
+    .await;
+    assert_eq!(open.state, "acknowledged");
+    let cut: Vec<&str> = open.replicas.iter().filter(|r| r.node == f).map(|r| r.outcome.as_str()).collect();
+    assert_eq!(cut, vec!["pending"]);
+    assert!(
+        open.receipt_json.is_empty() && open.signature.is_empty(),
+        "a receipt before every replica purged"
+    );
+    for n in nodes.iter().filter(|n| n.node().state.config.node_id != f) {
+        assert_eq!(files_holding(n.dir.path(), CANARY.as_bytes()), Vec::<std::path::PathBuf>::new());
+    }
+    // The cut-off replica still holds the canary (it never heard of the erase).
+    assert!(!files_holding(nodes[fi].dir.path(), CANARY.as_bytes()).is_empty());
+
+    // Healed: the leader's log no longer holds the erase, so the lagging
+    // replica catches up by a snapshot install, which leaves a purge due.
+    faults.heal();
+    let j = job_done(&nodes[fi], &ack.job, Duration::from_secs(60)).await;
+    let r = verified(&nodes, &j);
+    let lagging = r.shards[0].replicas.iter().find(|x| x.node == f).unwrap();
+    assert_eq!(lagging.outcome, "purged");
+    assert!(lagging.purged_through >= Some(index), "{lagging:?}");
+    let m = nodes[fi].node().state.host.groups()[0].raft().metrics().borrow().clone();
+    assert!(
+        m.snapshot.is_some_and(|s| s.index >= index) && m.purged.is_some_and(|p| p.index >= index),
+        "the lagging replica did not catch up past the erase by a snapshot: {:?} {:?}",
+        m.snapshot,
+        m.purged
+    );
+    // E2 on the lagging replica too, and E3: what it installed holds none
+    // of the erased points and agrees with the others.
+    assert_eq!(
+        files_holding(nodes[fi].dir.path(), CANARY.as_bytes()),
+        Vec::<std::path::PathBuf>::new()
+    );
+    let digests: Vec<u64> = nodes
+        .iter()
+        .map(|n| n.node().state.engines()[0].store().digest().unwrap())
+        .collect();
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "replicas disagree after the install: {digests:?}"
+    );
+    let ids = eventually("the caught-up replica answers", Duration::from_secs(30), async || {
+        searched(&mut nodes[fi], 2, 10).await.ok()
+    })
+    .await;
+    assert!(!ids.is_empty() && ids.iter().all(|&id| id >= 6), "{ids:?}");
+    // An old write of an erased point arriving late (a retry of one acked
+    // before the erase) is refused at apply: the subject is suppressed.
+    let st = upsert(&mut nodes[fi], vec![canary_point(3)]).await.unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
     for n in nodes {
         n.stop().await;

@@ -7,7 +7,8 @@
 use crate::host::{Group, MetaReplica, RaftHost, Replica};
 use crate::snapshot;
 use crate::types::{GroupConfig, NodeId};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::error::RaftError;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest, VoteResponse};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sovra_proto::raft as pb;
@@ -109,19 +110,47 @@ fn check_member<C: GroupConfig>(r: &Replica<C>, from: NodeId) -> Result<(), Stat
     if r.admits(from) {
         return Ok(());
     }
-    metrics::counter!(crate::metrics::NOT_MEMBER).increment(1);
-    Err(Status::permission_denied(format!(
-        "node {from} is not a voter or learner of group {}",
-        r.id
-    )))
+    Err(not_member(r, from))
 }
 
-async fn append<C: GroupConfig>(r: &Replica<C>, payload: &[u8]) -> Result<Response<pb::RaftReply>, Status> {
+fn not_member<C: GroupConfig>(r: &Replica<C>, from: NodeId) -> Status {
+    metrics::counter!(crate::metrics::NOT_MEMBER).increment(1);
+    Status::permission_denied(format!("node {from} is not a voter or learner of group {}", r.id))
+}
+
+/// This replica's vote, when it is above `theirs`: a node removed from the
+/// group while it was cut off may still believe it leads, or keep standing
+/// for election. Told of the higher vote it steps down (and can then ask a
+/// member to take it back), while nothing it sends is taken.
+fn higher_vote<C: GroupConfig>(r: &Replica<C>, theirs: &openraft::Vote<NodeId>) -> Option<openraft::Vote<NodeId>> {
+    let mine = r.raft().metrics().borrow().vote;
+    (mine > *theirs).then_some(mine)
+}
+
+async fn append<C: GroupConfig>(r: &Replica<C>, from: NodeId, payload: &[u8]) -> Result<Response<pb::RaftReply>, Status> {
+    if !r.admits(from) {
+        let theirs = decode::<AppendEntriesRequest<C>>(payload).ok();
+        return match theirs.and_then(|m| higher_vote(r, &m.vote)) {
+            Some(v) => reply(&Ok::<_, RaftError<NodeId>>(AppendEntriesResponse::<NodeId>::HigherVote(v))),
+            None => Err(not_member(r, from)),
+        };
+    }
     let msg: AppendEntriesRequest<C> = decode(payload)?;
     reply(&r.raft().append_entries(msg).await)
 }
 
-async fn vote<C: GroupConfig>(r: &Replica<C>, payload: &[u8]) -> Result<Response<pb::RaftReply>, Status> {
+async fn vote<C: GroupConfig>(r: &Replica<C>, from: NodeId, payload: &[u8]) -> Result<Response<pb::RaftReply>, Status> {
+    if !r.admits(from) {
+        let theirs = decode::<VoteRequest<NodeId>>(payload).ok();
+        return match theirs.and_then(|m| higher_vote(r, &m.vote)) {
+            Some(vote) => reply(&Ok::<_, RaftError<NodeId>>(VoteResponse {
+                vote,
+                vote_granted: false,
+                last_log_id: None,
+            })),
+            None => Err(not_member(r, from)),
+        };
+    }
     let msg: VoteRequest<NodeId> = decode(payload)?;
     reply(&r.raft().vote(msg).await)
 }
@@ -134,26 +163,33 @@ impl RaftService {
     /// The replica `g` names on this node, once `from` is known to be one of
     /// its group's members.
     fn target(&self, g: Option<pb::GroupId>, from: NodeId, rpc: &'static str) -> Result<Target, Status> {
+        let t = self.any_target(g, rpc)?;
+        match &t {
+            Target::Meta(m) => check_member(m, from)?,
+            Target::Shard(s) => check_member(s, from)?,
+        }
+        Ok(t)
+    }
+
+    /// The replica `g` names on this node, whoever asks (the caller checks
+    /// membership itself).
+    fn any_target(&self, g: Option<pb::GroupId>, rpc: &'static str) -> Result<Target, Status> {
         if is_meta(&g) {
             let m = self
                 .host
                 .meta()
                 .ok_or_else(|| Status::not_found(format!("node {} runs no meta replica", self.host.me)))?;
-            check_member(&m, from)?;
             return Ok(Target::Meta(m));
         }
-        Ok(Target::Shard(self.group(g, from, rpc)?))
+        Ok(Target::Shard(self.shard_group(g, rpc)?))
     }
 
-    fn group(&self, g: Option<pb::GroupId>, from: NodeId, rpc: &'static str) -> Result<Arc<Group>, Status> {
+    fn shard_group(&self, g: Option<pb::GroupId>, rpc: &'static str) -> Result<Arc<Group>, Status> {
         let id = shard_of(g)?;
         self.host.check_residency(&id, rpc)?;
-        let group = self
-            .host
+        self.host
             .group(&id)
-            .ok_or_else(|| Status::not_found(format!("node {} holds no replica of {id} (yet)", self.host.me)))?;
-        check_member(&group, from)?;
-        Ok(group)
+            .ok_or_else(|| Status::not_found(format!("node {} holds no replica of {id} (yet)", self.host.me)))
     }
 }
 
@@ -161,17 +197,17 @@ impl RaftService {
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
-        match self.target(r.group, r.from, "append_entries")? {
-            Target::Shard(g) => append(&g, &r.payload).await,
-            Target::Meta(m) => append(&m, &r.payload).await,
+        match self.any_target(r.group, "append_entries")? {
+            Target::Shard(g) => append(&g, r.from, &r.payload).await,
+            Target::Meta(m) => append(&m, r.from, &r.payload).await,
         }
     }
 
     async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
-        match self.target(r.group, r.from, "vote")? {
-            Target::Shard(g) => vote(&g, &r.payload).await,
-            Target::Meta(m) => vote(&m, &r.payload).await,
+        match self.any_target(r.group, "vote")? {
+            Target::Shard(g) => vote(&g, r.from, &r.payload).await,
+            Target::Meta(m) => vote(&m, r.from, &r.payload).await,
         }
     }
 

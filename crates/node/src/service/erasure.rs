@@ -6,9 +6,10 @@
 //! its read lease (E1): from then on no replica answers a read with the erased
 //! points. The criteria travel only inside the region (R2).
 //!
-//! Each erase is a job in the meta group (started before anything is
-//! written, so no erase exists that meta does not know of; acknowledged
-//! with each shard's index and count after). Replicas report their purges
+//! Each erase is a job in the meta group, started while the shards commit
+//! (the erasure waits for neither meta's round trip nor its availability)
+//! and given each shard's index and count after the answer; both retried in
+//! the background for a while when meta does not take them at once. Replicas report their purges
 //! to it; `GetErasureJob` shows its progress and, once done, the receipt
 //! signed with the cluster's key.
 
@@ -101,19 +102,14 @@ impl ErasureRpc for ErasureService {
             // of every command, before anything is written.
             check_writes(&self.state, &c, &per_shard)?;
             let shards = per_shard.len();
-            self.state
-                .meta_change(
-                    MetaCommand::StartErasure {
-                        job: job.clone(),
-                        kind: meta_kind,
-                        collection: c.spec.name.clone(),
-                        region: region.clone(),
-                        shards: per_shard.iter().map(|(s, _)| s.number).collect(),
-                        at_ms,
-                    },
-                    "starting the erasure job",
-                )
-                .await?;
+            let start = MetaCommand::StartErasure {
+                job: job.clone(),
+                kind: meta_kind,
+                collection: c.spec.name.clone(),
+                region: region.clone(),
+                shards: per_shard.iter().map(|(s, _)| s.number).collect(),
+                at_ms,
+            };
             // Every shard commits and then confirms (E1: each replica applied
             // it, or is waited out for its read lease) at the same time as the
             // others: one commit round trip and one confirmation round in all.
@@ -134,7 +130,13 @@ impl ErasureRpc for ErasureService {
             let mut failed = None;
             let mut waited_out = Vec::new();
             let mut committed = Vec::new();
-            for (shard, ack, missed) in futures::future::join_all(each).await {
+            // The job starts in meta while the shards commit: the erasure
+            // waits for neither meta's round trip nor its availability.
+            let (started, acks) = tokio::join!(
+                self.state.meta_change(start.clone(), "starting the erasure job"),
+                futures::future::join_all(each)
+            );
+            for (shard, ack, missed) in acks {
                 match ack {
                     Ok(a) => {
                         record_ack(&mut written, &shard, &a);
@@ -144,19 +146,21 @@ impl ErasureRpc for ErasureService {
                     Err(e) => failed = failed.or(Some(e)),
                 }
             }
-            // Meta learns the outcome even if it is slow to take it: the job
-            // then settles (or fails) and the receipt can be built.
+            // Meta learns the outcome after the answer (and the start, if it
+            // did not take it), retried for a while: the job then settles (or
+            // fails) and the receipt can be built.
             let outcome = MetaCommand::ErasureCommitted {
                 job: job.clone(),
                 at_ms: now_ms(),
                 shards: committed,
                 failed: failed.as_ref().map(|e: &ApiError| e.message.clone()),
             };
-            if let Err(e) = self.state.meta_change(outcome.clone(), "recording the erasure's outcome").await {
-                tracing::warn!(job = %job, error = %e.message, "erasure outcome not recorded in meta yet; retrying in the background");
-                let state = self.state.clone();
-                tokio::spawn(async move { record_later(state, outcome).await });
+            let mut record = vec![outcome];
+            if let Err(e) = started {
+                tracing::warn!(job = %job, error = %e.message, "erasure job not started in meta yet; retrying in the background");
+                record.insert(0, start);
             }
+            tokio::spawn(record_job(self.state.clone(), record));
             if let Some(e) = failed {
                 return Err(with_committed(e, &written.writes));
             }
@@ -211,18 +215,28 @@ impl ErasureRpc for ErasureService {
     }
 }
 
-/// Retries recording an erase's outcome in meta, for a while (bounded).
-async fn record_later(state: Arc<NodeState>, outcome: MetaCommand) {
-    for attempt in 1..=60u32 {
-        tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt.min(10)))).await;
-        match state.meta_change(outcome.clone(), "recording the erasure's outcome").await {
-            Ok(_) => return,
-            // Already recorded (a retry after an answer that was lost).
-            Err(e) if e.code == sovra_types::ErrorCode::FailedPrecondition => return,
-            Err(_) => {}
+/// Records `cmds` (a job's start, then its outcome) in meta in order, each
+/// retried for a while (bounded, backing off). A start refused because the
+/// job exists was taken by an earlier try.
+async fn record_job(state: Arc<NodeState>, cmds: Vec<MetaCommand>) {
+    'next: for cmd in cmds {
+        for attempt in 0..60u32 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt.min(10)))).await;
+            }
+            match crate::cluster::meta_write(&state, cmd.clone()).await {
+                Ok((_, Ok(_))) => continue 'next,
+                Ok((_, Err(sovra_meta::Refused::Job(sovra_meta::erasure::JobRefused::Exists(_))))) => continue 'next,
+                Ok((_, Err(refused))) => {
+                    tracing::error!(?cmd, %refused, "the meta group refused an erasure job record; the job has no receipt");
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e.message, "erasure job record not taken yet"),
+            }
         }
+        tracing::error!(?cmd, "erasure job record never taken by meta; the job has no receipt");
+        return;
     }
-    tracing::error!(?outcome, "erasure outcome never recorded in meta; the job stays requested");
 }
 
 fn job_status(state: &NodeState, job: &sovra_meta::erasure::ErasureJob, meta: &sovra_meta::MetaState) -> v1::ErasureJob {

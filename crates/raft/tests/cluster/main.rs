@@ -349,6 +349,30 @@ async fn group_messages_are_taken_only_from_voters_and_learners_of_the_current_m
     let st = client.vote(vote(9)).await.unwrap_err();
     assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
     assert!(st.message().contains("node 9 is not a voter or learner"), "{}", st.message());
+    // A node removed while cut off that still believes it leads (its vote
+    // is lower) is told of the higher vote, so it steps down; its entries
+    // are not taken.
+    let stale = openraft::raft::AppendEntriesRequest::<sovra_raft::TypeConfig> {
+        vote: openraft::Vote::new_committed(0, 9),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    };
+    let answer = client
+        .append_entries(pb::RaftRequest {
+            group: Some(group_pb()),
+            from: 9,
+            payload: postcard::to_allocvec(&stale).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let told: Result<openraft::raft::AppendEntriesResponse<u64>, openraft::error::RaftError<u64>> =
+        postcard::from_bytes(&answer.payload).unwrap();
+    assert!(
+        matches!(told, Ok(openraft::raft::AppendEntriesResponse::HigherVote(v)) if v > stale.vote),
+        "{told:?}"
+    );
     // Node 4 joins as a learner: every replica admits it from then on (the
     // check follows the membership, not the set the group was opened with).
     for n in c.live() {
