@@ -6,7 +6,11 @@
 //! round trip per shard plus one confirmation round; the ratio printed is
 //! erasure / write at p50 and p99.
 //!
-//! Purging the bytes (E2) and receipts are not measured here yet.
+//! Then the purge (E2): one full index rebuild of the collection on one node
+//! (the unit, measured in the same run), and for one subject and for 10% of
+//! the points (a payload filter), the time from the request to its
+//! acknowledgement and to its signed receipt (every replica purged: index
+//! compacted, snapshot rebuilt, log purged, database rewritten, reported).
 
 use crate::config::NodeConfig;
 use crate::run::RunningNode;
@@ -25,8 +29,11 @@ pub struct ErasureBenchArgs {
     #[arg(long, default_value_t = 100)]
     pub erasures: usize,
     /// Shards of the region.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub shards: u32,
+    /// How often replicas look for erasures to purge (the nodes' purge_check_ms).
+    #[arg(long, default_value_t = 200)]
+    pub purge_check_ms: u64,
     #[arg(long, default_value_t = 128)]
     pub dim: usize,
     #[arg(long, default_value_t = 1)]
@@ -59,6 +66,7 @@ async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
             let mut cfg = NodeConfig::local(id, "uk", dir.path().join(format!("n{id}")));
             cfg.cluster_secret = Some(secret.clone());
             cfg.zone = format!("zone-{id}");
+            cfg.purge_check_ms = args.purge_check_ms;
             cfg
         })
         .collect();
@@ -92,6 +100,14 @@ async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
         subject: format!("subject-{}", i / args.per_subject),
         region: "uk".into(),
         lawful_basis: v1::LawfulBasis::Consent as i32,
+        // A tenth of the points in each bucket: the 10% erasure's filter.
+        payload: [(
+            "bucket".to_string(),
+            v1::Value {
+                kind: Some(v1::value::Kind::IntegerValue((i % 10) as i64)),
+            },
+        )]
+        .into(),
         ..Default::default()
     };
     let started = Instant::now();
@@ -107,6 +123,7 @@ async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
     eprintln!("loaded {} points in {:.1?}", args.points, started.elapsed());
     let (mut writes, mut erases) = (Vec::new(), Vec::new());
     let mut erased = 0u64;
+    let mut jobs = Vec::new();
     for s in 0..args.erasures {
         // One write of a fresh point (a new subject), then one erasure of an
         // old subject, interleaved so both see the same machine.
@@ -131,6 +148,7 @@ async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
         erases.push(t.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(ack.waited_out.is_empty(), "a replica was waited out: {:?}", ack.waited_out);
         erased += ack.erased;
+        jobs.push(ack.job);
     }
     anyhow::ensure!(
         erased == (args.erasures * args.per_subject) as u64,
@@ -151,8 +169,77 @@ async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
         args.per_subject, args.shards
     );
     println!("erasure / write: p50 {:.2}x, p99 {:.2}x", e50 / w50, e99 / w99);
+
+    // The purge. First the single-subject erasures above finish, so what
+    // follows is measured on a quiet cluster.
+    let started = Instant::now();
+    for j in &jobs {
+        receipt(&mut erasure, j).await?;
+    }
+    eprintln!(
+        "the {} erasures above purged and receipted in {:.1?}",
+        jobs.len(),
+        started.elapsed()
+    );
+    // The unit: one full rebuild of the collection's index, on one node
+    // (every shard of it, one after the other).
+    let t = Instant::now();
+    for e in nodes[0].state.engines() {
+        tokio::task::spawn_blocking(move || e.compact()).await?;
+    }
+    let rebuild = t.elapsed().as_secs_f64();
+    let live: usize = nodes[0].state.engines().iter().map(|e| e.store().points().count()).sum();
+    println!();
+    println!("| purge, {live} points live | ack ms | receipt s | receipt / rebuild |");
+    println!("|---|---:|---:|---:|");
+    println!("| one full index rebuild (one node) | | {rebuild:.2} | 1.00 |");
+    let subject = v1::erase_request::Target::Subject(format!("subject-{}", args.erasures));
+    let tenth = v1::erase_request::Target::Filter(v1::Filter {
+        kind: Some(v1::filter::Kind::Condition(v1::Condition {
+            key: "bucket".into(),
+            test: Some(v1::condition::Test::Match(v1::Value {
+                kind: Some(v1::value::Kind::IntegerValue(7)),
+            })),
+        })),
+    });
+    for (what, target) in [("one subject", subject), ("10% of the points (a filter)", tenth)] {
+        let t = Instant::now();
+        let ack = erasure
+            .erase(v1::EraseRequest {
+                collection: "bench".into(),
+                region: "uk".into(),
+                target: Some(target),
+            })
+            .await?
+            .into_inner();
+        let acked = t.elapsed().as_secs_f64() * 1e3;
+        let job = receipt(&mut erasure, &ack.job).await?;
+        let done = t.elapsed().as_secs_f64();
+        let r = crate::receipt::verify(&job.receipt_json, &job.signature, &nodes[0].state.receipt_key.public_hex())
+            .map_err(|e| anyhow::anyhow!("the receipt does not verify: {e}"))?;
+        anyhow::ensure!(r.erased == ack.erased, "receipt says {} erased, the ack {}", r.erased, ack.erased);
+        println!(
+            "| erase {what}: {} points | {acked:.1} | {done:.2} | {:.2} |",
+            ack.erased,
+            done / rebuild
+        );
+    }
     for n in nodes {
         n.stop().await?;
     }
     Ok(())
+}
+
+/// Waits for job `job` to be done (bounded: 30 minutes) and returns it.
+async fn receipt(c: &mut v1::erasure_client::ErasureClient<crate::dev::Keyed>, job: &str) -> anyhow::Result<v1::ErasureJob> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let j = c.get_erasure_job(v1::GetErasureJobRequest { job: job.into() }).await?.into_inner();
+        match j.state.as_str() {
+            "done" => return Ok(j),
+            "failed" => anyhow::bail!("erasure job {job} failed: {}", j.failed_reason),
+            _ if Instant::now() > deadline => anyhow::bail!("erasure job {job} not done within 30 minutes: {j:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }

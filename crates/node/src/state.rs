@@ -546,7 +546,6 @@ impl NodeState {
             return Ok(()); // no longer held here
         };
         let spec = Arc::new(engine.spec().clone());
-        let dir = engine.replica().dir().to_path_buf();
         let started = std::time::Instant::now();
         self.host.remove_group(id, false).await?;
         // Saved (the compacted graph: no erased vector in it), the index is
@@ -557,9 +556,9 @@ impl NodeState {
             tracing::warn!(shard = %id, error = %err, "index not saved before the rewrite; it is rebuilt on reopen");
         }
         self.rebuild_collections(&self.view());
+        let store = engine.replica().clone();
         drop(engine);
-        let rewritten =
-            tokio::task::spawn_blocking(move || sovra_shard::replica::rewrite(&dir, std::time::Duration::from_secs(30))).await?;
+        let rewritten = tokio::task::spawn_blocking(move || store.rewrite()).await?;
         // Reopened whatever happened: a failed rewrite leaves the old database.
         let reopened = self.open_replica(id, &spec, None).await;
         let engine = match reopened {

@@ -116,7 +116,31 @@ pub struct Replica<C: GroupConfig> {
     pub log: LogStore<C>,
     pub restarts: AtomicU64,
     /// Until when this replica may answer `any` reads ([`RaftSettings::read_lease`]).
-    lease: parking_lot::Mutex<Option<Instant>>,
+    lease: parking_lot::Mutex<Lease>,
+}
+
+#[derive(Default)]
+struct Lease {
+    until: Option<Instant>,
+    /// A lease may start only from a read index at or past this: an erasure
+    /// at it was confirmed on this replica by its having no lease, so none
+    /// may begin from a read index taken before it.
+    floor: u64,
+}
+
+impl<C: GroupConfig> Replica<C> {
+    /// For an entry at `index` this replica has not applied: true (and no
+    /// lease will begin from a read index below `index`) when it holds no
+    /// valid lease, so it answers no `any` read until it has applied past a
+    /// read index taken after `index` was committed.
+    pub fn fence_unleased(&self, index: u64) -> bool {
+        let mut l = self.lease.lock();
+        if l.until.is_some_and(|u| Instant::now() < u) {
+            return false;
+        }
+        l.floor = l.floor.max(index);
+        true
+    }
 }
 
 /// A replica of a shard group.
@@ -306,7 +330,7 @@ impl RaftHost {
             sm,
             log,
             restarts: AtomicU64::new(0),
-            lease: parking_lot::Mutex::new(None),
+            lease: Default::default(),
         });
         self.groups.write().insert(id, g.clone());
         Ok(g)
@@ -333,7 +357,7 @@ impl RaftHost {
             sm,
             log,
             restarts: AtomicU64::new(0),
-            lease: parking_lot::Mutex::new(None),
+            lease: Default::default(),
         });
         *self.meta.write() = Some(g.clone());
         Ok(g)
@@ -645,7 +669,7 @@ impl RaftHost {
         if lease.is_zero() {
             return Ok(());
         }
-        if g.lease.lock().is_some_and(|until| Instant::now() < until) {
+        if g.lease.lock().until.is_some_and(|until| Instant::now() < until) {
             return Ok(());
         }
         let asked = Instant::now();
@@ -678,11 +702,32 @@ impl RaftHost {
         };
         self.barrier_in(g, ReadLevel::Any { min_index: index }).await?;
         let mut l = g.lease.lock();
+        if index < l.floor {
+            // An erasure past this read index was confirmed here meanwhile
+            // on the strength of this replica holding no lease.
+            return Err(cut_off(format!(
+                "an erasure at log index {} was confirmed while it renewed its lease; retry",
+                l.floor
+            )));
+        }
         let until = asked + lease;
-        if l.is_none_or(|u| u < until) {
-            *l = Some(until);
+        if l.until.is_none_or(|u| u < until) {
+            l.until = Some(until);
         }
         Ok(())
+    }
+
+    /// Waits up to `within` for this node's replica of `id` to apply
+    /// `index`; answers what it applied and whether, short of it, the replica
+    /// is fenced: it answers no read that could miss the entry, because it is
+    /// not open (never opened, out for a rewrite or a restart: a new one
+    /// starts leaseless) or holds no lease (one begins only from a read index
+    /// taken after this, past the entry).
+    pub async fn applied_or_fenced(&self, id: &ShardId, index: u64, within: Duration) -> (u64, bool) {
+        let Some(g) = self.group(id) else { return (0, true) };
+        let applied = self.wait_applied_in(&g, index, within).await;
+        let fenced = applied < index && (self.group(id).is_none_or(|now| !Arc::ptr_eq(&now, &g)) || g.fence_unleased(index));
+        (applied, fenced)
     }
 
     /// Waits up to `within` for `g` to apply `index`; answers what it has applied.
@@ -759,15 +804,14 @@ impl RaftHost {
     pub async fn confirm_applied(&self, id: &ShardId, members: &BTreeSet<NodeId>, index: u64, committed: Instant) -> Vec<NodeId> {
         let within = self.settings.read_wait;
         let asks = members.iter().map(|&n| async move {
+            // A fenced replica (see `applied_or_fenced`) need not be waited out.
             let ok = if n == self.me {
-                match self.group(id) {
-                    Some(g) => self.wait_applied_in(&g, index, within).await >= index,
-                    None => false,
-                }
+                let (applied, fenced) = self.applied_or_fenced(id, index, within).await;
+                fenced || applied >= index
             } else {
                 self.remote_wait_applied(n, TypeConfig::group_pb(id), index, within)
                     .await
-                    .is_ok_and(|a| a >= index)
+                    .is_ok_and(|r| r.fenced || r.applied >= index)
             };
             (n, ok)
         });
@@ -785,7 +829,13 @@ impl RaftHost {
         unconfirmed
     }
 
-    async fn remote_wait_applied(&self, to: NodeId, group: pb::GroupId, index: u64, within: Duration) -> Result<u64, tonic::Status> {
+    async fn remote_wait_applied(
+        &self,
+        to: NodeId,
+        group: pb::GroupId,
+        index: u64,
+        within: Duration,
+    ) -> Result<pb::WaitAppliedReply, tonic::Status> {
         let mut client = self.peers.client(to).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let mut req = tonic::Request::new(pb::WaitAppliedRequest {
             group: Some(group),
@@ -798,7 +848,7 @@ impl RaftHost {
         let r = tokio::time::timeout(budget, client.wait_applied(req))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("no answer in time"))??;
-        Ok(r.into_inner().applied)
+        Ok(r.into_inner())
     }
 
     /// Returns once this node's meta replica reflects every change committed

@@ -277,11 +277,20 @@ impl RaftRpc for RaftService {
     async fn wait_applied(&self, req: Request<pb::WaitAppliedRequest>) -> Result<Response<pb::WaitAppliedReply>, Status> {
         let r = req.into_inner();
         let within = Duration::from_millis(r.within_ms.min(MAX_WAIT_APPLIED_MS));
-        let applied = match self.target(r.group, r.from, "wait_applied")? {
-            Target::Shard(g) => self.host.wait_applied_in(&g, r.index, within).await,
-            Target::Meta(m) => self.host.wait_applied_in(&m, r.index, within).await,
+        let (applied, fenced) = if is_meta(&r.group) {
+            match self.target(r.group, r.from, "wait_applied")? {
+                Target::Meta(m) => (self.host.wait_applied_in(&m, r.index, within).await, false),
+                Target::Shard(_) => unreachable!("a meta group id names the meta replica"),
+            }
+        } else {
+            let id = shard_of(r.group.clone())?;
+            self.host.check_residency(&id, "wait_applied")?;
+            if let Some(g) = self.host.group(&id) {
+                check_member(&g, r.from)?;
+            }
+            self.host.applied_or_fenced(&id, r.index, within).await
         };
-        Ok(Response::new(pb::WaitAppliedReply { applied }))
+        Ok(Response::new(pb::WaitAppliedReply { applied, fenced }))
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {

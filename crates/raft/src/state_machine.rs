@@ -48,7 +48,17 @@ pub struct ShardStateMachine {
     dir: PathBuf,
     node_region: RegionId,
     pub stats: Arc<SmStats>,
+    /// Held by a build from reading the state to its file becoming current,
+    /// and by an install from its file becoming current to the state
+    /// replaced: otherwise a build of the state before an install could
+    /// land over the installed file after it (the current file then older
+    /// than what Raft has purged its log through).
+    files: Arc<std::sync::Mutex<()>>,
 }
+
+/// A received snapshot file untouched this long was abandoned (its sender
+/// gave up); younger ones may still be arriving.
+const STALE_RECEIVE: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn meta_of(engine: &ShardEngine) -> Result<ReplicaMeta, StorageErr> {
     match engine
@@ -91,8 +101,12 @@ impl ShardStateMachine {
             dir,
             node_region,
             stats: Arc::default(),
+            files: Arc::default(),
         };
         sm.recover()?;
+        // Nothing is being built or received yet: any temporary file is a
+        // leftover.
+        sm.remove_others(&sm.dir.join(CURRENT), true);
         Ok(sm)
     }
 
@@ -136,6 +150,7 @@ impl ShardStateMachine {
             self.stats.snapshots_refused.fetch_add(1, Ordering::Relaxed);
             return Err(SnapshotError::MetaMismatch);
         }
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.dir.join(CURRENT);
         if path != current {
             std::fs::rename(path, &current)?;
@@ -157,19 +172,27 @@ impl ShardStateMachine {
             Err(ShardError::Io(e)) => return Err(SnapshotError::Io(e)),
             Err(e) => return Err(SnapshotError::Io(std::io::Error::other(e.to_string()))),
         };
-        self.remove_others(&current);
+        self.remove_others(&current, false);
         self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(shard = %id, index, points = count, "snapshot installed");
         Ok(count as u64)
     }
 
-    /// Deletes every file in the snapshot directory but `keep`.
-    fn remove_others(&self, keep: &Path) {
-        if let Ok(rd) = std::fs::read_dir(&self.dir) {
-            for e in rd.flatten() {
-                if e.path() != keep {
-                    let _ = std::fs::remove_file(e.path());
-                }
+    /// Deletes every file in the snapshot directory but `keep` and, unless
+    /// `all`, snapshots still being received (touched within
+    /// [`STALE_RECEIVE`]).
+    fn remove_others(&self, keep: &Path, all: bool) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return };
+        for e in rd.flatten() {
+            if e.path() == keep {
+                continue;
+            }
+            let receiving = e.file_name().to_string_lossy().starts_with("recv-")
+                && e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < STALE_RECEIVE));
+            if all || !receiving {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
@@ -186,6 +209,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
         let this = self.clone();
         let (header, path) = blocking(move || -> Result<(SnapshotHeader, PathBuf), SnapshotError> {
             let tmp = this.dir.join(format!("build-{:016x}.tmp", rand::random::<u64>()));
+            let _files = this.files.lock().unwrap_or_else(|p| p.into_inner());
             let (written, pause) = this.engine.frozen(|store| -> Result<SnapshotHeader, SnapshotError> {
                 let meta = store
                     .replica_meta()
@@ -215,7 +239,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
             let current = this.dir.join(CURRENT);
             std::fs::rename(&tmp, &current)?;
             std::fs::File::open(&this.dir)?.sync_all()?;
-            this.remove_others(&current);
+            this.remove_others(&current, false);
             this.stats.snapshots_built.fetch_add(1, Ordering::Relaxed);
             Ok((header, current))
         })

@@ -177,43 +177,50 @@ impl ReplicaStore {
     }
 }
 
-/// Rewrites the replica database in `dir` into a fresh one and deletes the old:
-/// sled keeps removed and overwritten values in its files until its own
-/// cleaner relocates their segment (sled #1512), so after an erasure the only
-/// way to be sure they are gone is to copy what is live into new files and
-/// delete the old ones. Nothing may hold the database open: the caller has
-/// closed every handle, and the open is retried while sled's own threads
-/// finish with a handle just dropped. Crash-safe: the copy is flushed before
-/// the swap, and [`ReplicaStore::open`] finishes or drops a swap cut off.
-/// Returns the bytes the database's files took before and after.
-pub fn rewrite(dir: &Path, within: std::time::Duration) -> Result<(u64, u64), ShardError> {
-    let (old_path, new_path) = (dir.join(DB_DIR), dir.join(DB_NEW));
-    remove_dir(&new_path)?;
-    let before = dir_bytes(&old_path);
-    {
-        let old = open_db(&old_path, REWRITE_CACHE, within)?;
-        let new = open_db(&new_path, REWRITE_CACHE, LOCK_WAIT)?;
-        for name in old.tree_names() {
-            let (from, to) = (old.open_tree(&name)?, new.open_tree(&name)?);
-            let mut batch = sled::Batch::default();
-            let mut n = 0usize;
-            for kv in from.iter() {
-                let (k, v) = kv?;
-                batch.insert(k, v);
-                n += 1;
-                if n.is_multiple_of(10_000) {
-                    to.apply_batch(std::mem::take(&mut batch))?;
+impl ReplicaStore {
+    /// Rewrites this replica's database into a fresh one and deletes the old:
+    /// sled keeps removed and overwritten values in its files until its own
+    /// cleaner relocates their segment (sled #1512), so after an erasure the
+    /// only way to be sure they are gone is to copy what is live into new
+    /// files and delete the old ones. Copies from this open handle (reopening
+    /// a database just closed in the same process can meet sled's own
+    /// recovery bug, "tried to serialize Uninitialized"), so nothing else may
+    /// write to it meanwhile: the caller has stopped the replica's group and
+    /// holds no other handle. Crash-safe: the copy is flushed before the swap,
+    /// and [`ReplicaStore::open`] finishes or drops a swap cut off. Returns the
+    /// bytes the database's files took before and after.
+    pub fn rewrite(self) -> Result<(u64, u64), ShardError> {
+        let dir = self.dir.clone();
+        let (old_path, new_path) = (dir.join(DB_DIR), dir.join(DB_NEW));
+        remove_dir(&new_path)?;
+        let before = dir_bytes(&old_path);
+        {
+            let new = open_db(&new_path, REWRITE_CACHE, LOCK_WAIT)?;
+            for name in self.db.tree_names() {
+                let (from, to) = (self.db.open_tree(&name)?, new.open_tree(&name)?);
+                let mut batch = sled::Batch::default();
+                let mut n = 0usize;
+                for kv in from.iter() {
+                    let (k, v) = kv?;
+                    batch.insert(k, v);
+                    n += 1;
+                    if n.is_multiple_of(10_000) {
+                        to.apply_batch(std::mem::take(&mut batch))?;
+                    }
                 }
+                to.apply_batch(batch)?;
             }
-            to.apply_batch(batch)?;
+            new.flush()?;
         }
-        new.flush()?;
+        // The old files go once renamed, whenever sled's threads let go of
+        // them; nothing reads them again.
+        drop(self);
+        std::fs::rename(&old_path, dir.join(DB_OLD))?;
+        std::fs::rename(&new_path, &old_path)?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        remove_dir(&dir.join(DB_OLD))?;
+        Ok((before, dir_bytes(&old_path)))
     }
-    std::fs::rename(&old_path, dir.join(DB_OLD))?;
-    std::fs::rename(&new_path, &old_path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    remove_dir(&dir.join(DB_OLD))?;
-    Ok((before, dir_bytes(&old_path)))
 }
 
 /// How long an open waits for a database lock to be let go. A database just
