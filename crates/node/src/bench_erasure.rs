@@ -112,15 +112,38 @@ async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let all: Vec<v1::Point> = (0..args.points).map(|i| point(i, vector())).collect();
-    for batch in all.chunks(500) {
-        points
-            .upsert(v1::UpsertRequest {
-                collection: "bench".into(),
-                points: batch.to_vec(),
-            })
-            .await?;
+    for (i, batch) in all.chunks(500).enumerate() {
+        // A write not acknowledged in time (the replicas' graphs falling
+        // behind a long load on two cores) is retried: writes are idempotent.
+        let mut tries = 0;
+        loop {
+            let r = points
+                .upsert(v1::UpsertRequest {
+                    collection: "bench".into(),
+                    points: batch.to_vec(),
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(st) if st.code() == tonic::Code::Unavailable && tries < 20 => {
+                    tries += 1;
+                    eprintln!("batch {i} not acknowledged ({}); retry {tries}", st.message());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(st) => return Err(st.into()),
+            }
+        }
     }
     eprintln!("loaded {} points in {:.1?}", args.points, started.elapsed());
+    // Every replica links what it stored behind the acks: measure on graphs
+    // that are whole, not while three of them are still being built.
+    let t = Instant::now();
+    for n in &nodes {
+        for e in n.state.engines() {
+            tokio::task::spawn_blocking(move || e.link_pending()).await?;
+        }
+    }
+    eprintln!("every replica's graph linked {:.1?} later", t.elapsed());
     let (mut writes, mut erases) = (Vec::new(), Vec::new());
     let mut erased = 0u64;
     let mut jobs = Vec::new();

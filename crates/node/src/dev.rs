@@ -429,6 +429,13 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
     println!(
         "erase:   grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"subject\":\"uk-subject-000001\"}}' {addr} sovra.v1.Erasure/Erase"
     );
+    println!(
+        "job:     grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"job\":\"JOB\"}}' {addr} sovra.v1.Erasure/GetErasureJob   (JOB: the erase answer's job; state goes requested, acknowledged, done)"
+    );
+    println!(
+        "verify:  ... GetErasureJob | target/release/sovra verify-receipt --public-key {}   (this cluster's receipt key)",
+        uk.state.receipt_key.public_hex()
+    );
     if let Some((_, k)) = keys.iter().find(|k| k.0 == "uk-reader") {
         println!(
             "         grpcurl -plaintext -H \"authorization: Bearer {k}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"limit\":3}}' {addr} sovra.v1.Points/Scroll"

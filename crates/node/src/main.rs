@@ -21,6 +21,15 @@ enum Command {
     },
     /// Run a local node with sample data and example searches, until Ctrl-C.
     Dev(dev::DevArgs),
+    /// Checks an erasure receipt: reads a GetErasureJob answer as JSON (as
+    /// grpcurl prints it) from --file or stdin and verifies its signature.
+    VerifyReceipt(sovra_node::receipt::VerifyArgs),
+    /// Prints the public key a node with this config signs receipts with
+    /// (derived from its cluster secret).
+    ReceiptKey {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -107,6 +116,18 @@ fn main() -> anyhow::Result<()> {
             }))
         }
         Command::Dev(args) => runtime()?.block_on(dev::dev(args, shutdown_signal())),
+        Command::VerifyReceipt(args) => sovra_node::receipt::verify_command(args),
+        Command::ReceiptKey { config } => {
+            let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
+            anyhow::ensure!(
+                cfg.cluster_secret.is_some() || cfg.cluster_secret_file.is_some(),
+                "{} sets no cluster secret: a node alone keeps a random receipt key in its data directory; read it from a GetErasureJob answer",
+                config.display()
+            );
+            let secret = cfg.cluster_secret()?;
+            println!("{}", sovra_node::receipt::ReceiptKey::from_secret(secret.expose()).public_hex());
+            Ok(())
+        }
     }
 }
 

@@ -78,6 +78,70 @@ pub fn verify(receipt_json: &str, signature: &str, public_key: &str) -> Result<R
     Ok(receipt)
 }
 
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// The GetErasureJob answer as JSON (grpcurl's output); stdin if unset.
+    #[arg(long)]
+    pub file: Option<std::path::PathBuf>,
+    /// The cluster's receipt key (hex; `sovra receipt-key --config ...`, or
+    /// what `sovra dev` prints). Unset: the key in the answer itself, which
+    /// shows the receipt is intact but not whose it is.
+    #[arg(long)]
+    pub public_key: Option<String>,
+}
+
+/// `sovra verify-receipt`: prints what the receipt says once it verifies;
+/// an error (and a non-zero exit) says why it does not.
+pub fn verify_command(args: VerifyArgs) -> anyhow::Result<()> {
+    let text = match &args.file {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?,
+        None => std::io::read_to_string(std::io::stdin())?,
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("the answer is not JSON: {e}"))?;
+    // grpcurl prints proto3 JSON (lowerCamelCase); accept the proto names too.
+    let field = |camel: &str, snake: &str| {
+        v.get(camel)
+            .or_else(|| v.get(snake))
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+    };
+    let state = field("state", "state").unwrap_or_default();
+    let json = field("receiptJson", "receipt_json")
+        .ok_or_else(|| anyhow::anyhow!("the answer holds no receipt (job state {state:?}): a receipt comes once every replica has purged"))?;
+    let signature = field("signature", "signature").ok_or_else(|| anyhow::anyhow!("the answer holds no signature"))?;
+    let embedded = field("publicKey", "public_key");
+    let key = match (&args.public_key, &embedded) {
+        (Some(k), _) => k.clone(),
+        (None, Some(k)) => {
+            eprintln!("note: checked against the key in the answer; pass --public-key to check it is your cluster's");
+            k.clone()
+        }
+        (None, None) => anyhow::bail!("no public key: pass --public-key"),
+    };
+    let r = verify(&json, &signature, &key).map_err(|e| anyhow::anyhow!("the receipt does not verify: {e}"))?;
+    println!("receipt verified under key {key}");
+    println!(
+        "job {} ({} erasure) of collection {} in region {}: {} points erased",
+        r.job, r.kind, r.collection, r.region, r.erased
+    );
+    println!(
+        "requested {} ms, acknowledged {} ms, purged everywhere {} ms (Unix ms)",
+        r.requested_at_ms, r.acknowledged_at_ms, r.done_at_ms
+    );
+    for s in &r.shards {
+        println!("shard {}: erase at log index {}, {} points", s.shard, s.log_index, s.erased);
+        for x in &s.replicas {
+            println!(
+                "  node {}: {}{}",
+                x.node,
+                x.outcome,
+                x.purged_through.map(|t| format!(" through log index {t}")).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +187,34 @@ mod tests {
         assert_ne!(altered, s.receipt_json);
         assert!(verify(&altered, &s.signature, &s.public_key).is_err());
         assert!(verify(&s.receipt_json, "zz", &s.public_key).unwrap_err().contains("not hex"));
+    }
+
+    #[test]
+    fn verify_receipt_reads_grpcurls_answer_and_fails_on_a_changed_byte_or_another_key() {
+        let k = ReceiptKey::from_secret(b"cluster-a-secret-0123456789abcdef");
+        let s = k.sign(&receipt());
+        let answer = |json: &str| {
+            serde_json::json!({"job": "erase-1", "state": "done", "receiptJson": json, "signature": s.signature, "publicKey": s.public_key})
+                .to_string()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.json");
+        let run = |text: String, key: Option<String>| {
+            std::fs::write(&file, text).unwrap();
+            verify_command(VerifyArgs {
+                file: Some(file.clone()),
+                public_key: key,
+            })
+        };
+        run(answer(&s.receipt_json), Some(k.public_hex())).unwrap();
+        run(answer(&s.receipt_json), None).unwrap();
+        let other = ReceiptKey::from_secret(b"cluster-b-secret-0123456789abcdef").public_hex();
+        let e = run(answer(&s.receipt_json), Some(other)).unwrap_err().to_string();
+        assert!(e.contains("does not verify"), "{e}");
+        let e = run(answer(&s.receipt_json.replace("faces", "facez")), None).unwrap_err().to_string();
+        assert!(e.contains("does not verify"), "{e}");
+        let pending = serde_json::json!({"job": "erase-1", "state": "acknowledged"}).to_string();
+        let e = run(pending, None).unwrap_err().to_string();
+        assert!(e.contains("no receipt") && e.contains("acknowledged"), "{e}");
     }
 }
