@@ -359,6 +359,9 @@ async fn purge_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
         if crate::cluster::stopped(&mut stop, pause).await {
             return;
         }
+        if state.purges_held.load(std::sync::atomic::Ordering::Acquire) {
+            continue;
+        }
         let ids: Vec<sovra_types::ShardId> = state.host.groups().iter().map(|g| g.id.clone()).collect();
         for id in ids {
             let Some(g) = state.host.group(&id) else { continue };

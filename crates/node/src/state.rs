@@ -121,6 +121,9 @@ pub struct NodeState {
     unknown_key_refresh: std::sync::atomic::AtomicU64,
     /// Signs erasure receipts (the cluster's key).
     pub receipt_key: crate::receipt::ReceiptKey,
+    /// Set only by `sovra bench erasure`, to measure acknowledgements on a
+    /// cluster not busy purging: the purge loop waits while it is set.
+    pub purges_held: AtomicBool,
 }
 
 /// The node as the coordinator and leaf see it (weak: the node owns them).
@@ -228,6 +231,7 @@ impl NodeState {
             meta_confirmed: std::sync::atomic::AtomicU64::new(0),
             unknown_key_refresh: std::sync::atomic::AtomicU64::new(0),
             receipt_key,
+            purges_held: AtomicBool::new(false),
         });
         let ctx: Arc<dyn sovra_coord::NodeContext> = Arc::new(Ctx(Arc::downgrade(&this)));
         let pool = sovra_coord::SearchPool::new(this.config.node_id, this.config.search_threads())?;

@@ -760,7 +760,10 @@ impl RaftHost {
             return Ok(None);
         }
         let started = Instant::now();
-        let dropped = if compacted.is_some_and(|c| c >= pending) {
+        // Nothing to drop from the index: compacted past this erasure already
+        // in this run, or holding no tombstone at all (a snapshot install
+        // rebuilt it from records past the erasure).
+        let dropped = if compacted.is_some_and(|c| c >= pending) || engine.stats().tombstones == 0 {
             0
         } else {
             let e = engine.clone();
