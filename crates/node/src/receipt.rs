@@ -99,15 +99,11 @@ pub fn verify_command(args: VerifyArgs) -> anyhow::Result<()> {
     };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("the answer is not JSON: {e}"))?;
     // grpcurl prints proto3 JSON (lowerCamelCase); accept the proto names too.
-    let field = |camel: &str, snake: &str| {
-        v.get(camel)
-            .or_else(|| v.get(snake))
-            .and_then(|x| x.as_str())
-            .map(str::to_string)
-    };
+    let field = |camel: &str, snake: &str| v.get(camel).or_else(|| v.get(snake)).and_then(|x| x.as_str()).map(str::to_string);
     let state = field("state", "state").unwrap_or_default();
-    let json = field("receiptJson", "receipt_json")
-        .ok_or_else(|| anyhow::anyhow!("the answer holds no receipt (job state {state:?}): a receipt comes once every replica has purged"))?;
+    let json = field("receiptJson", "receipt_json").ok_or_else(|| {
+        anyhow::anyhow!("the answer holds no receipt (job state {state:?}): a receipt comes once every replica has purged")
+    })?;
     let signature = field("signature", "signature").ok_or_else(|| anyhow::anyhow!("the answer holds no signature"))?;
     let embedded = field("publicKey", "public_key");
     let key = match (&args.public_key, &embedded) {
@@ -211,7 +207,9 @@ mod tests {
         let other = ReceiptKey::from_secret(b"cluster-b-secret-0123456789abcdef").public_hex();
         let e = run(answer(&s.receipt_json), Some(other)).unwrap_err().to_string();
         assert!(e.contains("does not verify"), "{e}");
-        let e = run(answer(&s.receipt_json.replace("faces", "facez")), None).unwrap_err().to_string();
+        let e = run(answer(&s.receipt_json.replace("faces", "facez")), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not verify"), "{e}");
         let pending = serde_json::json!({"job": "erase-1", "state": "acknowledged"}).to_string();
         let e = run(pending, None).unwrap_err().to_string();

@@ -652,8 +652,19 @@ impl RaftHost {
     /// at `any`, once it holds a read lease (and has applied `min_index`).
     pub async fn read_barrier(&self, id: &ShardId, level: ReadLevel) -> Result<(), ApiError> {
         let g = self.group_or_unavailable(id)?;
-        if matches!(level, ReadLevel::Any { .. }) {
+        if let ReadLevel::Any { min_index } = level {
             self.ensure_lease(&g).await?;
+            // An erasure appended here is applied before this replica answers:
+            // its acknowledgement counted on that (`applied_or_fenced`).
+            let fence = g.log.stats.fence.load(std::sync::atomic::Ordering::Acquire);
+            return self
+                .barrier_in(
+                    &g,
+                    ReadLevel::Any {
+                        min_index: min_index.max(fence),
+                    },
+                )
+                .await;
         }
         self.barrier_in(&g, level).await
     }
@@ -717,16 +728,32 @@ impl RaftHost {
         Ok(())
     }
 
-    /// Waits up to `within` for this node's replica of `id` to apply
-    /// `index`; answers what it applied and whether, short of it, the replica
-    /// is fenced: it answers no read that could miss the entry, because it is
-    /// not open (never opened, out for a rewrite or a restart: a new one
-    /// starts leaseless) or holds no lease (one begins only from a read index
-    /// taken after this, past the entry).
+    /// Waits up to `within` for this node's replica of `id` to apply the
+    /// erasure at `index` or append it; answers what it applied and whether,
+    /// short of it, the replica is fenced: it answers no read that could miss
+    /// the entry, because it has appended it (it applies it before its next
+    /// `any` read), is not open (never opened, out for a rewrite or a
+    /// restart: a new one starts leaseless) or holds no lease (one begins only
+    /// from a read index taken after this, past the entry).
     pub async fn applied_or_fenced(&self, id: &ShardId, index: u64, within: Duration) -> (u64, bool) {
         let Some(g) = self.group(id) else { return (0, true) };
-        let applied = self.wait_applied_in(&g, index, within).await;
-        let fenced = applied < index && (self.group(id).is_none_or(|now| !Arc::ptr_eq(&now, &g)) || g.fence_unleased(index));
+        let fence = &g.log.stats.fence;
+        let applied_of = |m: &openraft::RaftMetrics<NodeId, openraft::EmptyNode>| m.last_applied.map_or(0, |l| l.index);
+        // Appended is enough for an erasure: this replica then applies it
+        // before answering another `any` read (`read_barrier`).
+        let _ = g
+            .raft()
+            .wait(Some(within))
+            .metrics(
+                |m| applied_of(m) >= index || fence.load(std::sync::atomic::Ordering::Acquire) >= index,
+                "erasure appended or applied",
+            )
+            .await;
+        let applied = applied_of(&g.raft().metrics().borrow());
+        let fenced = applied < index
+            && (fence.load(std::sync::atomic::Ordering::Acquire) >= index
+                || self.group(id).is_none_or(|now| !Arc::ptr_eq(&now, &g))
+                || g.fence_unleased(index));
         (applied, fenced)
     }
 
@@ -775,6 +802,7 @@ impl RaftHost {
         let raft = g.raft();
         let within = self.settings.write_timeout;
         let snapshot_index = |m: &openraft::RaftMetrics<NodeId, openraft::EmptyNode>| m.snapshot.map_or(0, |l| l.index);
+        let first_time = dropped > 0 || snapshot_index(&raft.metrics().borrow()) < pending;
         if snapshot_index(&raft.metrics().borrow()) < pending {
             raft.trigger().snapshot().await.map_err(|e| e.to_string())?;
             raft.wait(Some(within))
@@ -788,6 +816,11 @@ impl RaftHost {
             .metrics(|m| m.purged.map_or(0, |l| l.index) >= pending, "purge: log through the erasure")
             .await
             .map_err(|e| format!("the log is not purged through index {pending} yet (a follower may still need it): {e}"))?;
+        // Said once: a replica waiting its turn to rewrite comes back here
+        // with nothing left to do but the rewrite.
+        if !first_time {
+            return Ok(Some(pending));
+        }
         tracing::info!(
             shard = %g.id,
             through = pending,

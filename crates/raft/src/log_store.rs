@@ -67,6 +67,12 @@ pub struct LogStats {
     /// Last committed index reported by Raft (0 before any).
     pub committed: AtomicU64,
     pub purges: AtomicU64,
+    /// The highest index of an entry appended here that fences reads (an
+    /// erasure, `GroupConfig::fences_reads`): this replica applies it before
+    /// it answers another `any` read, so an erasure's acknowledgement may
+    /// count a replica that has appended it as one that will not answer
+    /// without it. Set before the append is reported to Raft.
+    pub fence: AtomicU64,
 }
 
 /// The log of one replica of a group of kind `C` (a shard group by default).
@@ -234,6 +240,11 @@ impl<C: GroupConfig> RaftLogStorage<C> for LogStore<C> {
     {
         let mut batch = sled::Batch::default();
         for e in entries {
+            if let openraft::EntryPayload::Normal(d) = &e.payload
+                && C::fences_reads(d)
+            {
+                self.stats.fence.fetch_max(e.log_id.index, std::sync::atomic::Ordering::AcqRel);
+            }
             let bytes = encode_entry(&e).map_err(|err| io_err(err, StorageIOError::write_logs))?;
             batch.insert(&log_key(e.log_id.index), bytes);
         }

@@ -85,6 +85,12 @@ pub trait GroupConfig:
     /// Proposes `d` on `raft` (openraft's `client_write`, named once per kind
     /// so the shared code need not spell out its responder bounds).
     fn write(raft: &openraft::Raft<Self>, d: Self::D) -> impl Future<Output = WriteResult<Self>> + Send;
+
+    /// Whether a replica that has appended `d` must apply it before it
+    /// answers another `any` read (an erasure: E1).
+    fn fences_reads(_d: &Self::D) -> bool {
+        false
+    }
 }
 
 impl GroupConfig for TypeConfig {
@@ -102,6 +108,10 @@ impl GroupConfig for TypeConfig {
 
     async fn write(raft: &openraft::Raft<Self>, d: ShardCommand) -> WriteResult<Self> {
         raft.client_write(d).await
+    }
+
+    fn fences_reads(d: &ShardCommand) -> bool {
+        matches!(d, ShardCommand::Erase(_))
     }
 }
 
