@@ -211,5 +211,82 @@ pub fn verify_export<'a>(lines: impl IntoIterator<Item = &'a str>, checkpoint: &
     }
 }
 
+/// One audited call. Holds no vector and no subject id: a query vector is
+/// kept as its SHA-256 ([`vector_sha256`]), a probe likeness likewise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The node's clock, Unix ms.
+    pub at_ms: u64,
+    /// The API key's id (never its secret).
+    pub key_id: String,
+    /// The call: `search`, `upsert`, `erase`, `opt_out`, `subject_access`, ...
+    pub call: String,
+    /// The caller's `x-purpose`.
+    pub purpose: String,
+    pub collection: String,
+    /// Regions the call read or wrote.
+    pub regions: Vec<String>,
+    /// Shards it touched.
+    pub shards: u32,
+    /// Points returned, written or erased.
+    pub results: u64,
+    /// Hex SHA-256 of the query vector, when there was one.
+    pub query_sha256: Option<String>,
+    /// How it ended: a gRPC code name (`OK`, `PERMISSION_DENIED`, ...).
+    pub status: String,
+}
+
+/// A record as the log holds and exports it: its position, the root before
+/// it, and its fields, as one JSON line (whose exact bytes are its leaf).
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    prev_root: String,
+    #[serde(flatten)]
+    record: &'a Record,
+}
+
+/// Hex SHA-256 of a vector's components as little-endian `f32`s.
+pub fn vector_sha256(v: &[f32]) -> String {
+    let mut h = Sha256::new();
+    for x in v {
+        h.update(x.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// The writing side of one region's log: appends records as chained lines.
+#[derive(Debug, Clone, Default)]
+pub struct Log {
+    tree: Tree,
+}
+
+impl Log {
+    /// A log that already holds `tree`'s records (from its saved state).
+    pub fn resume(tree: Tree) -> Self {
+        Self { tree }
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    /// Appends `r`; returns its line, the bytes to store and export as is.
+    pub fn append(&mut self, r: &Record) -> String {
+        let line = serde_json::to_string(&Line {
+            seq: self.tree.size(),
+            prev_root: hex::encode(self.tree.root()),
+            record: r,
+        })
+        .expect("a record serialises");
+        self.tree.push(leaf_hash(line.as_bytes()));
+        line
+    }
+
+    pub fn checkpoint(&self, key: &SigningKey, origin: &str) -> Checkpoint {
+        Checkpoint::sign(key, origin, &self.tree)
+    }
+}
+
 #[cfg(test)]
 mod tests;

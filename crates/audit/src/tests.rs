@@ -128,3 +128,49 @@ fn a_checkpoint_verifies_only_under_its_key_and_unaltered() {
     let empty = Checkpoint::sign(&key(), "sovra-audit/uk", &Tree::default());
     assert_eq!(check(&[], &empty), Ok(0));
 }
+
+#[test]
+fn the_logs_own_lines_verify_and_hold_only_a_hash_of_the_query() {
+    let mut log = Log::default();
+    let query = [0.25f32, -1.5, 3.0];
+    let mut lines = Vec::new();
+    for i in 0..12u64 {
+        lines.push(log.append(&Record {
+            at_ms: 1_000 + i,
+            key_id: "uk-reader".into(),
+            call: "search".into(),
+            purpose: "fraud-check".into(),
+            collection: "people".into(),
+            regions: vec!["uk".into()],
+            shards: 2,
+            results: i,
+            query_sha256: Some(vector_sha256(&query)),
+            status: "OK".into(),
+        }));
+    }
+    let cp = log.checkpoint(&key(), "sovra-audit/uk");
+    assert_eq!(check(&lines, &cp), Ok(12));
+    assert!(lines[0].starts_with("{\"seq\":0,\"prev_root\":"), "{}", lines[0]);
+    assert!(
+        !lines[0].contains("0.25") && !lines[0].contains("-1.5"),
+        "a vector component in the clear: {}",
+        lines[0]
+    );
+    assert_eq!(vector_sha256(&query).len(), 64);
+    // Resumed from its tree, the log goes on the same chain.
+    let mut resumed = Log::resume(log.tree().clone());
+    let mut more = lines.clone();
+    more.push(resumed.append(&Record {
+        at_ms: 2_000,
+        key_id: "admin".into(),
+        call: "erase".into(),
+        purpose: "dsar-17".into(),
+        collection: "people".into(),
+        regions: vec!["uk".into()],
+        shards: 2,
+        results: 3,
+        query_sha256: None,
+        status: "OK".into(),
+    }));
+    assert_eq!(check(&more, &resumed.checkpoint(&key(), "sovra-audit/uk")), Ok(13));
+}

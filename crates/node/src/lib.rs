@@ -15,6 +15,7 @@ pub mod bench_search;
 pub mod bench_startup;
 pub mod cluster;
 pub mod config;
+pub mod ctl;
 pub mod dev;
 pub mod metrics;
 pub mod receipt;

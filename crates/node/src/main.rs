@@ -30,6 +30,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Operator commands that need no running node.
+    Ctl {
+        #[command(subcommand)]
+        what: sovra_node::ctl::CtlCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -117,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => runtime()?.block_on(dev::dev(args, shutdown_signal())),
         Command::VerifyReceipt(args) => sovra_node::receipt::verify_command(args),
+        Command::Ctl { what } => sovra_node::ctl::run(what),
         Command::ReceiptKey { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             anyhow::ensure!(
