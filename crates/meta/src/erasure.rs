@@ -95,6 +95,25 @@ pub struct ErasureJob {
     pub seq: u64,
 }
 
+impl ReplicaPurge {
+    /// Its name in job status and receipts.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ReplicaPurge::Pending => "pending",
+            ReplicaPurge::Purged { .. } => "purged",
+            ReplicaPurge::Removed => "removed",
+            ReplicaPurge::NothingErased => "nothing-erased",
+        }
+    }
+
+    pub fn purged_through(&self) -> Option<u64> {
+        match self {
+            ReplicaPurge::Purged { through, .. } => Some(*through),
+            _ => None,
+        }
+    }
+}
+
 impl ErasureJob {
     pub fn finished(&self) -> bool {
         matches!(self.state, JobState::Done | JobState::Failed { .. })
@@ -254,22 +273,16 @@ impl Erasures {
             };
         }
         // Replicas that reported a purge past the erase before this.
-        let (collection, region) = (job.collection.clone(), job.region.clone());
-        for (n, s) in &mut job.shards {
-            let Some(index) = s.index else { continue };
-            for (node, p) in &mut s.replicas {
-                let key = (collection.clone(), (region.clone(), *n), *node);
-                if *p == ReplicaPurge::Pending
-                    && let Some(&through) = self.purged.get(&key)
-                    && through >= index
-                {
-                    *p = ReplicaPurge::Purged {
-                        through,
-                        at_ms,
-                        removed: None,
-                    };
-                }
-            }
+        let marked: Vec<(u32, u64, u64)> = job
+            .pending()
+            .into_iter()
+            .filter_map(|(n, node)| {
+                let key = (job.collection.clone(), (job.region.clone(), n), node);
+                self.purged.get(&key).map(|&through| (n, node, through))
+            })
+            .collect();
+        for (n, node, through) in marked {
+            job.purged(n, node, through, at_ms, None);
         }
         job.settle();
         self.prune();
@@ -395,17 +408,16 @@ impl Receipt {
                     .replicas
                     .iter()
                     .map(|(node, p)| {
-                        let (outcome, purged_through, removed, at_ms) = match *p {
-                            ReplicaPurge::Purged { through, at_ms, removed } => ("purged", Some(through), removed, Some(at_ms)),
-                            ReplicaPurge::Removed => ("removed", None, None, None),
-                            ReplicaPurge::NothingErased => ("nothing-erased", None, Some(0), None),
-                            // Not in a done job.
-                            ReplicaPurge::Pending => ("pending", None, None, None),
+                        let (removed, at_ms) = match *p {
+                            ReplicaPurge::Purged { at_ms, removed, .. } => (removed, Some(at_ms)),
+                            ReplicaPurge::NothingErased => (Some(0), None),
+                            // Pending is not in a done job.
+                            ReplicaPurge::Removed | ReplicaPurge::Pending => (None, None),
                         };
                         ReceiptReplica {
                             node: *node,
-                            outcome: outcome.into(),
-                            purged_through,
+                            outcome: p.outcome().into(),
+                            purged_through: p.purged_through(),
                             removed,
                             at_ms,
                         }

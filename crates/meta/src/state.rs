@@ -254,16 +254,7 @@ impl MetaState {
                 shard,
                 replicas,
             } => {
-                let c = self
-                    .collections
-                    .get(&collection)
-                    .ok_or_else(|| Refused::UnknownCollection(collection.clone()))?;
-                if !c.shards.contains_key(&shard) {
-                    return Err(Refused::UnknownShard {
-                        shard: shard_name(&collection, &shard),
-                        collection,
-                    });
-                }
+                self.shard_record(&collection, &shard)?;
                 let replicas = self.check_replicas(&collection, &shard, replicas, None)?;
                 self.erasures.replicas_set(&collection, &shard, &replicas);
                 let c = self.collections.get_mut(&collection).expect("checked above");
@@ -293,17 +284,9 @@ impl MetaState {
                 shards,
                 at_ms,
             } => {
-                let c = self
-                    .collections
-                    .get(&collection)
-                    .ok_or_else(|| Refused::UnknownCollection(collection.clone()))?;
                 let mut job_shards = BTreeMap::new();
                 for n in shards {
-                    let key = (region.clone(), n);
-                    let s = c.shards.get(&key).ok_or_else(|| Refused::UnknownShard {
-                        shard: shard_name(&collection, &key),
-                        collection: collection.clone(),
-                    })?;
+                    let s = self.shard_record(&collection, &(region.clone(), n))?;
                     let replicas = s.replicas.iter().map(|&r| (r, crate::erasure::ReplicaPurge::Pending)).collect();
                     job_shards.insert(
                         n,
@@ -341,10 +324,8 @@ impl MetaState {
                 // A report from a replica no longer in its shard (moved off
                 // while it purged) changes nothing: its directory goes.
                 let member = self
-                    .collections
-                    .get(&report.collection)
-                    .and_then(|c| c.shards.get(&report.shard))
-                    .is_some_and(|s| s.replicas.contains(&report.node));
+                    .shard_record(&report.collection, &report.shard)
+                    .is_ok_and(|s| s.replicas.contains(&report.node));
                 if member {
                     self.erasures.report(report);
                 }
@@ -363,6 +344,15 @@ impl MetaState {
             .filter(|n| n.status != NodeStatus::Down && now_ms.saturating_sub(n.last_heartbeat_ms) > timeout_ms)
             .map(|n| n.id)
             .collect()
+    }
+
+    /// Shard `key` of collection `c`, or the refusal naming what is unknown.
+    fn shard_record(&self, c: &CollectionName, key: &ShardKey) -> Result<&ShardRecord, Refused> {
+        let coll = self.collections.get(c).ok_or_else(|| Refused::UnknownCollection(c.clone()))?;
+        coll.shards.get(key).ok_or_else(|| Refused::UnknownShard {
+            shard: shard_name(c, key),
+            collection: c.clone(),
+        })
     }
 
     fn bump(&mut self) -> Applied {

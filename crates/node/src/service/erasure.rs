@@ -17,7 +17,7 @@ use super::points::{check_writes, group, ids_from, record_ack, with_committed};
 use super::{now_ms, observe, parse_filter};
 use crate::state::NodeState;
 use sovra_meta::MetaCommand;
-use sovra_meta::erasure::{EraseKind, JobState, Receipt, ReplicaPurge};
+use sovra_meta::erasure::{EraseKind, JobState, Receipt};
 use sovra_proto::v1::{self, erasure_server::Erasure as ErasureRpc};
 use sovra_types::validate::{check_region, check_subject};
 use sovra_types::{ApiError, Erase, EraseTarget, ShardCommand, ShardId};
@@ -250,20 +250,12 @@ fn job_status(state: &NodeState, job: &sovra_meta::erasure::ErasureJob, meta: &s
         .shards
         .iter()
         .flat_map(|(n, s)| {
-            s.replicas.iter().map(move |(node, p)| {
-                let (outcome, purged_through) = match p {
-                    ReplicaPurge::Pending => ("pending", 0),
-                    ReplicaPurge::Purged { through, .. } => ("purged", *through),
-                    ReplicaPurge::Removed => ("removed", 0),
-                    ReplicaPurge::NothingErased => ("nothing-erased", 0),
-                };
-                v1::ErasureJobReplica {
-                    shard: *n,
-                    node: *node,
-                    outcome: outcome.into(),
-                    purged_through,
-                    node_down: meta.nodes.get(node).is_none_or(|r| r.status == sovra_meta::NodeStatus::Down),
-                }
+            s.replicas.iter().map(move |(node, p)| v1::ErasureJobReplica {
+                shard: *n,
+                node: *node,
+                outcome: p.outcome().into(),
+                purged_through: p.purged_through().unwrap_or(0),
+                node_down: meta.nodes.get(node).is_none_or(|r| r.status == sovra_meta::NodeStatus::Down),
             })
         })
         .collect();
