@@ -8,6 +8,8 @@
 //! - [`state`]: [`state::MetaState::apply`], deterministic over plain data, which
 //!   itself refuses anything that would put a replica on a node outside its
 //!   shard's region (R1), whoever submits it.
+//! - [`audit`]: which data nodes of each region hold its audit log; a pure
+//!   function.
 //! - [`voters`]: which meta-role nodes vote (at most five, odd, spread over
 //!   regions and zones); a pure function.
 //!
@@ -16,6 +18,7 @@
 //! the glue that makes this a Raft state machine lives above it. Depends on
 //! `sovra-types` (and `sha2` for key hashes) only.
 
+pub mod audit;
 pub mod erasure;
 pub mod keys;
 pub mod placement;

@@ -89,6 +89,8 @@ pub struct MetaState {
     pub api_keys: BTreeMap<String, crate::keys::ApiKeyRecord>,
     /// Erasure jobs and replicas' purge marks (no personal data).
     pub erasures: crate::erasure::Erasures,
+    /// Each region's audit log replicas ([`crate::audit`]).
+    pub audit: BTreeMap<RegionId, crate::audit::AuditGroup>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +147,15 @@ pub enum MetaCommand {
     },
     /// A replica purged its shard's erasures through an index.
     ReplicaPurged(crate::erasure::PurgeReport),
+    /// A region's audit log replicas (the first set found the group).
+    SetAuditReplicas {
+        region: RegionId,
+        replicas: BTreeSet<u64>,
+    },
+    /// A region's audit group has a leader: its founders are done.
+    AuditFormed {
+        region: RegionId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +212,7 @@ impl MetaState {
             && self.collections == other.collections
             && self.policies == other.policies
             && self.api_keys == other.api_keys
+            && self.audit == other.audit
             && self.nodes.len() == other.nodes.len()
             && self.nodes.iter().zip(&other.nodes).all(|((a, x), (b, y))| {
                 a == b
@@ -329,6 +341,48 @@ impl MetaState {
                 if member {
                     self.erasures.report(report);
                 }
+                Ok(Applied::Done)
+            }
+            MetaCommand::SetAuditReplicas { region, replicas } => {
+                let name = || format!("audit/{region}");
+                if replicas.is_empty() || replicas.len() > crate::audit::AUDIT_REPLICAS {
+                    return Err(Refused::BadReplicas {
+                        shard: name(),
+                        why: format!("{} replicas given; it needs 1 to {}", replicas.len(), crate::audit::AUDIT_REPLICAS),
+                    });
+                }
+                for id in &replicas {
+                    let n = self.nodes.get(id).ok_or(Refused::UnknownNode(*id))?;
+                    if n.region != region {
+                        return Err(Refused::OffRegion {
+                            node: *id,
+                            node_region: n.region.clone(),
+                            shard: name(),
+                            shard_region: region.clone(),
+                        });
+                    }
+                    if !n.roles.data {
+                        return Err(Refused::NotDataNode(*id));
+                    }
+                }
+                let g = self.audit.entry(region.clone()).or_default();
+                if g.founders.is_empty() {
+                    g.founders = replicas.clone();
+                } else if !g.formed && g.replicas != replicas {
+                    return Err(Refused::BadReplicas {
+                        shard: name(),
+                        why: "the group has not formed yet (no leader reported): its founders cannot change".into(),
+                    });
+                }
+                g.replicas = replicas;
+                Ok(Applied::Done)
+            }
+            MetaCommand::AuditFormed { region } => {
+                let g = self.audit.get_mut(&region).ok_or_else(|| Refused::BadReplicas {
+                    shard: format!("audit/{region}"),
+                    why: "no audit group is placed in this region".into(),
+                })?;
+                g.formed = true;
                 Ok(Applied::Done)
             }
         }

@@ -93,6 +93,7 @@ pub fn index(args: IndexBenchArgs) -> anyhow::Result<()> {
         replication_factor: 1,
         default_retention_seconds: 0,
         require_lawful_basis: false,
+        require_purpose: false,
     };
     spec.validate()?;
     let queries: Vec<Vec<f32>> = queries

@@ -240,6 +240,7 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
         replication_factor: 1,
         default_retention_seconds: 0,
         require_lawful_basis: false,
+        require_purpose: false,
     };
     let replica = ReplicaStore::open(&dir.path().join("one"), &CacheBudget::new(512 << 20, 1))?;
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build()?);

@@ -48,6 +48,7 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<()> {
         replication_factor: 1,
         default_retention_seconds: 0,
         require_lawful_basis: false,
+        require_purpose: false,
     });
     spec.validate()?;
     let id = ShardId {

@@ -292,6 +292,7 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
         .context("setting the us region policy")?;
         let spec = v1::CollectionSpec {
             require_lawful_basis: true,
+            require_purpose: false,
             ..spanning_spec(DEV_COLLECTION, DIM as u32, v1::Metric::Cosine, &DEV_REGIONS, 2, 3)
         };
         CollectionsClient::new(keyed(&uk_ch, &admin))

@@ -5,6 +5,7 @@
 //! Everything below this crate is pure or storage; this crate is where the
 //! runtime, the network and the clock come in.
 
+pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod bench_cluster;

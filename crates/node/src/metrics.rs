@@ -36,6 +36,10 @@ pub const REPLICA_SHARES: &str = "sovra_replica_shares";
 pub const AUTH_DENIED: &str = "sovra_auth_denied_total";
 /// Milliseconds since this node last confirmed its view with meta's quorum.
 pub const KEY_LEASE_AGE_MS: &str = "sovra_key_lease_age_ms";
+/// Calls failed because their audit record could not be committed.
+pub const AUDIT_FAILED: &str = "sovra_audit_failed_total";
+/// Records per committed audit batch.
+pub const AUDIT_BATCH: &str = "sovra_audit_batch_records";
 
 /// The process-wide recorder: `metrics` has one global recorder, so several
 /// nodes in one process (tests, `sovra dev`) share it.
@@ -70,6 +74,8 @@ pub fn handle() -> PrometheusHandle {
                 REPLICA_SHARES,
                 "replica databases the page-cache budget is shared among (max_replicas)"
             );
+            metrics::describe_counter!(AUDIT_FAILED, "calls failed closed: their audit record was not committed");
+            metrics::describe_histogram!(AUDIT_BATCH, "audit records per group-committed batch");
             metrics::describe_counter!(AUTH_DENIED, "public calls refused by API key checks, by node and reason");
             metrics::describe_gauge!(
                 KEY_LEASE_AGE_MS,

@@ -15,6 +15,9 @@ use hmac::{Hmac, Mac};
 use sovra_meta::erasure::Receipt;
 
 const LABEL: &[u8] = b"sovra.erasure-receipt.key.v1";
+/// The audit log's checkpoint key: derived alike, under its own label, so
+/// the one cannot sign for the other.
+pub const AUDIT_LABEL: &[u8] = b"sovra.audit-checkpoint.key.v1";
 
 pub struct ReceiptKey(SigningKey);
 
@@ -28,9 +31,18 @@ pub struct Signed {
 
 impl ReceiptKey {
     pub fn from_secret(secret: &[u8]) -> Self {
+        Self::derived(secret, LABEL)
+    }
+
+    /// The key derived from `secret` under `label` (HMAC-SHA256).
+    pub fn derived(secret: &[u8], label: &[u8]) -> Self {
         let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-        mac.update(LABEL);
+        mac.update(label);
         Self::from_seed(mac.finalize().into_bytes().into())
+    }
+
+    pub fn signing(&self) -> &SigningKey {
+        &self.0
     }
 
     pub fn from_seed(seed: [u8; 32]) -> Self {

@@ -121,6 +121,10 @@ pub struct NodeState {
     unknown_key_refresh: std::sync::atomic::AtomicU64,
     /// Signs erasure receipts (the cluster's key).
     pub receipt_key: crate::receipt::ReceiptKey,
+    /// Signs audit checkpoints (the cluster's key, under its own label).
+    pub audit_key: crate::receipt::ReceiptKey,
+    /// Group-commits every call's audit record.
+    pub auditor: crate::audit::Auditor,
     /// Set only by `sovra bench erasure`, to measure acknowledgements on a
     /// cluster not busy purging: the purge loop waits while it is set.
     pub purges_held: AtomicBool,
@@ -187,11 +191,14 @@ impl NodeState {
                 }
             },
         };
-        let receipt_key = if config.cluster_secret.is_some() || config.cluster_secret_file.is_some() {
-            crate::receipt::ReceiptKey::from_secret(secret.expose())
+        let (receipt_key, audit_key) = if config.cluster_secret.is_some() || config.cluster_secret_file.is_some() {
+            (
+                crate::receipt::ReceiptKey::from_secret(secret.expose()),
+                crate::receipt::ReceiptKey::derived(secret.expose(), crate::receipt::AUDIT_LABEL),
+            )
         } else {
             // Alone with a random secret: a seed of its own, kept, so its
-            // receipts verify under one key across restarts.
+            // receipts and checkpoints verify under one key across restarts.
             let seed = match store.get_raw(RECEIPT_SEED_KEY)?.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
                 Some(seed) => seed,
                 None => {
@@ -200,7 +207,10 @@ impl NodeState {
                     seed
                 }
             };
-            crate::receipt::ReceiptKey::from_seed(seed)
+            (
+                crate::receipt::ReceiptKey::from_seed(seed),
+                crate::receipt::ReceiptKey::derived(&seed, crate::receipt::AUDIT_LABEL),
+            )
         };
         let region = config.region_id();
         let host = RaftHost::new(config.node_id, region.clone(), book, faults, config.raft.settings(), secret);
@@ -231,6 +241,8 @@ impl NodeState {
             meta_confirmed: std::sync::atomic::AtomicU64::new(0),
             unknown_key_refresh: std::sync::atomic::AtomicU64::new(0),
             receipt_key,
+            audit_key,
+            auditor: crate::audit::Auditor::default(),
             purges_held: AtomicBool::new(false),
         });
         let ctx: Arc<dyn sovra_coord::NodeContext> = Arc::new(Ctx(Arc::downgrade(&this)));
@@ -476,6 +488,49 @@ impl NodeState {
         }
         self.remove_orphans(&wanted);
         self.rebuild_collections(&view);
+        self.reconcile_audit(&view).await;
+    }
+
+    /// Opens this node's replica of its region's audit log when meta places
+    /// one here (founders initialise it, until it has formed), and closes and
+    /// deletes it when meta has moved it elsewhere.
+    async fn reconcile_audit(&self, view: &View) {
+        let me = self.config.node_id;
+        let placed = view.state.audit.get(&self.region);
+        let assigned = placed.is_some_and(|g| g.replicas.contains(&me));
+        let dir = self.config.data_dir.join("audit");
+        match (assigned, self.host.audit().is_some()) {
+            (true, false) => {
+                let init = placed
+                    .filter(|g| !g.formed && g.founders.contains(&me))
+                    .map(|g| g.founders.clone());
+                let budget = self.budget.clone();
+                let d = dir.clone();
+                let opened = match tokio::task::spawn_blocking(move || ReplicaStore::open(&d, &budget)).await {
+                    Ok(Ok(store)) => self.host.open_audit(store, init).await,
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(e.into()),
+                };
+                match opened {
+                    Ok(_) => tracing::info!(region = %self.region, "audit replica open"),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "audit replica failed to open; will retry"),
+                }
+            }
+            (false, true) if placed.is_some() => {
+                tracing::info!("the audit log moved off this node; deleting its replica");
+                let a = self.host.audit();
+                self.host.close_audit().await;
+                if let Some(a) = a {
+                    let sm = a.sm.clone();
+                    drop(a);
+                    let _ = tokio::task::spawn_blocking(move || sm.destroy()).await;
+                }
+            }
+            (false, false) if placed.is_some() && dir.exists() => {
+                let _ = remove_dir(&dir);
+            }
+            _ => {}
+        }
     }
 
     /// Deletes replica directories nothing here is assigned (a drop or a move

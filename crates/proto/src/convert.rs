@@ -165,6 +165,7 @@ pub fn spec_from(s: v1::CollectionSpec) -> Result<t::CollectionSpec, ApiError> {
         replication_factor: or_default(s.replication_factor, 1),
         default_retention_seconds: s.default_retention_seconds,
         require_lawful_basis: s.require_lawful_basis,
+        require_purpose: s.require_purpose,
     };
     spec.validate()?;
     Ok(spec)
@@ -191,6 +192,7 @@ pub fn spec_to(s: &t::CollectionSpec) -> v1::CollectionSpec {
         replication_factor: s.replication_factor,
         default_retention_seconds: s.default_retention_seconds,
         require_lawful_basis: s.require_lawful_basis,
+        require_purpose: s.require_purpose,
     }
 }
 

@@ -5,11 +5,12 @@
 //! Raft core has stopped.
 
 use crate::log_store::LogStore;
+use crate::audit_sm::AuditStateMachine;
 use crate::meta_sm::MetaStateMachine;
 use crate::metrics as m;
 use crate::network::{AddressBook, GroupNetwork, Peers};
 use crate::state_machine::ShardStateMachine;
-use crate::types::{GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, ShardResponse, TypeConfig};
+use crate::types::{AuditAppended, AuditBatch, AuditConfig, AuditGroupId, GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, ShardResponse, TypeConfig};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, SnapshotPolicy};
 use parking_lot::RwLock;
@@ -147,6 +148,8 @@ impl<C: GroupConfig> Replica<C> {
 pub type Group = Replica<TypeConfig>;
 /// This node's replica of the meta group (a voter or a learner).
 pub type MetaReplica = Replica<MetaConfig>;
+/// This node's replica of its region's audit group.
+pub type AuditReplica = Replica<AuditConfig>;
 
 impl Group {
     pub fn engine(&self) -> &Arc<ShardEngine> {
@@ -198,6 +201,7 @@ pub struct RaftHost {
     config: Arc<Config>,
     groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
     meta: RwLock<Option<Arc<MetaReplica>>>,
+    audit: RwLock<Option<Arc<AuditReplica>>>,
     /// Nodes of this node's region: they may forward writes to groups they
     /// hold no replica of.
     region_nodes: RwLock<BTreeSet<NodeId>>,
@@ -229,6 +233,7 @@ impl RaftHost {
             config,
             groups: RwLock::new(BTreeMap::new()),
             meta: RwLock::new(None),
+            audit: RwLock::new(None),
             region_nodes: RwLock::new(BTreeSet::new()),
             restarts: AtomicU64::new(0),
             residency_refused: AtomicU64::new(0),
@@ -363,21 +368,109 @@ impl RaftHost {
         Ok(g)
     }
 
+    /// Starts this node's replica of its region's audit group over its own
+    /// store. With `members` (the group's founders, from meta), a replica
+    /// never initialised is initialised with them; without, it waits to be
+    /// added by the leader.
+    pub async fn open_audit(&self, store: ReplicaStore, members: Option<BTreeSet<NodeId>>) -> anyhow::Result<Arc<AuditReplica>> {
+        let log = LogStore::<AuditConfig>::of(&store);
+        let sm = tokio::task::spawn_blocking(move || AuditStateMachine::open(store)).await??;
+        let id = AuditGroupId(self.region.clone());
+        let raft = self.new_raft::<AuditConfig>(&id, &sm, &log).await?;
+        if let Some(members) = members {
+            initialize(&raft, members).await?;
+        }
+        let g = Arc::new(AuditReplica {
+            id,
+            raft: RwLock::new(raft),
+            sm,
+            log,
+            restarts: AtomicU64::new(0),
+            lease: Default::default(),
+        });
+        *self.audit.write() = Some(g.clone());
+        Ok(g)
+    }
+
+    /// This node's audit replica, if it holds one.
+    pub fn audit(&self) -> Option<Arc<AuditReplica>> {
+        self.audit.read().clone()
+    }
+
+    /// Stops this node's audit replica; the caller deletes its directory.
+    pub async fn close_audit(&self) {
+        let g = self.audit.write().take();
+        if let Some(g) = g {
+            let _ = g.raft().shutdown().await;
+        }
+    }
+
+    /// Commits `batch` in this region's audit group: through this node's
+    /// replica (forwarded to the leader if need be), or, on a node without
+    /// one, through the first of `via` (the group's replicas) that takes it.
+    /// Answers once the records are committed and applied on the leader.
+    pub async fn audit_write(&self, region: &RegionId, batch: AuditBatch, via: &[NodeId]) -> Result<(u64, AuditAppended), ApiError> {
+        let id = AuditGroupId(region.clone());
+        if *region == self.region
+            && let Some(g) = self.audit()
+        {
+            return self.write_checked(&g, batch).await;
+        }
+        let within = self.settings.write_timeout;
+        let deadline = Instant::now() + within;
+        let mut why = Vec::new();
+        for &n in via {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            match self.forward::<AuditConfig>(n, &id, &batch, remaining).await {
+                Ok(answer) => return answer,
+                Err(s) => why.push(format!("node {n}: {}", s.message())),
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "no replica of {id} committed the audit records within {} ms ({})",
+            within.as_millis(),
+            if why.is_empty() { "none is known".to_string() } else { why.join("; ") }
+        )))
+    }
+
     /// On the meta leader: makes `voters` the meta group's voters and
-    /// `learners` its learners (each added as a learner first, so it catches up
-    /// before it counts in a quorum); members in neither are removed. Changes
-    /// nothing when the membership already matches. Elsewhere: FAILED_PRECONDITION
-    /// naming the leader.
+    /// `learners` its learners ([`Self::set_members_in`]).
     pub async fn meta_set_members(&self, voters: BTreeSet<NodeId>, learners: BTreeSet<NodeId>) -> Result<bool, ApiError> {
-        use openraft::ChangeMembers;
         let g = self
             .meta()
             .ok_or_else(|| ApiError::unavailable(format!("node {} runs no meta replica", self.me)))?;
+        self.set_members_in(&g, voters, learners).await
+    }
+
+    /// On the audit group's leader: makes `voters` its members.
+    pub async fn audit_set_members(&self, voters: BTreeSet<NodeId>) -> Result<bool, ApiError> {
+        let g = self
+            .audit()
+            .ok_or_else(|| ApiError::unavailable(format!("node {} holds no audit replica", self.me)))?;
+        self.set_members_in(&g, voters, BTreeSet::new()).await
+    }
+
+    /// On `g`'s leader: makes `voters` the group's voters and `learners` its
+    /// learners (each added as a learner first, so it catches up before it
+    /// counts in a quorum); members in neither are removed. Changes nothing
+    /// when the membership already matches. Elsewhere: FAILED_PRECONDITION
+    /// naming the leader.
+    pub async fn set_members_in<C: GroupConfig<Responder = openraft::impls::OneshotResponder<C>>>(
+        &self,
+        g: &Replica<C>,
+        voters: BTreeSet<NodeId>,
+        learners: BTreeSet<NodeId>,
+    ) -> Result<bool, ApiError> {
+        use openraft::ChangeMembers;
         let raft = g.raft();
         if g.leader() != Some(self.me) {
             return Err(ApiError::precondition(format!(
-                "node {} does not lead the meta group; {}",
+                "node {} does not lead group {}; {}",
                 self.me,
+                g.id,
                 self.leader_text(g.leader())
             )));
         }
@@ -388,7 +481,8 @@ impl RaftHost {
         if have_voters == voters && have_all == want_all && current.get_joint_config().len() == 1 {
             return Ok(false);
         }
-        let fail = |e: String| ApiError::unavailable(format!("changing the meta group's members failed: {e}"));
+        let id = g.id.clone();
+        let fail = |e: String| ApiError::unavailable(format!("changing the members of group {id} failed: {e}"));
         let within = self.settings.write_timeout;
         for n in want_all.difference(&have_all) {
             // Blocking: returns once the learner has caught up with the leader.
@@ -462,6 +556,7 @@ impl RaftHost {
         if let Some(m) = meta {
             let _ = m.raft().shutdown().await;
         }
+        self.close_audit().await;
     }
 
     fn group_or_unavailable(&self, id: &ShardId) -> Result<Arc<Group>, ApiError> {
@@ -1014,20 +1109,38 @@ impl RaftHost {
         }
     }
 
-    /// The watchdog's pass over the meta replica: restarts its core if it stopped.
+    /// The watchdog's pass over the meta and audit replicas: restarts a
+    /// core that stopped (the audit state machine reloaded from disk first).
     async fn meta_watchdog_pass(&self) {
-        let Some(g) = self.meta() else { return };
+        if let Some(g) = self.meta()
+            && self.core_stopped(&g, "meta").await
+            && self.restart_core(&g).await
+        {
+            metrics::counter!(m::WATCHDOG_RESTARTS, "group" => "meta").increment(1);
+        }
+        if let Some(g) = self.audit()
+            && self.core_stopped(&g, "audit").await
+        {
+            let sm = g.sm.clone();
+            let reopened = tokio::task::spawn_blocking(move || sm.recover()).await;
+            if matches!(reopened, Ok(Ok(()))) && self.restart_core(&g).await {
+                metrics::counter!(m::WATCHDOG_RESTARTS, "group" => "audit").increment(1);
+            }
+        }
+    }
+
+    /// Whether `g`'s core has stopped (then shut down, for a restart).
+    async fn core_stopped<C: GroupConfig>(&self, g: &Replica<C>, what: &str) -> bool {
         let raft = g.raft();
         let mut rx = raft.metrics();
         let core_gone = rx.has_changed().is_err();
         let fatal = rx.borrow_and_update().running_state.clone().err();
-        if (core_gone || fatal.is_some()) && self.meta().is_some() {
-            tracing::error!(fatal = ?fatal, "meta raft core stopped; restarting it");
+        if core_gone || fatal.is_some() {
+            tracing::error!(group = what, fatal = ?fatal, "raft core stopped; restarting it");
             let _ = raft.shutdown().await;
-            if self.restart_core(&g).await {
-                metrics::counter!(m::WATCHDOG_RESTARTS, "group" => "meta").increment(1);
-            }
+            return true;
         }
+        false
     }
 
     pub fn restarts(&self) -> u64 {

@@ -1,6 +1,7 @@
 //! Replication: one Raft machinery (log store, network, host) generic over a
 //! group kind ([`types::GroupConfig`]), running every shard group (replicas on
-//! different nodes of the shard's region) and the cluster's one meta group.
+//! different nodes of the shard's region), each region's audit group (on
+//! nodes of the region) and the cluster's one meta group.
 //!
 //! - [`types`]: the type configurations (a shard entry is one client batch, a
 //!   meta entry one `MetaCommand`) and the group-kind trait.
@@ -8,6 +9,9 @@
 //! - [`state_machine`] and [`snapshot`]: the shard engine as the state machine;
 //!   snapshots as streamed, digest-checked files, region-checked on install.
 //! - [`meta_sm`]: `sovra_meta::MetaState` as the meta group's state machine.
+//! - [`audit_sm`]: a region's audit log (`sovra_audit`) as its audit group's
+//!   state machine: chained lines, a time index, snapshots checked against
+//!   the tree.
 //!
 //! - [`network`], [`server`]: node-to-node gRPC (`sovra.raft.v1`), one pooled
 //!   channel per peer, an address book, bounded AppendEntries.
@@ -24,6 +28,7 @@
 // would not make anything smaller.
 #![allow(clippy::result_large_err)]
 
+pub mod audit_sm;
 pub mod auth;
 pub mod fault;
 pub mod host;
@@ -38,9 +43,9 @@ pub mod types;
 
 pub use auth::ClusterSecret;
 pub use fault::{Faults, Rule};
-pub use host::{Group, MetaReplica, RaftHost, RaftSettings, ReadLevel, Replica, WriteAck};
+pub use host::{AuditReplica, Group, MetaReplica, RaftHost, RaftSettings, ReadLevel, Replica, WriteAck};
 pub use log_store::LogStore;
 pub use meta_sm::MetaStateMachine;
 pub use network::AddressBook;
 pub use state_machine::ShardStateMachine;
-pub use types::{GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, Raft, TypeConfig};
+pub use types::{AuditAppended, AuditBatch, AuditConfig, AuditGroupId, GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, Raft, TypeConfig};

@@ -28,7 +28,7 @@ const CURRENT: &str = "current.snap";
 const MAGIC: &[u8; 8] = b"SOVRAMET";
 /// Format of a meta snapshot file and of the persisted state; bumped whenever
 /// `MetaState` changes encoding.
-pub const META_FORMAT: u32 = 2;
+pub const META_FORMAT: u32 = 3;
 
 /// What the meta replica persists: the state and Raft's position in one record.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 //! the cluster secret ([`crate::auth`]); a group's messages are taken only from
 //! a voter or learner of its current membership.
 
-use crate::host::{Group, MetaReplica, RaftHost, Replica};
+use crate::host::{AuditReplica, Group, MetaReplica, RaftHost, Replica};
 use crate::snapshot;
 use crate::types::{GroupConfig, NodeId};
 use openraft::error::RaftError;
@@ -51,10 +51,15 @@ pub fn cluster_service(
 enum Target {
     Shard(Arc<Group>),
     Meta(Arc<MetaReplica>),
+    Audit(Arc<AuditReplica>),
 }
 
 fn is_meta(g: &Option<pb::GroupId>) -> bool {
     g.as_ref().is_some_and(|g| g.kind == pb::GroupKind::Meta as i32)
+}
+
+fn is_audit(g: &Option<pb::GroupId>) -> bool {
+    g.as_ref().is_some_and(|g| g.kind == pb::GroupKind::Audit as i32)
 }
 
 fn shard_of(g: Option<pb::GroupId>) -> Result<ShardId, Status> {
@@ -93,6 +98,42 @@ impl RaftService {
             self.host.meta_write(cmd).await.map_err(|e| sovra_proto::status_of(&e))?
         };
         propose_reply(index, &response)
+    }
+
+    /// An audit batch from another node: a member proposes it here (never
+    /// forwarded again); any other node (a coordinator whose call touched
+    /// this region) has it passed on to the leader. Records hold no vector
+    /// or subject id, so any cluster node may send them; only this region's
+    /// nodes hold them.
+    async fn propose_audit(&self, r: pb::ProposeRequest) -> Result<Response<pb::ProposeReply>, Status> {
+        let a = self.audit_replica(r.group, "propose")?;
+        let batch: crate::types::AuditBatch = decode(&r.command)?;
+        let (index, response) = if a.admits(r.from) {
+            self.host.propose_in(&a, batch).await?
+        } else {
+            self.host
+                .audit_write(&self.host.region, batch, &[])
+                .await
+                .map_err(|e| sovra_proto::status_of(&e))?
+        };
+        propose_reply(index, &response)
+    }
+
+    /// This node's audit replica, when `g` names its region's audit group;
+    /// another region's is refused (R2: its records stay in their region).
+    fn audit_replica(&self, g: Option<pb::GroupId>, rpc: &'static str) -> Result<Arc<AuditReplica>, Status> {
+        let region = g.map(|g| g.region).unwrap_or_default();
+        if region != self.host.region.as_str() {
+            self.host.residency_refused.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::RESIDENCY_REFUSED, "node" => self.host.me.to_string(), "rpc" => rpc).increment(1);
+            return Err(Status::permission_denied(format!(
+                "R2: node {} is in region {}; the audit group of region {region:?} is not held here",
+                self.host.me, self.host.region
+            )));
+        }
+        self.host
+            .audit()
+            .ok_or_else(|| Status::not_found(format!("node {} holds no replica of audit/{region} (yet)", self.host.me)))
     }
 }
 
@@ -167,6 +208,7 @@ impl RaftService {
         match &t {
             Target::Meta(m) => check_member(m, from)?,
             Target::Shard(s) => check_member(s, from)?,
+            Target::Audit(a) => check_member(a, from)?,
         }
         Ok(t)
     }
@@ -180,6 +222,9 @@ impl RaftService {
                 .meta()
                 .ok_or_else(|| Status::not_found(format!("node {} runs no meta replica", self.host.me)))?;
             return Ok(Target::Meta(m));
+        }
+        if is_audit(&g) {
+            return Ok(Target::Audit(self.audit_replica(g, rpc)?));
         }
         Ok(Target::Shard(self.shard_group(g, rpc)?))
     }
@@ -200,6 +245,7 @@ impl RaftRpc for RaftService {
         match self.any_target(r.group, "append_entries")? {
             Target::Shard(g) => append(&g, r.from, &r.payload).await,
             Target::Meta(m) => append(&m, r.from, &r.payload).await,
+            Target::Audit(a) => append(&a, r.from, &r.payload).await,
         }
     }
 
@@ -208,6 +254,7 @@ impl RaftRpc for RaftService {
         match self.any_target(r.group, "vote")? {
             Target::Shard(g) => vote(&g, r.from, &r.payload).await,
             Target::Meta(m) => vote(&m, r.from, &r.payload).await,
+            Target::Audit(a) => vote(&a, r.from, &r.payload).await,
         }
     }
 
@@ -215,6 +262,7 @@ impl RaftRpc for RaftService {
         let r = req.into_inner();
         let g = match self.target(r.group, r.from, "install_snapshot")? {
             Target::Meta(m) => return install(&m, decode(&r.payload)?).await,
+            Target::Audit(a) => return install(&a, decode(&r.payload)?).await,
             Target::Shard(g) => g,
         };
         let msg: InstallSnapshotRequest<crate::types::TypeConfig> = decode(&r.payload)?;
@@ -238,6 +286,9 @@ impl RaftRpc for RaftService {
         let r = req.into_inner();
         if is_meta(&r.group) {
             return self.propose_meta(r).await;
+        }
+        if is_audit(&r.group) {
+            return self.propose_audit(r).await;
         }
         let id = shard_of(r.group)?;
         self.host.check_residency(&id, "propose")?;
@@ -270,6 +321,7 @@ impl RaftRpc for RaftService {
         let index = match self.target(r.group, r.from, "read_index")? {
             Target::Shard(g) => self.host.read_index_in(&g).await?,
             Target::Meta(m) => self.host.read_index_in(&m).await?,
+            Target::Audit(a) => self.host.read_index_in(&a).await?,
         };
         Ok(Response::new(pb::ReadIndexReply { index }))
     }
@@ -277,10 +329,11 @@ impl RaftRpc for RaftService {
     async fn wait_applied(&self, req: Request<pb::WaitAppliedRequest>) -> Result<Response<pb::WaitAppliedReply>, Status> {
         let r = req.into_inner();
         let within = Duration::from_millis(r.within_ms.min(MAX_WAIT_APPLIED_MS));
-        let (applied, fenced) = if is_meta(&r.group) {
+        let (applied, fenced) = if is_meta(&r.group) || is_audit(&r.group) {
             match self.target(r.group, r.from, "wait_applied")? {
                 Target::Meta(m) => (self.host.wait_applied_in(&m, r.index, within).await, false),
-                Target::Shard(_) => unreachable!("a meta group id names the meta replica"),
+                Target::Audit(a) => (self.host.wait_applied_in(&a, r.index, within).await, false),
+                Target::Shard(_) => unreachable!("a meta or audit group id names that replica"),
             }
         } else {
             let id = shard_of(r.group.clone())?;

@@ -9,7 +9,7 @@ use openraft::{AnyError, EmptyNode, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 use sovra_meta::{Applied, MetaCommand, Refused};
 use sovra_proto::raft as pb;
-use sovra_types::{ShardCommand, ShardId};
+use sovra_types::{RegionId, ShardCommand, ShardId};
 use std::fmt::{Debug, Display};
 use std::future::Future;
 
@@ -51,6 +51,44 @@ openraft::declare_raft_types!(
         SnapshotData = SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// A group-committed batch of audit records: one Raft entry, so one fsync
+/// and one round for every call whose record it carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditBatch {
+    pub records: Vec<sovra_audit::Record>,
+}
+
+/// Where a batch's records landed in the log: the first one's sequence
+/// number, and the log's size after them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditAppended {
+    pub first_seq: u64,
+    pub size: u64,
+}
+
+openraft::declare_raft_types!(
+    /// A region's audit group: entries carry [`AuditBatch`]es; records hold
+    /// no vector and no subject id.
+    pub AuditConfig:
+        D = AuditBatch,
+        R = AuditAppended,
+        NodeId = u64,
+        Node = EmptyNode,
+        Entry = openraft::Entry<AuditConfig>,
+        SnapshotData = SnapshotFile,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A region's audit group: one per region, on nodes of that region only.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuditGroupId(pub RegionId);
+
+impl Display for AuditGroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "audit/{}", self.0)
+    }
+}
 
 /// The meta group's id: there is one per cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -127,6 +165,23 @@ impl GroupConfig for MetaConfig {
     }
 
     async fn write(raft: &openraft::Raft<Self>, d: MetaCommand) -> WriteResult<Self> {
+        raft.client_write(d).await
+    }
+}
+
+impl GroupConfig for AuditConfig {
+    type Id = AuditGroupId;
+    type Sm = crate::audit_sm::AuditStateMachine;
+
+    fn group_pb(id: &AuditGroupId) -> pb::GroupId {
+        pb::GroupId {
+            region: id.0.to_string(),
+            kind: pb::GroupKind::Audit as i32,
+            ..Default::default()
+        }
+    }
+
+    async fn write(raft: &openraft::Raft<Self>, d: AuditBatch) -> WriteResult<Self> {
         raft.client_write(d).await
     }
 }

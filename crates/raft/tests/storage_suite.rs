@@ -29,6 +29,7 @@ fn spec(region: &str) -> CollectionSpec {
         replication_factor: 3,
         default_retention_seconds: 0,
         require_lawful_basis: false,
+        require_purpose: false,
     }
 }
 

@@ -24,6 +24,7 @@ pub fn spec(name: &str, dim: u32, metric: Metric) -> CollectionSpec {
         replication_factor: 1,
         default_retention_seconds: 0,
         require_lawful_basis: false,
+        require_purpose: false,
     }
 }
 

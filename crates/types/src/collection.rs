@@ -49,6 +49,11 @@ pub struct CollectionSpec {
     pub replication_factor: u32,
     pub default_retention_seconds: u64,
     pub require_lawful_basis: bool,
+    /// Every call on the collection must say why (request metadata
+    /// `x-purpose`; INVALID_ARGUMENT without it): the purpose goes into the
+    /// call's audit record.
+    #[serde(default)]
+    pub require_purpose: bool,
 }
 
 impl CollectionSpec {
@@ -151,6 +156,7 @@ mod tests {
             replication_factor: 1,
             default_retention_seconds: 0,
             require_lawful_basis: false,
+            require_purpose: false,
         }
     }
 

@@ -22,6 +22,7 @@ fn spec(regions: &[(usize, u32)], rf: u32) -> CollectionSpec {
         replication_factor: rf,
         default_retention_seconds: 0,
         require_lawful_basis: false,
+        require_purpose: false,
     }
 }
 

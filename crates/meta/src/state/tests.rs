@@ -42,6 +42,7 @@ fn spec(rf: u32) -> CollectionSpec {
         replication_factor: rf,
         default_retention_seconds: 0,
         require_lawful_basis: false,
+        require_purpose: false,
     }
 }
 

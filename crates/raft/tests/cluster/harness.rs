@@ -72,6 +72,7 @@ pub fn spec(dim: u32) -> CollectionSpec {
         replication_factor: 3,
         default_retention_seconds: 0,
         require_lawful_basis: false,
+        require_purpose: false,
     }
 }
 

@@ -16,6 +16,7 @@ fn spec(metric: Metric) -> CollectionSpec {
         replication_factor: 1,
         default_retention_seconds: 60,
         require_lawful_basis: true,
+        require_purpose: false,
     }
 }
 
