@@ -232,6 +232,9 @@ pub struct Record {
     pub results: u64,
     /// Hex SHA-256 of the query vector, when there was one.
     pub query_sha256: Option<String>,
+    /// What the call acted on, when that is no personal data: a key id, an
+    /// erasure job id, an opt-out template id, a region.
+    pub target: Option<String>,
     /// How it ended: a gRPC code name (`OK`, `PERMISSION_DENIED`, ...).
     pub status: String,
 }

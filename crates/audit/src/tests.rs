@@ -145,6 +145,7 @@ fn the_logs_own_lines_verify_and_hold_only_a_hash_of_the_query() {
             shards: 2,
             results: i,
             query_sha256: Some(vector_sha256(&query)),
+            target: None,
             status: "OK".into(),
         }));
     }
@@ -170,6 +171,7 @@ fn the_logs_own_lines_verify_and_hold_only_a_hash_of_the_query() {
         shards: 2,
         results: 3,
         query_sha256: None,
+        target: None,
         status: "OK".into(),
     }));
     assert_eq!(check(&more, &resumed.checkpoint(&key(), "sovra-audit/uk")), Ok(13));

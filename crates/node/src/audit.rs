@@ -52,6 +52,7 @@ struct NoteInner {
     shards: u32,
     results: u64,
     query_sha256: Option<String>,
+    target: Option<String>,
 }
 
 fn parse_purpose(md: &tonic::metadata::MetadataMap) -> Result<String, ApiError> {
@@ -110,6 +111,12 @@ impl Note {
         self.inner.lock().results = n;
     }
 
+    /// What the call acted on, when that is no personal data: a key id, an
+    /// erasure job, a template id, a region.
+    pub fn target(&self, t: &str) {
+        self.inner.lock().target = Some(t.to_string());
+    }
+
     /// The query (or probe) vector, kept only as its SHA-256.
     pub fn query(&self, v: &[f32]) {
         self.inner.lock().query_sha256 = Some(sovra_audit::vector_sha256(v));
@@ -137,6 +144,7 @@ impl Note {
                 shards: i.shards,
                 results: i.results,
                 query_sha256: i.query_sha256.clone(),
+                target: i.target.clone(),
                 status: status.to_string(),
             },
         ))

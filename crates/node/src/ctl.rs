@@ -80,6 +80,7 @@ mod tests {
                     shards: 1,
                     results: i,
                     query_sha256: None,
+                    target: None,
                     status: "OK".into(),
                 })
             })

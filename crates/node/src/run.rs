@@ -5,11 +5,11 @@
 
 use crate::config::NodeConfig;
 use crate::metrics as m;
-use crate::service::{AdminService, CollectionsService, ErasureService, PointsService, SearchService};
+use crate::service::{AdminService, AuditService, CollectionsService, ErasureService, PointsService, SearchService};
 use crate::state::NodeState;
 use anyhow::Context;
 use sovra_proto::v1::{
-    admin_server::AdminServer, collections_server::CollectionsServer, erasure_server::ErasureServer, points_server::PointsServer,
+    admin_server::AdminServer, audit_server::AuditServer, collections_server::CollectionsServer, erasure_server::ErasureServer, points_server::PointsServer,
     search_server::SearchServer,
 };
 use sovra_raft::Faults;
@@ -119,6 +119,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
         )
         .add_service(AdminServer::new(AdminService { state: state.clone() }))
         .add_service(ErasureServer::new(ErasureService { state: state.clone() }))
+        .add_service(AuditServer::new(AuditService { state: state.clone() }))
         .serve_with_incoming_shutdown(incoming(grpc), shutdown());
     let leaf = tonic::service::interceptor::InterceptedService::new(
         sovra_proto::raft::leaf_server::LeafServer::new(sovra_coord::LeafService {

@@ -193,13 +193,16 @@ impl AuditStateMachine {
         self.0.store.destroy()
     }
 
-    /// Up to `limit` lines from sequence number `from`, in order. Blocking.
-    pub fn lines_from(&self, from: u64, limit: usize) -> Result<Lines, sled::Error> {
+    /// Up to `limit` lines (and about `max_bytes`, at least one line) from
+    /// sequence number `from`, in order. Blocking.
+    pub fn lines_from(&self, from: u64, limit: usize, max_bytes: usize) -> Result<Lines, sled::Error> {
         let size = self.head().0;
         let mut out = Lines::default();
+        let mut used = 0;
         for kv in self.0.tree.range(record_key(from)..record_key(size)) {
             let (k, v) = kv?;
-            if out.lines.len() == limit {
+            used += v.len();
+            if out.lines.len() == limit || (used > max_bytes && !out.lines.is_empty()) {
                 let seq = u64::from_be_bytes(k[1..9].try_into().expect("record key"));
                 out.next = Some((seq, 0));
                 break;
@@ -209,10 +212,17 @@ impl AuditStateMachine {
         Ok(out)
     }
 
-    /// Up to `limit` lines whose record time is in `[from_ms, to_ms)`, by
-    /// time then sequence, starting at cursor `after` (a previous page's
-    /// `next`: time, sequence). Blocking.
-    pub fn lines_between(&self, from_ms: u64, to_ms: u64, after: Option<(u64, u64)>, limit: usize) -> Result<Lines, sled::Error> {
+    /// Up to `limit` lines (and about `max_bytes`, at least one line) whose
+    /// record time is in `[from_ms, to_ms)`, by time then sequence, starting
+    /// at cursor `after` (a previous page's `next`: time, sequence). Blocking.
+    pub fn lines_between(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        after: Option<(u64, u64)>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Lines, sled::Error> {
         let start = match after {
             Some((at, seq)) => time_key(at, seq),
             None => time_key(from_ms, 0),
@@ -221,17 +231,18 @@ impl AuditStateMachine {
         if from_ms >= to_ms {
             return Ok(out);
         }
+        let mut used = 0;
         for kv in self.0.tree.range(start..time_key(to_ms, 0)) {
             let (k, _) = kv?;
             let at = u64::from_be_bytes(k[1..9].try_into().expect("time key"));
             let seq = u64::from_be_bytes(k[9..17].try_into().expect("time key"));
-            if out.lines.len() == limit {
+            let Some(v) = self.0.tree.get(record_key(seq))? else { continue };
+            used += v.len();
+            if out.lines.len() == limit || (used > max_bytes && !out.lines.is_empty()) {
                 out.next = Some((at, seq));
                 break;
             }
-            if let Some(v) = self.0.tree.get(record_key(seq))? {
-                out.lines.push(String::from_utf8_lossy(&v).into_owned());
-            }
+            out.lines.push(String::from_utf8_lossy(&v).into_owned());
         }
         Ok(out)
     }
@@ -533,6 +544,7 @@ mod tests {
             shards: 1,
             results: 0,
             query_sha256: None,
+            target: None,
             status: "OK".into(),
         };
         let lines: Vec<String> = (0..3).map(|_| log.append(&r)).collect();

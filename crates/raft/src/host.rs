@@ -992,6 +992,16 @@ impl RaftHost {
         Ok(g)
     }
 
+    /// Returns once this node's audit replica reflects every record committed
+    /// before the call.
+    pub async fn audit_barrier(&self) -> Result<Arc<AuditReplica>, ApiError> {
+        let g = self
+            .audit()
+            .ok_or_else(|| ApiError::precondition(format!("node {} holds no replica of its region's audit log", self.me)))?;
+        self.barrier_in(&g, ReadLevel::Linearizable).await?;
+        Ok(g)
+    }
+
     async fn barrier_in<C: GroupConfig>(&self, g: &Replica<C>, level: ReadLevel) -> Result<(), ApiError> {
         let id = &g.id;
         let wait = self.settings.read_wait;

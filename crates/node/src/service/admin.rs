@@ -2,7 +2,8 @@
 //! a secret is shown once and only its SHA-256 kept) and region policies.
 //! Every call needs the admin scope.
 
-use super::observe;
+use super::{audited, observe};
+use crate::audit::Note;
 use crate::state::NodeState;
 use sovra_meta::MetaCommand;
 use sovra_meta::keys::{ApiKeyRecord, Regions, Scopes, format_key, hash_secret, valid_key_id};
@@ -87,8 +88,10 @@ fn policy_to(region: &RegionId, p: &RegionPolicy) -> v1::RegionPolicy {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn create_key(&self, req: Request<v1::CreateKeyRequest>) -> Result<Response<v1::CreateKeyResponse>, Status> {
-        observe("create_key", async {
+        let note = Note::new("create_key", req.metadata());
+        audited(&self.state, "create_key", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             caller.require_admin("CreateKey")?;
             let req = req.into_inner();
             if !valid_key_id(&req.id) {
@@ -101,6 +104,7 @@ impl Admin for AdminService {
                 req.scopes
                     .ok_or_else(|| ApiError::invalid("scopes is missing: say what the key may do"))?,
             )?;
+            note.target(&req.id);
             let secret = crate::cluster::new_secret();
             let rec = ApiKeyRecord {
                 id: req.id.clone(),
@@ -124,8 +128,10 @@ impl Admin for AdminService {
     }
 
     async fn list_keys(&self, req: Request<v1::ListKeysRequest>) -> Result<Response<v1::ListKeysResponse>, Status> {
-        observe("list_keys", async {
+        let note = Note::new("list_keys", req.metadata());
+        audited(&self.state, "list_keys", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             caller.require_admin("ListKeys")?;
             self.state.refresh_view().await;
             Ok(v1::ListKeysResponse {
@@ -147,10 +153,13 @@ impl Admin for AdminService {
     }
 
     async fn revoke_key(&self, req: Request<v1::RevokeKeyRequest>) -> Result<Response<v1::RevokeKeyResponse>, Status> {
-        observe("revoke_key", async {
+        let note = Note::new("revoke_key", req.metadata());
+        audited(&self.state, "revoke_key", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             caller.require_admin("RevokeKey")?;
             let id = req.into_inner().id;
+            note.target(&id);
             let view = self.state.view();
             let admins = view.state.api_keys.values().filter(|k| k.scopes.admin).count();
             if view.state.api_keys.get(&id).is_some_and(|k| k.scopes.admin) && admins == 1 {
@@ -170,14 +179,17 @@ impl Admin for AdminService {
     }
 
     async fn set_region_policy(&self, req: Request<v1::SetRegionPolicyRequest>) -> Result<Response<v1::RegionPolicy>, Status> {
-        observe("set_region_policy", async {
+        let note = Note::new("set_region_policy", req.metadata());
+        audited(&self.state, "set_region_policy", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             caller.require_admin("SetRegionPolicy")?;
             let p = req
                 .into_inner()
                 .policy
                 .ok_or_else(|| ApiError::invalid("policy is missing: name the region and where its results may go"))?;
             let region = RegionId::parse(&p.region).map_err(|e| e.at("policy.region"))?;
+            note.target(region.as_str());
             let mut to = BTreeSet::new();
             for (i, r) in p.results_may_go_to.iter().enumerate() {
                 let r = RegionId::parse(r).map_err(|e| e.at(&format!("policy.results_may_go_to[{i}]")))?;

@@ -14,7 +14,8 @@
 //! signed with the cluster's key.
 
 use super::points::{check_writes, group, ids_from, record_ack, with_committed};
-use super::{now_ms, observe, parse_filter};
+use super::{audited, now_ms, observe, parse_filter};
+use crate::audit::Note;
 use crate::state::NodeState;
 use sovra_meta::MetaCommand;
 use sovra_meta::erasure::{EraseKind, JobState, Receipt};
@@ -32,13 +33,17 @@ pub struct ErasureService {
 #[tonic::async_trait]
 impl ErasureRpc for ErasureService {
     async fn erase(&self, req: Request<v1::EraseRequest>) -> Result<Response<v1::EraseResponse>, Status> {
-        observe("erase", async {
+        let note = Note::new("erase", req.metadata());
+        audited(&self.state, "erase", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             caller.require_data_protection("erasure")?;
             let req = req.into_inner();
             let c = self.state.collection_now(&req.collection).await?;
             caller.require_collection(&c.spec.name)?;
+            note.collection(&c.spec)?;
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            note.regions([&region]);
             let target = match req.target {
                 None => {
                     return Err(ApiError::invalid(
@@ -66,6 +71,7 @@ impl ErasureRpc for ErasureService {
                 _ => EraseKind::Region,
             };
             let job = format!("erase-{}", uuid::Uuid::new_v4().simple());
+            note.target(&job);
             let at_ms = now_ms();
             let salt: [u8; 32] = rand::random();
             let command = |target: EraseTarget| {
@@ -102,6 +108,7 @@ impl ErasureRpc for ErasureService {
             // of every command, before anything is written.
             check_writes(&self.state, &c, &per_shard)?;
             let shards = per_shard.len();
+            note.shards(shards);
             let start = MetaCommand::StartErasure {
                 job: job.clone(),
                 kind: meta_kind,
@@ -168,6 +175,7 @@ impl ErasureRpc for ErasureService {
                 tracing::warn!(job = %job, waited_out = ?waited_out, "erasure acknowledged after waiting out replicas that did not confirm it");
             }
             tracing::info!(job = %job, kind, shards, erased = written.count, "erasure committed");
+            note.results(written.count);
             Ok(v1::EraseResponse {
                 job,
                 erased: written.count,

@@ -3,12 +3,14 @@
 //! sled flushes must not stall the async runtime).
 
 mod admin;
+mod audit;
 mod collections;
 mod erasure;
 mod points;
 mod search;
 
 pub use admin::AdminService;
+pub use audit::AuditService;
 pub use collections::CollectionsService;
 pub use erasure::ErasureService;
 pub use points::PointsService;
@@ -46,6 +48,24 @@ pub(crate) async fn observe<T>(method: &'static str, body: impl Future<Output = 
     metrics::counter!(m::REQUESTS, "method" => method, "code" => code).increment(1);
     metrics::histogram!(m::REQUEST_SECONDS, "method" => method).record(start.elapsed().as_secs_f64());
     out.map(Response::new).map_err(|e| status_of(&e))
+}
+
+/// As [`observe`], for a call that is audited: once the body has an
+/// outcome, its record (`note`) is committed to its regions' audit logs, and
+/// only then is the call answered; if the record cannot be committed the call
+/// fails (fail closed), whatever the body answered.
+pub(crate) async fn audited<T>(
+    state: &std::sync::Arc<crate::state::NodeState>,
+    method: &'static str,
+    note: &crate::audit::Note,
+    body: impl Future<Output = Result<T, ApiError>>,
+) -> Result<Response<T>, Status> {
+    observe(method, async {
+        let out = body.await;
+        state.auditor.commit(state, note, out.as_ref().map(|_| ())).await?;
+        out
+    })
+    .await
 }
 
 /// A request's optional payload filter, converted and checked.

@@ -1,4 +1,5 @@
-use super::{AnswerBudget, ReadLevels, now_ms, observe, parse_filter};
+use super::{AnswerBudget, ReadLevels, audited, now_ms, parse_filter};
+use crate::audit::Note;
 use crate::state::{Collection, NodeState};
 use sovra_coord::wire::{GetQuery, ScrollQuery};
 use sovra_proto::convert::{point_from, point_id_from, point_to};
@@ -130,10 +131,13 @@ async fn readable(
     caller: &crate::auth::Caller,
     collection: &str,
     region: &str,
+    note: &Note,
 ) -> Result<(Arc<Collection>, RegionId), ApiError> {
     let c = state.collection_now(collection).await?;
     caller.require_collection(&c.spec.name)?;
+    note.collection(&c.spec)?;
     let region = check_region(&c.spec, region).map_err(|e| e.at("region"))?;
+    note.regions([&region]);
     caller.require_read(&region)?;
     check_policy(state, &region)?;
     Ok((c, region))
@@ -196,11 +200,14 @@ pub(super) fn group<T>(c: &Collection, items: Vec<(RegionId, PointId, T)>) -> Re
 #[tonic::async_trait]
 impl Points for PointsService {
     async fn upsert(&self, req: Request<v1::UpsertRequest>) -> Result<Response<v1::WriteResponse>, Status> {
-        observe("upsert", async {
+        let note = Note::new("upsert", req.metadata());
+        audited(&self.state, "upsert", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             let req = req.into_inner();
             let c = self.state.collection_now(&req.collection).await?;
             caller.require_collection(&c.spec.name)?;
+            note.collection(&c.spec)?;
             let records = req
                 .points
                 .into_iter()
@@ -212,22 +219,31 @@ impl Points for PointsService {
             for (i, r) in records.iter().enumerate() {
                 caller.require_write(&r.region).map_err(|e| e.at(&format!("points[{i}].region")))?;
             }
+            note.regions(records.iter().map(|r| &r.region));
             let keyed = records.into_iter().map(|r| (r.region.clone(), r.id, r)).collect();
-            let per_shard = group(&c, keyed)?
+            let per_shard: Vec<_> = group(&c, keyed)?
                 .into_iter()
                 .map(|(e, recs)| (e, ShardCommand::Upsert(recs)))
                 .collect();
-            write(&self.state, &c, per_shard).await
+            note.shards(per_shard.len());
+            let out = write(&self.state, &c, per_shard).await?;
+            note.results(out.count);
+            Ok(out)
         })
         .await
     }
 
     async fn get(&self, req: Request<v1::GetPointsRequest>) -> Result<Response<v1::GetPointsResponse>, Status> {
-        observe("get", async {
+        let note = Note::new("get", req.metadata());
+        audited(&self.state, "get", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             let req = req.into_inner();
-            let (c, region) = readable(&self.state, &caller, &req.collection, &req.region).await?;
+            let (c, region) = readable(&self.state, &caller, &req.collection, &req.region, &note).await?;
             let ids = ids_from(&req.ids)?;
+            let touched: std::collections::BTreeSet<u32> =
+                ids.iter().filter_map(|id| c.route(&region, id).ok()).map(|s| s.number).collect();
+            note.shards(touched.len());
             let levels = ReadLevels::parse(req.consistency, &req.after)?;
             let (with_vector, with_payload) = (req.with_vector, req.with_payload);
             let query = GetQuery {
@@ -259,16 +275,19 @@ impl Points for PointsService {
                 }
                 points.push(p);
             }
+            note.results(points.len() as u64);
             Ok(v1::GetPointsResponse { points })
         })
         .await
     }
 
     async fn scroll(&self, req: Request<v1::ScrollRequest>) -> Result<Response<v1::ScrollResponse>, Status> {
-        observe("scroll", async {
+        let note = Note::new("scroll", req.metadata());
+        audited(&self.state, "scroll", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             let req = req.into_inner();
-            let (c, region) = readable(&self.state, &caller, &req.collection, &req.region).await?;
+            let (c, region) = readable(&self.state, &caller, &req.collection, &req.region, &note).await?;
             let limit = match req.limit {
                 0 => DEFAULT_SCROLL_LIMIT,
                 n if n as usize > MAX_IDS_PER_REQUEST => {
@@ -316,6 +335,7 @@ impl Points for PointsService {
                 }
                 points.push(p);
             }
+            note.results(points.len() as u64);
             Ok(v1::ScrollResponse {
                 points,
                 next_cursor: next.map(|at| cursor_to(&region, &at)).unwrap_or_default(),
@@ -325,20 +345,27 @@ impl Points for PointsService {
     }
 
     async fn delete(&self, req: Request<v1::DeletePointsRequest>) -> Result<Response<v1::WriteResponse>, Status> {
-        observe("delete", async {
+        let note = Note::new("delete", req.metadata());
+        audited(&self.state, "delete", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
             let req = req.into_inner();
             let c = self.state.collection_now(&req.collection).await?;
             caller.require_collection(&c.spec.name)?;
+            note.collection(&c.spec)?;
             let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            note.regions([&region]);
             caller.require_write(&region)?;
             let ids = ids_from(&req.ids)?;
             let keyed = ids.into_iter().map(|id| (region.clone(), id, id)).collect();
-            let per_shard = group(&c, keyed)?
+            let per_shard: Vec<_> = group(&c, keyed)?
                 .into_iter()
                 .map(|(e, ids)| (e, ShardCommand::Delete(ids)))
                 .collect();
-            write(&self.state, &c, per_shard).await
+            note.shards(per_shard.len());
+            let out = write(&self.state, &c, per_shard).await?;
+            note.results(out.count);
+            Ok(out)
         })
         .await
     }

@@ -1,4 +1,5 @@
-use super::{AnswerBudget, ReadLevels, now_ms, observe, parse_filter};
+use super::{AnswerBudget, ReadLevels, audited, now_ms, parse_filter};
+use crate::audit::Note;
 use crate::auth::Caller;
 use crate::state::NodeState;
 use sovra_coord::plan::regions_to_ask;
@@ -19,9 +20,11 @@ pub struct SearchService {
 impl Search for SearchService {
     async fn search(&self, req: Request<v1::SearchRequest>) -> Result<Response<v1::SearchResponse>, Status> {
         let start = std::time::Instant::now();
-        observe("search", async {
+        let note = Note::new("search", req.metadata());
+        audited(&self.state, "search", &note, async {
             let caller = self.state.authenticate(req.metadata()).await?;
-            let mut answer = self.run(caller, req.into_inner()).await?;
+            note.caller(&caller)?;
+            let mut answer = self.run(caller, &note, req.into_inner()).await?;
             answer.took_us = start.elapsed().as_micros() as u64;
             Ok(answer)
         })
@@ -32,9 +35,10 @@ impl Search for SearchService {
 impl SearchService {
     /// Validates, picks the regions (R3), and hands the fan-out to the
     /// coordinator (`sovra_coord::Root`); then bounds and converts the answer.
-    async fn run(&self, caller: Caller, req: v1::SearchRequest) -> Result<v1::SearchResponse, ApiError> {
+    async fn run(&self, caller: Caller, note: &Note, req: v1::SearchRequest) -> Result<v1::SearchResponse, ApiError> {
         let c = self.state.collection_now(&req.collection).await?;
         caller.require_collection(&c.spec.name)?;
+        note.collection(&c.spec)?;
         if req.k == 0 || req.k > MAX_K {
             return Err(ApiError::invalid(format!("k is {}: it must be between 1 and {MAX_K}", req.k)));
         }
@@ -47,6 +51,7 @@ impl SearchService {
         .max(req.k);
         let levels = ReadLevels::parse(req.consistency, &req.after)?;
         let vector = prepare_vector(&c.spec, req.vector, "vector")?;
+        note.query(&vector);
         let filter = parse_filter(req.filter.as_ref())?;
         let mut requested: Vec<RegionId> = Vec::with_capacity(req.regions.len());
         for (i, r) in req.regions.iter().enumerate() {
@@ -60,6 +65,7 @@ impl SearchService {
         let view = self.state.view();
         let (ask, excluded) = regions_to_ask(&spanned, &requested, &caller.scopes.read, &view.state.policies, &self.state.region)
             .map_err(|e| caller.count_denial(e))?;
+        note.regions(&ask);
 
         let k = req.k as usize;
         let query = SearchQuery {
@@ -73,6 +79,7 @@ impl SearchService {
             now_ms: now_ms(),
         };
         let result = self.state.root().search(&c.spec.name, &ask, query, |s| levels.for_shard(s)).await?;
+        note.shards(result.shards.len());
         let statuses: Vec<v1::ShardStatus> = result
             .shards
             .iter()
@@ -148,6 +155,7 @@ impl SearchService {
             }
             hits.push(scored);
         }
+        note.results(hits.len() as u64);
         Ok(v1::SearchResponse {
             hits,
             shards: statuses,
