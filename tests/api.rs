@@ -493,8 +493,8 @@ async fn data_survives_a_clean_restart_and_metrics_are_served() {
     assert!(body.contains("sovra_cluster_nodes{node=\"1\",status=\"up\"} 1"), "{body}");
     assert!(body.contains("sovra_meta_is_leader{node=\"1\"} 1"), "{body}");
     assert!(
-        body.contains("sovra_replicas_open{node=\"1\"} 4"),
-        "three shards and the meta replica: {body}"
+        body.contains("sovra_replicas_open{node=\"1\"} 5"),
+        "three shards, the meta replica and the audit replica: {body}"
     );
 
     let key = n.key.clone();

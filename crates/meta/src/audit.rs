@@ -115,7 +115,10 @@ mod tests {
         assert_eq!(choose_audit_replicas(&nodes, &uk, &first).unwrap(), BTreeSet::from([1, 2, 5]));
         // With no node to take its place, it is kept (it may be restarting).
         let only = vec![node(1, "uk", "a", NodeStatus::Down)];
-        assert_eq!(choose_audit_replicas(&only, &uk, &BTreeSet::from([1])).unwrap(), BTreeSet::from([1]));
+        assert_eq!(
+            choose_audit_replicas(&only, &uk, &BTreeSet::from([1])).unwrap(),
+            BTreeSet::from([1])
+        );
         assert_eq!(choose_audit_replicas(&only, &uk, &none), None);
         // A region that grows from one node is filled up to three.
         let grown = choose_audit_replicas(&nodes, &uk, &BTreeSet::from([2])).unwrap();

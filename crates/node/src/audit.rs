@@ -56,7 +56,9 @@ struct NoteInner {
 }
 
 fn parse_purpose(md: &tonic::metadata::MetadataMap) -> Result<String, ApiError> {
-    let Some(v) = md.get(PURPOSE_HEADER) else { return Ok(String::new()) };
+    let Some(v) = md.get(PURPOSE_HEADER) else {
+        return Ok(String::new());
+    };
     let text = v
         .to_str()
         .map_err(|_| ApiError::invalid(format!("{PURPOSE_HEADER} must be printable ASCII")))?
@@ -252,16 +254,35 @@ async fn batcher(state: std::sync::Weak<NodeState>, region: RegionId, mut rx: mp
             let _permit = permit;
             let (records, waiters): (Vec<Record>, Vec<_>) = batch.into_iter().map(|p| (p.record, p.done)).unzip();
             metrics::histogram!(crate::metrics::AUDIT_BATCH).record(records.len() as f64);
-            let via = replicas_of(&state, &region);
-            let out = state
-                .host
-                .audit_write(&region, AuditBatch { records }, &via)
-                .await
-                .map(|_| ());
+            let out = commit_batch(&state, &region, AuditBatch { records }).await;
             for w in waiters {
                 let _ = w.send(out.clone());
             }
         });
+    }
+}
+
+/// Commits one batch, retrying within the write timeout while the region's
+/// log cannot take it yet (just placed, electing, a replica opening).
+async fn commit_batch(state: &Arc<NodeState>, region: &RegionId, batch: AuditBatch) -> Result<(), ApiError> {
+    let deadline = std::time::Instant::now() + state.host.settings.write_timeout;
+    loop {
+        let via = replicas_of(state, region);
+        let placed = !via.is_empty() || (*region == state.region && state.host.audit().is_some());
+        let out = if placed {
+            state.host.audit_write(region, batch.clone(), &via).await.map(|_| ())
+        } else {
+            Err(ApiError::unavailable(format!(
+                "region {region}'s audit log is not placed yet (no node holds it)"
+            )))
+        };
+        match out {
+            Err(e) if e.code == ErrorCode::Unavailable && std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e.message, "audit batch not committed yet; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -305,10 +326,7 @@ pub async fn audit_loop(state: Arc<NodeState>, mut stop: tokio::sync::watch::Rec
                     tracing::info!(region = %region, replicas = ?want, "placing the region's audit log");
                     if let Err(e) = state
                         .host
-                        .meta_write(MetaCommand::SetAuditReplicas {
-                            region,
-                            replicas: want,
-                        })
+                        .meta_write(MetaCommand::SetAuditReplicas { region, replicas: want })
                         .await
                     {
                         tracing::warn!(error = %e.message, "placing an audit log failed; will retry");

@@ -69,7 +69,10 @@ pub fn handle() -> PrometheusHandle {
                 "nodes of the cluster by status (joining, up, draining, down) in this node's view"
             );
             metrics::describe_gauge!(META_IS_LEADER, "1 on the meta group's leader");
-            metrics::describe_gauge!(REPLICAS_OPEN, "replica databases open on this node (its meta replica included)");
+            metrics::describe_gauge!(
+                REPLICAS_OPEN,
+                "replica databases open on this node (its meta and audit replicas included)"
+            );
             metrics::describe_gauge!(
                 REPLICA_SHARES,
                 "replica databases the page-cache budget is shared among (max_replicas)"

@@ -9,8 +9,8 @@ use crate::service::{AdminService, AuditService, CollectionsService, ErasureServ
 use crate::state::NodeState;
 use anyhow::Context;
 use sovra_proto::v1::{
-    admin_server::AdminServer, audit_server::AuditServer, collections_server::CollectionsServer, erasure_server::ErasureServer, points_server::PointsServer,
-    search_server::SearchServer,
+    admin_server::AdminServer, audit_server::AuditServer, collections_server::CollectionsServer, erasure_server::ErasureServer,
+    points_server::PointsServer, search_server::SearchServer,
 };
 use sovra_raft::Faults;
 use sovra_raft::server::{RaftService, cluster_service};

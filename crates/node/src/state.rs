@@ -501,9 +501,7 @@ impl NodeState {
         let dir = self.config.data_dir.join("audit");
         match (assigned, self.host.audit().is_some()) {
             (true, false) => {
-                let init = placed
-                    .filter(|g| !g.formed && g.founders.contains(&me))
-                    .map(|g| g.founders.clone());
+                let init = placed.filter(|g| !g.formed && g.founders.contains(&me)).map(|g| g.founders.clone());
                 let budget = self.budget.clone();
                 let d = dir.clone();
                 let opened = match tokio::task::spawn_blocking(move || ReplicaStore::open(&d, &budget)).await {

@@ -156,7 +156,8 @@ impl AuditStateMachine {
                 let snap = decode_file(&bytes).map_err(|e| io_err(e, StorageIOError::read_state_machine))?;
                 if snap.0.last_applied > stored.last_applied {
                     tracing::warn!("audit store is behind its snapshot (an install was cut off); storing the snapshot again");
-                    self.store_snapshot(&snap).map_err(|e| io_err(e, StorageIOError::read_state_machine))?;
+                    self.store_snapshot(&snap)
+                        .map_err(|e| io_err(e, StorageIOError::read_state_machine))?;
                     snap.0
                 } else {
                     stored
@@ -427,7 +428,10 @@ impl RaftStateMachine<AuditConfig> for AuditStateMachine {
         let this = self.clone();
         let head = blocking(move || -> Result<Head, StorageErr> {
             let w = |e: sled::Error| io_err(e, StorageIOError::write_state_machine);
-            batch.insert(HEAD, encode_head(&head).map_err(|e| io_err(e, StorageIOError::write_state_machine))?);
+            batch.insert(
+                HEAD,
+                encode_head(&head).map_err(|e| io_err(e, StorageIOError::write_state_machine))?,
+            );
             this.0.tree.apply_batch(batch).map_err(w)?;
             this.0.tree.flush().map_err(w)?;
             Ok(head)
@@ -560,7 +564,10 @@ mod tests {
         // A consistent file whose lines were edited no longer gives its tree.
         let mut edited = lines.clone();
         edited[1] = edited[1].replace("search", "upsert");
-        assert!(matches!(decode_file(&line_file(&edited, log.tree().clone())), Err(AuditSnapshotError::Tree)));
+        assert!(matches!(
+            decode_file(&line_file(&edited, log.tree().clone())),
+            Err(AuditSnapshotError::Tree)
+        ));
         assert!(matches!(decode_file(b"garbage"), Err(AuditSnapshotError::Magic)));
     }
 }

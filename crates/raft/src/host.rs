@@ -4,13 +4,16 @@
 //! (read-index through the leader), and a watchdog that restarts a group whose
 //! Raft core has stopped.
 
-use crate::log_store::LogStore;
 use crate::audit_sm::AuditStateMachine;
+use crate::log_store::LogStore;
 use crate::meta_sm::MetaStateMachine;
 use crate::metrics as m;
 use crate::network::{AddressBook, GroupNetwork, Peers};
 use crate::state_machine::ShardStateMachine;
-use crate::types::{AuditAppended, AuditBatch, AuditConfig, AuditGroupId, GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, ShardResponse, TypeConfig};
+use crate::types::{
+    AuditAppended, AuditBatch, AuditConfig, AuditGroupId, GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, ShardResponse,
+    TypeConfig,
+};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, SnapshotPolicy};
 use parking_lot::RwLock;
@@ -432,7 +435,11 @@ impl RaftHost {
         Err(ApiError::unavailable(format!(
             "no replica of {id} committed the audit records within {} ms ({})",
             within.as_millis(),
-            if why.is_empty() { "none is known".to_string() } else { why.join("; ") }
+            if why.is_empty() {
+                "none is known".to_string()
+            } else {
+                why.join("; ")
+            }
         )))
     }
 

@@ -48,4 +48,6 @@ pub use log_store::LogStore;
 pub use meta_sm::MetaStateMachine;
 pub use network::AddressBook;
 pub use state_machine::ShardStateMachine;
-pub use types::{AuditAppended, AuditBatch, AuditConfig, AuditGroupId, GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, Raft, TypeConfig};
+pub use types::{
+    AuditAppended, AuditBatch, AuditConfig, AuditGroupId, GroupConfig, MetaConfig, MetaGroupId, MetaResponse, NodeId, Raft, TypeConfig,
+};

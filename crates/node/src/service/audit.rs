@@ -70,7 +70,11 @@ impl AuditService {
                 .collect();
             ApiError::new(
                 e.code,
-                format!("{}; the nodes holding region {region}'s audit log are at {}", e.message, holders.join(", ")),
+                format!(
+                    "{}; the nodes holding region {region}'s audit log are at {}",
+                    e.message,
+                    holders.join(", ")
+                ),
             )
         })?;
         Ok((region, a))
