@@ -36,6 +36,13 @@ pub struct ClusterBenchArgs {
     pub ef: Vec<u32>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Concurrent clients of the audit-cost phase (searches at the middle ef,
+    /// with every call audited, then with auditing off, in turns).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Searches per turn of the audit-cost phase.
+    #[arg(long, default_value_t = 2000)]
+    pub audit_searches: usize,
 }
 
 fn q(lat: &mut [f64], p: f64) -> f64 {
@@ -219,12 +226,73 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
                 },
             ));
         }
+        // What auditing costs: the same concurrent load with every search
+        // audited (a record group-committed in each region's audit log before
+        // the answer) and with auditing off, in alternating turns.
+        let ef = args.ef[args.ef.len() / 2];
+        let mut turns: Vec<(bool, f64, f64)> = Vec::new();
+        for turn in 0..4 {
+            let audited = turn % 2 == 0;
+            for n in &nodes {
+                n.state.unaudited_for_bench.store(!audited, std::sync::atomic::Ordering::Relaxed);
+            }
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let start = Instant::now();
+            let workers: Vec<_> = (0..args.clients.max(1))
+                .map(|_| {
+                    let mut search = search.clone();
+                    let next = next.clone();
+                    let queries = data.queries.clone();
+                    let (k, total) = (args.k as u32, args.audit_searches);
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if i >= total {
+                                return anyhow::Ok(lat);
+                            }
+                            let t = Instant::now();
+                            search
+                                .search(v1::SearchRequest {
+                                    collection: "bench".into(),
+                                    vector: queries[i % queries.len()].clone(),
+                                    k,
+                                    ef: Some(ef),
+                                    ..Default::default()
+                                })
+                                .await?;
+                            lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                    })
+                })
+                .collect();
+            let mut lat = Vec::new();
+            for w in workers {
+                lat.extend(w.await??);
+            }
+            let qps = args.audit_searches as f64 / start.elapsed().as_secs_f64();
+            turns.push((audited, qps, q(&mut lat, 0.5)));
+        }
+        for n in &nodes {
+            n.state.unaudited_for_bench.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mean = |a: bool, f: fn(&(bool, f64, f64)) -> f64| {
+            let v: Vec<f64> = turns.iter().filter(|t| t.0 == a).map(f).collect();
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        let audit_cost = (
+            ef,
+            mean(true, |t| t.1),
+            mean(false, |t| t.1),
+            mean(true, |t| t.2),
+            mean(false, |t| t.2),
+        );
         for n in nodes {
             n.stop().await?;
         }
-        anyhow::Ok((rows, rtt_p50))
+        anyhow::Ok((rows, rtt_p50, audit_cost))
     })?;
-    let (cluster_rows, rtt_p50) = cluster_rows;
+    let (cluster_rows, rtt_p50, audit_cost) = cluster_rows;
 
     // The same points in one engine, searched in this process.
     let dir = tempfile::tempdir()?;
@@ -338,6 +406,14 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
         );
     }
     println!("one bare gRPC round trip (health check) to the coordinator: p50 {rtt_p50:.3} ms");
+    let (ef, qa, qu, la, lu) = audit_cost;
+    println!(
+        "audit cost, {} concurrent clients, ef {ef}, {} searches per turn, 2 turns each: audited {qa:.0} QPS (p50 {la:.3} ms), unaudited {qu:.0} QPS (p50 {lu:.3} ms): audited/unaudited QPS {:.3} (cost {:.1}%)",
+        args.clients,
+        args.audit_searches,
+        qa / qu,
+        (1.0 - qa / qu) * 100.0
+    );
     println!(
         "left: cluster through node 1's coordinator (ovh = the coordinator's took_us minus the slowest leaf's leaf_us; c-ovh = the client's round trip minus the same; x-ovh = took_us minus the larger of the slowest leaf and all leaves' time over the {cores} cores they share); right: one in-process engine"
     );

@@ -1,4 +1,5 @@
-//! `sovra ctl`: operator commands that need no running node.
+//! `sovra ctl`: operator commands: checking an audit export offline, and
+//! fetching one (with a signed checkpoint) from a node of its region.
 
 use std::path::PathBuf;
 
@@ -16,6 +17,29 @@ pub enum AuditCommand {
     /// Checks an audit export (JSON lines) against a saved checkpoint and
     /// names the first bad record.
     Verify(AuditVerifyArgs),
+    /// Saves a region's signed checkpoint, then its whole log as JSON lines,
+    /// from a node of the region (data_protection scope).
+    Export(AuditExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AuditExportArgs {
+    /// A node of the region (its public gRPC address, host:port).
+    #[arg(long)]
+    pub addr: String,
+    /// An API key with the data_protection scope.
+    #[arg(long, env = "SOVRA_KEY")]
+    pub key: String,
+    /// The region whose log to export (default: the node's).
+    #[arg(long, default_value = "")]
+    pub region: String,
+    /// Where to write the lines.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where to write the checkpoint (JSON); it covers the log as it was
+    /// just before the export, so the export verifies against it.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -36,7 +60,73 @@ pub fn run(cmd: CtlCommand) -> anyhow::Result<()> {
         CtlCommand::Audit {
             what: AuditCommand::Verify(a),
         } => audit_verify(&a).map(|msg| println!("{msg}")),
+        CtlCommand::Audit {
+            what: AuditCommand::Export(a),
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(audit_export(&a)).map(|msg| println!("{msg}"))
+        }
     }
+}
+
+/// Fetches a checkpoint, then every line from 0, and writes both.
+pub async fn audit_export(a: &AuditExportArgs) -> anyhow::Result<String> {
+    use sovra_proto::v1;
+    let uri = if a.addr.contains("://") {
+        a.addr.clone()
+    } else {
+        format!("http://{}", a.addr)
+    };
+    let ch = tonic::transport::Endpoint::from_shared(uri)?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", a.addr))?;
+    let mut client = v1::audit_client::AuditClient::new(crate::dev::keyed(&ch, &a.key));
+    let c = client
+        .get_audit_checkpoint(v1::GetAuditCheckpointRequest { region: a.region.clone() })
+        .await
+        .map_err(|s| anyhow::anyhow!("GetAuditCheckpoint: {}", s.message()))?
+        .into_inner();
+    let checkpoint = sovra_audit::Checkpoint {
+        origin: c.origin.clone(),
+        size: c.size,
+        root: c.root.clone(),
+        signature: c.signature.clone(),
+    };
+    let mut out = String::new();
+    let (mut from, mut n) = (0u64, 0u64);
+    loop {
+        let page = client
+            .export_audit(v1::ExportAuditRequest {
+                region: a.region.clone(),
+                from_seq: from,
+                limit: 0,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("ExportAudit from {from}: {}", s.message()))?
+            .into_inner();
+        for l in &page.lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+        n += page.lines.len() as u64;
+        from = page.next_seq;
+        if !page.more {
+            break;
+        }
+    }
+    let write = |p: &PathBuf, body: &str| std::fs::write(p, body).map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()));
+    write(&a.checkpoint, &serde_json::to_string_pretty(&checkpoint)?)?;
+    write(&a.out, &out)?;
+    Ok(format!(
+        "{n} records of {} written to {}; checkpoint (size {}, root {}) to {}; signed by public key {}",
+        c.origin,
+        a.out.display(),
+        c.size,
+        c.root,
+        a.checkpoint.display(),
+        c.public_key
+    ))
 }
 
 /// What `sovra ctl audit verify` prints when the export checks out; an

@@ -29,6 +29,10 @@ enum Command {
     ReceiptKey {
         #[arg(long)]
         config: PathBuf,
+        /// Print the audit checkpoint key instead (the same derivation under
+        /// its own label).
+        #[arg(long)]
+        audit: bool,
     },
     /// Operator commands that need no running node.
     Ctl {
@@ -123,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         Command::Dev(args) => runtime()?.block_on(dev::dev(args, shutdown_signal())),
         Command::VerifyReceipt(args) => sovra_node::receipt::verify_command(args),
         Command::Ctl { what } => sovra_node::ctl::run(what),
-        Command::ReceiptKey { config } => {
+        Command::ReceiptKey { config, audit } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             anyhow::ensure!(
                 cfg.cluster_secret.is_some() || cfg.cluster_secret_file.is_some(),
@@ -131,7 +135,12 @@ fn main() -> anyhow::Result<()> {
                 config.display()
             );
             let secret = cfg.cluster_secret()?;
-            println!("{}", sovra_node::receipt::ReceiptKey::from_secret(secret.expose()).public_hex());
+            let key = if audit {
+                sovra_node::receipt::ReceiptKey::derived(secret.expose(), sovra_node::receipt::AUDIT_LABEL)
+            } else {
+                sovra_node::receipt::ReceiptKey::from_secret(secret.expose())
+            };
+            println!("{}", key.public_hex());
             Ok(())
         }
     }

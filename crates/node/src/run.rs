@@ -16,6 +16,7 @@ use sovra_raft::Faults;
 use sovra_raft::server::{RaftService, cluster_service};
 use sovra_types::limits::MAX_MESSAGE_BYTES;
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -230,7 +231,37 @@ pub async fn start_joined(mut configs: Vec<NodeConfig>, faults: Faults, within: 
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    Ok(nodes)
+    // And once every region's audit log is on all the replicas it will have
+    // (so a test that stops a node at once does not stop its only copy).
+    loop {
+        let v = nodes[0].state.view();
+        let ready = nodes.iter().all(|n| {
+            let region = &n.state.region;
+            let data_nodes = v.state.nodes.values().filter(|r| &r.region == region && r.roles.data).count();
+            let Some(g) = v.state.audit.get(region) else {
+                return data_nodes == 0;
+            };
+            let want = data_nodes.min(sovra_meta::audit::AUDIT_REPLICAS);
+            let me = n.state.config.node_id;
+            let held = !g.replicas.contains(&me)
+                || n.state.host.audit().is_some_and(|a| {
+                    let raft = a.raft();
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    m.current_leader.is_some() && m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>() == g.replicas
+                });
+            g.formed && g.replicas.len() == want && held
+        });
+        if ready {
+            return Ok(nodes);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the regions' audit logs were not placed on all their replicas within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        nodes[0].state.refresh_view().await;
+    }
 }
 
 impl RunningNode {

@@ -125,6 +125,9 @@ pub struct NodeState {
     pub audit_key: crate::receipt::ReceiptKey,
     /// Group-commits every call's audit record.
     pub auditor: crate::audit::Auditor,
+    /// Set only by `sovra bench cluster`, to measure what auditing costs in
+    /// the same run: calls then write no record. No config or API sets it.
+    pub unaudited_for_bench: AtomicBool,
     /// Set only by `sovra bench erasure`, to measure acknowledgements on a
     /// cluster not busy purging: the purge loop waits while it is set.
     pub purges_held: AtomicBool,
@@ -243,6 +246,7 @@ impl NodeState {
             receipt_key,
             audit_key,
             auditor: crate::audit::Auditor::default(),
+            unaudited_for_bench: AtomicBool::new(false),
             purges_held: AtomicBool::new(false),
         });
         let ctx: Arc<dyn sovra_coord::NodeContext> = Arc::new(Ctx(Arc::downgrade(&this)));
