@@ -437,6 +437,13 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
         "verify:  ... GetErasureJob | target/release/sovra verify-receipt --public-key {}   (this cluster's receipt key)",
         uk.state.receipt_key.public_hex()
     );
+    println!(
+        "audit:   target/release/sovra ctl audit export --addr {addr} --key {admin} --region uk --out uk-audit.jsonl --checkpoint uk-checkpoint.json"
+    );
+    println!(
+        "         target/release/sovra ctl audit verify --export uk-audit.jsonl --checkpoint uk-checkpoint.json --public-key {}   (this cluster's audit key)",
+        uk.state.audit_key.public_hex()
+    );
     if let Some((_, k)) = keys.iter().find(|k| k.0 == "uk-reader") {
         println!(
             "         grpcurl -plaintext -H \"authorization: Bearer {k}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"limit\":3}}' {addr} sovra.v1.Points/Scroll"
