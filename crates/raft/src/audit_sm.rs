@@ -4,9 +4,9 @@
 //! (each becomes one chained JSON line, its exact bytes the Merkle leaf), in
 //! log order, so every replica holds the same lines and the same tree. The
 //! lines, a time index and the head (Raft's applied log id and membership,
-//! the tree's perfect-subtree roots) are written in one sled batch and
-//! flushed before the entry counts as applied: a call audited by it is
-//! answered only after that.
+//! the tree's perfect-subtree roots) are written in one sled batch when the
+//! entry applies; the entry itself was durable in the Raft log on a quorum
+//! before it committed, and a call audited by it is answered only after that.
 //!
 //! Snapshots are files: magic, format version, the head, every line (length
 //! prefixed), then an xxh3-64 digest of everything before it. An installed
@@ -432,8 +432,11 @@ impl RaftStateMachine<AuditConfig> for AuditStateMachine {
                 HEAD,
                 encode_head(&head).map_err(|e| io_err(e, StorageIOError::write_state_machine))?,
             );
+            // Not flushed here: the entries are durable in the Raft log (the
+            // same database, flushed on append), the lines and head land in
+            // one atomic batch, and replaying entries past a head that was
+            // lost in a crash writes the same lines at the same keys.
             this.0.tree.apply_batch(batch).map_err(w)?;
-            this.0.tree.flush().map_err(w)?;
             Ok(head)
         })
         .await??;
