@@ -202,9 +202,11 @@ fn get(engine: &sovra_shard::ShardEngine, q: GetQuery, ctx: &dyn NodeContext) ->
 }
 
 fn scroll(engine: &sovra_shard::ShardEngine, q: ScrollQuery, ctx: &dyn NodeContext) -> Result<RecordsAnswer, Status> {
-    let (found, mut done) = engine
-        .scroll(q.after.as_ref(), q.limit as usize, q.filter.as_ref(), q.now_ms)
-        .map_err(|e| ctx.storage_failed(e))?;
+    let (found, mut done) = match &q.subject {
+        Some(s) => engine.scroll_subject(s, q.after.as_ref(), q.limit as usize, q.now_ms),
+        None => engine.scroll(q.after.as_ref(), q.limit as usize, q.filter.as_ref(), q.now_ms),
+    }
+    .map_err(|e| ctx.storage_failed(e))?;
     // A page ends early rather than pass the answer bound: the cursor resumes
     // after the last point sent.
     let mut records = Vec::with_capacity(found.len());

@@ -48,6 +48,9 @@ pub struct ScrollQuery {
     pub with_vector: bool,
     pub with_payload: bool,
     pub now_ms: u64,
+    /// Only this subject's points (subject access), through the shard's
+    /// subject index.
+    pub subject: Option<String>,
 }
 
 /// Points found (get: in the order asked; scroll: in key order).

@@ -19,7 +19,7 @@ mod graph;
 mod hnsw;
 pub mod synth;
 
-pub use distance::{Space, simd_kernels};
+pub use distance::{Space, SpaceDistance, simd_kernels};
 pub use exact::ExactIndex;
 pub use flat::FlatVectors;
 pub use graph::{GraphConfig, SovraIndex};

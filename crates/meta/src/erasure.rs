@@ -28,6 +28,8 @@ pub enum EraseKind {
     Subject,
     Filter,
     Region,
+    /// An opt-out's registration: the points within a likeness.
+    Likeness,
 }
 
 impl EraseKind {
@@ -36,6 +38,7 @@ impl EraseKind {
             EraseKind::Ids => "ids",
             EraseKind::Subject => "subject",
             EraseKind::Filter => "filter",
+            EraseKind::Likeness => "likeness",
             EraseKind::Region => "region",
         }
     }

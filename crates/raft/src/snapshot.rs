@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 pub const MAGIC: &[u8; 8] = b"SOVRASNP";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 const END: u32 = u32::MAX;
 /// A record longer than this is corruption, not data (batches are at most 8 MiB).
 const MAX_RECORD: u32 = 64 << 20;

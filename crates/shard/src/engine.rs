@@ -14,13 +14,16 @@ use crate::ShardError;
 use crate::live::{LiveIndex, SearchPath};
 use crate::store::{Rejections, ShardStore};
 use parking_lot::{Mutex, RwLock};
+use sovra_index::SpaceDistance;
 use sovra_index::{IndexOptions, Space};
 
 /// The saved index's file name in a replica's directory.
 pub const INDEX_FILE: &str = "index.sovra";
 use crate::store::{Suppression, subject_tag};
 use sovra_types::validate::{check_command, check_record};
-use sovra_types::{CollectionSpec, Erase, EraseTarget, Filter, LawfulBasis, Metric, PointId, PointRecord, ShardCommand, ShardId};
+use sovra_types::{
+    CollectionSpec, Erase, EraseTarget, Filter, LawfulBasis, Metric, OptOut, PointId, PointRecord, ShardCommand, ShardId,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,7 +46,13 @@ pub struct ShardEngine {
     index: IndexOptions,
     /// Whether open loaded a saved index (rather than rebuilding it).
     loaded: std::sync::atomic::AtomicBool,
+    /// The opt-out registry as the store holds it (read by every search).
+    opt_outs: RwLock<Arc<Vec<(String, OptOut)>>>,
 }
+
+/// Extra candidates a search asks its index for while the registry is not
+/// empty, so that hits suppressed for an opt-out rarely leave it short of k.
+const OPT_OUT_SLACK: usize = 16;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApplyOutcome {
@@ -108,6 +117,7 @@ impl ShardEngine {
     pub fn open(id: ShardId, spec: Arc<CollectionSpec>, replica: &crate::ReplicaStore, index: IndexOptions) -> Result<Self, ShardError> {
         let store = ShardStore::new(replica.points().clone());
         let last_applied = store.last_applied()?;
+        let store_opt_outs = store.opt_outs()?;
         let engine = Self {
             live: RwLock::new(Arc::new(new_live(&spec, 0, &index))),
             id,
@@ -118,6 +128,7 @@ impl ShardEngine {
             last_applied: AtomicU64::new(last_applied),
             index,
             loaded: std::sync::atomic::AtomicBool::new(false),
+            opt_outs: RwLock::new(Arc::new(store_opt_outs)),
         };
         let path = engine.index_path();
         if path.exists() {
@@ -278,6 +289,13 @@ impl ShardEngine {
             tracing::info!(shard = %self.id, index, reason = %refused, "write refused on apply");
             return self.refuse(batch, index, meta, refused);
         }
+        if let Some(ShardCommand::Upsert(points)) = cmd
+            && let Some(refused) = self.opted_out_write(points)
+        {
+            // The reason names neither the template nor the subject.
+            tracing::info!(shard = %self.id, index, reason = %refused, "write refused on apply");
+            return self.refuse(batch, index, meta, refused);
+        }
         let mut erased: Vec<PointId> = Vec::new();
         let changed = match cmd {
             Some(ShardCommand::Upsert(points)) => {
@@ -305,9 +323,25 @@ impl ShardEngine {
                 }
                 erased.len()
             }
+            Some(ShardCommand::RemoveOptOut { template }) => {
+                let had = self.opt_outs.read().iter().any(|(t, _)| t == template);
+                batch.remove_opt_out(template);
+                usize::from(had)
+            }
             None => 0,
         };
         batch.commit_with(index, meta)?;
+        let registry_changed = matches!(
+            cmd,
+            Some(ShardCommand::RemoveOptOut { .. })
+                | Some(ShardCommand::Erase(Erase {
+                    target: EraseTarget::Likeness { .. },
+                    ..
+                }))
+        );
+        if registry_changed {
+            *self.opt_outs.write() = Arc::new(self.store.opt_outs()?);
+        }
         // Memory follows the store: if we crash before the flush, the index is
         // rebuilt from the store on start.
         let live = self.live.read().clone();
@@ -315,7 +349,7 @@ impl ShardEngine {
             Some(ShardCommand::Upsert(points)) => live.upsert(points),
             Some(ShardCommand::Delete(ids)) => live.delete(ids),
             Some(ShardCommand::Erase(_)) => live.delete(&erased),
-            None => {}
+            Some(ShardCommand::RemoveOptOut { .. }) | None => {}
         }
         self.last_applied.store(index, Ordering::Release);
         Ok(EntryOutcome { changed, rejected: None })
@@ -365,6 +399,29 @@ impl ShardEngine {
         Ok(None)
     }
 
+    /// Why a batch may not be written: a point within an opted-out likeness's
+    /// threshold. Checked at apply, so a write validated before the opt-out
+    /// committed is refused too. The reason never echoes the template.
+    fn opted_out_write(&self, points: &[PointRecord]) -> Option<String> {
+        let registry = self.opt_outs.read().clone();
+        if registry.is_empty() {
+            return None;
+        }
+        let d = SpaceDistance::new(space_of(self.spec.metric));
+        let i = points
+            .iter()
+            .position(|p| registry.iter().any(|(_, o)| d.eval(&o.vector, &p.vector) <= o.threshold))?;
+        Some(format!(
+            "points[{i}]: a likeness opted out of region {}'s collection {} (the opt-out registry), and this point is within its threshold; nothing was written",
+            self.id.region, self.id.collection
+        ))
+    }
+
+    /// Whether a stored vector is within an opted-out likeness.
+    fn opted_out(&self, registry: &[(String, OptOut)], d: &SpaceDistance, v: &[f32]) -> bool {
+        registry.iter().any(|(_, o)| d.eval(&o.vector, v) <= o.threshold)
+    }
+
     /// Removes what an erasure selects, in `batch`, and suppresses the subjects
     /// it names; returns the ids removed.
     fn erase_into(&self, batch: &mut crate::store::PendingBatch<'_>, e: &Erase) -> Result<Vec<PointId>, ShardError> {
@@ -398,10 +455,43 @@ impl ShardEngine {
                 ids
             }
             EraseTarget::All => self.store.points().map(|r| r.map(|r| r.id)).collect::<Result<_, _>>()?,
+            EraseTarget::Likeness {
+                template,
+                vector,
+                threshold,
+                subject,
+            } => {
+                batch.opt_out(
+                    template,
+                    &OptOut {
+                        vector: vector.clone(),
+                        threshold: *threshold,
+                        at_ms: e.at_ms,
+                    },
+                )?;
+                let d = SpaceDistance::new(space_of(self.spec.metric));
+                let mut ids = Vec::new();
+                for r in self.store.points() {
+                    let r = r?;
+                    if d.eval(vector, &r.vector) <= *threshold {
+                        ids.push(r.id);
+                    }
+                }
+                if let Some(s) = subject {
+                    ids.extend(self.store.ids_of_subject(s)?);
+                }
+                ids
+            }
         };
         let mut subjects = std::collections::BTreeSet::new();
-        if let EraseTarget::Subject(s) = &e.target {
-            subjects.insert(s.clone());
+        match &e.target {
+            EraseTarget::Subject(s)
+            | EraseTarget::Likeness {
+                subject: Some(s), ..
+            } => {
+                subjects.insert(s.clone());
+            }
+            _ => {}
         }
         let mut erased = Vec::with_capacity(candidates.len());
         for id in candidates {
@@ -465,6 +555,7 @@ impl ShardEngine {
         count += self.install_chunk(&fresh, &mut chunk)?;
         self.store.finish_install(index, meta, rejections, suppression)?;
         self.replica.db().flush()?;
+        *self.opt_outs.write() = Arc::new(suppression.opt_outs.clone());
         *self.live.write() = Arc::new(fresh);
         self.last_applied.store(index, Ordering::Release);
         Ok(Ok(count))
@@ -503,16 +594,56 @@ impl ShardEngine {
     /// As [`Self::search`]; `exact` compares the query with every live point.
     pub fn search_with(&self, p: &SearchParams<'_>, exact: bool) -> (Vec<Hit>, SearchPath) {
         let live = self.live.read().clone();
-        let (hits, path) = live.search_with(p.vector, p.k, p.ef, p.filter, p.now_ms, exact);
-        (
-            hits.into_iter()
-                .map(|h| Hit {
-                    id: h.id,
-                    distance: h.distance,
-                })
-                .collect(),
-            path,
-        )
+        let registry = self.opt_outs.read().clone();
+        if registry.is_empty() {
+            let (hits, path) = live.search_with(p.vector, p.k, p.ef, p.filter, p.now_ms, exact);
+            let hits = hits.into_iter().map(|h| Hit { id: h.id, distance: h.distance }).collect();
+            return (hits, path);
+        }
+        // Every replica suppresses what an opted-out likeness covers, also a
+        // point the registration has not erased here yet.
+        let d = SpaceDistance::new(space_of(self.spec.metric));
+        let k = p.k + OPT_OUT_SLACK;
+        let (hits, path) = live.search_with(p.vector, k, p.ef.max(k), p.filter, p.now_ms, exact);
+        let hits = hits
+            .into_iter()
+            .filter(|h| !live.vector_of(&h.id).is_some_and(|v| self.opted_out(&registry, &d, &v)))
+            .take(p.k)
+            .map(|h| Hit { id: h.id, distance: h.distance })
+            .collect();
+        (hits, path)
+    }
+
+    /// As [`Self::scroll`], over one subject's points (the subject index):
+    /// those after `after` in id-key order, unexpired at `now_ms`.
+    pub fn scroll_subject(
+        &self,
+        subject: &str,
+        after: Option<&PointId>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<(Vec<PointRecord>, bool), ShardError> {
+        let after_key = after.map(PointId::key_bytes);
+        let mut out = Vec::new();
+        for id in self.store.ids_of_subject(subject)? {
+            if after_key.as_ref().is_some_and(|a| id.key_bytes() <= *a) {
+                continue;
+            }
+            let Some(r) = self.store.get(&id)? else { continue };
+            if r.is_expired(now_ms) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, false));
+            }
+            out.push(r);
+        }
+        Ok((out, true))
+    }
+
+    /// The opt-out registry's template ids, in order.
+    pub fn opt_out_ids(&self) -> Vec<String> {
+        self.opt_outs.read().iter().map(|(t, _)| t.clone()).collect()
     }
 
     /// Up to `limit` live points after `after` (from the first without it) in

@@ -15,6 +15,7 @@
 //! | `m` + `purge_reported` | u64 BE: the purge mark last reported to the meta group |
 //! | `j` + job id | postcard (log index, points removed): an erasure job this replica applied, until reported |
 //! | `x` + HMAC-SHA256(suppress key, subject) | u64 BE: when the subject was erased (ms) |
+//! | `o` + template id | postcard [`OptOut`]: an opted-out likeness (vector, threshold, time) |
 //!
 //! The suppression list names erased subjects only by a keyed hash: the list
 //! alone does not tell whose data was erased, and a guessed subject id cannot be
@@ -22,19 +23,20 @@
 //! replicas (its own region).
 //!
 //! Point keys are [`PointId::key_bytes`], so `p` keys sort by id. The state
-//! digest is a pure function of the points, the recorded rejections and the
-//! suppression list (the purge marks and job records are this replica's own
+//! digest is a pure function of the points, the recorded rejections, the
+//! suppression list and the opt-out registry (the purge marks and job records are this replica's own
 //! bookkeeping: not in it, and kept across a snapshot install).
 
 use crate::ShardError;
 use sled::{Batch, Tree};
-use sovra_types::{PointId, PointRecord};
+use sovra_types::{OptOut, PointId, PointRecord};
 use xxhash_rust::xxh3::Xxh3;
 
 const POINT: u8 = b'p';
 const SUBJECT: u8 = b's';
 const EXPIRY: u8 = b'e';
 const SUPPRESSED: u8 = b'x';
+const OPT_OUT: u8 = b'o';
 const SUPPRESS_KEY: &[u8] = b"msuppress_key";
 const PURGE_PENDING: &[u8] = b"mpurge_pending";
 const PURGE_DONE: &[u8] = b"mpurge_done";
@@ -77,10 +79,18 @@ impl Rejections {
 
 /// A shard's suppression list as a snapshot carries it: the hash key and
 /// every entry (tag, erased at ms), in tag order.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Suppression {
     pub key: Option<[u8; 32]>,
     pub entries: Vec<([u8; 32], u64)>,
+    /// The opt-out registry: (template id, template), in id order.
+    pub opt_outs: Vec<(String, OptOut)>,
+}
+
+fn opt_out_key(template: &str) -> Vec<u8> {
+    let mut k = vec![OPT_OUT];
+    k.extend_from_slice(template.as_bytes());
+    k
 }
 
 /// The suppression list's tag of a subject: HMAC-SHA256 under the shard's key.
@@ -201,6 +211,18 @@ impl<'a> PendingBatch<'a> {
         self.batch.insert(suppressed_key(tag), &at_ms.to_be_bytes());
     }
 
+    /// Puts a likeness on the opt-out registry.
+    pub fn opt_out(&mut self, template: &str, o: &OptOut) -> Result<(), ShardError> {
+        self.batch
+            .insert(opt_out_key(template), postcard::to_allocvec(o).map_err(ShardError::Encode)?);
+        Ok(())
+    }
+
+    /// Takes a likeness off the opt-out registry.
+    pub fn remove_opt_out(&mut self, template: &str) {
+        self.batch.remove(opt_out_key(template));
+    }
+
     /// Notes that the entry at `index` erased points, so the replica purges
     /// what is left of them (index, snapshots, log, database files) through it.
     pub fn purge_pending(&mut self, index: u64) {
@@ -318,6 +340,9 @@ impl ShardStore {
         for (tag, at) in &suppression.entries {
             b.insert(suppressed_key(tag), &at.to_be_bytes());
         }
+        for (t, o) in &suppression.opt_outs {
+            b.insert(opt_out_key(t), postcard::to_allocvec(o).map_err(ShardError::Encode)?);
+        }
         b.insert(LAST_APPLIED, &index.to_be_bytes());
         b.insert(REPLICA_META, meta);
         // What the install replaced (points, log entries, maybe erased ones)
@@ -401,7 +426,23 @@ impl ShardStore {
         Ok(Suppression {
             key: self.suppress_key()?,
             entries,
+            opt_outs: self.opt_outs()?,
         })
+    }
+
+    /// The opt-out registry, in template id order.
+    pub fn opt_outs(&self) -> Result<Vec<(String, OptOut)>, ShardError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([OPT_OUT]) {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[1..]).into_owned();
+            let o: OptOut = postcard::from_bytes(&v).map_err(|source| ShardError::Corrupt {
+                what: format!("opt-out {id}"),
+                source,
+            })?;
+            out.push((id, o));
+        }
+        Ok(out)
     }
 
     /// Removes every key of the shard (the replica left its group).
@@ -479,6 +520,14 @@ impl ShardStore {
         for (tag, at) in &suppression.entries {
             h.update(tag);
             h.update(&at.to_be_bytes());
+        }
+        for kv in self.tree.scan_prefix([OPT_OUT]) {
+            let (k, v) = kv?;
+            h.update(b"optout");
+            h.update(&(k.len() as u32).to_be_bytes());
+            h.update(&k);
+            h.update(&(v.len() as u32).to_be_bytes());
+            h.update(&v);
         }
         for kv in self.tree.scan_prefix([POINT]) {
             let (k, v) = kv?;

@@ -17,6 +17,21 @@ pub enum ShardCommand {
     /// keyed hash, never the id itself) so later writes for it are refused
     /// unless consent was given after `at_ms`.
     Erase(Erase),
+    /// Takes an opt-out template off the shard's registry (later writes
+    /// within its threshold are taken again). Erases nothing.
+    RemoveOptOut { template: String },
+}
+
+/// A registered opt-out: a likeness (a vector, prepared like a point's) and
+/// the distance within which a point counts as that person. Lives only in the
+/// region's shard groups (and their snapshots): never leaves the region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptOut {
+    pub vector: Vec<f32>,
+    /// In the collection's metric, as search reports distances.
+    pub threshold: f32,
+    /// When it was registered (the proposer's clock, Unix ms).
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +63,17 @@ pub enum EraseTarget {
     /// `now_ms` when the command applies (one rewritten meanwhile with a later
     /// expiry stays). No subject is suppressed.
     Expired { ids: Vec<PointId>, now_ms: u64 },
+    /// An opt-out's registration: every point within `threshold` of `vector`
+    /// (and, when `subject` is named, that subject's points, the subject
+    /// then suppressed) is erased, and the template goes on the shard's
+    /// opt-out registry, so later writes within it are refused at apply and
+    /// searches never return a point within it.
+    Likeness {
+        template: String,
+        vector: Vec<f32>,
+        threshold: f32,
+        subject: Option<String>,
+    },
 }
 
 impl EraseTarget {
@@ -64,6 +90,7 @@ impl EraseTarget {
             EraseTarget::Filter(_) => "filter",
             EraseTarget::All => "region",
             EraseTarget::Expired { .. } => "expiry",
+            EraseTarget::Likeness { .. } => "likeness",
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod routing;
 pub mod validate;
 
 pub use collection::{CollectionSpec, HnswParams, Metric, RegionShards};
-pub use command::{Erase, EraseTarget, ShardCommand};
+pub use command::{Erase, EraseTarget, OptOut, ShardCommand};
 pub use error::{ApiError, ErrorCode, quote};
 pub use filter::{Condition, Filter, Range};
 pub use ids::{CollectionName, PointId, RegionId, ShardId};

@@ -229,13 +229,18 @@ pub fn check_command(spec: &CollectionSpec, shard: &ShardId, cmd: &ShardCommand)
                 owned(id, &format!("ids[{i}]"))?;
             }
         }
-        ShardCommand::Erase(e) => check_erase(e, owned)?,
+        ShardCommand::Erase(e) => check_erase(spec, e, owned)?,
+        ShardCommand::RemoveOptOut { template } => check_template_id(template)?,
     }
     Ok(())
 }
 
 /// Bounds an erasure command (its ids must be the shard's own, like a delete's).
-fn check_erase(e: &crate::command::Erase, owned: impl Fn(&PointId, &str) -> Result<(), ApiError>) -> Result<(), ApiError> {
+fn check_erase(
+    spec: &CollectionSpec,
+    e: &crate::command::Erase,
+    owned: impl Fn(&PointId, &str) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
     use crate::command::EraseTarget;
     if e.job.is_empty() || e.job.len() > MAX_JOB_ID_BYTES {
         return Err(ApiError::invalid(format!(
@@ -258,6 +263,53 @@ fn check_erase(e: &crate::command::Erase, owned: impl Fn(&PointId, &str) -> Resu
         EraseTarget::Subject(s) => check_subject(s, "subject")?,
         EraseTarget::Filter(f) => f.validate()?,
         EraseTarget::All => {}
+        EraseTarget::Likeness {
+            template,
+            vector,
+            threshold,
+            subject,
+        } => {
+            check_template_id(template)?;
+            check_likeness(spec, vector, *threshold, "vector")?;
+            if let Some(s) = subject {
+                check_subject(s, "subject")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An opt-out template id as Sovra makes them: `optout-` and 32 hex digits.
+pub fn check_template_id(t: &str) -> Result<(), ApiError> {
+    let ok = t.strip_prefix("optout-").is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "template {} is not an opt-out template id (RegisterOptOut returned one: optout- and 32 hex digits)",
+            quote(t)
+        )))
+    }
+}
+
+/// A likeness (an opt-out template or a probe) and its threshold: the
+/// collection's dimension, finite components, a finite threshold >= 0.
+pub fn check_likeness(spec: &CollectionSpec, vector: &[f32], threshold: f32, at: &str) -> Result<(), ApiError> {
+    if vector.len() != spec.dimension as usize {
+        return Err(ApiError::invalid(format!(
+            "{at} has {} components: collection {} has dimension {}",
+            vector.len(),
+            spec.name,
+            spec.dimension
+        )));
+    }
+    if vector.iter().any(|x| !x.is_finite()) {
+        return Err(ApiError::invalid(format!("{at} has a component that is not a finite number")));
+    }
+    if !threshold.is_finite() || threshold < 0.0 {
+        return Err(ApiError::invalid(format!(
+            "threshold is {threshold}: give a finite distance >= 0 in the collection's metric (as search reports distances)"
+        )));
     }
     Ok(())
 }

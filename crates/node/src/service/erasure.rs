@@ -16,12 +16,12 @@
 use super::points::{check_writes, group, ids_from, record_ack, with_committed};
 use super::{audited, now_ms, observe, parse_filter};
 use crate::audit::Note;
-use crate::state::NodeState;
+use crate::state::{Collection, NodeState};
 use sovra_meta::MetaCommand;
 use sovra_meta::erasure::{EraseKind, JobState, Receipt};
 use sovra_proto::v1::{self, erasure_server::Erasure as ErasureRpc};
-use sovra_types::validate::{check_region, check_subject};
-use sovra_types::{ApiError, Erase, EraseTarget, ShardCommand, ShardId};
+use sovra_types::validate::{check_likeness, check_region, check_subject, check_template_id, prepare_vector};
+use sovra_types::{ApiError, Erase, EraseTarget, RegionId, ShardCommand, ShardId};
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
@@ -63,125 +63,186 @@ impl ErasureRpc for ErasureService {
                     return Err(ApiError::invalid("all is false: set it true to erase the whole region, or name a target"));
                 }
             };
-            let kind = target.kind();
-            let meta_kind = match &target {
-                EraseTarget::Ids(_) => EraseKind::Ids,
-                EraseTarget::Subject(_) => EraseKind::Subject,
-                EraseTarget::Filter(_) => EraseKind::Filter,
-                _ => EraseKind::Region,
+            self.erase_in(&note, &c, region, target).await
+        })
+        .await
+    }
+
+    async fn register_opt_out(&self, req: Request<v1::RegisterOptOutRequest>) -> Result<Response<v1::RegisterOptOutResponse>, Status> {
+        let note = Note::new("opt_out", req.metadata());
+        audited(&self.state, "register_opt_out", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_data_protection("the opt-out registry")?;
+            let req = req.into_inner();
+            let c = self.state.collection_now(&req.collection).await?;
+            caller.require_collection(&c.spec.name)?;
+            note.collection(&c.spec)?;
+            let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            note.regions([&region]);
+            let vector = prepare_vector(&c.spec, req.vector, "vector")?;
+            check_likeness(&c.spec, &vector, req.threshold, "vector")?;
+            note.query(&vector);
+            let subject = (!req.subject.is_empty()).then_some(req.subject);
+            if let Some(s) = &subject {
+                check_subject(s, "subject")?;
+            }
+            let template = format!("optout-{}", uuid::Uuid::new_v4().simple());
+            let target = EraseTarget::Likeness {
+                template: template.clone(),
+                vector,
+                threshold: req.threshold,
+                subject,
             };
-            let job = format!("erase-{}", uuid::Uuid::new_v4().simple());
-            note.target(&job);
-            let at_ms = now_ms();
-            let salt: [u8; 32] = rand::random();
-            let command = |target: EraseTarget| {
-                ShardCommand::Erase(Erase {
-                    job: job.clone(),
-                    target,
-                    at_ms,
-                    salt,
-                })
-            };
-            let per_shard: Vec<(ShardId, ShardCommand)> = match target {
-                EraseTarget::Ids(ids) => {
-                    let keyed = ids.into_iter().map(|id| (region.clone(), id, id)).collect();
-                    group(&c, keyed)?
-                        .into_iter()
-                        .map(|(shard, ids)| (shard, command(EraseTarget::Ids(ids))))
-                        .collect()
-                }
-                other => {
-                    let map = c.maps.get(&region).ok_or_else(|| c.spec.region_not_spanned(&region))?;
-                    map.shards()
-                        .map(|(number, _)| {
-                            let shard = ShardId {
-                                collection: c.spec.name.clone(),
-                                region: region.clone(),
-                                number,
-                            };
-                            (shard, command(other.clone()))
-                        })
-                        .collect()
-                }
-            };
-            // R2 (the criteria are the region's personal data) and validation
-            // of every command, before anything is written.
-            check_writes(&self.state, &c, &per_shard)?;
-            let shards = per_shard.len();
-            note.shards(shards);
-            let start = MetaCommand::StartErasure {
-                job: job.clone(),
-                kind: meta_kind,
-                collection: c.spec.name.clone(),
-                region: region.clone(),
-                shards: per_shard.iter().map(|(s, _)| s.number).collect(),
-                at_ms,
-            };
-            // Every shard commits and then confirms (E1: each replica applied
-            // it, or is waited out for its read lease) at the same time as the
-            // others: one commit round trip and one confirmation round in all.
-            let each = per_shard.into_iter().map(|(shard, cmd)| {
-                let members = self.state.replicas(&c.spec, &shard);
-                let host = self.state.host.clone();
-                async move {
-                    let ack = host.write_to(&shard, &members, cmd).await;
-                    let committed = Instant::now();
-                    let missed = match &ack {
-                        Ok(a) => host.confirm_applied(&shard, &members, a.index, committed).await,
-                        Err(_) => Vec::new(),
+            let erasure = self.erase_in(&note, &c, region, target).await?;
+            note.target(&format!("{template} job {}", erasure.job));
+            tracing::info!(template = %template, job = %erasure.job, erased = erasure.erased, "likeness opted out");
+            Ok(v1::RegisterOptOutResponse {
+                template,
+                erasure: Some(erasure),
+            })
+        })
+        .await
+    }
+
+    async fn remove_opt_out(&self, req: Request<v1::RemoveOptOutRequest>) -> Result<Response<v1::RemoveOptOutResponse>, Status> {
+        let note = Note::new("remove_opt_out", req.metadata());
+        audited(&self.state, "remove_opt_out", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_data_protection("the opt-out registry")?;
+            let req = req.into_inner();
+            let c = self.state.collection_now(&req.collection).await?;
+            caller.require_collection(&c.spec.name)?;
+            note.collection(&c.spec)?;
+            let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            note.regions([&region]);
+            check_template_id(&req.template).map_err(|e| e.at("template"))?;
+            note.target(&req.template);
+            let map = c.maps.get(&region).ok_or_else(|| c.spec.region_not_spanned(&region))?;
+            let per_shard: Vec<(ShardId, ShardCommand)> = map
+                .shards()
+                .map(|(number, _)| {
+                    let shard = ShardId {
+                        collection: c.spec.name.clone(),
+                        region: region.clone(),
+                        number,
                     };
-                    (shard, ack, missed)
-                }
-            });
-            let mut written = v1::WriteResponse::default();
-            let mut failed = None;
-            let mut waited_out = Vec::new();
-            let mut committed = Vec::new();
-            // The job starts in meta while the shards commit: the erasure
-            // waits for neither meta's round trip nor its availability.
-            let (started, acks) = tokio::join!(
-                self.state.meta_change(start.clone(), "starting the erasure job"),
-                futures::future::join_all(each)
-            );
-            for (shard, ack, missed) in acks {
-                match ack {
-                    Ok(a) => {
-                        record_ack(&mut written, &shard, &a);
-                        committed.push((shard.number, a.index, a.changed));
-                        waited_out.extend(missed.into_iter().map(|n| format!("node {n} (shard {shard})")));
-                    }
-                    Err(e) => failed = failed.or(Some(e)),
-                }
+                    (
+                        shard,
+                        ShardCommand::RemoveOptOut {
+                            template: req.template.clone(),
+                        },
+                    )
+                })
+                .collect();
+            note.shards(per_shard.len());
+            let out = super::points::write(&self.state, &c, per_shard).await?;
+            if out.count == 0 {
+                return Err(ApiError::not_found(format!(
+                    "template {} is not on region {region}'s opt-out registry of collection {}",
+                    req.template, c.spec.name
+                )));
             }
-            // Meta learns the outcome after the answer (and the start, if it
-            // did not take it), retried for a while: the job then settles (or
-            // fails) and the receipt can be built.
-            let outcome = MetaCommand::ErasureCommitted {
-                job: job.clone(),
-                at_ms: now_ms(),
-                shards: committed,
-                failed: failed.as_ref().map(|e: &ApiError| e.message.clone()),
+            note.results(out.count);
+            tracing::info!(template = %req.template, "opt-out removed");
+            Ok(v1::RemoveOptOutResponse {
+                removed: out.count,
+                writes: out.writes,
+            })
+        })
+        .await
+    }
+
+    async fn subject_access(&self, req: Request<v1::SubjectAccessRequest>) -> Result<Response<v1::SubjectAccessResponse>, Status> {
+        let note = Note::new("subject_access", req.metadata());
+        audited(&self.state, "subject_access", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_data_protection("subject access")?;
+            let req = req.into_inner();
+            check_subject(&req.subject, "subject")?;
+            let (c, region) = super::points::readable(&self.state, &caller, &req.collection, &req.region, &note).await?;
+            let limit = match req.limit {
+                0 => 100,
+                n if n > 1000 => return Err(ApiError::invalid(format!("limit is {n}: at most 1000 points per page (0 for 100)"))),
+                n => n as usize,
             };
-            let mut record = vec![outcome];
-            if let Err(e) = started {
-                tracing::warn!(job = %job, error = %e.message, "erasure job not started in meta yet; retrying in the background");
-                record.insert(0, start);
+            let shards = c.spec.region(&region).map_or(0, |r| r.shard_count);
+            let at = super::points::cursor_from(&req.cursor, &region, shards).map_err(|e| e.at("cursor"))?;
+            let query = sovra_coord::wire::ScrollQuery {
+                after: None,
+                limit: 0,
+                filter: None,
+                with_vector: false,
+                with_payload: false,
+                now_ms: now_ms(),
+                subject: Some(req.subject.clone()),
+            };
+            let (records, next) = self
+                .state
+                .root()
+                .scroll(&c.spec.name, &region, shards, at, query, limit, |_| sovra_raft::ReadLevel::Linearizable)
+                .await?;
+            note.shards(shards as usize);
+            note.results(records.len() as u64);
+            Ok(v1::SubjectAccessResponse {
+                points: records
+                    .iter()
+                    .map(|r| v1::SubjectPoint {
+                        id: Some(sovra_proto::convert::point_id_to(&r.id)),
+                        region: r.region.to_string(),
+                        source: r.source.clone(),
+                        lawful_basis: sovra_proto::convert::lawful_basis_to(r.lawful_basis) as i32,
+                        expires_at_ms: r.expires_at_ms,
+                        consent_at_ms: r.consent_at_ms,
+                    })
+                    .collect(),
+                next_cursor: next.map(|at| super::points::cursor_to(&region, &at)).unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn likeness_access(&self, req: Request<v1::LikenessAccessRequest>) -> Result<Response<v1::LikenessAccessResponse>, Status> {
+        let note = Note::new("likeness_access", req.metadata());
+        audited(&self.state, "likeness_access", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_data_protection("likeness access")?;
+            let req = req.into_inner();
+            let (c, region) = super::points::readable(&self.state, &caller, &req.collection, &req.region, &note).await?;
+            // Used for this answer only: never stored, never logged; the
+            // audit record keeps its SHA-256.
+            let vector = prepare_vector(&c.spec, req.vector, "vector")?;
+            check_likeness(&c.spec, &vector, req.threshold, "vector")?;
+            note.query(&vector);
+            let k = sovra_types::limits::MAX_K;
+            let query = sovra_coord::wire::SearchQuery {
+                vector,
+                k,
+                ef: k,
+                filter: None,
+                with_vector: false,
+                with_payload: false,
+                exact: true,
+                now_ms: now_ms(),
+            };
+            let result = self
+                .state
+                .root()
+                .search(&c.spec.name, std::slice::from_ref(&region), query, |_| sovra_raft::ReadLevel::Linearizable)
+                .await?;
+            if let Some(r) = result.shards.iter().find(|r| r.error.is_some()) {
+                return Err(sovra_coord::root::shard_failed(&r.shard, r.code, r.error.as_deref().unwrap_or("")));
             }
-            tokio::spawn(record_job(self.state.clone(), record));
-            if let Some(e) = failed {
-                return Err(with_committed(e, &written.writes));
-            }
-            if !waited_out.is_empty() {
-                tracing::warn!(job = %job, waited_out = ?waited_out, "erasure acknowledged after waiting out replicas that did not confirm it");
-            }
-            tracing::info!(job = %job, kind, shards, erased = written.count, "erasure committed");
-            note.results(written.count);
-            Ok(v1::EraseResponse {
-                job,
-                erased: written.count,
-                writes: written.writes,
-                erased_at_ms: at_ms,
-                waited_out,
+            note.shards(result.shards.len());
+            let count = result.hits.iter().filter(|(_, h)| h.distance <= req.threshold).count() as u64;
+            note.results(count);
+            Ok(v1::LikenessAccessResponse {
+                present: count > 0,
+                count,
+                at_least: count == u64::from(k),
             })
         })
         .await
@@ -283,5 +344,134 @@ fn job_status(state: &NodeState, job: &sovra_meta::erasure::ErasureJob, meta: &s
         receipt_json: signed.as_ref().map(|s| s.receipt_json.clone()).unwrap_or_default(),
         signature: signed.as_ref().map(|s| s.signature.clone()).unwrap_or_default(),
         public_key: signed.map(|s| s.public_key).unwrap_or_default(),
+    }
+}
+
+impl ErasureService {
+    /// Erases `target` in `region` of `c`: one `Erase` per shard it touches,
+    /// committed in parallel, a meta job with its receipt; answers once every
+    /// replica has applied, appended (fenced) or been waited out (E1).
+    async fn erase_in(&self, note: &Note, c: &Collection, region: RegionId, target: EraseTarget) -> Result<v1::EraseResponse, ApiError> {
+        let kind = target.kind();
+        let meta_kind = match &target {
+            EraseTarget::Ids(_) => EraseKind::Ids,
+            EraseTarget::Subject(_) => EraseKind::Subject,
+            EraseTarget::Filter(_) => EraseKind::Filter,
+            EraseTarget::Likeness { .. } => EraseKind::Likeness,
+            _ => EraseKind::Region,
+        };
+        let job = format!("erase-{}", uuid::Uuid::new_v4().simple());
+        note.target(&job);
+        let at_ms = now_ms();
+        let salt: [u8; 32] = rand::random();
+        let command = |target: EraseTarget| {
+            ShardCommand::Erase(Erase {
+                job: job.clone(),
+                target,
+                at_ms,
+                salt,
+            })
+        };
+        let per_shard: Vec<(ShardId, ShardCommand)> = match target {
+            EraseTarget::Ids(ids) => {
+                let keyed = ids.into_iter().map(|id| (region.clone(), id, id)).collect();
+                group(&c, keyed)?
+                    .into_iter()
+                    .map(|(shard, ids)| (shard, command(EraseTarget::Ids(ids))))
+                    .collect()
+            }
+            other => {
+                let map = c.maps.get(&region).ok_or_else(|| c.spec.region_not_spanned(&region))?;
+                map.shards()
+                    .map(|(number, _)| {
+                        let shard = ShardId {
+                            collection: c.spec.name.clone(),
+                            region: region.clone(),
+                            number,
+                        };
+                        (shard, command(other.clone()))
+                    })
+                    .collect()
+            }
+        };
+        // R2 (the criteria are the region's personal data) and validation
+        // of every command, before anything is written.
+        check_writes(&self.state, &c, &per_shard)?;
+        let shards = per_shard.len();
+        note.shards(shards);
+        let start = MetaCommand::StartErasure {
+            job: job.clone(),
+            kind: meta_kind,
+            collection: c.spec.name.clone(),
+            region: region.clone(),
+            shards: per_shard.iter().map(|(s, _)| s.number).collect(),
+            at_ms,
+        };
+        // Every shard commits and then confirms (E1: each replica applied
+        // it, or is waited out for its read lease) at the same time as the
+        // others: one commit round trip and one confirmation round in all.
+        let each = per_shard.into_iter().map(|(shard, cmd)| {
+            let members = self.state.replicas(&c.spec, &shard);
+            let host = self.state.host.clone();
+            async move {
+                let ack = host.write_to(&shard, &members, cmd).await;
+                let committed = Instant::now();
+                let missed = match &ack {
+                    Ok(a) => host.confirm_applied(&shard, &members, a.index, committed).await,
+                    Err(_) => Vec::new(),
+                };
+                (shard, ack, missed)
+            }
+        });
+        let mut written = v1::WriteResponse::default();
+        let mut failed = None;
+        let mut waited_out = Vec::new();
+        let mut committed = Vec::new();
+        // The job starts in meta while the shards commit: the erasure
+        // waits for neither meta's round trip nor its availability.
+        let (started, acks) = tokio::join!(
+            self.state.meta_change(start.clone(), "starting the erasure job"),
+            futures::future::join_all(each)
+        );
+        for (shard, ack, missed) in acks {
+            match ack {
+                Ok(a) => {
+                    record_ack(&mut written, &shard, &a);
+                    committed.push((shard.number, a.index, a.changed));
+                    waited_out.extend(missed.into_iter().map(|n| format!("node {n} (shard {shard})")));
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        // Meta learns the outcome after the answer (and the start, if it
+        // did not take it), retried for a while: the job then settles (or
+        // fails) and the receipt can be built.
+        let outcome = MetaCommand::ErasureCommitted {
+            job: job.clone(),
+            at_ms: now_ms(),
+            shards: committed,
+            failed: failed.as_ref().map(|e: &ApiError| e.message.clone()),
+        };
+        let mut record = vec![outcome];
+        if let Err(e) = started {
+            tracing::warn!(job = %job, error = %e.message, "erasure job not started in meta yet; retrying in the background");
+            record.insert(0, start);
+        }
+        tokio::spawn(record_job(self.state.clone(), record));
+        if let Some(e) = failed {
+            return Err(with_committed(e, &written.writes));
+        }
+        if !waited_out.is_empty() {
+            tracing::warn!(job = %job, waited_out = ?waited_out, "erasure acknowledged after waiting out replicas that did not confirm it");
+        }
+        tracing::info!(job = %job, kind, shards, erased = written.count, "erasure committed");
+        note.results(written.count);
+        Ok(v1::EraseResponse {
+            job,
+            erased: written.count,
+            writes: written.writes,
+            erased_at_ms: at_ms,
+            waited_out,
+        })
     }
 }

@@ -126,7 +126,7 @@ fn check_policy(state: &NodeState, region: &RegionId) -> Result<(), ApiError> {
 
 /// The collection and region a read (get, scroll) names, once the key may
 /// read them and the region's policy lets its points come to this node.
-async fn readable(
+pub(super) async fn readable(
     state: &Arc<NodeState>,
     caller: &crate::auth::Caller,
     collection: &str,
@@ -145,14 +145,14 @@ async fn readable(
 
 /// A scroll cursor: `s1.<region>.<shard>.<hex of the last id's key bytes>`
 /// (no id: from the shard's start). Opaque to clients; checked on the way in.
-fn cursor_to(region: &RegionId, at: &(u32, Option<PointId>)) -> String {
+pub(super) fn cursor_to(region: &RegionId, at: &(u32, Option<PointId>)) -> String {
     let hex: String =
         at.1.map(|id| id.key_bytes().iter().map(|b| format!("{b:02x}")).collect())
             .unwrap_or_default();
     format!("s1.{region}.{}.{hex}", at.0)
 }
 
-fn cursor_from(text: &str, region: &RegionId, shards: u32) -> Result<(u32, Option<PointId>), ApiError> {
+pub(super) fn cursor_from(text: &str, region: &RegionId, shards: u32) -> Result<(u32, Option<PointId>), ApiError> {
     if text.is_empty() {
         return Ok((0, None));
     }
@@ -308,6 +308,7 @@ impl Points for PointsService {
                 with_vector: req.with_vector,
                 with_payload: req.with_payload,
                 now_ms: now_ms(),
+                subject: None,
             };
             let (records, next) = self
                 .state
