@@ -151,7 +151,11 @@ async fn an_opt_out_erases_with_a_receipt_refuses_later_and_racing_writes_and_is
     let e = upsert(&nodes[1], vec![near(50, 0.2)]).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("a likeness opted out"), "{}", e.message());
-    assert!(!e.message().contains("10.0") && !e.message().contains(&reg.template), "{}", e.message());
+    assert!(
+        !e.message().contains("10.0") && !e.message().contains(&reg.template),
+        "{}",
+        e.message()
+    );
     // Outside it, writes go on.
     upsert(&nodes[1], vec![near(51, 1.5)]).await.unwrap();
     // Searches near the likeness return nothing within it.

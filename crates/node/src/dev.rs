@@ -437,6 +437,18 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
         "verify:  ... GetErasureJob | target/release/sovra verify-receipt --public-key {}   (this cluster's receipt key)",
         uk.state.receipt_key.public_hex()
     );
+    // Point 2's likeness (a uk subject's): the sample is seeded, so this is
+    // the vector that was loaded.
+    let probe = sample(3)[2].vector.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(",");
+    println!(
+        "access:  grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"subject\":\"uk-subject-000000\"}}' {addr} sovra.v1.Erasure/SubjectAccess"
+    );
+    println!(
+        "         grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"vector\":[{probe}],\"threshold\":0.005}}' {addr} sovra.v1.Erasure/LikenessAccess"
+    );
+    println!(
+        "opt-out: grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"vector\":[{probe}],\"threshold\":0.005}}' {addr} sovra.v1.Erasure/RegisterOptOut"
+    );
     println!(
         "audit:   target/release/sovra ctl audit export --addr {addr} --key {admin} --region uk --out uk-audit.jsonl --checkpoint uk-checkpoint.json"
     );

@@ -21,9 +21,7 @@ use sovra_index::{IndexOptions, Space};
 pub const INDEX_FILE: &str = "index.sovra";
 use crate::store::{Suppression, subject_tag};
 use sovra_types::validate::{check_command, check_record};
-use sovra_types::{
-    CollectionSpec, Erase, EraseTarget, Filter, LawfulBasis, Metric, OptOut, PointId, PointRecord, ShardCommand, ShardId,
-};
+use sovra_types::{CollectionSpec, Erase, EraseTarget, Filter, LawfulBasis, Metric, OptOut, PointId, PointRecord, ShardCommand, ShardId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -485,10 +483,7 @@ impl ShardEngine {
         };
         let mut subjects = std::collections::BTreeSet::new();
         match &e.target {
-            EraseTarget::Subject(s)
-            | EraseTarget::Likeness {
-                subject: Some(s), ..
-            } => {
+            EraseTarget::Subject(s) | EraseTarget::Likeness { subject: Some(s), .. } => {
                 subjects.insert(s.clone());
             }
             _ => {}
@@ -597,7 +592,13 @@ impl ShardEngine {
         let registry = self.opt_outs.read().clone();
         if registry.is_empty() {
             let (hits, path) = live.search_with(p.vector, p.k, p.ef, p.filter, p.now_ms, exact);
-            let hits = hits.into_iter().map(|h| Hit { id: h.id, distance: h.distance }).collect();
+            let hits = hits
+                .into_iter()
+                .map(|h| Hit {
+                    id: h.id,
+                    distance: h.distance,
+                })
+                .collect();
             return (hits, path);
         }
         // Every replica suppresses what an opted-out likeness covers, also a
@@ -609,7 +610,10 @@ impl ShardEngine {
             .into_iter()
             .filter(|h| !live.vector_of(&h.id).is_some_and(|v| self.opted_out(&registry, &d, &v)))
             .take(p.k)
-            .map(|h| Hit { id: h.id, distance: h.distance })
+            .map(|h| Hit {
+                id: h.id,
+                distance: h.distance,
+            })
             .collect();
         (hits, path)
     }

@@ -322,3 +322,76 @@ fn a_rewrite_leaves_no_removed_value_in_the_files_and_one_cut_off_is_finished_on
     assert_eq!(kept(&dir), 1800);
     assert!(!dir.join("db.rewrite").exists() && !holds(&dir, CANARY));
 }
+
+fn sq(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+fn opt_out(template: &str, vector: Vec<f32>, threshold: f32) -> ShardCommand {
+    erase(
+        EraseTarget::Likeness {
+            template: template.into(),
+            vector,
+            threshold,
+            subject: None,
+        },
+        5,
+    )
+}
+
+#[test]
+fn an_opt_out_erases_its_likeness_refuses_it_at_apply_and_suppresses_it_at_search_until_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = spec("faces", 4, Metric::L2);
+    let e = open(tmp.path(), &s);
+    fill(&e, 60);
+    let face = v(3);
+    let threshold = 2.5;
+    let within: Vec<u64> = (0..60).filter(|&i| sq(&v(i), &face) <= threshold).collect();
+    assert!(within.len() >= 2, "{within:?}");
+    let template = "optout-0123456789abcdef0123456789abcdef";
+    let out = e.apply_next(&opt_out(template, face.clone(), threshold)).unwrap();
+    assert_eq!(out.changed, within.len());
+    assert!(live_ids(&e).iter().all(|i| !within.contains(i)));
+    assert_eq!(e.opt_out_ids(), [template]);
+    // A later write within it is refused at apply, naming no template.
+    let out = e
+        .apply_next(&ShardCommand::Upsert(vec![record(500, face.clone(), Payload::new())]))
+        .unwrap();
+    let why = out.rejected.expect("refused");
+    assert!(why.contains("a likeness opted out") && !why.contains(template), "{why}");
+    // The registry survives a reopen and is in the digest.
+    let digest = e.store().digest().unwrap();
+    drop(e);
+    let e = open(tmp.path(), &s);
+    assert_eq!(e.store().digest().unwrap(), digest);
+    assert!(
+        e.apply_next(&ShardCommand::Upsert(vec![record(501, face.clone(), Payload::new())]))
+            .unwrap()
+            .rejected
+            .is_some()
+    );
+
+    // A replica whose store holds a point within the template anyway (an
+    // install from a snapshot written otherwise) never returns it.
+    let mut records: Vec<PointRecord> = e.store().points().map(|r| r.unwrap()).collect();
+    records.push(record(600, face.clone(), Payload::new()));
+    let suppression = e.store().suppression().unwrap();
+    let at = e.last_applied() + 1;
+    e.install(records.into_iter().map(Ok::<_, String>), at, b"", &Default::default(), &suppression)
+        .unwrap()
+        .unwrap();
+    assert!(live_ids(&e).contains(&600), "the crafted point is stored");
+    assert!(!found(&e, &face, 10).contains(&600), "a point within an opt-out was returned");
+    assert_eq!(found(&e, &face, 10).len(), 10);
+
+    // Removed, the likeness may be written and found again.
+    let out = e.apply_next(&ShardCommand::RemoveOptOut { template: template.into() }).unwrap();
+    assert_eq!(out.changed, 1);
+    assert!(e.opt_out_ids().is_empty());
+    assert!(found(&e, &face, 10).contains(&600));
+    let out = e
+        .apply_next(&ShardCommand::Upsert(vec![record(502, face.clone(), Payload::new())]))
+        .unwrap();
+    assert_eq!(out.rejected, None);
+}

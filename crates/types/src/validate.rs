@@ -281,7 +281,9 @@ fn check_erase(
 
 /// An opt-out template id as Sovra makes them: `optout-` and 32 hex digits.
 pub fn check_template_id(t: &str) -> Result<(), ApiError> {
-    let ok = t.strip_prefix("optout-").is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    let ok = t
+        .strip_prefix("optout-")
+        .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()));
     if ok {
         Ok(())
     } else {

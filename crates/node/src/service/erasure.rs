@@ -60,7 +60,9 @@ impl ErasureRpc for ErasureService {
                 ),
                 Some(v1::erase_request::Target::All(true)) => EraseTarget::All,
                 Some(v1::erase_request::Target::All(false)) => {
-                    return Err(ApiError::invalid("all is false: set it true to erase the whole region, or name a target"));
+                    return Err(ApiError::invalid(
+                        "all is false: set it true to erase the whole region, or name a target",
+                    ));
                 }
             };
             self.erase_in(&note, &c, region, target).await
@@ -182,7 +184,9 @@ impl ErasureRpc for ErasureService {
             let (records, next) = self
                 .state
                 .root()
-                .scroll(&c.spec.name, &region, shards, at, query, limit, |_| sovra_raft::ReadLevel::Linearizable)
+                .scroll(&c.spec.name, &region, shards, at, query, limit, |_| {
+                    sovra_raft::ReadLevel::Linearizable
+                })
                 .await?;
             note.shards(shards as usize);
             note.results(records.len() as u64);
@@ -231,7 +235,9 @@ impl ErasureRpc for ErasureService {
             let result = self
                 .state
                 .root()
-                .search(&c.spec.name, std::slice::from_ref(&region), query, |_| sovra_raft::ReadLevel::Linearizable)
+                .search(&c.spec.name, std::slice::from_ref(&region), query, |_| {
+                    sovra_raft::ReadLevel::Linearizable
+                })
                 .await?;
             if let Some(r) = result.shards.iter().find(|r| r.error.is_some()) {
                 return Err(sovra_coord::root::shard_failed(&r.shard, r.code, r.error.as_deref().unwrap_or("")));
@@ -375,7 +381,7 @@ impl ErasureService {
         let per_shard: Vec<(ShardId, ShardCommand)> = match target {
             EraseTarget::Ids(ids) => {
                 let keyed = ids.into_iter().map(|id| (region.clone(), id, id)).collect();
-                group(&c, keyed)?
+                group(c, keyed)?
                     .into_iter()
                     .map(|(shard, ids)| (shard, command(EraseTarget::Ids(ids))))
                     .collect()
@@ -396,7 +402,7 @@ impl ErasureService {
         };
         // R2 (the criteria are the region's personal data) and validation
         // of every command, before anything is written.
-        check_writes(&self.state, &c, &per_shard)?;
+        check_writes(&self.state, c, &per_shard)?;
         let shards = per_shard.len();
         note.shards(shards);
         let start = MetaCommand::StartErasure {
