@@ -8,6 +8,8 @@
 //! - [`state`]: [`state::MetaState::apply`], deterministic over plain data, which
 //!   itself refuses anything that would put a replica on a node outside its
 //!   shard's region (R1), whoever submits it.
+//! - [`rebalance`]: replica moves that drain a node or even out a region,
+//!   never across regions and never below a shard's replica count; pure.
 //! - [`audit`]: which data nodes of each region hold its audit log; a pure
 //!   function.
 //! - [`voters`]: which meta-role nodes vote (at most five, odd, spread over
@@ -22,6 +24,7 @@ pub mod audit;
 pub mod erasure;
 pub mod keys;
 pub mod placement;
+pub mod rebalance;
 pub mod state;
 pub mod voters;
 
