@@ -3,7 +3,8 @@
 //! a collection can require `x-purpose`; records hold no vector or subject id;
 //! an export verifies against a signed checkpoint, and an edited, removed,
 //! reordered or truncated record is named; a call whose record cannot be
-//! committed fails (fail closed).
+//! committed fails (fail closed). Also `sovra ctl status` and `shards`, which
+//! read the same cluster through the admin API.
 
 use sovra_audit::Bad;
 use sovra_proto::v1::{self, audit_client::AuditClient};
@@ -332,4 +333,64 @@ async fn a_search_whose_audit_record_cannot_be_committed_fails() {
         async || n.search.search(search.clone()).await.ok(),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sovra_ctl_status_and_shards_list_every_node_and_shard_as_tables_and_json() {
+    let mut nodes = TestNode::start_cluster(&[(1, EU), (2, EU), (3, US)]).await;
+    nodes[0]
+        .collections
+        .create_collection(v1::CreateCollectionRequest {
+            collection: Some(sovra_node::dev::spanning_spec("people", 4, v1::Metric::L2, &[EU, US], 2, 1)),
+        })
+        .await
+        .unwrap();
+    let (addr, key) = (nodes[1].node().grpc_addr.to_string(), nodes[0].key.clone());
+    let conn = |format| sovra_node::ctl::Conn {
+        addr: addr.clone(),
+        key: key.clone(),
+        format,
+    };
+    let json: Vec<serde_json::Value> =
+        serde_json::from_str(&sovra_node::ctl::status(&conn(sovra_node::ctl::Format::Json)).await.unwrap()).unwrap();
+    assert_eq!(json.len(), 3, "{json:?}");
+    assert_eq!(json.iter().filter(|n| n["meta"] == "leader").count(), 1, "{json:?}");
+    assert!(json.iter().all(|n| n["state"] == "up"));
+    let audit: Vec<u64> = json
+        .iter()
+        .filter(|n| n["audit"] == "yes")
+        .map(|n| n["node"].as_u64().unwrap())
+        .collect();
+    assert_eq!(audit, [1, 2, 3], "every node holds its region's audit log");
+    let replicas: u64 = json.iter().map(|n| n["replicas"].as_u64().unwrap()).sum();
+    assert_eq!(replicas, 4, "2 shards x 2 regions, rf 1");
+    let table = sovra_node::ctl::collections(&conn(sovra_node::ctl::Format::Table), true, Some("people"))
+        .await
+        .unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("collection region shard replicas leader"), "{table}");
+    assert_eq!(lines.len(), 5, "{table}");
+    // Aligned: every row's second column starts where the header's does.
+    let at = lines[0].find("region").unwrap();
+    assert!(
+        lines[1..].iter().all(|l| &l[at..at + 2] == "eu" || &l[at..at + 2] == "us"),
+        "{table}"
+    );
+    // A key without the admin scope is refused, saying so.
+    let reader = nodes[0]
+        .make_key(
+            "reader",
+            v1::KeyScopes {
+                read_regions: vec!["*".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    let e = sovra_node::ctl::status(&sovra_node::ctl::Conn {
+        key: reader,
+        ..conn(sovra_node::ctl::Format::Table)
+    })
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("admin"), "{e}");
 }

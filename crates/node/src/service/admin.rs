@@ -229,4 +229,57 @@ impl Admin for AdminService {
         })
         .await
     }
+
+    async fn cluster_status(&self, req: Request<v1::ClusterStatusRequest>) -> Result<Response<v1::ClusterStatusResponse>, Status> {
+        let note = Note::new("cluster_status", req.metadata());
+        audited(&self.state, "cluster_status", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("ClusterStatus")?;
+            self.state.refresh_view().await;
+            let view = self.state.view();
+            let now = crate::cluster::now_ms();
+            let mut replicas: std::collections::BTreeMap<u64, u32> = Default::default();
+            for c in view.state.collections.values() {
+                for s in c.shards.values() {
+                    for n in &s.replicas {
+                        *replicas.entry(*n).or_default() += 1;
+                    }
+                }
+            }
+            let nodes: Vec<v1::NodeInfo> = view
+                .state
+                .nodes
+                .values()
+                .map(|n| {
+                    let mut roles = Vec::new();
+                    for (on, name) in [(n.roles.meta, "meta"), (n.roles.data, "data"), (n.roles.coordinator, "coordinator")] {
+                        if on {
+                            roles.push(name.to_string());
+                        }
+                    }
+                    v1::NodeInfo {
+                        id: n.id,
+                        region: n.region.to_string(),
+                        zone: n.zone.clone(),
+                        roles,
+                        state: format!("{:?}", n.status).to_lowercase(),
+                        public_addr: n.public_addr.clone(),
+                        cluster_addr: n.cluster_addr.clone(),
+                        heartbeat_age_ms: now.saturating_sub(n.last_heartbeat_ms),
+                        replicas: replicas.get(&n.id).copied().unwrap_or(0),
+                        audit_replica: view.state.audit.get(&n.region).is_some_and(|g| g.replicas.contains(&n.id)),
+                    }
+                })
+                .collect();
+            note.results(nodes.len() as u64);
+            Ok(v1::ClusterStatusResponse {
+                nodes,
+                meta_leader: self.state.host.meta().and_then(|m| m.leader()).unwrap_or(0),
+                map_version: view.state.map_version,
+                meta_index: view.index,
+            })
+        })
+        .await
+    }
 }
