@@ -8,6 +8,8 @@
 //! - [`state`]: [`state::MetaState::apply`], deterministic over plain data, which
 //!   itself refuses anything that would put a replica on a node outside its
 //!   shard's region (R1), whoever submits it.
+//! - [`ops`]: operations jobs (replica moves) recorded here so they resume
+//!   after any restart and can be listed and cancelled.
 //! - [`rebalance`]: replica moves that drain a node or even out a region,
 //!   never across regions and never below a shard's replica count; pure.
 //! - [`audit`]: which data nodes of each region hold its audit log; a pure
@@ -23,6 +25,7 @@
 pub mod audit;
 pub mod erasure;
 pub mod keys;
+pub mod ops;
 pub mod placement;
 pub mod rebalance;
 pub mod state;

@@ -91,6 +91,8 @@ pub struct MetaState {
     pub erasures: crate::erasure::Erasures,
     /// Each region's audit log replicas ([`crate::audit`]).
     pub audit: BTreeMap<RegionId, crate::audit::AuditGroup>,
+    /// Operations jobs ([`crate::ops`]).
+    pub ops: crate::ops::Ops,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +158,35 @@ pub enum MetaCommand {
     AuditFormed {
         region: RegionId,
     },
+    /// Starts moving shard `shard`'s replica on `from` to `to` (R1: `to` is
+    /// a data node of the shard's region); refused while another job runs
+    /// on the shard.
+    StartMove {
+        job: String,
+        collection: CollectionName,
+        shard: ShardKey,
+        from: u64,
+        to: u64,
+        at_ms: u64,
+    },
+    /// The shard's group has replaced `from` by `to`: the shard map follows.
+    MoveDone {
+        job: String,
+        at_ms: u64,
+    },
+    /// What a running job's last step did (progress for listing).
+    OpProgress {
+        job: String,
+        progress: String,
+        at_ms: u64,
+    },
+    /// Ends a running job as cancelled (before its membership change) or
+    /// failed.
+    EndOp {
+        job: String,
+        failed: Option<String>,
+        at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +227,8 @@ pub enum Refused {
     UnknownKey(String),
     #[error("{0}")]
     Job(#[from] crate::erasure::JobRefused),
+    #[error("{0}")]
+    Op(String),
 }
 
 fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
@@ -213,6 +246,7 @@ impl MetaState {
             && self.policies == other.policies
             && self.api_keys == other.api_keys
             && self.audit == other.audit
+            && self.ops.running().eq(other.ops.running())
             && self.nodes.len() == other.nodes.len()
             && self.nodes.iter().zip(&other.nodes).all(|((a, x), (b, y))| {
                 a == b
@@ -375,6 +409,94 @@ impl MetaState {
                     });
                 }
                 g.replicas = replicas;
+                Ok(Applied::Done)
+            }
+            MetaCommand::StartMove {
+                job,
+                collection,
+                shard,
+                from,
+                to,
+                at_ms,
+            } => {
+                let s = self.shard_record(&collection, &shard)?;
+                let name = shard_name(&collection, &shard);
+                if !s.replicas.contains(&from) {
+                    return Err(Refused::Op(format!("node {from} holds no replica of shard {name} to move")));
+                }
+                if s.replicas.contains(&to) {
+                    return Err(Refused::Op(format!("node {to} already holds a replica of shard {name}")));
+                }
+                // R1 for the target, as for any replica.
+                let mut with_to: Vec<u64> = s.replicas.iter().copied().filter(|&n| n != from).collect();
+                with_to.push(to);
+                self.check_replicas(&collection, &shard, with_to, None)?;
+                if let Some(j) = self.ops.running_on(&collection, &shard) {
+                    return Err(Refused::Op(format!("job {} is already moving a replica of shard {name}", j.id)));
+                }
+                if self.ops.jobs.contains_key(&job) {
+                    return Err(Refused::Op(format!("job {job} exists")));
+                }
+                self.ops.insert(crate::ops::MoveJob {
+                    id: job,
+                    collection,
+                    shard,
+                    from,
+                    to,
+                    state: crate::ops::OpState::Running,
+                    progress: "adding the target as a learner".into(),
+                    created_ms: at_ms,
+                    updated_ms: at_ms,
+                    seq: 0,
+                });
+                Ok(Applied::Done)
+            }
+            MetaCommand::MoveDone { job, at_ms } => {
+                let j = self
+                    .ops
+                    .jobs
+                    .get(&job)
+                    .cloned()
+                    .ok_or_else(|| Refused::Op(format!("no job {job}")))?;
+                if j.state == crate::ops::OpState::Done {
+                    return Ok(Applied::Done);
+                }
+                if j.state != crate::ops::OpState::Running {
+                    return Err(Refused::Op(format!("job {job} is {}", j.state.as_str())));
+                }
+                let s = self.shard_record(&j.collection, &j.shard)?;
+                let mut replicas: Vec<u64> = s.replicas.iter().copied().filter(|&n| n != j.from).collect();
+                if !replicas.contains(&j.to) {
+                    replicas.push(j.to);
+                }
+                let replicas = self.check_replicas(&j.collection, &j.shard, replicas, None)?;
+                self.erasures.replicas_set(&j.collection, &j.shard, &replicas);
+                let c = self.collections.get_mut(&j.collection).expect("checked above");
+                c.shards.get_mut(&j.shard).expect("checked above").replicas = replicas;
+                self.ops.finish(&job, crate::ops::OpState::Done, at_ms);
+                if let Some(x) = self.ops.jobs.get_mut(&job) {
+                    x.progress = format!("node {} replaced node {}", j.to, j.from);
+                }
+                Ok(self.bump())
+            }
+            MetaCommand::OpProgress { job, progress, at_ms } => {
+                let j = self.ops.jobs.get_mut(&job).ok_or_else(|| Refused::Op(format!("no job {job}")))?;
+                if j.state == crate::ops::OpState::Running {
+                    j.progress = progress;
+                    j.updated_ms = at_ms;
+                }
+                Ok(Applied::Done)
+            }
+            MetaCommand::EndOp { job, failed, at_ms } => {
+                let j = self.ops.jobs.get(&job).ok_or_else(|| Refused::Op(format!("no job {job}")))?;
+                if j.state != crate::ops::OpState::Running {
+                    return Err(Refused::Op(format!("job {job} is {} already", j.state.as_str())));
+                }
+                let state = match failed {
+                    Some(why) => crate::ops::OpState::Failed(why),
+                    None => crate::ops::OpState::Cancelled,
+                };
+                self.ops.finish(&job, state, at_ms);
                 Ok(Applied::Done)
             }
             MetaCommand::AuditFormed { region } => {

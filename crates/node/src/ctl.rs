@@ -25,6 +25,31 @@ pub enum CtlCommand {
         #[arg(long)]
         collection: Option<String>,
     },
+    /// Moves a shard's replica from one node to another of its region, as a
+    /// job; with --wait, follows it until it ends (exit 1 unless done).
+    Move {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        collection: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        shard: u32,
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: u64,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Operations jobs, newest first; --cancel JOB ends a running one.
+    Jobs {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        cancel: Option<String>,
+    },
 }
 
 /// How `sovra ctl` reaches a node.
@@ -132,6 +157,83 @@ pub async fn status(c: &Conn) -> anyhow::Result<String> {
         rows,
     };
     Ok(t.render(c.format))
+}
+
+fn job_rows(jobs: Vec<sovra_proto::v1::OpJob>) -> Table {
+    Table {
+        columns: vec!["job", "kind", "shard", "from", "to", "state", "progress", "error"],
+        rows: jobs
+            .into_iter()
+            .map(|j| {
+                vec![
+                    j.job.into(),
+                    j.kind.into(),
+                    format!("{}/{}/{}", j.collection, j.region, j.shard).into(),
+                    j.from.into(),
+                    j.to.into(),
+                    j.state.into(),
+                    j.progress.into(),
+                    (!j.error.is_empty()).then_some(j.error).into(),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// `sovra ctl move`: starts the job; with `wait`, polls it until it ends.
+pub async fn move_replica(c: &Conn, req: sovra_proto::v1::MoveReplicaRequest, wait: bool) -> anyhow::Result<String> {
+    use sovra_proto::v1;
+    let ch = channel(&c.addr).await?;
+    let mut admin = v1::admin_client::AdminClient::new(crate::dev::keyed(&ch, &c.key));
+    let mut job = admin
+        .move_replica(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("MoveReplica: {}", s.message()))?
+        .into_inner();
+    if wait {
+        let mut last = String::new();
+        while job.state == "running" {
+            if job.progress != last {
+                eprintln!("{}: {}", job.job, job.progress);
+                last = job.progress.clone();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let jobs = admin
+                .list_jobs(v1::ListJobsRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("ListJobs: {}", s.message()))?
+                .into_inner()
+                .jobs;
+            job = jobs
+                .into_iter()
+                .find(|j| j.job == job.job)
+                .ok_or_else(|| anyhow::anyhow!("the job is no longer listed"))?;
+        }
+        anyhow::ensure!(job.state == "done", "job {} ended {}: {}", job.job, job.state, job.error);
+    }
+    Ok(job_rows(vec![job]).render(c.format))
+}
+
+/// `sovra ctl jobs [--cancel JOB]`.
+pub async fn jobs(c: &Conn, cancel: Option<&str>) -> anyhow::Result<String> {
+    use sovra_proto::v1;
+    let ch = channel(&c.addr).await?;
+    let mut admin = v1::admin_client::AdminClient::new(crate::dev::keyed(&ch, &c.key));
+    if let Some(job) = cancel {
+        let j = admin
+            .cancel_job(v1::CancelJobRequest { job: job.into() })
+            .await
+            .map_err(|s| anyhow::anyhow!("CancelJob: {}", s.message()))?
+            .into_inner();
+        return Ok(job_rows(vec![j]).render(c.format));
+    }
+    let jobs = admin
+        .list_jobs(v1::ListJobsRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("ListJobs: {}", s.message()))?
+        .into_inner()
+        .jobs;
+    Ok(job_rows(jobs).render(c.format))
 }
 
 /// `sovra ctl collections` and `sovra ctl shards`.
@@ -262,6 +364,26 @@ pub fn run(cmd: CtlCommand) -> anyhow::Result<()> {
         CtlCommand::Status(c) => block_on(status(&c)),
         CtlCommand::Collections(c) => block_on(collections(&c, false, None)),
         CtlCommand::Shards { conn, collection } => block_on(collections(&conn, true, collection.as_deref())),
+        CtlCommand::Move {
+            conn,
+            collection,
+            region,
+            shard,
+            from,
+            to,
+            wait,
+        } => block_on(move_replica(
+            &conn,
+            sovra_proto::v1::MoveReplicaRequest {
+                collection,
+                region,
+                shard,
+                from,
+                to,
+            },
+            wait,
+        )),
+        CtlCommand::Jobs { conn, cancel } => block_on(jobs(&conn, cancel.as_deref())),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod config;
 pub mod ctl;
 pub mod dev;
 pub mod metrics;
+pub mod ops;
 pub mod receipt;
 pub mod run;
 mod service;

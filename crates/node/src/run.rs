@@ -174,6 +174,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     tasks.push(tokio::spawn(crate::cluster::reconcile_loop(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::cluster::lease_loop(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::audit::audit_loop(state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(crate::ops::ops_loop(state.clone(), stop_rx.clone())));
     if !state.config.auth {
         tracing::warn!("auth = false: every public call is taken without an API key, with every scope; use this only on a trusted network");
     }

@@ -446,7 +446,13 @@ impl NodeState {
         for (name, c) in &view.state.collections {
             let spec = Arc::new(c.spec.clone());
             for ((region, number), shard) in &c.shards {
-                if !shard.replicas.contains(&me) {
+                // A move's target opens an empty replica for the leader to add.
+                let moving_here = view
+                    .state
+                    .ops
+                    .running_on(name, &(region.clone(), *number))
+                    .is_some_and(|j| j.to == me);
+                if !shard.replicas.contains(&me) && !moving_here {
                     continue;
                 }
                 let id = ShardId {

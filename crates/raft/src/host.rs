@@ -205,6 +205,8 @@ pub struct RaftHost {
     groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
     meta: RwLock<Option<Arc<MetaReplica>>>,
     audit: RwLock<Option<Arc<AuditReplica>>>,
+    /// Per region, the node that last took an audit batch from this one.
+    audit_hints: RwLock<BTreeMap<RegionId, NodeId>>,
     /// Nodes of this node's region: they may forward writes to groups they
     /// hold no replica of.
     region_nodes: RwLock<BTreeSet<NodeId>>,
@@ -237,6 +239,7 @@ impl RaftHost {
             groups: RwLock::new(BTreeMap::new()),
             meta: RwLock::new(None),
             audit: RwLock::new(None),
+            audit_hints: RwLock::new(BTreeMap::new()),
             region_nodes: RwLock::new(BTreeSet::new()),
             restarts: AtomicU64::new(0),
             residency_refused: AtomicU64::new(0),
@@ -422,13 +425,28 @@ impl RaftHost {
         let within = self.settings.write_timeout;
         let deadline = Instant::now() + within;
         let mut why = Vec::new();
-        for &n in via {
+        // The node that took the last batch first (it leads, or reaches the
+        // leader), then the others; each gets its share of the time left, so
+        // one slow or cut-off replica cannot spend the whole budget. A batch
+        // whose answer was lost may then commit twice (records are
+        // at-least-once).
+        let hint = self.audit_hints.read().get(region).copied();
+        let mut order: Vec<NodeId> = hint.into_iter().filter(|h| via.contains(h)).collect();
+        order.extend(via.iter().copied().filter(|n| Some(*n) != hint));
+        let count = order.len();
+        for (i, n) in order.into_iter().enumerate() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 break;
             }
-            match self.forward::<AuditConfig>(n, &id, &batch, remaining).await {
-                Ok(answer) => return answer,
+            let share = (remaining / (count - i) as u32).max(Duration::from_millis(500)).min(remaining);
+            match self.forward::<AuditConfig>(n, &id, &batch, share).await {
+                Ok(answer) => {
+                    if answer.is_ok() {
+                        self.audit_hints.write().insert(region.clone(), n);
+                    }
+                    return answer;
+                }
                 Err(s) => why.push(format!("node {n}: {}", s.message())),
             }
         }
@@ -458,6 +476,39 @@ impl RaftHost {
             .audit()
             .ok_or_else(|| ApiError::unavailable(format!("node {} holds no audit replica", self.me)))?;
         self.set_members_in(&g, voters, BTreeSet::new()).await
+    }
+
+    /// On `g`'s leader: adds `n` as a learner without waiting for it to
+    /// catch up (a move watches its progress and promotes it later).
+    pub async fn add_learner_in<C: GroupConfig<Responder = openraft::impls::OneshotResponder<C>>>(
+        &self,
+        g: &Replica<C>,
+        n: NodeId,
+    ) -> Result<(), ApiError> {
+        let within = self.settings.write_timeout;
+        let raft = g.raft();
+        tokio::time::timeout(within, raft.add_learner(n, openraft::EmptyNode::default(), false))
+            .await
+            .map_err(|_| ApiError::unavailable(format!("adding node {n} to group {} was not committed in time", g.id)))?
+            .map(|_| ())
+            .map_err(|e| ApiError::unavailable(format!("adding node {n} to group {} failed: {e}", g.id)))
+    }
+
+    /// On `g`'s leader: makes exactly `voters` the group's members, in one
+    /// joint-consensus change (members not named are removed).
+    pub async fn replace_voters_in<C: GroupConfig<Responder = openraft::impls::OneshotResponder<C>>>(
+        &self,
+        g: &Replica<C>,
+        voters: BTreeSet<NodeId>,
+    ) -> Result<(), ApiError> {
+        let within = self.settings.write_timeout;
+        let raft = g.raft();
+        let change = raft.change_membership(openraft::ChangeMembers::ReplaceAllVoters(voters), false);
+        tokio::time::timeout(within, change)
+            .await
+            .map_err(|_| ApiError::unavailable(format!("the membership change of group {} was not committed in time", g.id)))?
+            .map(|_| ())
+            .map_err(|e| ApiError::unavailable(format!("the membership change of group {} failed: {e}", g.id)))
     }
 
     /// On `g`'s leader: makes `voters` the group's voters and `learners` its

@@ -282,4 +282,114 @@ impl Admin for AdminService {
         })
         .await
     }
+
+    async fn move_replica(&self, req: Request<v1::MoveReplicaRequest>) -> Result<Response<v1::OpJob>, Status> {
+        let note = Note::new("move_replica", req.metadata());
+        audited(&self.state, "move_replica", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("MoveReplica")?;
+            let req = req.into_inner();
+            let c = self.state.collection_now(&req.collection).await?;
+            note.collection(&c.spec)?;
+            let region = sovra_types::validate::check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            let job = format!("move-{}", uuid::Uuid::new_v4().simple());
+            note.target(&job);
+            let index = self
+                .state
+                .meta_change(
+                    MetaCommand::StartMove {
+                        job: job.clone(),
+                        collection: c.spec.name.clone(),
+                        shard: (region.clone(), req.shard),
+                        from: req.from,
+                        to: req.to,
+                        at_ms: crate::cluster::now_ms(),
+                    },
+                    &format!(
+                        "move shard {}/{region}/{} from node {} to node {}",
+                        c.spec.name, req.shard, req.from, req.to
+                    ),
+                )
+                .await?;
+            self.state.caught_up(index).await?;
+            let view = self.state.view();
+            let j = view
+                .state
+                .ops
+                .jobs
+                .get(&job)
+                .ok_or_else(|| ApiError::internal("the job vanished"))?;
+            tracing::info!(job = %job, by = ?caller.key, "replica move started");
+            Ok(op_to(j))
+        })
+        .await
+    }
+
+    async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        observe("list_jobs", async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            caller.require_admin("ListJobs")?;
+            self.state.refresh_view().await;
+            let view = self.state.view();
+            let mut jobs: Vec<&sovra_meta::ops::MoveJob> = view.state.ops.jobs.values().collect();
+            jobs.sort_by_key(|j| std::cmp::Reverse(j.seq));
+            Ok(v1::ListJobsResponse {
+                jobs: jobs.into_iter().map(op_to).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::OpJob>, Status> {
+        let note = Note::new("cancel_job", req.metadata());
+        audited(&self.state, "cancel_job", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("CancelJob")?;
+            let job = req.into_inner().job;
+            note.target(&job);
+            let index = self
+                .state
+                .meta_change(
+                    MetaCommand::EndOp {
+                        job: job.clone(),
+                        failed: None,
+                        at_ms: crate::cluster::now_ms(),
+                    },
+                    &format!("cancel job {}", quote(&job)),
+                )
+                .await?;
+            self.state.caught_up(index).await?;
+            let view = self.state.view();
+            let j = view
+                .state
+                .ops
+                .jobs
+                .get(&job)
+                .ok_or_else(|| ApiError::not_found(format!("no job {}", quote(&job))))?;
+            Ok(op_to(j))
+        })
+        .await
+    }
+}
+
+fn op_to(j: &sovra_meta::ops::MoveJob) -> v1::OpJob {
+    v1::OpJob {
+        job: j.id.clone(),
+        kind: "move".into(),
+        collection: j.collection.to_string(),
+        region: j.shard.0.to_string(),
+        shard: j.shard.1,
+        from: j.from,
+        to: j.to,
+        state: j.state.as_str().into(),
+        progress: j.progress.clone(),
+        error: match &j.state {
+            sovra_meta::ops::OpState::Failed(why) => why.clone(),
+            _ => String::new(),
+        },
+        created_ms: j.created_ms,
+        updated_ms: j.updated_ms,
+    }
 }
