@@ -89,6 +89,19 @@ async fn pass(state: &Arc<NodeState>) {
         let Some(j) = job else {
             // No job: the group follows the shard map (a cancelled move, or
             // one cut off between its membership change and its record).
+            // Only on a view confirmed just now: a leader whose view predates
+            // a move another leader carried out must not undo it.
+            state.refresh_view().await;
+            let fresh = state.view();
+            let confirmed = fresh
+                .state
+                .collections
+                .get(&g.id.collection)
+                .and_then(|c| c.shards.get(&key))
+                .map(|r| r.replicas.iter().copied().collect::<BTreeSet<u64>>());
+            if confirmed.as_ref() != Some(&want) || fresh.state.ops.running_on(&g.id.collection, &key).is_some() {
+                continue;
+            }
             if let Err(e) = state.host.set_members_in(&g, want, BTreeSet::new()).await {
                 tracing::warn!(shard = %g.id, error = %e.message, "bringing the group's members back to the shard map failed; will retry");
             }
