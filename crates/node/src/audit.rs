@@ -33,6 +33,9 @@ const MAX_BATCH: usize = 512;
 /// record). `sovra bench cluster` at 64 clients measured 1 and 2 alike within
 /// this machine's noise (audited/unaudited QPS 0.56 and 0.62).
 const IN_FLIGHT: usize = 2;
+/// A region's log is founded on fewer than [`sovra_meta::audit::AUDIT_REPLICAS`]
+/// nodes only once its set of data nodes has not changed for this long.
+const FOUNDING_SETTLE: Duration = Duration::from_millis(1500);
 /// Records waiting per region before callers are held (back-pressure).
 const QUEUE: usize = 8192;
 
@@ -309,6 +312,11 @@ pub fn replicas_of(state: &NodeState, region: &RegionId) -> Vec<u64> {
 /// records.
 pub async fn audit_loop(state: Arc<NodeState>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.heartbeat_ms.max(100));
+    // Per region not placed yet: its data nodes as last seen, and since when
+    // that set has not changed. A log is founded on all the nodes a starting
+    // region brings up together, not on the first to register alone (whose
+    // loss before the group grew would stall every call of the region).
+    let mut settling: BTreeMap<RegionId, (BTreeSet<u64>, std::time::Instant)> = BTreeMap::new();
     loop {
         if crate::cluster::stopped(&mut stop, every).await {
             return;
@@ -328,6 +336,24 @@ pub async fn audit_loop(state: Arc<NodeState>, mut stop: tokio::sync::watch::Rec
                 let Some(want) = sovra_meta::audit::choose_audit_replicas(view.nodes.values(), &region, &current) else {
                     continue;
                 };
+                if placed.is_none() {
+                    let seen: BTreeSet<u64> = view
+                        .nodes
+                        .values()
+                        .filter(|n| n.region == region && n.roles.data)
+                        .map(|n| n.id)
+                        .collect();
+                    let entry = settling
+                        .entry(region.clone())
+                        .or_insert_with(|| (seen.clone(), std::time::Instant::now()));
+                    if entry.0 != seen {
+                        *entry = (seen, std::time::Instant::now());
+                    }
+                    if want.len() < sovra_meta::audit::AUDIT_REPLICAS && entry.1.elapsed() < FOUNDING_SETTLE {
+                        continue;
+                    }
+                    settling.remove(&region);
+                }
                 if want != current {
                     tracing::info!(region = %region, replicas = ?want, "placing the region's audit log");
                     if let Err(e) = state
