@@ -37,28 +37,6 @@ fn person(i: u64, region: &str) -> v1::Point {
     p
 }
 
-/// Every line of `region`'s log, exported through `n` page by page.
-async fn export(n: &TestNode, region: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let page = audit(n)
-            .export_audit(v1::ExportAuditRequest {
-                region: region.into(),
-                from_seq: from,
-                limit: 7,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        out.extend(page.lines);
-        from = page.next_seq;
-        if !page.more {
-            return out;
-        }
-    }
-}
-
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -169,8 +147,8 @@ async fn every_call_is_audited_in_the_regions_it_touched_and_the_export_verifies
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
-    let eu = export(&nodes[1], EU).await;
-    let us = export(&nodes[2], US).await;
+    let eu = audit_export(&nodes[1], EU, 7).await;
+    let us = audit_export(&nodes[2], US, 7).await;
     let calls = |lines: &[String]| {
         lines
             .iter()
@@ -241,7 +219,7 @@ async fn every_call_is_audited_in_the_regions_it_touched_and_the_export_verifies
     assert_eq!(c.public_key, expected_key.public_hex());
     assert_eq!(c.origin, "sovra-audit/eu");
     let (cp, key) = checkpoint(&c);
-    let eu = export(&nodes[1], EU).await;
+    let eu = audit_export(&nodes[1], EU, 7).await;
     assert!(eu.len() as u64 >= cp.size);
     assert_eq!(sovra_audit::verify_export(refs(&eu), &cp, &key), Ok(cp.size));
 

@@ -267,3 +267,27 @@ pub fn ids_of(r: &v1::SearchResponse) -> Vec<u64> {
         )
         .collect()
 }
+
+/// Every line of `region`'s audit log, exported through `n` in pages of
+/// `limit` records (0: the server's default).
+pub async fn audit_export(n: &TestNode, region: &str, limit: u32) -> Vec<String> {
+    let mut c = v1::audit_client::AuditClient::new(keyed(&n.channel, &n.key));
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = c
+            .export_audit(v1::ExportAuditRequest {
+                region: region.into(),
+                from_seq: from,
+                limit,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.lines);
+        from = page.next_seq;
+        if !page.more {
+            return out;
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! subject's points and answers whether a likeness is held, both audited, the
 //! probe kept only as its hash.
 
-use sovra_proto::v1::{self, audit_client::AuditClient, erasure_client::ErasureClient};
+use sovra_proto::v1::{self, erasure_client::ErasureClient};
 use sovra_tests::*;
 use std::time::Duration;
 use tonic::Code;
@@ -42,29 +42,6 @@ async fn upsert(n: &TestNode, pts: Vec<v1::Point>) -> Result<v1::WriteResponse, 
     })
     .await
     .map(|r| r.into_inner())
-}
-
-/// Every line of uk's audit log.
-async fn audit_lines(n: &TestNode) -> Vec<String> {
-    let mut c = AuditClient::new(keyed(&n.channel, &n.key));
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let page = c
-            .export_audit(v1::ExportAuditRequest {
-                region: UK.into(),
-                from_seq: from,
-                limit: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        out.extend(page.lines);
-        from = page.next_seq;
-        if !page.more {
-            return out;
-        }
-    }
 }
 
 fn field(line: &str, name: &str) -> serde_json::Value {
@@ -212,7 +189,7 @@ async fn an_opt_out_erases_with_a_receipt_refuses_later_and_racing_writes_and_is
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     upsert(&nodes[0], vec![near(60, 0.0)]).await.unwrap();
 
-    let log = audit_lines(&nodes[0]).await;
+    let log = audit_export(&nodes[0], UK, 0).await;
     let opt_out = log.iter().find(|l| field(l, "call") == "opt_out").expect("the opt-out is audited");
     assert_eq!(field(opt_out, "query_sha256"), sovra_audit::vector_sha256(&FACE).as_str());
     assert!(field(opt_out, "target").as_str().unwrap().contains(&reg.template));
@@ -334,7 +311,7 @@ async fn subject_access_by_subject_and_by_likeness_is_answered_and_audited() {
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
 
     // Audited: the calls and their counts, the probe as its hash only, never the subject.
-    let log = audit_lines(&nodes[0]).await;
+    let log = audit_export(&nodes[0], UK, 0).await;
     let by_subject: Vec<&String> = log.iter().filter(|l| field(l, "call") == "subject_access").collect();
     assert_eq!(by_subject.len(), 4, "three pages and the denied call");
     assert_eq!(field(by_subject[3], "status"), "PERMISSION_DENIED");

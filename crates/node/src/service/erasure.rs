@@ -39,11 +39,7 @@ impl ErasureRpc for ErasureService {
             note.caller(&caller)?;
             caller.require_data_protection("erasure")?;
             let req = req.into_inner();
-            let c = self.state.collection_now(&req.collection).await?;
-            caller.require_collection(&c.spec.name)?;
-            note.collection(&c.spec)?;
-            let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
-            note.regions([&region]);
+            let (c, region) = self.target_region(&caller, &note, &req.collection, &req.region).await?;
             let target = match req.target {
                 None => {
                     return Err(ApiError::invalid(
@@ -77,11 +73,7 @@ impl ErasureRpc for ErasureService {
             note.caller(&caller)?;
             caller.require_data_protection("the opt-out registry")?;
             let req = req.into_inner();
-            let c = self.state.collection_now(&req.collection).await?;
-            caller.require_collection(&c.spec.name)?;
-            note.collection(&c.spec)?;
-            let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
-            note.regions([&region]);
+            let (c, region) = self.target_region(&caller, &note, &req.collection, &req.region).await?;
             let vector = prepare_vector(&c.spec, req.vector, "vector")?;
             check_likeness(&c.spec, &vector, req.threshold, "vector")?;
             note.query(&vector);
@@ -114,30 +106,12 @@ impl ErasureRpc for ErasureService {
             note.caller(&caller)?;
             caller.require_data_protection("the opt-out registry")?;
             let req = req.into_inner();
-            let c = self.state.collection_now(&req.collection).await?;
-            caller.require_collection(&c.spec.name)?;
-            note.collection(&c.spec)?;
-            let region = check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
-            note.regions([&region]);
+            let (c, region) = self.target_region(&caller, &note, &req.collection, &req.region).await?;
             check_template_id(&req.template).map_err(|e| e.at("template"))?;
             note.target(&req.template);
-            let map = c.maps.get(&region).ok_or_else(|| c.spec.region_not_spanned(&region))?;
-            let per_shard: Vec<(ShardId, ShardCommand)> = map
-                .shards()
-                .map(|(number, _)| {
-                    let shard = ShardId {
-                        collection: c.spec.name.clone(),
-                        region: region.clone(),
-                        number,
-                    };
-                    (
-                        shard,
-                        ShardCommand::RemoveOptOut {
-                            template: req.template.clone(),
-                        },
-                    )
-                })
-                .collect();
+            let per_shard = every_shard(&c, &region, || ShardCommand::RemoveOptOut {
+                template: req.template.clone(),
+            })?;
             note.shards(per_shard.len());
             let out = super::points::write(&self.state, &c, per_shard).await?;
             if out.count == 0 {
@@ -353,7 +327,41 @@ fn job_status(state: &NodeState, job: &sovra_meta::erasure::ErasureJob, meta: &s
     }
 }
 
+/// `cmd` for every shard of `region` of `c` (a criterion any shard may match).
+fn every_shard(c: &Collection, region: &RegionId, cmd: impl Fn() -> ShardCommand) -> Result<Vec<(ShardId, ShardCommand)>, ApiError> {
+    let map = c.maps.get(region).ok_or_else(|| c.spec.region_not_spanned(region))?;
+    Ok(map
+        .shards()
+        .map(|(number, _)| {
+            let shard = ShardId {
+                collection: c.spec.name.clone(),
+                region: region.clone(),
+                number,
+            };
+            (shard, cmd())
+        })
+        .collect())
+}
+
 impl ErasureService {
+    /// The collection and region a data-protection call names, once the
+    /// key may use the collection (and the collection's purpose rule holds),
+    /// both noted for the call's audit record.
+    async fn target_region(
+        &self,
+        caller: &crate::auth::Caller,
+        note: &Note,
+        collection: &str,
+        region: &str,
+    ) -> Result<(Arc<Collection>, RegionId), ApiError> {
+        let c = self.state.collection_now(collection).await?;
+        caller.require_collection(&c.spec.name)?;
+        note.collection(&c.spec)?;
+        let region = check_region(&c.spec, region).map_err(|e| e.at("region"))?;
+        note.regions([&region]);
+        Ok((c, region))
+    }
+
     /// Erases `target` in `region` of `c`: one `Erase` per shard it touches,
     /// committed in parallel, a meta job with its receipt; answers once every
     /// replica has applied, appended (fenced) or been waited out (E1).
@@ -386,19 +394,7 @@ impl ErasureService {
                     .map(|(shard, ids)| (shard, command(EraseTarget::Ids(ids))))
                     .collect()
             }
-            other => {
-                let map = c.maps.get(&region).ok_or_else(|| c.spec.region_not_spanned(&region))?;
-                map.shards()
-                    .map(|(number, _)| {
-                        let shard = ShardId {
-                            collection: c.spec.name.clone(),
-                            region: region.clone(),
-                            number,
-                        };
-                        (shard, command(other.clone()))
-                    })
-                    .collect()
-            }
+            other => every_shard(c, &region, || command(other.clone()))?,
         };
         // R2 (the criteria are the region's personal data) and validation
         // of every command, before anything is written.
