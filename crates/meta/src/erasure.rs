@@ -306,6 +306,20 @@ impl Erasures {
         self.prune();
     }
 
+    /// A replica joins `shard` (a move's target): every unfinished job on
+    /// the shard waits for it to purge too, since it may catch up from a
+    /// snapshot or log entries that still hold the erased points.
+    pub fn replica_added(&mut self, c: &CollectionName, shard: &ShardKey, node: u64) {
+        for job in self.jobs.values_mut() {
+            if job.finished() || &job.collection != c || job.region != shard.0 {
+                continue;
+            }
+            if let Some(s) = job.shards.get_mut(&shard.1) {
+                s.replicas.entry(node).or_insert(ReplicaPurge::Pending);
+            }
+        }
+    }
+
     /// A shard's replica set changed: pending replicas no longer in it end
     /// as removed; their marks go.
     pub fn replicas_set(&mut self, c: &CollectionName, shard: &ShardKey, keep: &[u64]) {

@@ -17,6 +17,8 @@ pub enum NodeStatus {
     Up,
     Draining,
     Down,
+    /// A drain emptied it: no replica is placed on it until it is undrained.
+    Drained,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,11 +183,36 @@ pub enum MetaCommand {
         at_ms: u64,
     },
     /// Ends a running job as cancelled (before its membership change) or
-    /// failed.
+    /// failed; a drain's or rebalance's running moves with it.
     EndOp {
         job: String,
         failed: Option<String>,
         at_ms: u64,
+    },
+    /// Starts draining `node`: marked draining, its replicas moved to other
+    /// nodes of its region by child moves. Refused when some shard would
+    /// have nowhere to go.
+    StartDrain {
+        job: String,
+        node: u64,
+        concurrency: u32,
+        at_ms: u64,
+    },
+    /// Starts evening out `region`'s replicas per node (the plan is made as
+    /// this applies and kept in the job).
+    StartRebalance {
+        job: String,
+        region: RegionId,
+        concurrency: u32,
+        at_ms: u64,
+    },
+    /// Advances running drains and rebalances ([`MetaState::advance_ops`]).
+    AdvanceOps {
+        at_ms: u64,
+    },
+    /// A drained node takes replicas again.
+    Undrain {
+        node: u64,
     },
 }
 
@@ -231,6 +258,17 @@ pub enum Refused {
     Op(String),
 }
 
+fn check_concurrency(c: u32) -> Result<u32, Refused> {
+    match c {
+        0 => Ok(crate::ops::DEFAULT_CONCURRENCY),
+        1..=crate::ops::MAX_CONCURRENCY => Ok(c),
+        _ => Err(Refused::Op(format!(
+            "concurrency {c} is too high: at most {} moves at once",
+            crate::ops::MAX_CONCURRENCY
+        ))),
+    }
+}
+
 fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
     format!("{c}/{}/{}", k.0, k.1)
 }
@@ -247,6 +285,7 @@ impl MetaState {
             && self.api_keys == other.api_keys
             && self.audit == other.audit
             && self.ops.running().eq(other.ops.running())
+            && self.ops.drained == other.ops.drained
             && self.nodes.len() == other.nodes.len()
             && self.nodes.iter().zip(&other.nodes).all(|((a, x), (b, y))| {
                 a == b
@@ -270,6 +309,9 @@ impl MetaState {
                         now: n.region,
                     });
                 }
+                let mut n = n;
+                // A restart does not undo a drain.
+                n.status = self.held_status(n.id).unwrap_or(n.status);
                 self.nodes.insert(n.id, n);
                 Ok(Applied::Done)
             }
@@ -277,14 +319,28 @@ impl MetaState {
                 let n = self.nodes.get_mut(&node).ok_or(Refused::UnknownNode(node))?;
                 n.last_heartbeat_ms = n.last_heartbeat_ms.max(at_ms);
                 // A node marked down for missed heartbeats is back; a draining
-                // one stays draining.
+                // or drained one stays so.
                 if n.status == NodeStatus::Down {
-                    n.status = NodeStatus::Up;
+                    let held = self.held_status(node);
+                    let n = self.nodes.get_mut(&node).expect("found above");
+                    n.status = held.unwrap_or(NodeStatus::Up);
                 }
                 Ok(Applied::Done)
             }
             MetaCommand::SetNodeStatus { node, status } => {
                 self.nodes.get_mut(&node).ok_or(Refused::UnknownNode(node))?.status = status;
+                Ok(Applied::Done)
+            }
+            MetaCommand::Undrain { node } => {
+                if let Some(j) = self.ops.draining(node) {
+                    return Err(Refused::Op(format!("job {} is draining node {node}: cancel it instead", j.id)));
+                }
+                let n = self.nodes.get_mut(&node).ok_or(Refused::UnknownNode(node))?;
+                if n.status != NodeStatus::Drained {
+                    return Err(Refused::Op(format!("node {node} is not drained (it is {:?})", n.status)));
+                }
+                n.status = NodeStatus::Up;
+                self.ops.drained.remove(&node);
                 Ok(Applied::Done)
             }
             MetaCommand::CreateCollection { spec, replicas } => self.create(spec, replicas),
@@ -332,8 +388,15 @@ impl MetaState {
             } => {
                 let mut job_shards = BTreeMap::new();
                 for n in shards {
-                    let s = self.shard_record(&collection, &(region.clone(), n))?;
-                    let replicas = s.replicas.iter().map(|&r| (r, crate::erasure::ReplicaPurge::Pending)).collect();
+                    let key = (region.clone(), n);
+                    let s = self.shard_record(&collection, &key)?;
+                    let mut replicas: BTreeMap<u64, crate::erasure::ReplicaPurge> =
+                        s.replicas.iter().map(|&r| (r, crate::erasure::ReplicaPurge::Pending)).collect();
+                    // A move's target may already hold (or be about to
+                    // receive) the points: it purges too.
+                    if let Some((_, m)) = self.ops.running_on(&collection, &key) {
+                        replicas.insert(m.to, crate::erasure::ReplicaPurge::Pending);
+                    }
                     job_shards.insert(
                         n,
                         crate::erasure::JobShard {
@@ -419,51 +482,48 @@ impl MetaState {
                 to,
                 at_ms,
             } => {
-                let s = self.shard_record(&collection, &shard)?;
-                let name = shard_name(&collection, &shard);
-                if !s.replicas.contains(&from) {
-                    return Err(Refused::Op(format!("node {from} holds no replica of shard {name} to move")));
-                }
-                if s.replicas.contains(&to) {
-                    return Err(Refused::Op(format!("node {to} already holds a replica of shard {name}")));
-                }
-                // R1 for the target, as for any replica.
-                let mut with_to: Vec<u64> = s.replicas.iter().copied().filter(|&n| n != from).collect();
-                with_to.push(to);
-                self.check_replicas(&collection, &shard, with_to, None)?;
-                if let Some(j) = self.ops.running_on(&collection, &shard) {
-                    return Err(Refused::Op(format!("job {} is already moving a replica of shard {name}", j.id)));
-                }
-                if self.ops.jobs.contains_key(&job) {
-                    return Err(Refused::Op(format!("job {job} exists")));
-                }
-                self.ops.insert(crate::ops::MoveJob {
-                    id: job,
+                let spec = crate::ops::MoveSpec {
                     collection,
                     shard,
                     from,
                     to,
-                    state: crate::ops::OpState::Running,
-                    progress: "adding the target as a learner".into(),
-                    created_ms: at_ms,
-                    updated_ms: at_ms,
-                    seq: 0,
-                });
+                };
+                self.start_move(job, None, spec, at_ms)?;
+                Ok(Applied::Done)
+            }
+            MetaCommand::StartDrain {
+                job,
+                node,
+                concurrency,
+                at_ms,
+            } => self.start_drain(job, node, concurrency, at_ms),
+            MetaCommand::StartRebalance {
+                job,
+                region,
+                concurrency,
+                at_ms,
+            } => self.start_rebalance(job, region, concurrency, at_ms),
+            MetaCommand::AdvanceOps { at_ms } => {
+                self.advance_ops(at_ms);
                 Ok(Applied::Done)
             }
             MetaCommand::MoveDone { job, at_ms } => {
-                let j = self
+                let job_rec = self
                     .ops
                     .jobs
                     .get(&job)
                     .cloned()
                     .ok_or_else(|| Refused::Op(format!("no job {job}")))?;
-                if j.state == crate::ops::OpState::Done {
+                if job_rec.state == crate::ops::OpState::Done {
                     return Ok(Applied::Done);
                 }
-                if j.state != crate::ops::OpState::Running {
-                    return Err(Refused::Op(format!("job {job} is {}", j.state.as_str())));
+                if job_rec.state != crate::ops::OpState::Running {
+                    return Err(Refused::Op(format!("job {job} is {}", job_rec.state.as_str())));
                 }
+                let j = job_rec
+                    .as_move()
+                    .cloned()
+                    .ok_or_else(|| Refused::Op(format!("job {job} is a {}, not a move", job_rec.kind.name())))?;
                 let s = self.shard_record(&j.collection, &j.shard)?;
                 let mut replicas: Vec<u64> = s.replicas.iter().copied().filter(|&n| n != j.from).collect();
                 if !replicas.contains(&j.to) {
@@ -473,10 +533,8 @@ impl MetaState {
                 self.erasures.replicas_set(&j.collection, &j.shard, &replicas);
                 let c = self.collections.get_mut(&j.collection).expect("checked above");
                 c.shards.get_mut(&j.shard).expect("checked above").replicas = replicas;
-                self.ops.finish(&job, crate::ops::OpState::Done, at_ms);
-                if let Some(x) = self.ops.jobs.get_mut(&job) {
-                    x.progress = format!("node {} replaced node {}", j.to, j.from);
-                }
+                let text = format!("node {} replaced node {}", j.to, j.from);
+                self.ops.finish(&job, crate::ops::OpState::Done, Some(text), at_ms);
                 Ok(self.bump())
             }
             MetaCommand::OpProgress { job, progress, at_ms } => {
@@ -492,11 +550,7 @@ impl MetaState {
                 if j.state != crate::ops::OpState::Running {
                     return Err(Refused::Op(format!("job {job} is {} already", j.state.as_str())));
                 }
-                let state = match failed {
-                    Some(why) => crate::ops::OpState::Failed(why),
-                    None => crate::ops::OpState::Cancelled,
-                };
-                self.ops.finish(&job, state, at_ms);
+                self.end_op(&job, failed, at_ms);
                 Ok(Applied::Done)
             }
             MetaCommand::AuditFormed { region } => {
@@ -508,6 +562,145 @@ impl MetaState {
                 Ok(Applied::Done)
             }
         }
+    }
+
+    /// The status a drain holds `node` in, whatever it announces.
+    fn held_status(&self, node: u64) -> Option<NodeStatus> {
+        if self.ops.draining(node).is_some() {
+            Some(NodeStatus::Draining)
+        } else if self.ops.drained.contains(&node) {
+            Some(NodeStatus::Drained)
+        } else {
+            None
+        }
+    }
+
+    /// Records a move (R1 for its target, one move per shard), and makes its
+    /// target a replica every unfinished erasure job on the shard waits for.
+    pub(crate) fn start_move(&mut self, job: String, parent: Option<String>, m: crate::ops::MoveSpec, at_ms: u64) -> Result<(), Refused> {
+        let s = self.shard_record(&m.collection, &m.shard)?;
+        let name = shard_name(&m.collection, &m.shard);
+        if !s.replicas.contains(&m.from) {
+            return Err(Refused::Op(format!("node {} holds no replica of shard {name} to move", m.from)));
+        }
+        if s.replicas.contains(&m.to) {
+            return Err(Refused::Op(format!("node {} already holds a replica of shard {name}", m.to)));
+        }
+        // R1 for the target, as for any replica.
+        let mut with_to: Vec<u64> = s.replicas.iter().copied().filter(|&n| n != m.from).collect();
+        with_to.push(m.to);
+        self.check_replicas(&m.collection, &m.shard, with_to, None)?;
+        if let Some(n) = self.nodes.get(&m.to)
+            && n.status != NodeStatus::Up
+        {
+            return Err(Refused::Op(format!("node {} is {:?}: a move's target must be up", m.to, n.status)));
+        }
+        if let Some((j, _)) = self.ops.running_on(&m.collection, &m.shard) {
+            return Err(Refused::Op(format!("job {} is already moving a replica of shard {name}", j.id)));
+        }
+        if self.ops.jobs.contains_key(&job) {
+            return Err(Refused::Op(format!("job {job} exists")));
+        }
+        self.erasures.replica_added(&m.collection, &m.shard, m.to);
+        let progress = "adding the target as a learner".to_string();
+        self.ops
+            .insert(crate::ops::Job::started(job, crate::ops::JobKind::Move(m), parent, progress, at_ms));
+        Ok(())
+    }
+
+    fn start_drain(&mut self, job: String, node: u64, concurrency: u32, at_ms: u64) -> Result<Applied, Refused> {
+        let n = self.nodes.get(&node).ok_or(Refused::UnknownNode(node))?;
+        let region = n.region.clone();
+        if let Some(j) = self.ops.draining(node) {
+            return Err(Refused::Op(format!("job {} is draining node {node} already", j.id)));
+        }
+        if self.ops.jobs.contains_key(&job) {
+            return Err(Refused::Op(format!("job {job} exists")));
+        }
+        let concurrency = check_concurrency(concurrency)?;
+        // Refused now, with the shard named, if some replica could go nowhere.
+        let plan = crate::rebalance::plan_drain(&region, node, &self.move_candidates(&region), &self.region_shards(&region))
+            .map_err(|e| Refused::Op(e.to_string()))?;
+        self.ops.drained.remove(&node);
+        self.nodes.get_mut(&node).expect("found above").status = NodeStatus::Draining;
+        let kind = crate::ops::JobKind::Drain(crate::ops::DrainJob {
+            node,
+            region,
+            concurrency,
+            started: 0,
+        });
+        let progress = format!("{} replicas to move off node {node}", plan.len());
+        self.ops.insert(crate::ops::Job::started(job, kind, None, progress, at_ms));
+        self.advance_ops(at_ms);
+        Ok(Applied::Done)
+    }
+
+    fn start_rebalance(&mut self, job: String, region: RegionId, concurrency: u32, at_ms: u64) -> Result<Applied, Refused> {
+        if !self.nodes.values().any(|n| n.region == region) {
+            return Err(Refused::Op(format!("no node is registered in region {region}")));
+        }
+        if let Some(j) = self
+            .ops
+            .running()
+            .find(|j| matches!(&j.kind, crate::ops::JobKind::Rebalance(r) if r.region == region))
+        {
+            return Err(Refused::Op(format!("job {} is rebalancing region {region} already", j.id)));
+        }
+        if self.ops.jobs.contains_key(&job) {
+            return Err(Refused::Op(format!("job {job} exists")));
+        }
+        let concurrency = check_concurrency(concurrency)?;
+        let plan = self.rebalance_plan(&region);
+        let total = plan.len();
+        let kind = crate::ops::JobKind::Rebalance(crate::ops::RebalanceJob {
+            region,
+            concurrency,
+            plan,
+            next: 0,
+            skipped: Vec::new(),
+        });
+        let progress = format!("0 of {total} moves done");
+        self.ops.insert(crate::ops::Job::started(job, kind, None, progress, at_ms));
+        self.advance_ops(at_ms);
+        Ok(Applied::Done)
+    }
+
+    /// Ends a running job (cancelled, or failed with why): a drain's or
+    /// rebalance's running moves end with it; a cancelled move's target
+    /// leaves the erasure jobs that waited for it (its copy is destroyed); a
+    /// drained-to-be node takes replicas again.
+    pub(crate) fn end_op(&mut self, id: &str, failed: Option<String>, at_ms: u64) {
+        let Some(job) = self.ops.jobs.get(id).cloned() else { return };
+        let children: Vec<String> = self
+            .ops
+            .children(id)
+            .filter(|c| c.state == crate::ops::OpState::Running)
+            .map(|c| c.id.clone())
+            .collect();
+        for c in children {
+            self.end_op(&c, None, at_ms);
+        }
+        match &job.kind {
+            crate::ops::JobKind::Move(m) => {
+                if let Ok(rec) = self.shard_record(&m.collection, &m.shard) {
+                    let keep = rec.replicas.clone();
+                    self.erasures.replicas_set(&m.collection, &m.shard, &keep);
+                }
+            }
+            crate::ops::JobKind::Drain(d) => {
+                if let Some(n) = self.nodes.get_mut(&d.node)
+                    && n.status == NodeStatus::Draining
+                {
+                    n.status = NodeStatus::Up;
+                }
+            }
+            crate::ops::JobKind::Rebalance(_) => {}
+        }
+        let state = match failed {
+            Some(why) => crate::ops::OpState::Failed(why),
+            None => crate::ops::OpState::Cancelled,
+        };
+        self.ops.finish(id, state, None, at_ms);
     }
 
     /// Nodes not yet marked down whose last heartbeat is more than

@@ -462,6 +462,15 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
                 })
                 .await;
         }
+        // Drains and rebalances advance by a command every replica applies
+        // alike; proposed only when it would change something.
+        let now = now_ms();
+        let mut probe = view.clone();
+        if probe.advance_ops(now)
+            && let Err(e) = state.host.meta_write(MetaCommand::AdvanceOps { at_ms: now }).await
+        {
+            tracing::warn!(error = %e.message, "advancing operations jobs failed; will retry");
+        }
         let voters = sovra_meta::voters::choose_voters(view.nodes.values());
         if voters.is_empty() {
             continue;

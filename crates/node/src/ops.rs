@@ -29,6 +29,10 @@ pub async fn ops_loop(state: Arc<NodeState>, mut stop: tokio::sync::watch::Recei
 }
 
 async fn progress(state: &NodeState, job: &str, text: String) {
+    // Unchanged progress is not written again on every pass.
+    if state.view().state.ops.jobs.get(job).is_some_and(|j| j.progress == text) {
+        return;
+    }
     let _ = crate::cluster::meta_write(
         state,
         MetaCommand::OpProgress {
@@ -51,11 +55,15 @@ async fn pass(state: &Arc<NodeState>) {
         let Some(rec) = view.state.collections.get(&g.id.collection).and_then(|c| c.shards.get(&key)) else {
             continue;
         };
-        let job = view.state.ops.running_on(&g.id.collection, &key).cloned();
+        let job = view
+            .state
+            .ops
+            .running_on(&g.id.collection, &key)
+            .map(|(j, m)| (j.id.clone(), m.clone()));
         let mut want: BTreeSet<u64> = rec.replicas.iter().copied().collect();
-        if let Some(j) = &job {
-            want.remove(&j.from);
-            want.insert(j.to);
+        if let Some((_, m)) = &job {
+            want.remove(&m.from);
+            want.insert(m.to);
         }
         let raft = g.raft();
         let (voters, all, last, matched) = {
@@ -74,19 +82,19 @@ async fn pass(state: &Arc<NodeState>) {
             (voters, all, m.last_log_index.unwrap_or(0), matched)
         };
         if voters == want && all == want {
-            if let Some(j) = &job {
+            if let Some((id, m)) = &job {
                 let done = MetaCommand::MoveDone {
-                    job: j.id.clone(),
+                    job: id.clone(),
                     at_ms: crate::cluster::now_ms(),
                 };
                 match crate::cluster::meta_write(state, done).await {
-                    Ok(_) => tracing::info!(job = %j.id, shard = %g.id, from = j.from, to = j.to, "replica move done"),
-                    Err(e) => tracing::warn!(job = %j.id, error = %e.message, "recording the move done failed; will retry"),
+                    Ok(_) => tracing::info!(job = %id, shard = %g.id, from = m.from, to = m.to, "replica move done"),
+                    Err(e) => tracing::warn!(job = %id, error = %e.message, "recording the move done failed; will retry"),
                 }
             }
             continue;
         }
-        let Some(j) = job else {
+        let Some((id, j)) = job else {
             // No job: the group follows the shard map (a cancelled move, or
             // one cut off between its membership change and its record).
             // Only on a view confirmed just now: a leader whose view predates
@@ -108,21 +116,21 @@ async fn pass(state: &Arc<NodeState>) {
             continue;
         };
         if !all.contains(&j.to) {
-            progress(state, &j.id, format!("adding node {} as a learner", j.to)).await;
+            progress(state, &id, format!("adding node {} as a learner", j.to)).await;
             if let Err(e) = state.host.add_learner_in(&g, j.to).await {
-                progress(state, &j.id, format!("{}; retrying", e.message)).await;
+                progress(state, &id, format!("{}; retrying", e.message)).await;
             }
             continue;
         }
         let behind = matched.iter().find(|(n, m)| *n == j.to && last.saturating_sub(*m) > CATCH_UP_SLACK);
         if let Some((_, m)) = behind {
-            progress(state, &j.id, format!("node {} catching up: log index {m} of {last}", j.to)).await;
+            progress(state, &id, format!("node {} catching up: log index {m} of {last}", j.to)).await;
             continue;
         }
-        progress(state, &j.id, format!("replacing node {} by node {}", j.from, j.to)).await;
+        progress(state, &id, format!("replacing node {} by node {}", j.from, j.to)).await;
         match state.host.replace_voters_in(&g, want.clone()).await {
-            Ok(()) => tracing::info!(job = %j.id, shard = %g.id, "membership changed; recording the move"),
-            Err(e) => progress(state, &j.id, format!("{}; retrying", e.message)).await,
+            Ok(()) => tracing::info!(job = %id, shard = %g.id, "membership changed; recording the move"),
+            Err(e) => progress(state, &id, format!("{}; retrying", e.message)).await,
         }
     }
 }

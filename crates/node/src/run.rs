@@ -350,6 +350,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<NodeState>,
                     (sovra_meta::NodeStatus::Up, "up"),
                     (sovra_meta::NodeStatus::Draining, "draining"),
                     (sovra_meta::NodeStatus::Down, "down"),
+                    (sovra_meta::NodeStatus::Drained, "drained"),
                 ] {
                     let n = view.state.nodes.values().filter(|r| r.status == status).count();
                     let labels = [("node", state.config.node_id.to_string()), ("status", name.to_string())];

@@ -451,7 +451,7 @@ impl NodeState {
                     .state
                     .ops
                     .running_on(name, &(region.clone(), *number))
-                    .is_some_and(|j| j.to == me);
+                    .is_some_and(|(_, m)| m.to == me);
                 if !shard.replicas.contains(&me) && !moving_here {
                     continue;
                 }

@@ -465,3 +465,293 @@ mod erasure_jobs {
         assert!(!s.erasures.jobs.contains_key("j4") && s.erasures.jobs.contains_key("j5"));
     }
 }
+
+mod ops_jobs {
+    use super::*;
+    use crate::erasure::{EraseKind, ReplicaPurge};
+    use crate::ops::{JobKind, OpState};
+
+    fn faces() -> CollectionName {
+        CollectionName::parse("faces").unwrap()
+    }
+
+    /// eu-west nodes 1-3 (zones a, b, c) and 6 (zone a); `faces` with rf 2
+    /// on eu-west's two shards, both on nodes 1 and 2.
+    fn with_collection() -> MetaState {
+        let mut s = cluster();
+        s.apply(MetaCommand::RegisterNode(node(6, eu(), "a"))).unwrap();
+        let mut r = BTreeMap::new();
+        r.insert((eu(), 0), vec![1, 2]);
+        r.insert((eu(), 1), vec![1, 2]);
+        let mut sp = spec(2);
+        sp.regions.retain(|r| r.region == eu());
+        s.apply(MetaCommand::CreateCollection { spec: sp, replicas: r }).unwrap();
+        s
+    }
+
+    /// Plays the shard leaders: every running move is carried out, and the
+    /// meta leader advances, until `job` ends (bounded).
+    fn run(s: &mut MetaState, job: &str) -> Vec<String> {
+        let mut moves = Vec::new();
+        for t in 0..100 {
+            let running: Vec<String> = s
+                .ops
+                .running()
+                .filter(|j| matches!(j.kind, JobKind::Move(_)))
+                .map(|j| j.id.clone())
+                .collect();
+            for m in running {
+                s.apply(MetaCommand::MoveDone {
+                    job: m.clone(),
+                    at_ms: 100 + t,
+                })
+                .unwrap();
+                moves.push(m);
+            }
+            s.apply(MetaCommand::AdvanceOps { at_ms: 100 + t }).unwrap();
+            if s.ops.jobs[job].state.finished() {
+                return moves;
+            }
+        }
+        panic!("job {job} did not finish: {:?}", s.ops.jobs[job]);
+    }
+
+    fn held(s: &MetaState, node: u64) -> usize {
+        s.collections
+            .values()
+            .flat_map(|c| c.shards.values())
+            .filter(|r| r.replicas.contains(&node))
+            .count()
+    }
+
+    #[test]
+    fn a_drain_moves_every_replica_off_the_node_inside_its_region_and_marks_it_drained() {
+        let mut s = with_collection();
+        s.apply(MetaCommand::StartDrain {
+            job: "d".into(),
+            node: 1,
+            concurrency: 1,
+            at_ms: 1,
+        })
+        .unwrap();
+        assert_eq!(s.nodes[&1].status, NodeStatus::Draining);
+        // Concurrency 1: one move at a time, a child of the drain.
+        let children: Vec<&crate::ops::Job> = s.ops.children("d").collect();
+        assert_eq!(children.len(), 1);
+        assert_eq!(children[0].id, "d.0");
+        let moves = run(&mut s, "d");
+        assert_eq!(moves, ["d.0", "d.1"]);
+        assert_eq!(s.ops.jobs["d"].state, OpState::Done);
+        assert_eq!(s.nodes[&1].status, NodeStatus::Drained);
+        assert_eq!(held(&s, 1), 0);
+        for c in s.collections.values() {
+            for ((region, _), r) in &c.shards {
+                assert_eq!(r.replicas.len(), 2);
+                assert!(r.replicas.iter().all(|n| s.nodes[n].region == *region), "R1: {r:?}");
+            }
+        }
+        // Drained survives a restart's re-registration and a missed heartbeat.
+        s.apply(MetaCommand::RegisterNode(node(1, eu(), "a"))).unwrap();
+        assert_eq!(s.nodes[&1].status, NodeStatus::Drained);
+        s.apply(MetaCommand::SetNodeStatus {
+            node: 1,
+            status: NodeStatus::Down,
+        })
+        .unwrap();
+        s.apply(MetaCommand::Heartbeat { node: 1, at_ms: 9 }).unwrap();
+        assert_eq!(s.nodes[&1].status, NodeStatus::Drained);
+        // A drained node is no move target; undrained, it is again.
+        let e = s
+            .apply(MetaCommand::StartMove {
+                job: "m".into(),
+                collection: faces(),
+                shard: (eu(), 0),
+                from: 2,
+                to: 1,
+                at_ms: 2,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("must be up"), "{e}");
+        s.apply(MetaCommand::Undrain { node: 1 }).unwrap();
+        assert_eq!(s.nodes[&1].status, NodeStatus::Up);
+    }
+
+    #[test]
+    fn a_drain_that_would_leave_a_shard_short_is_refused_naming_it_and_changes_nothing() {
+        let mut s = cluster();
+        let mut r = BTreeMap::new();
+        r.insert((eu(), 0), vec![1, 2, 3]);
+        r.insert((eu(), 1), vec![1, 2, 3]);
+        let mut sp = spec(3);
+        sp.regions.retain(|r| r.region == eu());
+        s.apply(MetaCommand::CreateCollection { spec: sp, replicas: r }).unwrap();
+        let before = s.clone();
+        let e = s
+            .apply(MetaCommand::StartDrain {
+                job: "d".into(),
+                node: 2,
+                concurrency: 0,
+                at_ms: 1,
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("faces/eu-west/0") && e.to_string().contains("add a node"),
+            "{e}"
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn cancelling_a_drain_cancels_its_running_moves_and_the_node_takes_replicas_again() {
+        let mut s = with_collection();
+        s.apply(MetaCommand::StartDrain {
+            job: "d".into(),
+            node: 1,
+            concurrency: 2,
+            at_ms: 1,
+        })
+        .unwrap();
+        assert_eq!(s.ops.running().filter(|j| j.parent.is_some()).count(), 2);
+        s.apply(MetaCommand::EndOp {
+            job: "d".into(),
+            failed: None,
+            at_ms: 2,
+        })
+        .unwrap();
+        assert_eq!(s.ops.running().count(), 0);
+        assert_eq!(s.ops.jobs["d.0"].state, OpState::Cancelled);
+        assert_eq!(s.nodes[&1].status, NodeStatus::Up);
+        // The shard map is as before: nothing was moved.
+        assert_eq!(held(&s, 1), 2);
+        // A child cancelled alone fails its parent at the next advance.
+        s.apply(MetaCommand::StartDrain {
+            job: "d2".into(),
+            node: 1,
+            concurrency: 1,
+            at_ms: 3,
+        })
+        .unwrap();
+        s.apply(MetaCommand::EndOp {
+            job: "d2.0".into(),
+            failed: None,
+            at_ms: 4,
+        })
+        .unwrap();
+        s.apply(MetaCommand::AdvanceOps { at_ms: 5 }).unwrap();
+        assert!(matches!(&s.ops.jobs["d2"].state, OpState::Failed(w) if w.contains("d2.0")));
+        assert_eq!(s.nodes[&1].status, NodeStatus::Up);
+    }
+
+    #[test]
+    fn a_rebalance_fixes_its_plan_runs_it_and_leaves_every_node_within_one_of_the_mean() {
+        let mut s = with_collection();
+        // Loads: 1 and 2 hold two each; 3 and 6 none.
+        s.apply(MetaCommand::StartRebalance {
+            job: "r".into(),
+            region: eu(),
+            concurrency: 1,
+            at_ms: 1,
+        })
+        .unwrap();
+        let JobKind::Rebalance(r) = &s.ops.jobs["r"].kind else { panic!() };
+        assert_eq!(r.plan.len(), 2, "{:?}", r.plan);
+        let moves = run(&mut s, "r");
+        assert_eq!(moves.len(), 2);
+        for n in [1, 2, 3, 6] {
+            assert_eq!(held(&s, n), 1, "node {n}");
+        }
+        // Nothing more to do: a new rebalance is done at once.
+        s.apply(MetaCommand::StartRebalance {
+            job: "r2".into(),
+            region: eu(),
+            concurrency: 0,
+            at_ms: 2,
+        })
+        .unwrap();
+        assert_eq!(s.ops.jobs["r2"].state, OpState::Done);
+        // A region with no node is refused.
+        let e = s
+            .apply(MetaCommand::StartRebalance {
+                job: "r3".into(),
+                region: RegionId::parse("ap-south").unwrap(),
+                concurrency: 0,
+                at_ms: 2,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("no node"), "{e}");
+    }
+
+    #[test]
+    fn a_planned_move_the_cluster_made_pointless_is_skipped_with_why() {
+        let mut s = with_collection();
+        s.apply(MetaCommand::StartRebalance {
+            job: "r".into(),
+            region: eu(),
+            concurrency: 1,
+            at_ms: 1,
+        })
+        .unwrap();
+        let JobKind::Rebalance(r) = s.ops.jobs["r"].kind.clone() else {
+            panic!()
+        };
+        // The second planned move's target goes down before its turn.
+        let second = &r.plan[1];
+        s.apply(MetaCommand::SetNodeStatus {
+            node: second.to,
+            status: NodeStatus::Down,
+        })
+        .unwrap();
+        run(&mut s, "r");
+        let JobKind::Rebalance(r) = &s.ops.jobs["r"].kind else { panic!() };
+        assert_eq!(r.skipped.len(), 1);
+        assert!(r.skipped[0].1.contains("no longer an up data node"), "{:?}", r.skipped);
+        assert_eq!(s.ops.jobs["r"].state, OpState::Done);
+    }
+
+    #[test]
+    fn a_moves_target_joins_the_unfinished_erasure_jobs_of_its_shard_and_leaves_them_if_cancelled() {
+        let mut s = with_collection();
+        s.apply(MetaCommand::StartErasure {
+            job: "e1".into(),
+            kind: EraseKind::Subject,
+            collection: faces(),
+            region: eu(),
+            shards: vec![0, 1],
+            at_ms: 1,
+        })
+        .unwrap();
+        s.apply(MetaCommand::StartMove {
+            job: "m".into(),
+            collection: faces(),
+            shard: (eu(), 0),
+            from: 1,
+            to: 3,
+            at_ms: 2,
+        })
+        .unwrap();
+        // A job started during the move includes its target too.
+        s.apply(MetaCommand::StartErasure {
+            job: "e2".into(),
+            kind: EraseKind::Subject,
+            collection: faces(),
+            region: eu(),
+            shards: vec![0],
+            at_ms: 3,
+        })
+        .unwrap();
+        for e in ["e1", "e2"] {
+            assert_eq!(s.erasures.jobs[e].shards[&0].replicas.get(&3), Some(&ReplicaPurge::Pending), "{e}");
+            assert!(!s.erasures.jobs[e].shards.get(&1).is_some_and(|x| x.replicas.contains_key(&3)));
+        }
+        s.apply(MetaCommand::EndOp {
+            job: "m".into(),
+            failed: None,
+            at_ms: 4,
+        })
+        .unwrap();
+        for e in ["e1", "e2"] {
+            assert_eq!(s.erasures.jobs[e].shards[&0].replicas.get(&3), Some(&ReplicaPurge::Removed), "{e}");
+            assert_eq!(s.erasures.jobs[e].shards[&0].replicas.get(&1), Some(&ReplicaPurge::Pending), "{e}");
+        }
+    }
+}

@@ -18,6 +18,18 @@ pub struct AdminService {
     pub state: Arc<NodeState>,
 }
 
+impl AdminService {
+    /// Proposes `cmd` (starting or ending job `job`), waits until this
+    /// node's view has it, and answers the job as recorded.
+    async fn start_job(&self, cmd: MetaCommand, job: &str, what: &str) -> Result<v1::OpJob, ApiError> {
+        let index = self.state.meta_change(cmd, what).await?;
+        self.state.caught_up(index).await?;
+        let view = self.state.view();
+        let j = view.state.ops.jobs.get(job).ok_or_else(|| ApiError::internal("the job vanished"))?;
+        Ok(op_to(j, &view.state))
+    }
+}
+
 fn regions_from(list: &[String], field: &str) -> Result<Regions, ApiError> {
     if list.iter().any(|r| r == "*") {
         if list.len() > 1 {
@@ -295,33 +307,21 @@ impl Admin for AdminService {
             let region = sovra_types::validate::check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
             let job = format!("move-{}", uuid::Uuid::new_v4().simple());
             note.target(&job);
-            let index = self
-                .state
-                .meta_change(
-                    MetaCommand::StartMove {
-                        job: job.clone(),
-                        collection: c.spec.name.clone(),
-                        shard: (region.clone(), req.shard),
-                        from: req.from,
-                        to: req.to,
-                        at_ms: crate::cluster::now_ms(),
-                    },
-                    &format!(
-                        "move shard {}/{region}/{} from node {} to node {}",
-                        c.spec.name, req.shard, req.from, req.to
-                    ),
-                )
-                .await?;
-            self.state.caught_up(index).await?;
-            let view = self.state.view();
-            let j = view
-                .state
-                .ops
-                .jobs
-                .get(&job)
-                .ok_or_else(|| ApiError::internal("the job vanished"))?;
+            let cmd = MetaCommand::StartMove {
+                job: job.clone(),
+                collection: c.spec.name.clone(),
+                shard: (region.clone(), req.shard),
+                from: req.from,
+                to: req.to,
+                at_ms: crate::cluster::now_ms(),
+            };
+            let what = format!(
+                "move shard {}/{region}/{} from node {} to node {}",
+                c.spec.name, req.shard, req.from, req.to
+            );
+            let out = self.start_job(cmd, &job, &what).await?;
             tracing::info!(job = %job, by = ?caller.key, "replica move started");
-            Ok(op_to(j))
+            Ok(out)
         })
         .await
     }
@@ -332,10 +332,10 @@ impl Admin for AdminService {
             caller.require_admin("ListJobs")?;
             self.state.refresh_view().await;
             let view = self.state.view();
-            let mut jobs: Vec<&sovra_meta::ops::MoveJob> = view.state.ops.jobs.values().collect();
+            let mut jobs: Vec<&sovra_meta::ops::Job> = view.state.ops.jobs.values().collect();
             jobs.sort_by_key(|j| std::cmp::Reverse(j.seq));
             Ok(v1::ListJobsResponse {
-                jobs: jobs.into_iter().map(op_to).collect(),
+                jobs: jobs.into_iter().map(|j| op_to(j, &view.state)).collect(),
             })
         })
         .await
@@ -349,47 +349,199 @@ impl Admin for AdminService {
             caller.require_admin("CancelJob")?;
             let job = req.into_inner().job;
             note.target(&job);
+            self.state.refresh_view().await;
+            if !self.state.view().state.ops.jobs.contains_key(&job) {
+                return Err(ApiError::not_found(format!(
+                    "no job {}; sovra ctl jobs lists them (the last 200 finished are kept)",
+                    quote(&job)
+                )));
+            }
+            let cmd = MetaCommand::EndOp {
+                job: job.clone(),
+                failed: None,
+                at_ms: crate::cluster::now_ms(),
+            };
+            self.start_job(cmd, &job, &format!("cancel job {}", quote(&job))).await
+        })
+        .await
+    }
+
+    async fn drain_node(&self, req: Request<v1::DrainNodeRequest>) -> Result<Response<v1::OpJob>, Status> {
+        let note = Note::new("drain_node", req.metadata());
+        audited(&self.state, "drain_node", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("DrainNode")?;
+            let req = req.into_inner();
+            self.state.refresh_view().await;
+            if !self.state.view().state.nodes.contains_key(&req.node) {
+                return Err(ApiError::not_found(format!(
+                    "node: no node {} is registered; sovra ctl status lists them",
+                    req.node
+                )));
+            }
+            let job = format!("drain-{}", uuid::Uuid::new_v4().simple());
+            note.target(&job);
+            let cmd = MetaCommand::StartDrain {
+                job: job.clone(),
+                node: req.node,
+                concurrency: req.concurrency,
+                at_ms: crate::cluster::now_ms(),
+            };
+            let out = self.start_job(cmd, &job, &format!("draining node {}", req.node)).await?;
+            tracing::info!(job = %job, node = req.node, by = ?caller.key, "node drain started");
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn undrain_node(&self, req: Request<v1::UndrainNodeRequest>) -> Result<Response<v1::UndrainNodeResponse>, Status> {
+        let note = Note::new("undrain_node", req.metadata());
+        audited(&self.state, "undrain_node", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("UndrainNode")?;
+            let node = req.into_inner().node;
             let index = self
                 .state
-                .meta_change(
-                    MetaCommand::EndOp {
-                        job: job.clone(),
-                        failed: None,
-                        at_ms: crate::cluster::now_ms(),
-                    },
-                    &format!("cancel job {}", quote(&job)),
-                )
+                .meta_change(MetaCommand::Undrain { node }, &format!("undraining node {node}"))
                 .await?;
             self.state.caught_up(index).await?;
-            let view = self.state.view();
-            let j = view
-                .state
-                .ops
-                .jobs
-                .get(&job)
-                .ok_or_else(|| ApiError::not_found(format!("no job {}", quote(&job))))?;
-            Ok(op_to(j))
+            Ok(v1::UndrainNodeResponse {})
+        })
+        .await
+    }
+
+    async fn rebalance(&self, req: Request<v1::RebalanceRequest>) -> Result<Response<v1::RebalanceResponse>, Status> {
+        let note = Note::new("rebalance", req.metadata());
+        audited(&self.state, "rebalance", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("Rebalance")?;
+            let req = req.into_inner();
+            let region = RegionId::parse(&req.region).map_err(|e| e.at("region"))?;
+            self.state.refresh_view().await;
+            let before = self.state.view();
+            if !before.state.nodes.values().any(|n| n.region == region) {
+                return Err(ApiError::not_found(format!("region: no node is registered in region {region}")));
+            }
+            let (plan, job) = if req.dry_run {
+                (before.state.rebalance_plan(&region), None)
+            } else {
+                let job = format!("rebalance-{}", uuid::Uuid::new_v4().simple());
+                note.target(&job);
+                let cmd = MetaCommand::StartRebalance {
+                    job: job.clone(),
+                    region: region.clone(),
+                    concurrency: req.concurrency,
+                    at_ms: crate::cluster::now_ms(),
+                };
+                let out = self.start_job(cmd, &job, &format!("rebalancing region {region}")).await?;
+                let plan = self
+                    .state
+                    .view()
+                    .state
+                    .ops
+                    .jobs
+                    .get(&job)
+                    .and_then(|j| match &j.kind {
+                        sovra_meta::ops::JobKind::Rebalance(r) => Some(r.plan.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                tracing::info!(job = %job, region = %region, moves = plan.len(), by = ?caller.key, "rebalance started");
+                (plan, Some(out))
+            };
+            let cands = before.state.move_candidates(&region);
+            let shards = before.state.region_shards(&region);
+            let moves: Vec<sovra_meta::rebalance::Move> = plan
+                .iter()
+                .map(|m| sovra_meta::rebalance::Move {
+                    shard: (m.collection.clone(), m.shard.1),
+                    from: m.from,
+                    to: m.to,
+                })
+                .collect();
+            let after = sovra_meta::rebalance::apply_moves(&shards, &moves);
+            let count = |map: &std::collections::BTreeMap<sovra_meta::rebalance::ShardRef, BTreeSet<u64>>, id: u64| {
+                map.values().filter(|h| h.contains(&id)).count() as u32
+            };
+            let loads = cands
+                .iter()
+                .map(|c| v1::NodeLoad {
+                    node: c.id,
+                    zone: c.zone.clone(),
+                    before: count(&shards, c.id),
+                    after: count(&after, c.id),
+                })
+                .collect();
+            Ok(v1::RebalanceResponse {
+                plan: plan.iter().map(planned_to).collect(),
+                loads,
+                job,
+            })
         })
         .await
     }
 }
 
-fn op_to(j: &sovra_meta::ops::MoveJob) -> v1::OpJob {
-    v1::OpJob {
+fn planned_to(m: &sovra_meta::ops::MoveSpec) -> v1::PlannedMove {
+    v1::PlannedMove {
+        collection: m.collection.to_string(),
+        region: m.shard.0.to_string(),
+        shard: m.shard.1,
+        from: m.from,
+        to: m.to,
+    }
+}
+
+/// A job as listed: a drain's or rebalance's counts come from its children
+/// and (a drain) the replicas its node still holds in `meta`.
+pub(crate) fn op_to(j: &sovra_meta::ops::Job, meta: &sovra_meta::MetaState) -> v1::OpJob {
+    use sovra_meta::ops::{JobKind, OpState};
+    let done = meta.ops.children(&j.id).filter(|c| c.state == OpState::Done).count() as u32;
+    let running = meta.ops.children(&j.id).filter(|c| c.state == OpState::Running).count() as u32;
+    let mut out = v1::OpJob {
         job: j.id.clone(),
-        kind: "move".into(),
-        collection: j.collection.to_string(),
-        region: j.shard.0.to_string(),
-        shard: j.shard.1,
-        from: j.from,
-        to: j.to,
+        kind: j.kind.name().into(),
         state: j.state.as_str().into(),
         progress: j.progress.clone(),
         error: match &j.state {
-            sovra_meta::ops::OpState::Failed(why) => why.clone(),
+            OpState::Failed(why) => why.clone(),
             _ => String::new(),
         },
         created_ms: j.created_ms,
         updated_ms: j.updated_ms,
+        parent: j.parent.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    match &j.kind {
+        JobKind::Move(m) => {
+            out.collection = m.collection.to_string();
+            out.region = m.shard.0.to_string();
+            out.shard = m.shard.1;
+            out.from = m.from;
+            out.to = m.to;
+            out.moves_total = 1;
+            out.moves_done = u32::from(j.state == OpState::Done);
+        }
+        JobKind::Drain(d) => {
+            out.region = d.region.to_string();
+            out.node = d.node;
+            out.from = d.node;
+            out.concurrency = d.concurrency;
+            let holding = meta.region_shards(&d.region).values().filter(|h| h.contains(&d.node)).count() as u32;
+            out.moves_done = done;
+            // What is left now, the moves under way counted once.
+            out.moves_total = done + holding.max(running);
+        }
+        JobKind::Rebalance(r) => {
+            out.region = r.region.to_string();
+            out.concurrency = r.concurrency;
+            out.plan = r.plan.iter().map(planned_to).collect();
+            out.moves_done = done + r.skipped.len() as u32;
+            out.moves_total = r.plan.len() as u32;
+        }
     }
+    out
 }
