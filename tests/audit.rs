@@ -324,11 +324,7 @@ async fn sovra_ctl_status_and_shards_list_every_node_and_shard_as_tables_and_jso
         .await
         .unwrap();
     let (addr, key) = (nodes[1].node().grpc_addr.to_string(), nodes[0].key.clone());
-    let conn = |format| sovra_node::ctl::Conn {
-        addr: addr.clone(),
-        key: key.clone(),
-        format,
-    };
+    let conn = |format| sovra_node::ctl::Conn::to(addr.clone(), key.clone(), format);
     let json: Vec<serde_json::Value> =
         serde_json::from_str(&sovra_node::ctl::status(&conn(sovra_node::ctl::Format::Json)).await.unwrap()).unwrap();
     assert_eq!(json.len(), 3, "{json:?}");
@@ -365,7 +361,7 @@ async fn sovra_ctl_status_and_shards_list_every_node_and_shard_as_tables_and_jso
         )
         .await;
     let e = sovra_node::ctl::status(&sovra_node::ctl::Conn {
-        key: reader,
+        key: Some(reader),
         ..conn(sovra_node::ctl::Format::Table)
     })
     .await

@@ -88,28 +88,7 @@ async fn a_replica_move_under_load_loses_no_acknowledged_write_and_stays_in_its_
 
     // Load: a writer and a searcher, each bounded, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let mut p = nodes[2].points.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) && i < 3000 {
-                let batch: Vec<v1::Point> = (i..i + 10).map(|j| point(j, vector(j), UK)).collect();
-                if p.upsert(v1::UpsertRequest {
-                    collection: "people".into(),
-                    points: batch,
-                })
-                .await
-                .is_ok()
-                {
-                    acked.extend(i..i + 10);
-                }
-                i += 10;
-            }
-            acked
-        })
-    };
+    let writer = write_load(nodes[2].points.clone(), stop.clone());
     let searcher = {
         let mut s = nodes[1].search.clone();
         let stop = stop.clone();
@@ -166,21 +145,7 @@ async fn a_replica_move_under_load_loses_no_acknowledged_write_and_stays_in_its_
     })
     .await;
     // Every acknowledged write is there, read through the group.
-    let mut p = nodes[0].points.clone();
-    for chunk in acked.chunks(500) {
-        let got = p
-            .get(v1::GetPointsRequest {
-                collection: "people".into(),
-                region: UK.into(),
-                ids: chunk.iter().map(|&i| num(i)).collect(),
-                consistency: v1::Consistency::Linearizable as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(got.points.len(), chunk.len(), "acknowledged writes were lost in the move");
-    }
+    all_there(&nodes[0], &acked).await;
     // The source destroys its copy; the target holds one.
     let fi = (from - 1) as usize;
     eventually("the source destroyed its replica", Duration::from_secs(30), async || {
@@ -189,12 +154,13 @@ async fn a_replica_move_under_load_loses_no_acknowledged_write_and_stays_in_its_
     .await;
     assert_eq!(nodes[(to - 1) as usize].node().state.engines().len(), 1);
     // `sovra ctl jobs` lists it, done.
-    let table = sovra_node::ctl::jobs(
-        &sovra_node::ctl::Conn {
-            addr: nodes[3].node().grpc_addr.to_string(),
-            key: nodes[0].key.clone(),
-            format: sovra_node::ctl::Format::Table,
-        },
+    let table = sovra_node::ctl_ops::jobs(
+        &sovra_node::ctl::Conn::to(
+            nodes[3].node().grpc_addr.to_string(),
+            nodes[0].key.clone(),
+            sovra_node::ctl::Format::Table,
+        ),
+        None,
         None,
     )
     .await
@@ -289,4 +255,230 @@ async fn a_cancelled_move_leaves_the_shard_map_and_the_group_as_they_were_or_as_
         nodes[(outside - 1) as usize].node().state.engines().is_empty().then_some(())
     })
     .await;
+}
+
+/// Replicas per node and each node's state, as `ClusterStatus` reports them.
+async fn loads(n: &TestNode) -> (std::collections::BTreeMap<u64, u32>, std::collections::BTreeMap<u64, String>, u64) {
+    let mut a = n.admin.clone();
+    let r = a.cluster_status(v1::ClusterStatusRequest {}).await.unwrap().into_inner();
+    (
+        r.nodes.iter().map(|x| (x.id, x.replicas)).collect(),
+        r.nodes.iter().map(|x| (x.id, x.state.clone())).collect(),
+        r.meta_leader,
+    )
+}
+
+/// Every id in `acked` reads back through `n` at linearizable. A group whose
+/// leader was the replica moved away has no leader for up to an election
+/// timeout (openraft 0.9 has no leadership transfer): such a read fails
+/// UNAVAILABLE ("retry") and is retried within a deadline; a read that
+/// answers must hold every id.
+async fn all_there(n: &TestNode, acked: &[u64]) {
+    let p = n.points.clone();
+    for chunk in acked.chunks(500) {
+        let got = eventually("a linearizable read answers", Duration::from_secs(20), async || {
+            let req = v1::GetPointsRequest {
+                collection: "people".into(),
+                region: UK.into(),
+                ids: chunk.iter().map(|&i| num(i)).collect(),
+                consistency: v1::Consistency::Linearizable as i32,
+                ..Default::default()
+            };
+            match p.clone().get(req).await {
+                Ok(r) => Some(r.into_inner()),
+                Err(e) if e.code() == Code::Unavailable => None,
+                Err(e) => panic!("{e:?}"),
+            }
+        })
+        .await;
+        assert_eq!(got.points.len(), chunk.len(), "acknowledged writes were lost");
+    }
+}
+
+/// A bounded writer through `p` until `stop`; the ids it had acknowledged.
+fn write_load(
+    mut p: sovra_proto::v1::points_client::PointsClient<sovra_node::dev::Keyed>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) && i < 3000 {
+            let batch: Vec<v1::Point> = (i..i + 10).map(|j| point(j, vector(j), UK)).collect();
+            let req = v1::UpsertRequest {
+                collection: "people".into(),
+                points: batch,
+            };
+            if p.upsert(req).await.is_ok() {
+                acked.extend(i..i + 10);
+            }
+            i += 10;
+        }
+        acked
+    })
+}
+
+fn conn(n: &TestNode) -> sovra_node::ctl::Conn {
+    sovra_node::ctl::Conn::to(n.node().grpc_addr.to_string(), n.key.clone(), sovra_node::ctl::Format::Table)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_under_load_empties_the_node_inside_its_region_and_one_that_would_leave_a_shard_short_is_refused() {
+    let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, UK), (5, US)]).await;
+    let mut c = nodes[0].collections.clone();
+    c.create_collection(v1::CreateCollectionRequest {
+        collection: Some(sovra_node::dev::spanning_spec("people", 4, v1::Metric::L2, &[UK], 2, 3)),
+    })
+    .await
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_load(nodes[2].points.clone(), stop.clone());
+    // Drain the node holding the most replicas, followed to the end by
+    // `sovra ctl drain --wait` (exit 1 unless done).
+    let (before, _, _) = loads(&nodes[0]).await;
+    let drained = *before
+        .iter()
+        .filter(|(id, _)| **id <= 4)
+        .max_by_key(|(id, l)| (**l, std::cmp::Reverse(**id)))
+        .unwrap()
+        .0;
+    assert!(before[&drained] > 0);
+    let table = sovra_node::ctl_ops::drain(&conn(&nodes[1]), drained, 0, true).await.unwrap();
+    assert!(table.contains(" done "), "{table}");
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(!acked.is_empty());
+
+    let (after, states, _) = loads(&nodes[0]).await;
+    assert_eq!(after[&drained], 0, "{after:?}");
+    assert_eq!(states[&drained], "drained");
+    // R1: the us node got nothing; every shard still has its three replicas.
+    assert_eq!(after[&5], 0);
+    assert_eq!(after.values().sum::<u32>(), before.values().sum::<u32>());
+    let di = (drained - 1) as usize;
+    eventually("the drained node destroyed its replicas", Duration::from_secs(60), async || {
+        nodes[di].node().state.engines().is_empty().then_some(())
+    })
+    .await;
+    all_there(&nodes[0], &acked).await;
+    // Three up nodes for rf 3: draining another would leave shards short.
+    let other = (1..=4).find(|n| *n != drained).unwrap();
+    let e = nodes[0]
+        .admin
+        .clone()
+        .drain_node(v1::DrainNodeRequest {
+            node: other,
+            concurrency: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("add a node to uk") && e.message().contains("people/uk/"),
+        "{}",
+        e.message()
+    );
+    // Undrained, the node is up again and takes replicas from a rebalance.
+    sovra_node::ctl_ops::undrain(&conn(&nodes[0]), drained).await.unwrap();
+    let (_, states, _) = loads(&nodes[0]).await;
+    assert_eq!(states[&drained], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_adding_a_node_a_rebalance_leaves_every_node_of_the_region_within_one_replica_of_the_mean() {
+    let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
+    let mut c = nodes[0].collections.clone();
+    c.create_collection(v1::CreateCollectionRequest {
+        collection: Some(sovra_node::dev::spanning_spec("people", 4, v1::Metric::L2, &[UK], 4, 2)),
+    })
+    .await
+    .unwrap();
+    let mut p = nodes[0].points.clone();
+    p.upsert(v1::UpsertRequest {
+        collection: "people".into(),
+        points: (0..400).map(|i| point(i, vector(i), UK)).collect(),
+    })
+    .await
+    .unwrap();
+    let seeds = vec![nodes[0].cluster_addr()];
+    let key = nodes[0].key.clone();
+    nodes.push(TestNode::join(4, UK, seeds, &key).await);
+    eventually("node 4 is up in meta", Duration::from_secs(30), async || {
+        (loads(&nodes[0]).await.1.get(&4).map(String::as_str) == Some("up")).then_some(())
+    })
+    .await;
+    // The dry run shows the plan and moves nothing.
+    let dry = sovra_node::ctl_ops::rebalance(&conn(&nodes[1]), UK, 0, true, false).await.unwrap();
+    assert!(dry.contains("dry run") && dry.contains("people/uk/"), "{dry}");
+    assert_eq!(loads(&nodes[0]).await.0[&4], 0);
+    let out = sovra_node::ctl_ops::rebalance(&conn(&nodes[1]), UK, 2, false, true).await.unwrap();
+    assert!(out.contains(" done "), "{out}");
+    let (after, _, _) = loads(&nodes[0]).await;
+    let total: u32 = after.values().sum();
+    assert_eq!(total, 8);
+    for (n, l) in &after {
+        assert!(l.abs_diff(2) <= 1, "node {n} holds {l} of 8 replicas over 4 nodes: {after:?}");
+    }
+    eventually("node 4 opened what it was given", Duration::from_secs(60), async || {
+        (nodes[3].node().state.engines().len() as u32 == after[&4]).then_some(())
+    })
+    .await;
+    all_there(&nodes[0], &(0..400).collect::<Vec<_>>()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_survives_its_meta_leader_stopping_mid_drain_and_finishes() {
+    let mut nodes: Vec<Option<TestNode>> = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, UK)])
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
+    let n0 = |nodes: &[Option<TestNode>]| nodes.iter().flatten().next().unwrap().admin.clone();
+    let mut c = nodes[0].as_ref().unwrap().collections.clone();
+    c.create_collection(v1::CreateCollectionRequest {
+        collection: Some(sovra_node::dev::spanning_spec("people", 4, v1::Metric::L2, &[UK], 3, 3)),
+    })
+    .await
+    .unwrap();
+    let mut p = nodes[0].as_ref().unwrap().points.clone();
+    p.upsert(v1::UpsertRequest {
+        collection: "people".into(),
+        points: (0..300).map(|i| point(i, vector(i), UK)).collect(),
+    })
+    .await
+    .unwrap();
+    let (before, _, leader) = loads(nodes[0].as_ref().unwrap()).await;
+    // Drain a node that is not the meta leader, one move at a time.
+    let drained = *before
+        .iter()
+        .filter(|(id, l)| **id != leader && **l > 0)
+        .map(|(id, _)| id)
+        .next()
+        .unwrap();
+    let job = n0(&nodes)
+        .drain_node(v1::DrainNodeRequest {
+            node: drained,
+            concurrency: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, "running");
+    // The meta leader stops mid-drain (its first move under way) and comes
+    // back on the same data; another node leads meta meanwhile.
+    let li = (leader - 1) as usize;
+    let restarted = nodes[li].take().unwrap().restart().await;
+    nodes[li] = Some(restarted);
+    let seen = nodes.iter().flatten().find(|n| n.node().state.config.node_id != leader).unwrap();
+    let done = eventually("the drain finishes", Duration::from_secs(120), async || {
+        job_state(seen, &job.job).await.filter(|j| j.state != "running")
+    })
+    .await;
+    assert_eq!(done.state, "done", "{done:?}");
+    let (after, states, now_leader) = loads(seen).await;
+    assert_eq!(after[&drained], 0, "{after:?}");
+    assert_eq!(states[&drained], "drained");
+    assert_eq!(after.values().sum::<u32>(), 9);
+    eprintln!("meta leader {leader} stopped mid-drain; the drain finished under leader {now_leader}");
+    all_there(seen, &(0..300).collect::<Vec<_>>()).await;
 }

@@ -1,8 +1,8 @@
 //! `sovra ctl`: operator commands. `status`, `collections` and `shards` print
 //! `_cat`-style aligned tables (or JSON for scripts) from any node's public
 //! API with an admin key; `audit` fetches a region's log with a signed
-//! checkpoint and checks an export offline. Exit codes: 0 done, 1 failed,
-//! 2 bad usage (clap's).
+//! checkpoint and checks an export offline; jobs and keys are in
+//! [`crate::ctl_ops`]. Exit codes: 0 done, 1 failed, 2 bad usage.
 
 use std::path::PathBuf;
 
@@ -43,26 +43,130 @@ pub enum CtlCommand {
         #[arg(long)]
         wait: bool,
     },
-    /// Operations jobs, newest first; --cancel JOB ends a running one.
+    /// Operations jobs, newest first; --cancel JOB ends a running one (a
+    /// drain's or rebalance's running moves with it); --watch follows the
+    /// running ones (or each --job) with progress bars until they end (exit 1
+    /// unless all ended done).
     Jobs {
         #[command(flatten)]
         conn: Conn,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         cancel: Option<String>,
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, requires = "watch")]
+        job: Vec<String>,
+    },
+    /// Moves every replica off a node to other nodes of its region, then
+    /// marks it drained (no new replicas); refused, naming the shard, if
+    /// some replica would have nowhere to go.
+    Drain {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        node: u64,
+        /// Moves at once (default 2, at most 16).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        concurrency: u32,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A drained node takes replicas again.
+    Undrain {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        node: u64,
+    },
+    /// Evens out a region's replicas per node to within one of the mean;
+    /// --dry-run prints the plan and moves nothing.
+    Rebalance {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        dry_run: bool,
+        /// Moves at once (default 2, at most 16).
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        concurrency: u32,
+        #[arg(long, conflicts_with = "dry_run")]
+        wait: bool,
+    },
+    /// API keys: create, list, revoke.
+    Keys {
+        #[command(subcommand)]
+        what: crate::ctl_ops::KeysCommand,
     },
 }
 
-/// How `sovra ctl` reaches a node.
+/// How `sovra ctl` reaches a node: a flag, else the environment, else a
+/// config file (`--config`, `SOVRA_CTL_CONFIG`, or `~/.config/sovra/ctl.toml`
+/// when it exists) with `addr` and `key`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Conn {
-    /// A node's public gRPC address (host:port).
-    #[arg(long, env = "SOVRA_ADDR", default_value = "127.0.0.1:7300")]
-    pub addr: String,
-    /// An API key (admin scope for status).
-    #[arg(long, env = "SOVRA_KEY")]
-    pub key: String,
+    /// A node's public gRPC address (host:port; default 127.0.0.1:7300).
+    #[arg(long, env = "SOVRA_ADDR")]
+    pub addr: Option<String>,
+    /// An API key (the admin scope for most commands).
+    #[arg(long, env = "SOVRA_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// A TOML file with `addr = "host:port"` and `key = "sovra_..."`.
+    #[arg(long, env = "SOVRA_CTL_CONFIG")]
+    pub config: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CtlFile {
+    addr: Option<String>,
+    key: Option<String>,
+}
+
+/// `sovra ctl` was given too little to act on: exit code 2, like clap's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+impl Conn {
+    pub fn to(addr: impl Into<String>, key: impl Into<String>, format: Format) -> Self {
+        Self {
+            addr: Some(addr.into()),
+            key: Some(key.into()),
+            config: None,
+            format,
+        }
+    }
+
+    /// The address and key, from flags, environment or the config file.
+    pub fn resolve(&self) -> anyhow::Result<(String, String)> {
+        let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/sovra/ctl.toml"));
+        let path = self.config.clone().or(default.filter(|p| p.exists()));
+        let file = match &path {
+            Some(p) if self.addr.is_none() || self.key.is_none() => {
+                let text = std::fs::read_to_string(p).map_err(|e| Usage(format!("reading {}: {e}", p.display())))?;
+                toml::from_str::<CtlFile>(&text).map_err(|e| Usage(format!("{}: {e}", p.display())))?
+            }
+            _ => CtlFile::default(),
+        };
+        let addr = self.addr.clone().or(file.addr).unwrap_or_else(|| "127.0.0.1:7300".into());
+        let key =
+            self.key.clone().or(file.key).ok_or_else(|| {
+                Usage("no API key: pass --key, set SOVRA_KEY, or put key = \"sovra_...\" in a config file (--config)".into())
+            })?;
+        Ok((addr, key))
+    }
+
+    async fn keyed(&self) -> anyhow::Result<crate::dev::Keyed> {
+        let (addr, key) = self.resolve()?;
+        Ok(crate::dev::keyed(&channel(&addr).await?, &key))
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<sovra_proto::v1::admin_client::AdminClient<crate::dev::Keyed>> {
+        Ok(sovra_proto::v1::admin_client::AdminClient::new(self.keyed().await?))
+    }
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,8 +229,9 @@ async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
 /// `sovra ctl status`.
 pub async fn status(c: &Conn) -> anyhow::Result<String> {
     use sovra_proto::v1;
-    let ch = channel(&c.addr).await?;
-    let r = v1::admin_client::AdminClient::new(crate::dev::keyed(&ch, &c.key))
+    let r = c
+        .admin()
+        .await?
         .cluster_status(v1::ClusterStatusRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("ClusterStatus: {}", s.message()))?
@@ -159,88 +264,10 @@ pub async fn status(c: &Conn) -> anyhow::Result<String> {
     Ok(t.render(c.format))
 }
 
-fn job_rows(jobs: Vec<sovra_proto::v1::OpJob>) -> Table {
-    Table {
-        columns: vec!["job", "kind", "shard", "from", "to", "state", "progress", "error"],
-        rows: jobs
-            .into_iter()
-            .map(|j| {
-                vec![
-                    j.job.into(),
-                    j.kind.into(),
-                    format!("{}/{}/{}", j.collection, j.region, j.shard).into(),
-                    j.from.into(),
-                    j.to.into(),
-                    j.state.into(),
-                    j.progress.into(),
-                    (!j.error.is_empty()).then_some(j.error).into(),
-                ]
-            })
-            .collect(),
-    }
-}
-
-/// `sovra ctl move`: starts the job; with `wait`, polls it until it ends.
-pub async fn move_replica(c: &Conn, req: sovra_proto::v1::MoveReplicaRequest, wait: bool) -> anyhow::Result<String> {
-    use sovra_proto::v1;
-    let ch = channel(&c.addr).await?;
-    let mut admin = v1::admin_client::AdminClient::new(crate::dev::keyed(&ch, &c.key));
-    let mut job = admin
-        .move_replica(req)
-        .await
-        .map_err(|s| anyhow::anyhow!("MoveReplica: {}", s.message()))?
-        .into_inner();
-    if wait {
-        let mut last = String::new();
-        while job.state == "running" {
-            if job.progress != last {
-                eprintln!("{}: {}", job.job, job.progress);
-                last = job.progress.clone();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            let jobs = admin
-                .list_jobs(v1::ListJobsRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!("ListJobs: {}", s.message()))?
-                .into_inner()
-                .jobs;
-            job = jobs
-                .into_iter()
-                .find(|j| j.job == job.job)
-                .ok_or_else(|| anyhow::anyhow!("the job is no longer listed"))?;
-        }
-        anyhow::ensure!(job.state == "done", "job {} ended {}: {}", job.job, job.state, job.error);
-    }
-    Ok(job_rows(vec![job]).render(c.format))
-}
-
-/// `sovra ctl jobs [--cancel JOB]`.
-pub async fn jobs(c: &Conn, cancel: Option<&str>) -> anyhow::Result<String> {
-    use sovra_proto::v1;
-    let ch = channel(&c.addr).await?;
-    let mut admin = v1::admin_client::AdminClient::new(crate::dev::keyed(&ch, &c.key));
-    if let Some(job) = cancel {
-        let j = admin
-            .cancel_job(v1::CancelJobRequest { job: job.into() })
-            .await
-            .map_err(|s| anyhow::anyhow!("CancelJob: {}", s.message()))?
-            .into_inner();
-        return Ok(job_rows(vec![j]).render(c.format));
-    }
-    let jobs = admin
-        .list_jobs(v1::ListJobsRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("ListJobs: {}", s.message()))?
-        .into_inner()
-        .jobs;
-    Ok(job_rows(jobs).render(c.format))
-}
-
 /// `sovra ctl collections` and `sovra ctl shards`.
 pub async fn collections(c: &Conn, shards: bool, only: Option<&str>) -> anyhow::Result<String> {
     use sovra_proto::v1;
-    let ch = channel(&c.addr).await?;
-    let mut client = v1::collections_client::CollectionsClient::new(crate::dev::keyed(&ch, &c.key));
+    let mut client = v1::collections_client::CollectionsClient::new(c.keyed().await?);
     let list = client
         .list_collections(v1::ListCollectionsRequest {})
         .await
@@ -372,7 +399,7 @@ pub fn run(cmd: CtlCommand) -> anyhow::Result<()> {
             from,
             to,
             wait,
-        } => block_on(move_replica(
+        } => block_on(crate::ctl_ops::move_replica(
             &conn,
             sovra_proto::v1::MoveReplicaRequest {
                 collection,
@@ -383,13 +410,39 @@ pub fn run(cmd: CtlCommand) -> anyhow::Result<()> {
             },
             wait,
         )),
-        CtlCommand::Jobs { conn, cancel } => block_on(jobs(&conn, cancel.as_deref())),
+        CtlCommand::Jobs { conn, cancel, watch, job } => block_on(crate::ctl_ops::jobs(&conn, cancel.as_deref(), watch.then_some(job))),
+        CtlCommand::Drain {
+            conn,
+            node,
+            concurrency,
+            wait,
+        } => block_on(crate::ctl_ops::drain(&conn, node, concurrency, wait)),
+        CtlCommand::Undrain { conn, node } => block_on(crate::ctl_ops::undrain(&conn, node)),
+        CtlCommand::Rebalance {
+            conn,
+            region,
+            dry_run,
+            concurrency,
+            wait,
+        } => block_on(crate::ctl_ops::rebalance(&conn, &region, concurrency, dry_run, wait)),
+        CtlCommand::Keys { what } => block_on(crate::ctl_ops::keys(what)),
     }
 }
 
 fn block_on(f: impl std::future::Future<Output = anyhow::Result<String>>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(f).map(|msg| println!("{msg}"))
+    match rt.block_on(f) {
+        Ok(msg) => {
+            println!("{msg}");
+            Ok(())
+        }
+        // Too little to act on is bad usage, like clap's errors: exit 2.
+        Err(e) if e.downcast_ref::<Usage>().is_some() => {
+            eprintln!("error: {e}");
+            std::process::exit(2)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Fetches a checkpoint, then every line from 0, and writes both.

@@ -17,6 +17,7 @@ pub mod bench_startup;
 pub mod cluster;
 pub mod config;
 pub mod ctl;
+pub mod ctl_ops;
 pub mod dev;
 pub mod metrics;
 pub mod ops;
