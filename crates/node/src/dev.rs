@@ -225,6 +225,13 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         );
     }
     println!("cluster up in {:.1?}", t.elapsed());
+    match write_add_node(&data_dir, &nodes) {
+        Ok(path) => println!(
+            "add a node to uk: sovra node --config {} (node 7, zone uk-d; then sovra ctl rebalance --region uk)",
+            path.display()
+        ),
+        Err(e) => eprintln!("sovra dev: could not write the add-node config: {e}"),
+    }
     let result = demo(&nodes, &args, fresh).await;
     if let Err(e) = &result {
         eprintln!("sovra dev: {e:#}");
@@ -241,6 +248,33 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         n.stop().await?;
     }
     result
+}
+
+/// Writes `DATA/add-node.toml`: a seventh node for region uk that joins
+/// this cluster (its secret and the six nodes' cluster addresses), on free
+/// ports, for trying `sovra ctl rebalance` and `drain`. Readable by its owner
+/// only: it holds the cluster secret.
+fn write_add_node(data_dir: &std::path::Path, nodes: &[crate::RunningNode]) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let secret = nodes[0].state.config.cluster_secret().map_err(std::io::Error::other)?;
+    let secret = String::from_utf8_lossy(secret.expose()).into_owned();
+    let join: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.cluster_addr)).collect();
+    let text = format!(
+        "node_id = 7\nregion = \"uk\"\nzone = \"uk-d\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nbootstrap = false\njoin = [{}]\ncluster_secret = \"{}\"\n",
+        data_dir.join("node-7").display(),
+        join.join(", "),
+        secret
+    );
+    let path = data_dir.join("add-node.toml");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(path)
 }
 
 /// Resolves with the first node's fatal error.
