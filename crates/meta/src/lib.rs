@@ -8,7 +8,8 @@
 //! - [`state`]: [`state::MetaState::apply`], deterministic over plain data, which
 //!   itself refuses anything that would put a replica on a node outside its
 //!   shard's region (R1), whoever submits it.
-//! - [`ops`]: operations jobs (replica moves) recorded here so they resume
+//! - [`ops`]: operations jobs (replica moves, drains, rebalances) recorded
+//!   here and advanced by a pure function of the state, so they resume
 //!   after any restart and can be listed and cancelled.
 //! - [`rebalance`]: replica moves that drain a node or even out a region,
 //!   never across regions and never below a shard's replica count; pure.
