@@ -181,6 +181,14 @@ impl Ops {
         self.jobs.values().filter(move |j| j.parent.as_deref() == Some(parent))
     }
 
+    /// Refuses a job id already taken (finished jobs included).
+    pub(crate) fn fresh(&self, id: &str) -> Result<(), crate::state::Refused> {
+        if self.jobs.contains_key(id) {
+            return Err(crate::state::Refused::Op(format!("job {id} exists")));
+        }
+        Ok(())
+    }
+
     pub(crate) fn insert(&mut self, mut j: Job) {
         j.seq = self.next_seq;
         self.next_seq += 1;
@@ -220,26 +228,10 @@ impl Ops {
     }
 }
 
-/// A plan's move as the meta state sees it now: `None` if it can run, else why not.
-fn pointless(s: &MetaState, m: &MoveSpec) -> Option<String> {
-    let Some(rec) = s.collections.get(&m.collection).and_then(|c| c.shards.get(&m.shard)) else {
-        return Some(format!("shard {}/{}/{} no longer exists", m.collection, m.shard.0, m.shard.1));
-    };
-    if !rec.replicas.contains(&m.from) {
-        return Some(format!("node {} no longer holds it", m.from));
-    }
-    if rec.replicas.contains(&m.to) {
-        return Some(format!("node {} holds it already", m.to));
-    }
-    match s.nodes.get(&m.to) {
-        Some(n) if n.status == NodeStatus::Up && n.roles.data && n.region == m.shard.0 => None,
-        _ => Some(format!("node {} is no longer an up data node of {}", m.to, m.shard.0)),
-    }
-}
-
 impl MetaState {
-    /// Up data nodes of `region` with the replicas each holds: where moves may go.
-    pub fn move_candidates(&self, region: &RegionId) -> Vec<Candidate> {
+    /// Every up data node with the replicas it holds: where a new
+    /// collection's replicas may go ([`crate::place_collection`]).
+    pub fn placement_candidates(&self) -> Vec<Candidate> {
         let mut load: BTreeMap<u64, usize> = BTreeMap::new();
         for c in self.collections.values() {
             for r in c.shards.values() {
@@ -250,7 +242,7 @@ impl MetaState {
         }
         self.nodes
             .values()
-            .filter(|n| &n.region == region && n.roles.data && n.status == NodeStatus::Up)
+            .filter(|n| n.roles.data && n.status == NodeStatus::Up)
             .map(|n| Candidate {
                 id: n.id,
                 region: n.region.clone(),
@@ -258,6 +250,13 @@ impl MetaState {
                 load: load.get(&n.id).copied().unwrap_or(0),
             })
             .collect()
+    }
+
+    /// The placement candidates of `region`: where moves may go.
+    pub fn move_candidates(&self, region: &RegionId) -> Vec<Candidate> {
+        let mut c = self.placement_candidates();
+        c.retain(|n| &n.region == region);
+        c
     }
 
     /// Every shard of `region` (all collections) and the nodes holding it.
@@ -303,12 +302,9 @@ impl MetaState {
         for id in parents {
             self.advance_one(&id, at_ms);
         }
-        let changed = self.ops != before;
-        if !changed {
-            // Nothing but times may differ; keep the state exactly as it was.
-            self.ops = before;
-        }
-        changed
+        // Every change advancing makes (node states, erasure jobs' replicas)
+        // goes with a change to a job.
+        self.ops != before
     }
 
     fn set_progress(&mut self, id: &str, text: String, at_ms: u64) {
@@ -335,13 +331,9 @@ impl MetaState {
         let done = children.iter().filter(|c| c.state == OpState::Done).count();
         match job.kind {
             JobKind::Drain(mut d) => {
-                let holding: Vec<ShardRef> = self
-                    .region_shards(&d.region)
-                    .into_iter()
-                    .filter(|(_, h)| h.contains(&d.node))
-                    .map(|(s, _)| s)
-                    .collect();
-                if holding.is_empty() && running == 0 {
+                let shards = self.region_shards(&d.region);
+                let holding = shards.values().filter(|h| h.contains(&d.node)).count();
+                if holding == 0 && running == 0 {
                     if let Some(n) = self.nodes.get_mut(&d.node) {
                         n.status = NodeStatus::Drained;
                     }
@@ -353,7 +345,7 @@ impl MetaState {
                 let mut running = running;
                 let mut waiting = None;
                 if running < d.concurrency {
-                    match plan_drain(&d.region, d.node, &self.move_candidates(&d.region), &self.region_shards(&d.region)) {
+                    match plan_drain(&d.region, d.node, &self.move_candidates(&d.region), &shards) {
                         Err(e) => waiting = Some(format!("; waiting: {e}")),
                         Ok(moves) => {
                             for m in moves {
@@ -379,11 +371,10 @@ impl MetaState {
                         }
                     }
                 }
-                let left = holding.len();
                 let text = format!(
                     "{done} moved off node {}, {running} moving, {} left{}",
                     d.node,
-                    left.saturating_sub(running as usize),
+                    holding.saturating_sub(running as usize),
                     waiting.unwrap_or_default()
                 );
                 if let Some(j) = self.ops.jobs.get_mut(id) {
@@ -401,10 +392,8 @@ impl MetaState {
                     }
                     let n = r.next;
                     r.next += 1;
-                    if let Some(why) = pointless(self, &m) {
-                        r.skipped.push((n, why));
-                        continue;
-                    }
+                    // A move the cluster has since made pointless or
+                    // impossible is refused by start_move, which says why.
                     let child = format!("{id}.{n}");
                     match self.start_move(child, Some(id.to_string()), m, at_ms) {
                         Ok(()) => running += 1,

@@ -316,13 +316,12 @@ impl MetaState {
                 Ok(Applied::Done)
             }
             MetaCommand::Heartbeat { node, at_ms } => {
+                let held = self.held_status(node);
                 let n = self.nodes.get_mut(&node).ok_or(Refused::UnknownNode(node))?;
                 n.last_heartbeat_ms = n.last_heartbeat_ms.max(at_ms);
                 // A node marked down for missed heartbeats is back; a draining
                 // or drained one stays so.
                 if n.status == NodeStatus::Down {
-                    let held = self.held_status(node);
-                    let n = self.nodes.get_mut(&node).expect("found above");
                     n.status = held.unwrap_or(NodeStatus::Up);
                 }
                 Ok(Applied::Done)
@@ -598,9 +597,7 @@ impl MetaState {
         if let Some((j, _)) = self.ops.running_on(&m.collection, &m.shard) {
             return Err(Refused::Op(format!("job {} is already moving a replica of shard {name}", j.id)));
         }
-        if self.ops.jobs.contains_key(&job) {
-            return Err(Refused::Op(format!("job {job} exists")));
-        }
+        self.ops.fresh(&job)?;
         self.erasures.replica_added(&m.collection, &m.shard, m.to);
         let progress = "adding the target as a learner".to_string();
         self.ops
@@ -614,9 +611,7 @@ impl MetaState {
         if let Some(j) = self.ops.draining(node) {
             return Err(Refused::Op(format!("job {} is draining node {node} already", j.id)));
         }
-        if self.ops.jobs.contains_key(&job) {
-            return Err(Refused::Op(format!("job {job} exists")));
-        }
+        self.ops.fresh(&job)?;
         let concurrency = check_concurrency(concurrency)?;
         // Refused now, with the shard named, if some replica could go nowhere.
         let plan = crate::rebalance::plan_drain(&region, node, &self.move_candidates(&region), &self.region_shards(&region))
@@ -646,9 +641,7 @@ impl MetaState {
         {
             return Err(Refused::Op(format!("job {} is rebalancing region {region} already", j.id)));
         }
-        if self.ops.jobs.contains_key(&job) {
-            return Err(Refused::Op(format!("job {job} exists")));
-        }
+        self.ops.fresh(&job)?;
         let concurrency = check_concurrency(concurrency)?;
         let plan = self.rebalance_plan(&region);
         let total = plan.len();

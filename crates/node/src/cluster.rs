@@ -463,10 +463,12 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
                 .await;
         }
         // Drains and rebalances advance by a command every replica applies
-        // alike; proposed only when it would change something.
+        // alike; proposed only when it would change something (tried on a
+        // copy, made only while one runs).
         let now = now_ms();
-        let mut probe = view.clone();
-        if probe.advance_ops(now)
+        let parents = view.ops.running().any(|j| j.as_move().is_none());
+        if parents
+            && view.clone().advance_ops(now)
             && let Err(e) = state.host.meta_write(MetaCommand::AdvanceOps { at_ms: now }).await
         {
             tracing::warn!(error = %e.message, "advancing operations jobs failed; will retry");

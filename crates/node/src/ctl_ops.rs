@@ -175,6 +175,14 @@ pub async fn jobs(c: &Conn, cancel: Option<&str>, watch_ids: Option<Vec<String>>
     Ok(job_rows(list(&mut admin).await?).render(c.format))
 }
 
+/// A job just started: with `wait`, followed until it ends; else its row.
+async fn follow(c: &Conn, job: v1::OpJob, wait: bool) -> anyhow::Result<String> {
+    if wait {
+        return watch(c, vec![job.job]).await;
+    }
+    Ok(job_rows(vec![job]).render(c.format))
+}
+
 /// `sovra ctl move`: starts the job; with `wait`, follows it until it ends.
 pub async fn move_replica(c: &Conn, req: v1::MoveReplicaRequest, wait: bool) -> anyhow::Result<String> {
     let job = c
@@ -184,10 +192,7 @@ pub async fn move_replica(c: &Conn, req: v1::MoveReplicaRequest, wait: bool) -> 
         .await
         .map_err(status("MoveReplica"))?
         .into_inner();
-    if wait {
-        return watch(c, vec![job.job]).await;
-    }
-    Ok(job_rows(vec![job]).render(c.format))
+    follow(c, job, wait).await
 }
 
 /// `sovra ctl drain`.
@@ -199,10 +204,7 @@ pub async fn drain(c: &Conn, node: u64, concurrency: u32, wait: bool) -> anyhow:
         .await
         .map_err(status("DrainNode"))?
         .into_inner();
-    if wait {
-        return watch(c, vec![job.job]).await;
-    }
-    Ok(job_rows(vec![job]).render(c.format))
+    follow(c, job, wait).await
 }
 
 /// `sovra ctl undrain`.

@@ -826,27 +826,7 @@ impl NodeState {
 
     /// Replicas for every shard of `spec` on the up data nodes of the view.
     fn place(&self, spec: &CollectionSpec) -> Result<BTreeMap<sovra_meta::placement::ShardKey, Vec<NodeId>>, ApiError> {
-        let view = self.view();
-        let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
-        for c in view.state.collections.values() {
-            for s in c.shards.values() {
-                for n in &s.replicas {
-                    *load.entry(*n).or_default() += 1;
-                }
-            }
-        }
-        let candidates: Vec<sovra_meta::Candidate> = view
-            .state
-            .nodes
-            .values()
-            .filter(|n| n.roles.data && n.status == NodeStatus::Up)
-            .map(|n| sovra_meta::Candidate {
-                id: n.id,
-                region: n.region.clone(),
-                zone: n.zone.clone(),
-                load: load.get(&n.id).copied().unwrap_or(0),
-            })
-            .collect();
+        let candidates = self.view().state.placement_candidates();
         sovra_meta::place_collection(spec, &candidates).map_err(|e| match &e {
             sovra_meta::PlacementError::TooFewNodes { region, have: 0, .. } => {
                 let served: BTreeSet<&str> = candidates.iter().map(|c| c.region.as_str()).collect();
