@@ -844,26 +844,10 @@ impl RaftHost {
                 self.me
             ))
         };
-        // Just after a start or an election a replica may not know its leader
-        // yet: wait for one (within the read wait) rather than refuse at once.
-        let leader = match g.leader() {
-            Some(l) => Some(l),
-            None => g
-                .raft()
-                .wait(Some(self.settings.read_wait))
-                .metrics(|m| m.current_leader.is_some(), "read lease: a leader")
-                .await
-                .ok()
-                .and_then(|m| m.current_leader),
-        };
-        let index = match leader {
-            Some(l) if l == self.me => self.read_index_in(g).await.map_err(|s| cut_off(s.message().to_string()))?,
-            Some(l) => self
-                .remote_read_index(l, TypeConfig::group_pb(id), self.settings.read_wait)
-                .await
-                .map_err(|s| cut_off(format!("leader {l}: {}", s.message())))?,
-            None => return Err(cut_off("its group has no leader now".into())),
-        };
+        let index = self.leader_read_index(g).await.map_err(|e| match e {
+            (Some(l), s) => cut_off(format!("leader {l}: {}", s.message())),
+            (None, _) => cut_off("its group has no leader now".into()),
+        })?;
         self.barrier_in(g, ReadLevel::Any { min_index: index }).await?;
         let mut l = g.lease.lock();
         if index < l.floor {
@@ -1066,30 +1050,16 @@ impl RaftHost {
         let need = match level {
             ReadLevel::Any { min_index: 0 } => return Ok(()),
             ReadLevel::Any { min_index } => min_index,
-            ReadLevel::Linearizable => {
-                let leader = g.leader();
-                match leader {
-                    Some(l) if l == self.me => {
-                        return self
-                            .read_index_in(g)
-                            .await
-                            .map(|_| ())
-                            .map_err(|s| ApiError::unavailable(format!("linearizable read of shard {id} failed: {}", s.message())));
-                    }
-                    Some(l) => self.remote_read_index(l, C::group_pb(id), wait).await.map_err(|s| {
-                        ApiError::unavailable(format!(
-                            "linearizable read of shard {id} failed: the leader did not confirm a read index ({}); {}",
-                            s.message(),
-                            self.leader_text(Some(l))
-                        ))
-                    })?,
-                    None => {
-                        return Err(ApiError::unavailable(format!(
-                            "linearizable read of shard {id} failed: the group has no leader now; retry, or read with consistency any"
-                        )));
-                    }
-                }
-            }
+            ReadLevel::Linearizable => self.leader_read_index(g).await.map_err(|e| match e {
+                (Some(l), s) => ApiError::unavailable(format!(
+                    "linearizable read of shard {id} failed: the leader did not confirm a read index ({}); {}",
+                    s.message(),
+                    self.leader_text(Some(l))
+                )),
+                (None, _) => ApiError::unavailable(format!(
+                    "linearizable read of shard {id} failed: the group has no leader now; retry, or read with consistency any"
+                )),
+            })?,
         };
         let applied = g.raft().metrics().borrow().last_applied.map_or(0, |l| l.index);
         if applied >= need {
@@ -1105,6 +1075,48 @@ impl RaftHost {
                     wait.as_millis()
                 )))
             }
+        }
+    }
+
+    /// A read index from `g`'s leader (this node or another), within the
+    /// read wait. With no leader known (just after a start or an election) it
+    /// waits for one. A leader that answers it does not lead or hold the group
+    /// any more (a move took its replica away: the group has none until its
+    /// others' election timeout) is followed by waiting for the next leader
+    /// and asking it once; a leader that cannot be reached fails at once, so
+    /// the coordinator tries another replica. The error names the leader
+    /// asked last (`None`: none was known).
+    async fn leader_read_index<C: GroupConfig>(&self, g: &Replica<C>) -> Result<u64, (Option<NodeId>, tonic::Status)> {
+        let start = Instant::now();
+        let left = |start: Instant| self.settings.read_wait.saturating_sub(start.elapsed());
+        let next_leader = |not: Option<NodeId>| async move {
+            g.raft()
+                .wait(Some(left(start)))
+                .metrics(|m| m.current_leader.is_some() && m.current_leader != not, "a read index: a leader")
+                .await
+                .ok()
+                .and_then(|m| m.current_leader)
+        };
+        let ask = |l: NodeId| async move {
+            if l == self.me {
+                self.read_index_in(g).await
+            } else {
+                self.remote_read_index(l, C::group_pb(&g.id), left(start)).await
+            }
+        };
+        let first = match g.leader() {
+            Some(l) => l,
+            None => next_leader(None).await.ok_or((None, tonic::Status::unavailable("no leader")))?,
+        };
+        match ask(first).await {
+            Ok(i) => Ok(i),
+            Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition) => {
+                let Some(next) = next_leader(Some(first)).await else {
+                    return Err((Some(first), s));
+                };
+                ask(next).await.map_err(|s| (Some(next), s))
+            }
+            Err(s) => Err((Some(first), s)),
         }
     }
 
