@@ -29,10 +29,15 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Largest message a node accepts on the Raft service.
 pub const MAX_RAFT_MESSAGE: usize = 64 << 20;
-/// Default bound on one AppendEntries payload: a quarter of the limit leaves room for
-/// the envelope, and a single entry (a client batch is at most 8 MiB of points)
-/// always fits.
-pub const MAX_APPEND_BYTES: usize = 16 << 20;
+/// Default bound on one AppendEntries payload. openraft 0.9 gives one
+/// AppendEntries the heartbeat interval (150 ms) to be sent, appended (with
+/// its fsync) and answered, and sends one that timed out again unchanged: a
+/// catch-up message of 16 MiB never made it on two loaded cores, and the
+/// follower never caught up (`sovra bench move` at 100k points; the cluster
+/// test of a long log of large batches). 1 MiB takes a few milliseconds on
+/// loopback; a single larger entry (a client batch is at most 8 MiB) is
+/// still sent alone.
+pub const MAX_APPEND_BYTES: usize = 1 << 20;
 
 /// Node ids to addresses. Static config or a test harness fills it now, the
 /// meta group later; a node restarted on a new port is found again as soon as

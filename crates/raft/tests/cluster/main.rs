@@ -189,6 +189,25 @@ async fn append_entries_stay_under_the_byte_bound_with_large_batches() {
     assert!(splits > 0, "the catch-up never needed cutting: the test does not test the bound");
 }
 
+/// openraft 0.9 gives one AppendEntries the heartbeat interval to be sent,
+/// appended and answered: a catch-up message that cannot make it in time is
+/// sent again as it was, for ever. With the default bound, a follower that
+/// missed ~15 MiB of large batches (a learner joining a move, a restarted
+/// replica) must still catch up through the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_catches_up_a_long_log_of_large_batches_with_the_default_bound() {
+    let c = Cluster::start(3, fast_settings(), 128, seed()).await;
+    let leader = c.leader().await;
+    let lagging = c.live().map(|n| n.id).find(|&n| n != leader).unwrap();
+    c.faults.isolate(lagging);
+    for b in 0..60u64 {
+        write(&c, leader, upsert(b * 500..b * 500 + 500, 128, b as f32)).await.unwrap();
+    }
+    c.faults.heal();
+    c.converged(Duration::from_secs(60)).await;
+    assert_eq!(c.node(lagging).host.group(&shard()).unwrap().engine().stats().live_points, 30_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_any_waits_for_min_index_and_linearizable_sees_every_ack() {
     let c = Cluster::start(3, fast_settings(), 4, seed()).await;
