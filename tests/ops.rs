@@ -482,3 +482,74 @@ async fn a_drain_survives_its_meta_leader_stopping_mid_drain_and_finishes() {
     eprintln!("meta leader {leader} stopped mid-drain; the drain finished under leader {now_leader}");
     all_there(seen, &(0..300).collect::<Vec<_>>()).await;
 }
+
+/// A move's target catches up through the log: replaying it, its replica
+/// passes through the group's older memberships, which do not name it. The
+/// watchdog (which deletes a replica a membership change took out of its
+/// group) must not take it for a departed one: run here on the target in a
+/// tight loop for the whole move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moves_target_replaying_older_memberships_is_not_deleted_as_departed() {
+    let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, UK)]).await;
+    let mut c = nodes[0].collections.clone();
+    c.create_collection(v1::CreateCollectionRequest {
+        collection: Some(sovra_node::dev::spanning_spec("people", 128, v1::Metric::L2, &[UK], 1, 3)),
+    })
+    .await
+    .unwrap();
+    // 20 entries of 500 128-d points: more than one AppendEntries carries.
+    let mut p = nodes[0].points.clone();
+    for b in 0..20u64 {
+        let points = (b * 500..b * 500 + 500)
+            .map(|i| point(i, (0..128).map(|d| ((i + d) % 97) as f32).collect(), UK))
+            .collect();
+        p.upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points,
+        })
+        .await
+        .unwrap();
+    }
+    let before = shard_replicas(&nodes[0]).await;
+    assert!(!before.contains(&4));
+    let from = *before.iter().next().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (stop, host) = (stop.clone(), nodes[3].node().state.host.clone());
+        tokio::spawn(async move {
+            // Bounded: at most 100,000 passes, the move's end first.
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                host.watchdog_pass().await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let job = nodes[0]
+        .admin
+        .clone()
+        .move_replica(v1::MoveReplicaRequest {
+            collection: "people".into(),
+            region: UK.into(),
+            shard: 0,
+            from,
+            to: 4,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = eventually("the move ends", Duration::from_secs(120), async || {
+        job_state(&nodes[0], &job.job).await.filter(|j| j.state != "running")
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    watchdog.await.unwrap();
+    assert_eq!(done.state, "done", "{done:?}");
+    eventually("the target holds every point", Duration::from_secs(60), async || {
+        let e = nodes[3].node().state.engines();
+        (e.len() == 1 && e[0].stats().live_points == 10_000).then_some(())
+    })
+    .await;
+}

@@ -121,6 +121,10 @@ pub struct Replica<C: GroupConfig> {
     pub restarts: AtomicU64,
     /// Until when this replica may answer `any` reads ([`RaftSettings::read_lease`]).
     lease: parking_lot::Mutex<Lease>,
+    /// Whether this replica has seen a membership naming it. Only then does
+    /// one that leaves it out mean it was removed: a replica added to a
+    /// group replays the group's older memberships while it catches up.
+    member_seen: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -335,12 +339,15 @@ impl RaftHost {
         if let Some(members) = members {
             initialize(&raft, members).await?;
         }
+        // A replica reopened with a membership naming it was a member.
+        let named = self.names_me(raft.metrics().borrow().membership_config.membership());
         let g = Arc::new(Group {
             id: id.clone(),
             raft: RwLock::new(raft),
             sm,
             log,
             restarts: AtomicU64::new(0),
+            member_seen: named.into(),
             lease: Default::default(),
         });
         self.groups.write().insert(id, g.clone());
@@ -368,6 +375,7 @@ impl RaftHost {
             sm,
             log,
             restarts: AtomicU64::new(0),
+            member_seen: Default::default(),
             lease: Default::default(),
         });
         *self.meta.write() = Some(g.clone());
@@ -392,6 +400,7 @@ impl RaftHost {
             sm,
             log,
             restarts: AtomicU64::new(0),
+            member_seen: Default::default(),
             lease: Default::default(),
         });
         *self.audit.write() = Some(g.clone());
@@ -1163,14 +1172,20 @@ impl RaftHost {
                 }
                 continue;
             }
-            let m = membership.membership();
-            if membership.log_id().is_some() && !m.voter_ids().any(|v| v == self.me) && !m.learner_ids().any(|v| v == self.me) {
+            if self.names_me(membership.membership()) {
+                g.member_seen.store(true, Ordering::Relaxed);
+            } else if membership.log_id().is_some() && g.member_seen.load(Ordering::Relaxed) {
                 tracing::info!(group = %g.id, "this replica is no longer a member; deleting it");
                 if let Err(e) = self.remove_group(&g.id, true).await {
                     tracing::error!(group = %g.id, error = %e, "removing a departed replica failed");
                 }
             }
         }
+    }
+
+    /// Whether `m` has this node as a voter or a learner.
+    fn names_me(&self, m: &openraft::Membership<NodeId, openraft::EmptyNode>) -> bool {
+        m.voter_ids().any(|v| v == self.me) || m.learner_ids().any(|v| v == self.me)
     }
 
     /// Replaces `g`'s stopped Raft core with a new one over the same storage.
