@@ -40,7 +40,7 @@ pub struct ErasureBenchArgs {
     pub seed: u64,
 }
 
-fn quantile(xs: &mut [f64], p: f64) -> f64 {
+pub(crate) fn quantile(xs: &mut [f64], p: f64) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[((xs.len() as f64 * p) as usize).min(xs.len() - 1)]
 }
@@ -58,15 +58,21 @@ pub fn erasure(args: ErasureBenchArgs) -> anyhow::Result<()> {
     rt.block_on(run(args))
 }
 
-async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
+/// Starts `count` nodes of region uk on loopback in `dir` (each config
+/// passed through `tweak`), waits until all serve, and returns them with a
+/// channel to node 1 carrying its first admin key.
+pub(crate) async fn region_cluster(
+    dir: &std::path::Path,
+    count: u64,
+    tweak: impl Fn(&mut NodeConfig),
+) -> anyhow::Result<(Vec<RunningNode>, crate::dev::Keyed)> {
     let secret = format!("bench-{:032x}", rand::random::<u128>());
-    let configs = (1..=3u64)
+    let configs = (1..=count)
         .map(|id| {
-            let mut cfg = NodeConfig::local(id, "uk", dir.path().join(format!("n{id}")));
+            let mut cfg = NodeConfig::local(id, "uk", dir.join(format!("n{id}")));
             cfg.cluster_secret = Some(secret.clone());
             cfg.zone = format!("zone-{id}");
-            cfg.purge_check_ms = args.purge_check_ms;
+            tweak(&mut cfg);
             cfg
         })
         .collect();
@@ -80,7 +86,54 @@ async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
     for n in &nodes[1..] {
         crate::dev::wait_serving(n.grpc_addr, Duration::from_secs(60)).await?;
     }
-    let k = crate::dev::keyed(&ch, &key);
+    Ok((nodes, crate::dev::keyed(&ch, &key)))
+}
+
+/// Upserts `all` into `collection` in batches of 500. A batch not
+/// acknowledged in time (the replicas' graphs falling behind a long load on
+/// two cores) is retried: writes are idempotent.
+pub(crate) async fn load(
+    points: &mut v1::points_client::PointsClient<crate::dev::Keyed>,
+    collection: &str,
+    all: &[v1::Point],
+) -> anyhow::Result<()> {
+    for (i, batch) in all.chunks(500).enumerate() {
+        let mut tries = 0;
+        loop {
+            let r = points
+                .upsert(v1::UpsertRequest {
+                    collection: collection.into(),
+                    points: batch.to_vec(),
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(st) if st.code() == tonic::Code::Unavailable && tries < 20 => {
+                    tries += 1;
+                    eprintln!("batch {i} not acknowledged ({}); retry {tries}", st.message());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(st) => return Err(st.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every replica on `nodes` has linked what it stored into its
+/// graph (they link behind the acks): measure on whole graphs.
+pub(crate) async fn link_all(nodes: &[RunningNode]) -> anyhow::Result<()> {
+    for n in nodes {
+        for e in n.state.engines() {
+            tokio::task::spawn_blocking(move || e.link_pending()).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (nodes, k) = region_cluster(dir.path(), 3, |cfg| cfg.purge_check_ms = args.purge_check_ms).await?;
     let mut collections = v1::collections_client::CollectionsClient::new(k.clone());
     let mut points = v1::points_client::PointsClient::new(k.clone())
         .max_encoding_message_size(sovra_types::limits::MAX_MESSAGE_BYTES)
@@ -112,37 +165,12 @@ async fn run(args: ErasureBenchArgs) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let all: Vec<v1::Point> = (0..args.points).map(|i| point(i, vector())).collect();
-    for (i, batch) in all.chunks(500).enumerate() {
-        // A write not acknowledged in time (the replicas' graphs falling
-        // behind a long load on two cores) is retried: writes are idempotent.
-        let mut tries = 0;
-        loop {
-            let r = points
-                .upsert(v1::UpsertRequest {
-                    collection: "bench".into(),
-                    points: batch.to_vec(),
-                })
-                .await;
-            match r {
-                Ok(_) => break,
-                Err(st) if st.code() == tonic::Code::Unavailable && tries < 20 => {
-                    tries += 1;
-                    eprintln!("batch {i} not acknowledged ({}); retry {tries}", st.message());
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(st) => return Err(st.into()),
-            }
-        }
-    }
+    load(&mut points, "bench", &all).await?;
     eprintln!("loaded {} points in {:.1?}", args.points, started.elapsed());
     // Every replica links what it stored behind the acks: measure on graphs
     // that are whole, not while three of them are still being built.
     let t = Instant::now();
-    for n in &nodes {
-        for e in n.state.engines() {
-            tokio::task::spawn_blocking(move || e.link_pending()).await?;
-        }
-    }
+    link_all(&nodes).await?;
     eprintln!("every replica's graph linked {:.1?} later", t.elapsed());
     // Acknowledgements are measured with purges held (a purge rebuilds three
     // indexes on the same two cores); the purge is measured after.

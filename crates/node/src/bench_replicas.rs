@@ -56,16 +56,6 @@ fn usage() -> Usage {
     }
 }
 
-fn dir_bytes(p: &std::path::Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
-    rd.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            _ => e.metadata().map_or(0, |m| m.len()),
-        })
-        .sum()
-}
-
 pub fn replicas(args: ReplicasBenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.reopen {
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -185,7 +175,7 @@ async fn run(args: ReplicasBenchArgs) -> anyhow::Result<()> {
         fds: f[3] as usize,
     };
     anyhow::ensure!(f[4] as usize == held, "the restarted node opened {} replicas, not {held}", f[4]);
-    let disk = dir_bytes(&dir.path().join("replicas"));
+    let disk = sovra_shard::replica::dir_bytes(&dir.path().join("replicas"));
 
     let n = held as f64;
     println!(

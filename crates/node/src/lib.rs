@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bench;
 pub mod bench_cluster;
 pub mod bench_erasure;
+pub mod bench_move;
 pub mod bench_replicas;
 pub mod bench_replication;
 pub mod bench_search;

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sovra_node::{NodeConfig, bench, bench_cluster, bench_erasure, bench_replicas, bench_replication, bench_search, bench_startup, dev};
+use sovra_node::{
+    NodeConfig, bench, bench_cluster, bench_erasure, bench_move, bench_replicas, bench_replication, bench_search, bench_startup, dev,
+};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -62,6 +64,8 @@ enum BenchCommand {
     Startup(bench_startup::StartupBenchArgs),
     /// Erasure acknowledgement latency beside a one-point write, on 3 nodes of one region.
     Erasure(bench_erasure::ErasureBenchArgs),
+    /// A replica move's time against an index rebuild, and search latency during it.
+    Move(bench_move::MoveBenchArgs),
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -114,6 +118,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Erasure(args),
         } => bench_erasure::erasure(args),
+        Command::Bench {
+            what: BenchCommand::Move(args),
+        } => bench_move::bench_move(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {

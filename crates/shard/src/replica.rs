@@ -256,7 +256,8 @@ fn finish_rewrite(dir: &Path) -> Result<(), ShardError> {
     remove_dir(&old)
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+/// Bytes of every file under `dir` (0 for what cannot be read).
+pub fn dir_bytes(dir: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
     rd.flatten()
         .map(|e| match e.metadata() {
