@@ -19,6 +19,26 @@ fn vector(i: u64) -> Vec<f32> {
     vec![(i % 11) as f32, (i / 11 % 7) as f32, 1.0, (i % 3) as f32]
 }
 
+/// Creates collection `people` in uk (`shards` shards of `rf` replicas)
+/// through `n`; its collections client.
+async fn create_people(n: &TestNode, dim: u32, shards: u32, rf: u32) -> v1::collections_client::CollectionsClient<sovra_node::dev::Keyed> {
+    let mut c = n.collections.clone();
+    c.create_collection(v1::CreateCollectionRequest {
+        collection: Some(sovra_node::dev::spanning_spec("people", dim, v1::Metric::L2, &[UK], shards, rf)),
+    })
+    .await
+    .unwrap();
+    c
+}
+
+fn split_req(shard: u32) -> v1::SplitShardRequest {
+    v1::SplitShardRequest {
+        collection: "people".into(),
+        region: UK.into(),
+        shard,
+    }
+}
+
 async fn job_state(n: &TestNode, job: &str) -> Option<v1::OpJob> {
     let mut a = n.admin.clone();
     a.list_jobs(v1::ListJobsRequest {})
@@ -30,17 +50,19 @@ async fn job_state(n: &TestNode, job: &str) -> Option<v1::OpJob> {
         .find(|j| j.job == job)
 }
 
-async fn shard_replicas(n: &TestNode) -> BTreeSet<u64> {
+async fn people_info(n: &TestNode) -> v1::CollectionInfo {
     let mut c = n.collections.clone();
-    let info = c
-        .get_collection(v1::GetCollectionRequest {
-            name: "people".into(),
-            with_digest: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    info.shards[0].replicas.iter().copied().collect()
+    c.get_collection(v1::GetCollectionRequest {
+        name: "people".into(),
+        with_digest: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn shard_replicas(n: &TestNode) -> BTreeSet<u64> {
+    people_info(n).await.shards[0].replicas.iter().copied().collect()
 }
 
 /// The Raft voters of the shard as its leader knows them.
@@ -61,12 +83,7 @@ fn group_members(nodes: &[TestNode]) -> Option<BTreeSet<u64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_move_under_load_loses_no_acknowledged_write_and_stays_in_its_region() {
     let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, US)]).await;
-    let mut c = nodes[0].collections.clone();
-    c.create_collection(v1::CreateCollectionRequest {
-        collection: Some(sovra_node::dev::spanning_spec("people", 4, v1::Metric::L2, &[UK], 1, 2)),
-    })
-    .await
-    .unwrap();
+    create_people(&nodes[0], 4, 1, 2).await;
     let before = shard_replicas(&nodes[0]).await;
     let from = *before.iter().next().unwrap();
     let to = (1..=3).find(|n| !before.contains(n)).unwrap();
@@ -172,12 +189,7 @@ async fn a_replica_move_under_load_loses_no_acknowledged_write_and_stays_in_its_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_move_leaves_the_shard_map_and_the_group_as_they_were_or_as_after() {
     let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
-    let mut c = nodes[0].collections.clone();
-    c.create_collection(v1::CreateCollectionRequest {
-        collection: Some(sovra_node::dev::spanning_spec("people", 4, v1::Metric::L2, &[UK], 1, 2)),
-    })
-    .await
-    .unwrap();
+    create_people(&nodes[0], 4, 1, 2).await;
     let mut p = nodes[0].points.clone();
     p.upsert(v1::UpsertRequest {
         collection: "people".into(),
@@ -325,12 +337,7 @@ fn conn(n: &TestNode) -> sovra_node::ctl::Conn {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drain_under_load_empties_the_node_inside_its_region_and_one_that_would_leave_a_shard_short_is_refused() {
     let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, UK), (5, US)]).await;
-    let mut c = nodes[0].collections.clone();
-    c.create_collection(v1::CreateCollectionRequest {
-        collection: Some(sovra_node::dev::spanning_spec("people", 4, v1::Metric::L2, &[UK], 2, 3)),
-    })
-    .await
-    .unwrap();
+    create_people(&nodes[0], 4, 2, 3).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = write_load(nodes[2].points.clone(), stop.clone());
     // Drain the node holding the most replicas, followed to the end by
@@ -387,12 +394,7 @@ async fn a_drain_under_load_empties_the_node_inside_its_region_and_one_that_woul
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_adding_a_node_a_rebalance_leaves_every_node_of_the_region_within_one_replica_of_the_mean() {
     let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
-    let mut c = nodes[0].collections.clone();
-    c.create_collection(v1::CreateCollectionRequest {
-        collection: Some(sovra_node::dev::spanning_spec("people", 4, v1::Metric::L2, &[UK], 4, 2)),
-    })
-    .await
-    .unwrap();
+    create_people(&nodes[0], 4, 4, 2).await;
     let mut p = nodes[0].points.clone();
     p.upsert(v1::UpsertRequest {
         collection: "people".into(),
@@ -491,12 +493,7 @@ async fn a_drain_survives_its_meta_leader_stopping_mid_drain_and_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_moves_target_replaying_older_memberships_is_not_deleted_as_departed() {
     let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, UK)]).await;
-    let mut c = nodes[0].collections.clone();
-    c.create_collection(v1::CreateCollectionRequest {
-        collection: Some(sovra_node::dev::spanning_spec("people", 128, v1::Metric::L2, &[UK], 1, 3)),
-    })
-    .await
-    .unwrap();
+    create_people(&nodes[0], 128, 1, 3).await;
     // 20 entries of 500 128-d points: more than one AppendEntries carries.
     let mut p = nodes[0].points.clone();
     for b in 0..20u64 {
@@ -552,4 +549,260 @@ async fn a_moves_target_replaying_older_memberships_is_not_deleted_as_departed()
         (e.len() == 1 && e[0].stats().live_points == 10_000).then_some(())
     })
     .await;
+}
+
+/// Ids a linearizable get through `p` finds among `ids` (`None`: the read
+/// did not answer, UNAVAILABLE: retry).
+async fn found(p: &mut sovra_proto::v1::points_client::PointsClient<sovra_node::dev::Keyed>, ids: &[u64]) -> Option<BTreeSet<u64>> {
+    let req = v1::GetPointsRequest {
+        collection: "people".into(),
+        region: UK.into(),
+        ids: ids.iter().map(|&i| num(i)).collect(),
+        consistency: v1::Consistency::Linearizable as i32,
+        ..Default::default()
+    };
+    match p.get(req).await {
+        Ok(r) => Some(
+            r.into_inner()
+                .points
+                .iter()
+                .map(|p| match p.id.as_ref().and_then(|i| i.kind.clone()) {
+                    Some(v1::point_id::Kind::Num(n)) => n,
+                    other => panic!("unexpected id {other:?}"),
+                })
+                .collect(),
+        ),
+        Err(e) if e.code() == Code::Unavailable => None,
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+/// Ids upserted (acknowledged), deleted (acknowledged), and whose delete was sent.
+type Acked = (Vec<u64>, Vec<u64>, Vec<u64>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_under_load_keeps_every_acknowledged_id_findable_and_routes_new_writes_to_the_right_half() {
+    let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, US)]).await;
+    create_people(&nodes[0], 4, 1, 3).await;
+    let mut p = nodes[0].points.clone();
+    // Enough that the first copy takes a while, so writes land between it
+    // and the fence (the final copy carries them).
+    for b in 0..40u64 {
+        let points = (b * 100..b * 100 + 100).map(|j| point(j, vector(j), UK)).collect();
+        p.upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points,
+        })
+        .await
+        .unwrap();
+    }
+    // Deleted and erased before the split: neither comes back after it, and
+    // the erased subject stays suppressed in whichever half owns its points.
+    p.delete(v1::DeletePointsRequest {
+        collection: "people".into(),
+        region: UK.into(),
+        ids: (0..20).map(num).collect(),
+    })
+    .await
+    .unwrap();
+    let key = nodes[0].key.clone();
+    let mut er = v1::erasure_client::ErasureClient::new(keyed(&nodes[0].channel, &key));
+    let erased = er
+        .erase(v1::EraseRequest {
+            collection: "people".into(),
+            region: UK.into(),
+            target: Some(v1::erase_request::Target::Subject("s500".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(erased.erased, 1);
+    let mut admin = nodes[0].admin.clone();
+    // An unfinished erasure holds a split back (its purge would be lost).
+    let held = admin.split_shard(split_req(0)).await.unwrap_err();
+    assert_eq!(held.code(), Code::FailedPrecondition, "{held:?}");
+    assert!(
+        held.message().contains(&format!("erasure job {}", erased.job)),
+        "{}",
+        held.message()
+    );
+    // Its purge rewrites the replicas (writes wait meanwhile): let it end
+    // before the load starts.
+    eventually("the erasure job is done", Duration::from_secs(60), async || {
+        let j = er
+            .get_erasure_job(v1::GetErasureJobRequest { job: erased.job.clone() })
+            .await
+            .ok()?
+            .into_inner();
+        (j.state == "done").then_some(())
+    })
+    .await;
+    let unknown = admin.split_shard(split_req(7)).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+
+    // Load: a writer (upserts, and a delete every fifth batch) and a reader
+    // that checks every id acknowledged so far is found, and none deleted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<parking_lot::Mutex<Acked>> = Default::default();
+    let writer = {
+        let (mut p, stop, acked) = (nodes[2].points.clone(), stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut failed = Vec::new();
+            let mut i = 10_000u64;
+            while !stop.load(Ordering::Relaxed) && i < 14_000 {
+                let req = v1::UpsertRequest {
+                    collection: "people".into(),
+                    points: (i..i + 10).map(|j| point(j, vector(j), UK)).collect(),
+                };
+                match p.upsert(req).await {
+                    Ok(_) => acked.lock().0.extend(i..i + 10),
+                    Err(e) => failed.push(e.message().to_string()),
+                }
+                if i.is_multiple_of(50) {
+                    // From here until acknowledged, i may or may not be found.
+                    acked.lock().2.push(i);
+                    let req = v1::DeletePointsRequest {
+                        collection: "people".into(),
+                        region: UK.into(),
+                        ids: vec![num(i)],
+                    };
+                    match p.delete(req).await {
+                        Ok(_) => acked.lock().1.push(i),
+                        Err(e) => failed.push(e.message().to_string()),
+                    }
+                }
+                i += 10;
+            }
+            failed
+        })
+    };
+    let reader = {
+        let (mut p, stop, acked) = (nodes[1].points.clone(), stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let (mut reads, mut unavailable, mut misses) = (0u32, 0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) && reads < 2000 {
+                let (live, deleted): (Vec<u64>, BTreeSet<u64>) = {
+                    let a = acked.lock();
+                    (
+                        a.0.iter().copied().filter(|i| !a.2.contains(i)).collect(),
+                        a.1.iter().copied().collect(),
+                    )
+                };
+                // The newest acknowledged ids, some older ones and the preload.
+                let mut ask: Vec<u64> = live.iter().rev().take(100).copied().collect();
+                ask.extend(live.iter().rev().skip(100).step_by(7).take(200));
+                ask.extend((20..4000).step_by(37).filter(|&i| i != 500));
+                ask.extend(deleted.iter().rev().take(20));
+                match found(&mut p, &ask).await {
+                    Some(got) => {
+                        for i in &ask {
+                            if deleted.contains(i) == got.contains(i) {
+                                misses.push(*i);
+                            }
+                        }
+                        reads += 1;
+                    }
+                    None => unavailable += 1,
+                }
+            }
+            (reads, unavailable, misses)
+        })
+    };
+    eventually("the writer has written through the old map", Duration::from_secs(30), async || {
+        (acked.lock().0.len() >= 200).then_some(())
+    })
+    .await;
+    let job = admin.split_shard(split_req(0)).await.unwrap().into_inner();
+    assert_eq!((job.kind.as_str(), job.new_shards.as_slice()), ("split", &[1u32, 2][..]));
+    let done = eventually("the split is done", Duration::from_secs(90), async || {
+        job_state(&nodes[0], &job.job).await.filter(|j| j.state != "running")
+    })
+    .await;
+    assert_eq!(done.state, "done", "{done:?}");
+    eventually("the writer has written through the new map", Duration::from_secs(30), async || {
+        let n = acked.lock().0.len();
+        (n >= 400 && nodes[2].node().state.view().state.ops.jobs[&job.job].state == sovra_meta::ops::OpState::Done).then_some(())
+    })
+    .await;
+    let mark = acked.lock().0.len();
+    eventually("more writes after the switch", Duration::from_secs(30), async || {
+        (acked.lock().0.len() >= mark + 100).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let failed = writer.await.unwrap();
+    let (reads, unavailable, misses) = reader.await.unwrap();
+    assert!(failed.is_empty(), "writes failed during the split: {failed:?}");
+    assert!(misses.is_empty(), "reads missed acknowledged ids or found deleted ones: {misses:?}");
+    assert!(reads > 10, "{reads} reads ({unavailable} unavailable)");
+    eprintln!(
+        "split under load: {reads} reads checked, {unavailable} unavailable, {} writes",
+        acked.lock().0.len()
+    );
+
+    // The map: shards 1 and 2 halve the old range; 0 is gone everywhere.
+    let numbers: Vec<u32> = people_info(&nodes[0]).await.shards.iter().map(|s| s.number).collect();
+    assert_eq!(numbers, vec![1, 2]);
+    eventually("every node destroyed the parent", Duration::from_secs(30), async || {
+        nodes[..3]
+            .iter()
+            .all(|n| n.node().state.engines().iter().all(|e| e.id().number != 0))
+            .then_some(())
+    })
+    .await;
+    // Every acknowledged id, and nothing deleted, erased or of the wrong
+    // half, in each half's replicas.
+    let (live, deleted) = {
+        let a = acked.lock();
+        let d: BTreeSet<u64> = a.1.iter().copied().chain(0..20).chain([500]).collect();
+        let l: BTreeSet<u64> = a.0.iter().copied().chain(0..4000).filter(|i| !d.contains(i)).collect();
+        (l, d)
+    };
+    let live_v: Vec<u64> = live.iter().copied().collect();
+    all_there(&nodes[0], &live_v).await;
+    let view = nodes[0].node().state.view();
+    let map = view.state.collections[&sovra_types::CollectionName::parse("people").unwrap()]
+        .spec
+        .shard_map(&sovra_types::RegionId::parse(UK).unwrap())
+        .unwrap();
+    for n in &nodes[..3] {
+        let engines = n.node().state.engines();
+        assert_eq!(engines.len(), 2, "node {} holds both halves", n.node().state.config.node_id);
+        eventually("the half replicas caught up", Duration::from_secs(30), async || {
+            let total: usize = engines.iter().map(|e| e.stats().live_points).sum();
+            (total == live.len()).then_some(())
+        })
+        .await;
+        for e in &engines {
+            let range = map.range_of(e.id().number).unwrap();
+            for r in e.store().points() {
+                let r = r.unwrap();
+                assert!(
+                    range.contains(sovra_types::point_hash(&r.id)),
+                    "point {} in the wrong half {}",
+                    r.id,
+                    e.id()
+                );
+                let sovra_types::PointId::Num(i) = r.id else { panic!() };
+                assert!(!deleted.contains(&i), "deleted or erased point {i} came back in {}", e.id());
+            }
+        }
+    }
+    // The suppression list came along: the erased subject is still refused.
+    let again = p
+        .upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points: vec![point(500, vector(500), UK)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+    assert!(again.message().contains("suppression list"), "{}", again.message());
+    // `sovra ctl jobs` shows it, and a split of a shard that no longer exists is refused.
+    let table = sovra_node::ctl_ops::jobs(&conn(&nodes[3]), None, None).await.unwrap();
+    let row = table.lines().find(|l| l.starts_with(&job.job)).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("people/uk/0 -> 1, 2") && row.contains(" done "), "{table}");
+    let gone = admin.split_shard(split_req(0)).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    assert!(gone.message().contains("1, 2"), "{}", gone.message());
 }

@@ -121,6 +121,16 @@ impl Leaf {
         let group = self.admit(call, rpc)?;
         self.host.read_barrier(&call.shard, call.level).await.map_err(|e| status_of(&e))?;
         let engine = group.engine().clone();
+        if engine.retired() {
+            // Its split's halves hold everything it held, and may already
+            // have taken writes: the root reads them instead.
+            return Err(Status::not_found(format!(
+                "shard {} was split (job {}): its halves hold its points; the coordinator's shard map (version {}) is older than the split's",
+                call.shard,
+                engine.split_fence().unwrap_or_default(),
+                call.map_version
+            )));
+        }
         let ctx = self.ctx.clone();
         let answer = self
             .pool

@@ -336,11 +336,40 @@ impl Root {
             self.ctx.refresh().await;
         }
         if !retry.is_empty() {
-            let fresh = self.ctx.view();
+            let mut fresh = self.ctx.view();
+            let split = retry.iter().any(|&i| {
+                out[i]
+                    .as_ref()
+                    .is_some_and(|o| matches!(&o.answer, Err((_, m)) if m.contains(SPLIT_MARK)))
+            });
+            // A split retires its shard just before the map switches to its
+            // halves: wait (within the deadline) for the switch.
+            while split && fresh.state.map_version == view.state.map_version && Instant::now() + Duration::from_millis(100) < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                self.ctx.refresh().await;
+                fresh = self.ctx.view();
+            }
             if fresh.state.map_version != view.state.map_version {
                 for i in retry {
                     let (shard, level, query) = shards[i].clone();
-                    out[i] = Some(self.ask(&fresh, shard, level, Arc::new(query), deadline).await);
+                    let halves = split_into(&view, &fresh, &shard);
+                    out[i] = Some(if !halves.is_empty() && matches!(query, Query::Scroll(_)) {
+                        // A scroll walks one shard in id order: it cannot go on
+                        // across the halves.
+                        Outcome {
+                            answer: Err((
+                                tonic::Code::FailedPrecondition,
+                                format!("shard {shard} was split while the scroll read it; start the scroll again with an empty cursor"),
+                            )),
+                            node: 0,
+                            hedged: false,
+                            moved: true,
+                        }
+                    } else if halves.is_empty() {
+                        self.ask(&fresh, shard, level, Arc::new(query), deadline).await
+                    } else {
+                        self.ask_halves(&fresh, halves, level, Arc::new(query), deadline).await
+                    });
                 }
             }
         }
@@ -361,6 +390,47 @@ impl Root {
             .collect()
     }
 
+    /// Asks the shards a split replaced one shard by, and answers for the
+    /// old one: their hits or records together, or the first failure.
+    async fn ask_halves(
+        self: &Arc<Self>,
+        view: &Arc<View>,
+        halves: Vec<ShardId>,
+        level: ReadLevel,
+        query: Arc<Query>,
+        deadline: Instant,
+    ) -> Outcome {
+        let mut joined: Option<LeafAnswer> = None;
+        let mut last = None;
+        for half in halves {
+            let o = self.ask(view, half, level, query.clone(), deadline).await;
+            let a = match o.answer {
+                Ok(a) => a,
+                Err(_) => return o,
+            };
+            joined = Some(match joined {
+                None => a,
+                Some(mut j) => {
+                    match (&mut j.answer, a.answer) {
+                        (Answer::Search(x), Answer::Search(y)) => x.hits.extend(y.hits),
+                        (Answer::Records(x), Answer::Records(y)) => x.records.extend(y.records),
+                        _ => {}
+                    }
+                    j.took_us = j.took_us.max(a.took_us);
+                    j
+                }
+            });
+            last = Some((o.node, o.hedged));
+        }
+        let (node, hedged) = last.unwrap_or((0, false));
+        Outcome {
+            answer: joined.ok_or_else(|| (tonic::Code::Internal, "a split shard with no halves".to_string())),
+            node,
+            hedged,
+            moved: true,
+        }
+    }
+
     /// The shards of `regions` in the collection, from the view.
     fn shards_of(&self, name: &CollectionName, regions: &[RegionId]) -> Result<Vec<ShardId>, ApiError> {
         let view = self.ctx.view();
@@ -371,8 +441,8 @@ impl Root {
             .ok_or_else(|| ApiError::not_found(format!("collection {name} does not exist; create it first")))?;
         let mut out = Vec::new();
         for region in regions {
-            let count = c.spec.region(region).map_or(0, |r| r.shard_count);
-            out.extend((0..count).map(|number| ShardId {
+            let Ok(map) = c.spec.shard_map(region) else { continue };
+            out.extend(map.numbers().map(|number| ShardId {
                 collection: name.clone(),
                 region: region.clone(),
                 number,
@@ -482,14 +552,20 @@ impl Root {
         self: &Arc<Self>,
         collection: &CollectionName,
         region: &RegionId,
-        shard_count: u32,
+        map: &sovra_types::RegionShardMap,
         mut at: (u32, Option<PointId>),
         query: ScrollQuery,
         limit: usize,
         level: impl Fn(&ShardId) -> ReadLevel,
     ) -> Result<(Vec<PointRecord>, Option<(u32, Option<PointId>)>), ApiError> {
         let mut out: Vec<PointRecord> = Vec::new();
-        while at.0 < shard_count {
+        if map.range_of(at.0).is_none() {
+            return Err(ApiError::precondition(format!(
+                "the scroll's cursor names shard {} of region {region}, which a split has since replaced; start the scroll again with an empty cursor",
+                at.0
+            )));
+        }
+        loop {
             let shard = ShardId {
                 collection: collection.clone(),
                 region: region.clone(),
@@ -519,13 +595,14 @@ impl Root {
             if !r.done {
                 return Ok((out, Some((at.0, last.or(at.1)))));
             }
-            at = (at.0 + 1, None);
+            let Some(n) = map.next_after(at.0) else {
+                return Ok((out, None));
+            };
+            at = (n, None);
             if out.len() >= limit {
-                break;
+                return Ok((out, Some(at)));
             }
         }
-        let next = (at.0 < shard_count).then_some(at);
-        Ok((out, next))
     }
 }
 
@@ -536,6 +613,7 @@ pub fn shard_failed(shard: &ShardId, code: tonic::Code, why: &str) -> ApiError {
         tonic::Code::ResourceExhausted => ApiError::new(sovra_types::ErrorCode::ResourceExhausted, why.to_string()),
         tonic::Code::PermissionDenied => ApiError::denied(why.to_string()),
         tonic::Code::InvalidArgument => ApiError::invalid(why.to_string()),
+        tonic::Code::FailedPrecondition => ApiError::precondition(why.to_string()),
         _ => ApiError::unavailable(format!("shard {shard} did not answer ({why}); retry")),
     }
 }
@@ -551,6 +629,38 @@ pub fn merge(mut hits: Vec<(RegionId, LeafHit)>, k: usize) -> Vec<(RegionId, Lea
     hits.dedup_by(|b, a| a.0 == b.0 && a.1.id == b.1.id);
     hits.truncate(k);
     hits
+}
+
+/// What a leaf says of a shard a split retired.
+pub const SPLIT_MARK: &str = "was split (job";
+
+/// The shards of `fresh` that took over `shard` of `old` in a split: those
+/// whose hash range lies inside its old one (empty if it still exists).
+fn split_into(old: &View, fresh: &View, shard: &ShardId) -> Vec<ShardId> {
+    let map_of = |v: &View| {
+        v.state
+            .collections
+            .get(&shard.collection)
+            .and_then(|c| c.spec.shard_map(&shard.region).ok())
+    };
+    let (Some(before), Some(after)) = (map_of(old), map_of(fresh)) else {
+        return Vec::new();
+    };
+    if after.range_of(shard.number).is_some() {
+        return Vec::new();
+    }
+    let Some(was) = before.range_of(shard.number) else {
+        return Vec::new();
+    };
+    after
+        .shards()
+        .filter(|(_, r)| was.start <= r.start && r.end <= was.end)
+        .map(|(number, _)| ShardId {
+            collection: shard.collection.clone(),
+            region: shard.region.clone(),
+            number,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -306,6 +306,14 @@ impl Erasures {
         self.prune();
     }
 
+    /// An unfinished job on `shard`, if any.
+    pub fn unfinished_on(&self, c: &CollectionName, shard: &ShardKey) -> Option<&str> {
+        self.jobs
+            .values()
+            .find(|j| !j.finished() && &j.collection == c && j.region == shard.0 && j.shards.contains_key(&shard.1))
+            .map(|j| j.id.as_str())
+    }
+
     /// A replica joins `shard` (a move's target): every unfinished job on
     /// the shard waits for it to purge too, since it may catch up from a
     /// snapshot or log entries that still hold the erased points.

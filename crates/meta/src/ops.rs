@@ -25,6 +25,22 @@
 //! every replica derives the same children with the same ids, and a new
 //! leader resumes where the old one stopped.
 //!
+//! - A **split** of shard S halves its hash range between two new shards
+//!   (new numbers, never reused) on S's nodes: `StartSplit` records them in
+//!   the job only (not routed); every replica node opens them as founders of
+//!   new groups; S's leader copies S's points, suppression list and opt-out
+//!   registry into them (through their logs), fences S (`Freeze` in S's log:
+//!   S takes no more writes), copies what changed since, then `SplitDone`
+//!   replaces S by its halves in the shard map in one step (a new map
+//!   version; the collection's spec carries the region's new map) and S is
+//!   destroyed everywhere. Writes refused by the fence are sent again by
+//!   their node once it sees the new map. Cancelled before `SplitDone`, the
+//!   halves are destroyed and S's fence lifted: the map is as before.
+//!
+//! Erasures and splits: a split does not start while an erasure job is
+//! unfinished on its shard, and an erasure job started on a shard being
+//! split cancels the split (the erasure goes first; split again after).
+//!
 //! Erasures and moves: a move's target joins every unfinished erasure job on
 //! its shard (and a job started during a move includes it), so no purge is
 //! lost to a move: the receipt waits for the new replica to purge too.
@@ -96,11 +112,35 @@ pub struct RebalanceJob {
     pub skipped: Vec<(u32, String)>,
 }
 
+/// Shard `shard` of `collection` splits into `low` (the lower half of its
+/// hash range) and `high`, on `replicas` (the shard's nodes as it started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitJob {
+    pub collection: CollectionName,
+    pub shard: ShardKey,
+    pub low: u32,
+    pub high: u32,
+    pub replicas: Vec<u64>,
+}
+
+impl SplitJob {
+    /// The two new shards' keys.
+    pub fn halves(&self) -> [ShardKey; 2] {
+        [(self.shard.0.clone(), self.low), (self.shard.0.clone(), self.high)]
+    }
+
+    /// Whether it touches `shard` of `c` (the parent or a half).
+    pub fn touches(&self, c: &CollectionName, shard: &ShardKey) -> bool {
+        &self.collection == c && (&self.shard == shard || self.halves().contains(shard))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobKind {
     Move(MoveSpec),
     Drain(DrainJob),
     Rebalance(RebalanceJob),
+    Split(SplitJob),
 }
 
 impl JobKind {
@@ -109,6 +149,7 @@ impl JobKind {
             JobKind::Move(_) => "move",
             JobKind::Drain(_) => "drain",
             JobKind::Rebalance(_) => "rebalance",
+            JobKind::Split(_) => "split",
         }
     }
 }
@@ -149,6 +190,13 @@ impl Job {
             _ => None,
         }
     }
+
+    pub fn as_split(&self) -> Option<&SplitJob> {
+        match &self.kind {
+            JobKind::Split(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +206,10 @@ pub struct Ops {
     /// restarts and missed heartbeats.
     pub drained: BTreeSet<u64>,
     next_seq: u64,
+    /// The next shard number a split hands out, per collection and region:
+    /// numbers are never reused (a cancelled split's halves may linger on a
+    /// node that has not seen the cancel yet).
+    pub next_shard: BTreeMap<(CollectionName, RegionId), u32>,
 }
 
 impl Ops {
@@ -166,6 +218,18 @@ impl Ops {
         self.running()
             .filter_map(|j| j.as_move().map(|m| (j, m)))
             .find(|(_, m)| &m.collection == c && &m.shard == shard)
+    }
+
+    /// The running split touching `shard` of `c` (as its parent or a half).
+    pub fn split_on(&self, c: &CollectionName, shard: &ShardKey) -> Option<(&Job, &SplitJob)> {
+        self.running()
+            .filter_map(|j| j.as_split().map(|s| (j, s)))
+            .find(|(_, s)| s.touches(c, shard))
+    }
+
+    /// Running splits.
+    pub fn splits(&self) -> impl Iterator<Item = (&Job, &SplitJob)> {
+        self.running().filter_map(|j| j.as_split().map(|s| (j, s)))
     }
 
     pub fn running(&self) -> impl Iterator<Item = &Job> {
@@ -296,7 +360,7 @@ impl MetaState {
         let parents: Vec<String> = self
             .ops
             .running()
-            .filter(|j| !matches!(j.kind, JobKind::Move(_)))
+            .filter(|j| matches!(j.kind, JobKind::Drain(_) | JobKind::Rebalance(_)))
             .map(|j| j.id.clone())
             .collect();
         for id in parents {
@@ -412,7 +476,7 @@ impl MetaState {
                     self.set_progress(id, text, at_ms);
                 }
             }
-            JobKind::Move(_) => {}
+            JobKind::Move(_) | JobKind::Split(_) => {}
         }
     }
 }

@@ -214,6 +214,21 @@ pub enum MetaCommand {
     Undrain {
         node: u64,
     },
+    /// Starts splitting shard `shard` of `collection` into two new shards on
+    /// its nodes (refused while another job or an unfinished erasure job is
+    /// on the shard).
+    StartSplit {
+        job: String,
+        collection: CollectionName,
+        shard: ShardKey,
+        at_ms: u64,
+    },
+    /// The split's halves hold the fenced parent's final state: the shard map
+    /// replaces the parent by them (a new map version).
+    SplitDone {
+        job: String,
+        at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,9 +401,13 @@ impl MetaState {
                 at_ms,
             } => {
                 let mut job_shards = BTreeMap::new();
+                let mut splits = Vec::new();
                 for n in shards {
                     let key = (region.clone(), n);
                     let s = self.shard_record(&collection, &key)?;
+                    if let Some((j, _)) = self.ops.split_on(&collection, &key) {
+                        splits.push(j.id.clone());
+                    }
                     let mut replicas: BTreeMap<u64, crate::erasure::ReplicaPurge> =
                         s.replicas.iter().map(|&r| (r, crate::erasure::ReplicaPurge::Pending)).collect();
                     // A move's target may already hold (or be about to
@@ -405,6 +424,7 @@ impl MetaState {
                         },
                     );
                 }
+                let erasure = job.clone();
                 self.erasures.start(crate::erasure::ErasureJob {
                     id: job,
                     kind,
@@ -417,6 +437,13 @@ impl MetaState {
                     shards: job_shards,
                     seq: 0,
                 })?;
+                // The erasure goes first: a split of its shard would copy
+                // the points it erases into new groups.
+                for id in splits {
+                    self.end_op(&id, None, at_ms);
+                    let text = format!("cancelled: erasure job {erasure} started on the shard; split again once it is done");
+                    self.set_progress_of(&id, text, at_ms);
+                }
                 Ok(Applied::Done)
             }
             MetaCommand::ErasureCommitted {
@@ -552,6 +579,13 @@ impl MetaState {
                 self.end_op(&job, failed, at_ms);
                 Ok(Applied::Done)
             }
+            MetaCommand::StartSplit {
+                job,
+                collection,
+                shard,
+                at_ms,
+            } => self.start_split(job, collection, shard, at_ms),
+            MetaCommand::SplitDone { job, at_ms } => self.split_done(&job, at_ms),
             MetaCommand::AuditFormed { region } => {
                 let g = self.audit.get_mut(&region).ok_or_else(|| Refused::BadReplicas {
                     shard: format!("audit/{region}"),
@@ -596,6 +630,12 @@ impl MetaState {
         }
         if let Some((j, _)) = self.ops.running_on(&m.collection, &m.shard) {
             return Err(Refused::Op(format!("job {} is already moving a replica of shard {name}", j.id)));
+        }
+        if let Some((j, _)) = self.ops.split_on(&m.collection, &m.shard) {
+            return Err(Refused::Op(format!(
+                "job {} is splitting shard {name}; move it once that is done",
+                j.id
+            )));
         }
         self.ops.fresh(&job)?;
         self.erasures.replica_added(&m.collection, &m.shard, m.to);
@@ -687,13 +727,150 @@ impl MetaState {
                     n.status = NodeStatus::Up;
                 }
             }
-            crate::ops::JobKind::Rebalance(_) => {}
+            // The halves were only in the job: nodes destroy them once they
+            // see it ended, and the parent's leader lifts its fence.
+            crate::ops::JobKind::Rebalance(_) | crate::ops::JobKind::Split(_) => {}
         }
         let state = match failed {
             Some(why) => crate::ops::OpState::Failed(why),
             None => crate::ops::OpState::Cancelled,
         };
         self.ops.finish(id, state, None, at_ms);
+    }
+
+    fn set_progress_of(&mut self, id: &str, text: String, at_ms: u64) {
+        if let Some(j) = self.ops.jobs.get_mut(id) {
+            j.progress = text;
+            j.updated_ms = at_ms;
+        }
+    }
+
+    /// The spec `c` has once split `s` is done: its region's map with the
+    /// parent's range halved between the halves.
+    pub fn spec_after_split(spec: &CollectionSpec, s: &crate::ops::SplitJob) -> Result<CollectionSpec, Refused> {
+        let mut spec = spec.clone();
+        let name = shard_name(&s.collection, &s.shard);
+        let map = spec.shard_map(&s.shard.0).map_err(|e| Refused::Op(e.message))?;
+        let after = map.split(s.shard.1, s.low, s.high).ok_or_else(|| Refused::UnknownShard {
+            collection: s.collection.clone(),
+            shard: name,
+        })?;
+        let r = spec
+            .regions
+            .iter_mut()
+            .find(|r| r.region == s.shard.0)
+            .expect("shard_map found the region");
+        r.shard_count = after.len() as u32;
+        r.split_map = Some(after);
+        Ok(spec)
+    }
+
+    fn start_split(&mut self, job: String, collection: CollectionName, shard: ShardKey, at_ms: u64) -> Result<Applied, Refused> {
+        let rec = self.shard_record(&collection, &shard)?.clone();
+        let name = shard_name(&collection, &shard);
+        if let Some((j, _)) = self.ops.running_on(&collection, &shard) {
+            return Err(Refused::Op(format!(
+                "job {} is moving a replica of shard {name}; split it once that is done",
+                j.id
+            )));
+        }
+        if let Some((j, _)) = self.ops.split_on(&collection, &shard) {
+            return Err(Refused::Op(format!("job {} is splitting shard {name} already", j.id)));
+        }
+        if let Some(e) = self.erasures.unfinished_on(&collection, &shard) {
+            return Err(Refused::Op(format!(
+                "erasure job {e} is not finished on shard {name} (its replicas have not all purged); split it once that is done"
+            )));
+        }
+        let spec = &self.collections[&collection].spec;
+        let count = spec.region(&shard.0).map_or(0, |r| r.shard_count);
+        if count >= sovra_types::limits::MAX_SHARDS_PER_REGION {
+            return Err(Refused::Op(format!(
+                "region {} of collection {collection} has {count} shards, the most a region may have",
+                shard.0
+            )));
+        }
+        if rec.range.split().is_none() {
+            return Err(Refused::Op(format!("shard {name} owns a single hash: it cannot be split")));
+        }
+        self.ops.fresh(&job)?;
+        // R1 for the halves' replicas, as for any shard's.
+        let replicas = self.check_replicas(&collection, &shard, rec.replicas.clone(), None)?;
+        let used = self.collections[&collection]
+            .shards
+            .keys()
+            .filter(|(r, _)| *r == shard.0)
+            .map(|(_, n)| n + 1)
+            .max()
+            .unwrap_or(0);
+        let key = (collection.clone(), shard.0.clone());
+        let low = self.ops.next_shard.get(&key).copied().unwrap_or(0).max(used);
+        let split = crate::ops::SplitJob {
+            collection,
+            shard,
+            low,
+            high: low + 1,
+            replicas,
+        };
+        // Refused here, not at the end, if the map cannot take it.
+        Self::spec_after_split(spec, &split)?;
+        self.ops.next_shard.insert(key, low + 2);
+        let progress = format!("opening shards {} and {} on nodes {:?}", split.low, split.high, split.replicas);
+        self.ops.insert(crate::ops::Job::started(
+            job,
+            crate::ops::JobKind::Split(split),
+            None,
+            progress,
+            at_ms,
+        ));
+        Ok(Applied::Done)
+    }
+
+    fn split_done(&mut self, job: &str, at_ms: u64) -> Result<Applied, Refused> {
+        let rec = self
+            .ops
+            .jobs
+            .get(job)
+            .cloned()
+            .ok_or_else(|| Refused::Op(format!("no job {job}")))?;
+        if rec.state == crate::ops::OpState::Done {
+            return Ok(Applied::Done);
+        }
+        if rec.state != crate::ops::OpState::Running {
+            return Err(Refused::Op(format!("job {job} is {}", rec.state.as_str())));
+        }
+        let s = rec
+            .as_split()
+            .cloned()
+            .ok_or_else(|| Refused::Op(format!("job {job} is a {}, not a split", rec.kind.name())))?;
+        let parent = self.shard_record(&s.collection, &s.shard)?.clone();
+        let spec = Self::spec_after_split(&self.collections[&s.collection].spec, &s)?;
+        let map = spec.shard_map(&s.shard.0).map_err(|e| Refused::Op(e.message))?;
+        let c = self.collections.get_mut(&s.collection).expect("checked above");
+        c.shards.remove(&s.shard);
+        for key in s.halves() {
+            let range = map.range_of(key.1).expect("the split map has both halves");
+            c.shards.insert(
+                key,
+                ShardRecord {
+                    range,
+                    replicas: s.replicas.clone(),
+                    founders: s.replicas.clone(),
+                },
+            );
+        }
+        c.spec = spec;
+        // Nothing waits on the parent's replicas any more.
+        self.erasures.replicas_set(&s.collection, &s.shard, &[]);
+        let text = format!(
+            "shard {} replaced by shards {} and {} ({} replicas each)",
+            s.shard.1,
+            s.low,
+            s.high,
+            parent.replicas.len()
+        );
+        self.ops.finish(job, crate::ops::OpState::Done, Some(text), at_ms);
+        Ok(self.bump())
     }
 
     /// Nodes not yet marked down whose last heartbeat is more than

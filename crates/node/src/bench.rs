@@ -89,6 +89,7 @@ pub fn index(args: IndexBenchArgs) -> anyhow::Result<()> {
         regions: vec![RegionShards {
             region: RegionId::parse("bench")?,
             shard_count: 1,
+            split_map: None,
         }],
         replication_factor: 1,
         default_retention_seconds: 0,

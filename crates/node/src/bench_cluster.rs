@@ -304,6 +304,7 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
         regions: vec![RegionShards {
             region: RegionId::parse("uk")?,
             shard_count: 1,
+            split_map: None,
         }],
         replication_factor: 1,
         default_retention_seconds: 0,

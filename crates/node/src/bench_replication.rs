@@ -73,6 +73,7 @@ fn spec(args: &ReplicationBenchArgs, rf: u32) -> CollectionSpec {
         regions: vec![RegionShards {
             region: RegionId::parse("eu-west").expect("literal"),
             shard_count: 1,
+            split_map: None,
         }],
         replication_factor: rf,
         default_retention_seconds: 0,

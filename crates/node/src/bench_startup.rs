@@ -44,6 +44,7 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<()> {
         regions: vec![RegionShards {
             region: region.clone(),
             shard_count: 1,
+            split_map: None,
         }],
         replication_factor: 1,
         default_retention_seconds: 0,

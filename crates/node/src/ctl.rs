@@ -6,6 +6,17 @@
 
 use std::path::PathBuf;
 
+/// One shard: `--collection C --region R --shard N`.
+#[derive(clap::Args, Debug)]
+pub struct ShardArg {
+    #[arg(long)]
+    pub collection: String,
+    #[arg(long)]
+    pub region: String,
+    #[arg(long)]
+    pub shard: u32,
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum CtlCommand {
     /// The audit log.
@@ -30,12 +41,8 @@ pub enum CtlCommand {
     Move {
         #[command(flatten)]
         conn: Conn,
-        #[arg(long)]
-        collection: String,
-        #[arg(long)]
-        region: String,
-        #[arg(long)]
-        shard: u32,
+        #[command(flatten)]
+        shard: ShardArg,
         #[arg(long)]
         from: u64,
         #[arg(long)]
@@ -91,6 +98,17 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         concurrency: u32,
         #[arg(long, conflicts_with = "dry_run")]
+        wait: bool,
+    },
+    /// Splits a shard: its hash range halved between two new shards on the
+    /// same nodes, routing switched once they hold everything; its writers
+    /// wait a moment, none is lost. --wait follows it until it ends.
+    Split {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        shard: ShardArg,
+        #[arg(long)]
         wait: bool,
     },
     /// API keys: create, list, revoke.
@@ -393,9 +411,7 @@ pub fn run(cmd: CtlCommand) -> anyhow::Result<()> {
         CtlCommand::Shards { conn, collection } => block_on(collections(&conn, true, collection.as_deref())),
         CtlCommand::Move {
             conn,
-            collection,
-            region,
-            shard,
+            shard: ShardArg { collection, region, shard },
             from,
             to,
             wait,
@@ -425,6 +441,15 @@ pub fn run(cmd: CtlCommand) -> anyhow::Result<()> {
             concurrency,
             wait,
         } => block_on(crate::ctl_ops::rebalance(&conn, &region, concurrency, dry_run, wait)),
+        CtlCommand::Split {
+            conn,
+            shard: ShardArg { collection, region, shard },
+            wait,
+        } => block_on(crate::ctl_ops::split(
+            &conn,
+            sovra_proto::v1::SplitShardRequest { collection, region, shard },
+            wait,
+        )),
         CtlCommand::Keys { what } => block_on(crate::ctl_ops::keys(what)),
     }
 }

@@ -17,6 +17,10 @@ fn target(j: &v1::OpJob) -> String {
     match j.kind.as_str() {
         "drain" => format!("node {}", j.node),
         "rebalance" => format!("region {}", j.region),
+        "split" => match j.new_shards[..] {
+            [a, b] => format!("{}/{}/{} -> {a}, {b}", j.collection, j.region, j.shard),
+            _ => format!("{}/{}/{}", j.collection, j.region, j.shard),
+        },
         _ => format!("{}/{}/{}", j.collection, j.region, j.shard),
     }
 }
@@ -192,6 +196,12 @@ pub async fn move_replica(c: &Conn, req: v1::MoveReplicaRequest, wait: bool) -> 
         .await
         .map_err(status("MoveReplica"))?
         .into_inner();
+    follow(c, job, wait).await
+}
+
+/// `sovra ctl split`: starts the job; with `wait`, follows it until it ends.
+pub async fn split(c: &Conn, req: v1::SplitShardRequest, wait: bool) -> anyhow::Result<String> {
+    let job = c.admin().await?.split_shard(req).await.map_err(status("SplitShard"))?.into_inner();
     follow(c, job, wait).await
 }
 

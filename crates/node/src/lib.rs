@@ -25,6 +25,7 @@ pub mod ops;
 pub mod receipt;
 pub mod run;
 mod service;
+pub mod split;
 pub mod state;
 
 pub use config::NodeConfig;

@@ -24,6 +24,7 @@ pub async fn ops_loop(state: Arc<NodeState>, mut stop: tokio::sync::watch::Recei
         }
         if state.is_ready() {
             pass(&state).await;
+            crate::split::pass(&state).await;
         }
     }
 }

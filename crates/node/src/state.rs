@@ -117,6 +117,8 @@ pub struct NodeState {
     /// group: ms since `started` (+1; 0 = never). The key lease runs from it.
     started: std::time::Instant,
     meta_confirmed: std::sync::atomic::AtomicU64,
+    /// Split jobs this node is driving now ([`crate::split`]).
+    pub split_drivers: parking_lot::Mutex<BTreeSet<String>>,
     /// Last refresh for an unknown key id (ms since `started`), to bound them.
     unknown_key_refresh: std::sync::atomic::AtomicU64,
     /// Signs erasure receipts (the cluster's key).
@@ -242,6 +244,7 @@ impl NodeState {
             root: std::sync::OnceLock::new(),
             started: std::time::Instant::now(),
             meta_confirmed: std::sync::atomic::AtomicU64::new(0),
+            split_drivers: Default::default(),
             unknown_key_refresh: std::sync::atomic::AtomicU64::new(0),
             receipt_key,
             audit_key,
@@ -467,6 +470,28 @@ impl NodeState {
                 wanted.insert(id, (spec.clone(), init));
             }
         }
+        // A running split's halves: new groups its nodes found together,
+        // validating writes by the map they will route by.
+        for (_, split) in view.state.ops.splits() {
+            if !split.replicas.contains(&me) {
+                continue;
+            }
+            let Some(c) = view.state.collections.get(&split.collection) else {
+                continue;
+            };
+            let Ok(after) = MetaState::spec_after_split(&c.spec, split) else {
+                continue;
+            };
+            let after = Arc::new(after);
+            for (region, number) in split.halves() {
+                let id = ShardId {
+                    collection: split.collection.clone(),
+                    region,
+                    number,
+                };
+                wanted.insert(id, (after.clone(), Some(split.replicas.iter().copied().collect())));
+            }
+        }
         let open: Vec<ShardId> = self.engines.read().keys().cloned().collect();
         for id in open.iter().filter(|id| !wanted.contains_key(*id)) {
             tracing::info!(shard = %id, "replica no longer assigned to this node; destroying it");
@@ -567,7 +592,7 @@ impl NodeState {
                 .spec
                 .regions
                 .iter()
-                .map(|r| (r.region.clone(), RegionShardMap::even(r.shard_count)))
+                .filter_map(|r| Some((r.region.clone(), c.spec.shard_map(&r.region).ok()?)))
                 .collect();
             let mut coll = Collection {
                 spec,

@@ -150,6 +150,7 @@ pub fn spec_from(s: v1::CollectionSpec) -> Result<t::CollectionSpec, ApiError> {
         regions.push(t::RegionShards {
             region: t::RegionId::parse(&r.region).map_err(|e| e.at(&format!("collection.regions[{i}].region")))?,
             shard_count: or_default(r.shard_count, 1),
+            split_map: None,
         });
     }
     let spec = t::CollectionSpec {

@@ -112,6 +112,19 @@ pub fn ack_of(id: &ShardId, index: u64, r: &ShardResponse) -> Result<WriteAck, A
     }
 }
 
+/// Refuses, before it is proposed, a write to a shard a split has fenced (the
+/// shard would refuse it on apply anyway).
+fn fence_check(g: &Group, cmd: &ShardCommand) -> Result<(), ApiError> {
+    if matches!(
+        cmd,
+        ShardCommand::Upsert(_) | ShardCommand::Delete(_) | ShardCommand::RemoveOptOut { .. }
+    ) && let Some(job) = g.engine().split_fence()
+    {
+        return Err(ApiError::unavailable(sovra_shard::engine::split_refusal(&g.id, &job)));
+    }
+    Ok(())
+}
+
 /// This node's replica of one group of kind `C`.
 pub struct Replica<C: GroupConfig> {
     pub id: C::Id,
@@ -291,6 +304,8 @@ impl RaftHost {
             }
             match self.forward::<TypeConfig>(*to, id, &cmd, deadline - now).await {
                 Ok(answer) => return answer.and_then(|(index, r)| ack_of(id, index, &r)),
+                // The writer waits for the split's new shard map instead.
+                Err(s) if s.message().contains(sovra_types::SPLIT_REFUSAL) => return Err(ApiError::unavailable(s.message())),
                 Err(s) => {
                     why.push(format!("node {to}: {}", s.message()));
                     tokio::time::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -656,6 +671,7 @@ impl RaftHost {
         // The edge of the log: nothing is proposed or forwarded that the shard
         // would have to refuse.
         check_command(g.engine().spec(), id, &cmd)?;
+        fence_check(&g, &cmd)?;
         self.write_checked(&g, cmd).await
     }
 
@@ -775,6 +791,7 @@ impl RaftHost {
             .group(id)
             .ok_or_else(|| tonic::Status::not_found(format!("no replica of {id} here")))?;
         check_command(g.engine().spec(), id, &cmd).map_err(|e| tonic::Status::invalid_argument(e.message))?;
+        fence_check(&g, &cmd).map_err(|e| tonic::Status::unavailable(e.message))?;
         self.propose_in(&g, cmd).await
     }
 

@@ -2,7 +2,7 @@
 //! than memory is never held whole:
 //!
 //! ```text
-//! magic "SOVRASNP" | version u32 BE (3) | header length u32 BE | postcard SnapshotHeader
+//! magic "SOVRASNP" | version u32 BE (5) | header length u32 BE | postcard SnapshotHeader
 //! { record length u32 BE | postcard PointRecord }*
 //! end mark 0xFFFFFFFF | record count u64 BE | xxh3-64 of every byte before it, u64 BE
 //! ```
@@ -12,8 +12,8 @@
 //! rejections and its suppression list (erased subjects as keyed hashes, and
 //! the key: a snapshot never leaves the shard's region). A receiver checks the
 //! whole file (digest, shard, region, every record against its own collection
-//! spec) before it touches its state. Versions 1 (no rejections) and 2 (no
-//! suppression list) are refused with a clear error.
+//! spec) before it touches its state. Versions 1 (no rejections), 2 (no
+//! suppression list), 3 and 4 (no split fence) are refused with a clear error.
 
 use crate::types::{LogId, SnapshotMeta, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 pub const MAGIC: &[u8; 8] = b"SOVRASNP";
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 const END: u32 = u32::MAX;
 /// A record longer than this is corruption, not data (batches are at most 8 MiB).
 const MAX_RECORD: u32 = 64 << 20;

@@ -25,6 +25,7 @@ fn spec(region: &str) -> CollectionSpec {
         regions: vec![RegionShards {
             region: RegionId::parse(region).unwrap(),
             shard_count: 1,
+            split_map: None,
         }],
         replication_factor: 3,
         default_retention_seconds: 0,

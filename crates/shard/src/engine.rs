@@ -21,7 +21,9 @@ use sovra_index::{IndexOptions, Space};
 pub const INDEX_FILE: &str = "index.sovra";
 use crate::store::{Suppression, subject_tag};
 use sovra_types::validate::{check_command, check_record};
-use sovra_types::{CollectionSpec, Erase, EraseTarget, Filter, LawfulBasis, Metric, OptOut, PointId, PointRecord, ShardCommand, ShardId};
+use sovra_types::{
+    CollectionSpec, Erase, EraseTarget, Filter, LawfulBasis, Metric, OptOut, PointId, PointRecord, SPLIT_REFUSAL, ShardCommand, ShardId,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -222,6 +224,16 @@ impl ShardEngine {
         self.store.rejections()
     }
 
+    /// The split job whose fence this replica applied, if any: it takes no writes.
+    pub fn split_fence(&self) -> Option<String> {
+        self.store.frozen().ok().flatten()
+    }
+
+    /// Whether a split retired this replica's shard: it answers no reads.
+    pub fn retired(&self) -> bool {
+        self.store.retired().unwrap_or(false)
+    }
+
     pub fn last_applied(&self) -> u64 {
         self.last_applied.load(Ordering::Acquire)
     }
@@ -279,6 +291,26 @@ impl ShardEngine {
             tracing::error!(shard = %self.id, index, reason = %refused.message, "log entry refused on apply");
             return self.refuse(batch, index, meta, refused.message);
         }
+        if let Some(ShardCommand::Upsert(_) | ShardCommand::Delete(_) | ShardCommand::RemoveOptOut { .. }) = cmd
+            && let Some(job) = self.store.frozen()?
+        {
+            // Expected while a split copies this shard's final state.
+            return self.refuse(batch, index, meta, split_refusal(&self.id, &job));
+        }
+        if let Some(ShardCommand::Copy(c)) = cmd
+            && !c.fenced
+            && self.store.sealed()?.is_some()
+        {
+            return self.refuse(
+                batch,
+                index,
+                meta,
+                format!(
+                    "split job {}: a copy read before the parent's fence arrived after the final copy began; the final copy covers it",
+                    c.job
+                ),
+            );
+        }
         if let Some(ShardCommand::Upsert(points)) = cmd
             && let Some(refused) = self.suppressed_write(points)?
         {
@@ -326,6 +358,47 @@ impl ShardEngine {
                 batch.remove_opt_out(template);
                 usize::from(had)
             }
+            Some(ShardCommand::Freeze { job }) => {
+                batch.freeze(job);
+                0
+            }
+            Some(ShardCommand::Retire { job }) => {
+                if self.store.frozen()?.as_ref() == Some(job) {
+                    batch.retire();
+                }
+                0
+            }
+            Some(ShardCommand::Unfreeze { job }) => {
+                if self.store.frozen()?.as_ref() == Some(job) {
+                    batch.unfreeze();
+                }
+                0
+            }
+            Some(ShardCommand::Copy(c)) => {
+                if c.fenced {
+                    batch.seal(&c.job);
+                }
+                for p in &c.points {
+                    batch.upsert(p)?;
+                }
+                let mut n = c.points.len();
+                for id in &c.delete {
+                    n += batch.delete(id)? as usize;
+                }
+                if let Some(key) = &c.suppress_key {
+                    batch.set_suppress_key(key);
+                }
+                for (tag, at) in &c.suppressed {
+                    batch.suppress(tag, *at);
+                }
+                for (t, o) in &c.opt_outs {
+                    batch.opt_out(t, o)?;
+                }
+                for t in &c.remove_opt_outs {
+                    batch.remove_opt_out(t);
+                }
+                n
+            }
             None => 0,
         };
         batch.commit_with(index, meta)?;
@@ -336,7 +409,7 @@ impl ShardEngine {
                     target: EraseTarget::Likeness { .. },
                     ..
                 }))
-        );
+        ) || matches!(cmd, Some(ShardCommand::Copy(c)) if !c.opt_outs.is_empty() || !c.remove_opt_outs.is_empty());
         if registry_changed {
             *self.opt_outs.write() = Arc::new(self.store.opt_outs()?);
         }
@@ -347,7 +420,17 @@ impl ShardEngine {
             Some(ShardCommand::Upsert(points)) => live.upsert(points),
             Some(ShardCommand::Delete(ids)) => live.delete(ids),
             Some(ShardCommand::Erase(_)) => live.delete(&erased),
-            Some(ShardCommand::RemoveOptOut { .. }) | None => {}
+            Some(ShardCommand::Copy(c)) => {
+                live.upsert(&c.points);
+                live.delete(&c.delete);
+            }
+            Some(
+                ShardCommand::RemoveOptOut { .. }
+                | ShardCommand::Freeze { .. }
+                | ShardCommand::Unfreeze { .. }
+                | ShardCommand::Retire { .. },
+            )
+            | None => {}
         }
         self.last_applied.store(index, Ordering::Release);
         Ok(EntryOutcome { changed, rejected: None })
@@ -744,4 +827,11 @@ fn new_live(spec: &CollectionSpec, expected: usize, index: &IndexOptions) -> Liv
     let m = spec.hnsw.m as usize;
     let efc = spec.hnsw.ef_construction as usize;
     LiveIndex::new(index.build(spec.dimension as usize, space_of(spec.metric), m, efc, expected))
+}
+
+/// Why a write to a shard being split is refused (contains [`SPLIT_REFUSAL`]).
+pub fn split_refusal(shard: &ShardId, job: &str) -> String {
+    format!(
+        "shard {shard} {SPLIT_REFUSAL} (job {job}): nothing was written; send it again, it goes to the shard's halves once the split is done"
+    )
 }

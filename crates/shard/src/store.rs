@@ -9,6 +9,9 @@
 //! | `m` + `replica` | opaque bytes of the replication layer (Raft's applied log id and membership) |
 //! | `m` + `installing` | present only while a snapshot replaces the shard's contents |
 //! | `m` + `rejections` | postcard [`Rejections`]: entries refused on apply |
+//! | `m` + `frozen` | the split job whose fence the shard applied (it takes no writes) |
+//! | `m` + `retired` | present once the split's halves hold it all: it answers no reads |
+//! | `m` + `sealed` | a split half: the job whose final copy began (earlier copies are refused) |
 //! | `m` + `suppress_key` | 32 bytes: the key of the suppression list's hashes |
 //! | `m` + `purge_pending` | u64 BE: log index of the last erasure applied (this replica's own bookkeeping) |
 //! | `m` + `purge_done` | u64 BE: erasures through this index are purged (index, snapshots, log, database files) |
@@ -46,6 +49,9 @@ const LAST_APPLIED: &[u8] = b"mlast_applied";
 const REPLICA_META: &[u8] = b"mreplica";
 const INSTALLING: &[u8] = b"minstalling";
 const REJECTIONS: &[u8] = b"mrejections";
+const FROZEN: &[u8] = b"mfrozen";
+const SEALED: &[u8] = b"msealed";
+const RETIRED: &[u8] = b"mretired";
 /// Rejections kept with their reason; older ones only count.
 pub const RECENT_REJECTIONS: usize = 16;
 
@@ -77,15 +83,7 @@ impl Rejections {
     }
 }
 
-/// A shard's suppression list as a snapshot carries it: the hash key and
-/// every entry (tag, erased at ms), in tag order.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Suppression {
-    pub key: Option<[u8; 32]>,
-    pub entries: Vec<([u8; 32], u64)>,
-    /// The opt-out registry: (template id, template), in id order.
-    pub opt_outs: Vec<(String, OptOut)>,
-}
+pub use sovra_types::Suppression;
 
 fn opt_out_key(template: &str) -> Vec<u8> {
     let mut k = vec![OPT_OUT];
@@ -218,6 +216,27 @@ impl<'a> PendingBatch<'a> {
         Ok(())
     }
 
+    /// A split's fence: the shard takes no more writes.
+    pub fn freeze(&mut self, job: &str) {
+        self.batch.insert(FROZEN, job.as_bytes());
+    }
+
+    /// Lifts the fence and the retirement.
+    pub fn unfreeze(&mut self) {
+        self.batch.remove(FROZEN);
+        self.batch.remove(RETIRED);
+    }
+
+    /// The split is complete: the shard answers no reads.
+    pub fn retire(&mut self) {
+        self.batch.insert(RETIRED, &[][..]);
+    }
+
+    /// A split half's final copy began.
+    pub fn seal(&mut self, job: &str) {
+        self.batch.insert(SEALED, job.as_bytes());
+    }
+
     /// Takes a likeness off the opt-out registry.
     pub fn remove_opt_out(&mut self, template: &str) {
         self.batch.remove(opt_out_key(template));
@@ -343,6 +362,15 @@ impl ShardStore {
         for (t, o) in &suppression.opt_outs {
             b.insert(opt_out_key(t), postcard::to_allocvec(o).map_err(ShardError::Encode)?);
         }
+        if let Some(job) = &suppression.frozen {
+            b.insert(FROZEN, job.as_bytes());
+        }
+        if let Some(job) = &suppression.sealed {
+            b.insert(SEALED, job.as_bytes());
+        }
+        if suppression.retired {
+            b.insert(RETIRED, &[][..]);
+        }
         b.insert(LAST_APPLIED, &index.to_be_bytes());
         b.insert(REPLICA_META, meta);
         // What the install replaced (points, log entries, maybe erased ones)
@@ -427,7 +455,25 @@ impl ShardStore {
             key: self.suppress_key()?,
             entries,
             opt_outs: self.opt_outs()?,
+            frozen: self.frozen()?,
+            sealed: self.sealed()?,
+            retired: self.retired()?,
         })
+    }
+
+    /// Whether a split retired this shard.
+    pub fn retired(&self) -> Result<bool, ShardError> {
+        Ok(self.tree.contains_key(RETIRED)?)
+    }
+
+    /// The split job whose final copy began on this half, if any.
+    pub fn sealed(&self) -> Result<Option<String>, ShardError> {
+        Ok(self.tree.get(SEALED)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// The split job whose fence this shard applied, if any.
+    pub fn frozen(&self) -> Result<Option<String>, ShardError> {
+        Ok(self.tree.get(FROZEN)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// The opt-out registry, in template id order.
@@ -520,6 +566,17 @@ impl ShardStore {
         for (tag, at) in &suppression.entries {
             h.update(tag);
             h.update(&at.to_be_bytes());
+        }
+        if let Some(job) = &suppression.frozen {
+            h.update(b"frozen");
+            h.update(job.as_bytes());
+        }
+        if let Some(job) = &suppression.sealed {
+            h.update(b"sealed");
+            h.update(job.as_bytes());
+        }
+        if suppression.retired {
+            h.update(b"retired");
         }
         for kv in self.tree.scan_prefix([OPT_OUT]) {
             let (k, v) = kv?;

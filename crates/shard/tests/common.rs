@@ -20,6 +20,7 @@ pub fn spec(name: &str, dim: u32, metric: Metric) -> CollectionSpec {
         regions: vec![RegionShards {
             region: RegionId::parse("eu").unwrap(),
             shard_count: 1,
+            split_map: None,
         }],
         replication_factor: 1,
         default_retention_seconds: 0,

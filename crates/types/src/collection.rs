@@ -36,7 +36,12 @@ impl Default for HnswParams {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionShards {
     pub region: RegionId,
+    /// How many shards the region has (after splits too).
     pub shard_count: u32,
+    /// After the region's first shard split, its shards by hash range; `None`
+    /// means `shard_count` shards splitting the hash space evenly.
+    #[serde(default)]
+    pub split_map: Option<RegionShardMap>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +106,15 @@ impl CollectionSpec {
                     r.shard_count
                 )));
             }
+            if let Some(m) = &r.split_map
+                && m.len() != r.shard_count as usize
+            {
+                return Err(ApiError::invalid(format!(
+                    "collection.regions[{i}]: its shard map has {} shards, not shard_count {}",
+                    m.len(),
+                    r.shard_count
+                )));
+            }
             if self.regions[..i].iter().any(|o| o.region == r.region) {
                 return Err(ApiError::invalid(format!(
                     "collection.regions[{i}]: region {} is listed twice",
@@ -124,7 +138,7 @@ impl CollectionSpec {
     /// The shard map of one region, or INVALID_ARGUMENT naming the regions it spans.
     pub fn shard_map(&self, region: &RegionId) -> Result<RegionShardMap, ApiError> {
         match self.region(region) {
-            Some(r) => Ok(RegionShardMap::even(r.shard_count)),
+            Some(r) => Ok(r.split_map.clone().unwrap_or_else(|| RegionShardMap::even(r.shard_count))),
             None => Err(self.region_not_spanned(region)),
         }
     }
@@ -152,6 +166,7 @@ mod tests {
             regions: vec![RegionShards {
                 region: RegionId::parse("eu").unwrap(),
                 shard_count: 2,
+                split_map: None,
             }],
             replication_factor: 1,
             default_retention_seconds: 0,

@@ -20,6 +20,66 @@ pub enum ShardCommand {
     /// Takes an opt-out template off the shard's registry (later writes
     /// within its threshold are taken again). Erases nothing.
     RemoveOptOut { template: String },
+    /// A shard split's fence: from here on the shard refuses upserts, deletes
+    /// and opt-out removals (refused at apply, reason containing
+    /// [`SPLIT_REFUSAL`]), so the state the split copies to the shard's halves
+    /// is final. Erasures still apply (an erasure cancels a split in meta
+    /// before it reaches a shard). Node-internal: never built from a request.
+    Freeze { job: String },
+    /// Lifts the fence of split `job`, and its retirement (the split was
+    /// cancelled).
+    Unfreeze { job: String },
+    /// The split's halves hold the fenced shard's final state: from here on
+    /// the shard answers no reads either (a reader with an older shard map is
+    /// told to refresh it and reads the halves). Applied before the shard map
+    /// switches, so no reader sees this shard once a half took a write.
+    Retire { job: String },
+    /// Part of a split parent's state copied into one of its halves: points
+    /// set, ids removed, suppression entries and opt-out templates adopted.
+    /// Applied without the suppression and opt-out checks: it copies state the
+    /// parent already accepted. Node-internal: never built from a request.
+    Copy(Box<CopyBatch>),
+}
+
+/// What a refused write's reason contains when its shard is being split:
+/// the writer waits for the split's new shard map and sends it again.
+pub const SPLIT_REFUSAL: &str = "is being split";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CopyBatch {
+    /// The split job copying.
+    pub job: String,
+    /// Read from the parent after its fence. The first such copy seals the
+    /// half: a copy read before the fence that arrives later (from a driver
+    /// that lost the parent's leadership meanwhile) is refused, so it cannot
+    /// overwrite the final state with an older one.
+    pub fenced: bool,
+    pub points: Vec<PointRecord>,
+    pub delete: Vec<PointId>,
+    /// The parent's suppression key (the first batch carries it).
+    pub suppress_key: Option<[u8; 32]>,
+    /// Suppression entries: (keyed hash of the subject, erased at ms).
+    pub suppressed: Vec<([u8; 32], u64)>,
+    pub opt_outs: Vec<(String, OptOut)>,
+    pub remove_opt_outs: Vec<String>,
+}
+
+/// A shard's replicated state beside its points, as snapshots carry it: the
+/// suppression list (the hash key and every entry (tag, erased at ms), in tag
+/// order), the opt-out registry (templates in id order), and a split's fence.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Suppression {
+    pub key: Option<[u8; 32]>,
+    pub entries: Vec<([u8; 32], u64)>,
+    /// The opt-out registry: (template id, template), in id order.
+    pub opt_outs: Vec<(String, OptOut)>,
+    /// The split job that froze the shard ([`ShardCommand::Freeze`]), if any.
+    pub frozen: Option<String>,
+    /// Whether that split retired it ([`ShardCommand::Retire`]).
+    pub retired: bool,
+    /// A split half: the job whose final copy (after the parent's fence)
+    /// began here; copies from before the fence are refused from then on.
+    pub sealed: Option<String>,
 }
 
 /// A registered opt-out: a likeness (a vector, prepared like a point's) and

@@ -17,7 +17,7 @@ pub mod routing;
 pub mod validate;
 
 pub use collection::{CollectionSpec, HnswParams, Metric, RegionShards};
-pub use command::{Erase, EraseTarget, OptOut, ShardCommand};
+pub use command::{CopyBatch, Erase, EraseTarget, OptOut, SPLIT_REFUSAL, ShardCommand, Suppression};
 pub use error::{ApiError, ErrorCode, quote};
 pub use filter::{Condition, Filter, Range};
 pub use ids::{CollectionName, PointId, RegionId, ShardId};

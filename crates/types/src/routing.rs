@@ -90,6 +90,37 @@ impl RegionShardMap {
         self.ranges.len()
     }
 
+    /// The hash range shard `number` owns, if the map has it.
+    pub fn range_of(&self, number: u32) -> Option<HashRange> {
+        self.shards().find(|(n, _)| *n == number).map(|(_, r)| r)
+    }
+
+    /// Shard numbers in hash order (the order scrolls walk them in).
+    pub fn numbers(&self) -> impl Iterator<Item = u32> + '_ {
+        self.numbers.iter().copied()
+    }
+
+    /// The shard after `number` in hash order.
+    pub fn next_after(&self, number: u32) -> Option<u32> {
+        let i = self.numbers.iter().position(|n| *n == number)?;
+        self.numbers.get(i + 1).copied()
+    }
+
+    /// The map with shard `number`'s range halved between new shards `low`
+    /// (the lower half) and `high`; `None` if the map has no such shard, it
+    /// owns a single hash, or `low` or `high` is taken.
+    pub fn split(&self, number: u32, low: u32, high: u32) -> Option<RegionShardMap> {
+        let i = self.numbers.iter().position(|n| *n == number)?;
+        if low == high || self.numbers.iter().any(|n| *n == low || *n == high) {
+            return None;
+        }
+        let (a, b) = self.ranges[i].split()?;
+        let mut out = self.clone();
+        out.ranges.splice(i..=i, [a, b]);
+        out.numbers.splice(i..=i, [low, high]);
+        Some(out)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
@@ -145,6 +176,28 @@ mod tests {
         let r = HashRange { start: 0, end: u64::MAX };
         let (a, b) = r.split().unwrap();
         assert_eq!((a.end, b.start), (u64::MAX / 2, u64::MAX / 2 + 1));
+    }
+
+    #[test]
+    fn a_split_moves_only_the_split_shards_points() {
+        let map = RegionShardMap::even(3);
+        let after = map.split(1, 3, 4).unwrap();
+        assert_eq!(after.numbers().collect::<Vec<_>>(), vec![0, 3, 4, 2]);
+        let r1 = map.range_of(1).unwrap();
+        for n in 0..5000u64 {
+            let h = point_hash(&PointId::Num(n));
+            let (was, now) = (map.shard_for_hash(h), after.shard_for_hash(h));
+            if was == 1 {
+                let (lo, _) = r1.split().unwrap();
+                assert_eq!(now, if lo.contains(h) { 3 } else { 4 });
+            } else {
+                assert_eq!(now, was);
+            }
+        }
+        assert!(after.split(0, 3, 5).is_none(), "3 is taken");
+        assert!(after.split(1, 5, 6).is_none(), "1 is gone");
+        assert_eq!(after.next_after(3), Some(4));
+        assert_eq!(after.next_after(2), None);
     }
 
     proptest! {

@@ -203,34 +203,68 @@ pub fn check_command(spec: &CollectionSpec, shard: &ShardId, cmd: &ShardCommand)
             )))
         }
     };
-    match cmd {
-        ShardCommand::Upsert(points) => {
-            check_batch_size(points)?;
-            for (i, p) in points.iter().enumerate() {
-                let at = format!("points[{i}]");
-                if p.region != shard.region {
-                    return Err(ApiError::precondition(format!(
-                        "{at}: a point of region {} may not be stored in shard {shard} (R2)",
-                        p.region
-                    )));
-                }
-                owned(&p.id, &at)?;
-                check_record(spec, p, &at)?;
-            }
-        }
-        ShardCommand::Delete(ids) => {
-            if ids.len() > MAX_IDS_PER_REQUEST {
-                return Err(ApiError::invalid(format!(
-                    "delete names {} ids: at most {MAX_IDS_PER_REQUEST}",
-                    ids.len()
+    let points_ok = |points: &[crate::point::PointRecord]| -> Result<(), ApiError> {
+        check_batch_size(points)?;
+        for (i, p) in points.iter().enumerate() {
+            let at = format!("points[{i}]");
+            if p.region != shard.region {
+                return Err(ApiError::precondition(format!(
+                    "{at}: a point of region {} may not be stored in shard {shard} (R2)",
+                    p.region
                 )));
             }
-            for (i, id) in ids.iter().enumerate() {
-                owned(id, &format!("ids[{i}]"))?;
-            }
+            owned(&p.id, &at)?;
+            check_record(spec, p, &at)?;
         }
+        Ok(())
+    };
+    let ids_ok = |ids: &[PointId]| -> Result<(), ApiError> {
+        if ids.len() > MAX_IDS_PER_REQUEST {
+            return Err(ApiError::invalid(format!(
+                "delete names {} ids: at most {MAX_IDS_PER_REQUEST}",
+                ids.len()
+            )));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            owned(id, &format!("ids[{i}]"))?;
+        }
+        Ok(())
+    };
+    match cmd {
+        ShardCommand::Upsert(points) => points_ok(points)?,
+        ShardCommand::Delete(ids) => ids_ok(ids)?,
         ShardCommand::Erase(e) => check_erase(spec, e, owned)?,
         ShardCommand::RemoveOptOut { template } => check_template_id(template)?,
+        ShardCommand::Freeze { job } | ShardCommand::Unfreeze { job } | ShardCommand::Retire { job } => check_job_id(job)?,
+        ShardCommand::Copy(c) => {
+            check_job_id(&c.job)?;
+            points_ok(&c.points)?;
+            ids_ok(&c.delete)?;
+            if c.suppressed.len() > MAX_IDS_PER_REQUEST || c.opt_outs.len() + c.remove_opt_outs.len() > MAX_IDS_PER_REQUEST {
+                return Err(ApiError::invalid(format!(
+                    "a split copy carries at most {MAX_IDS_PER_REQUEST} suppression entries and {MAX_IDS_PER_REQUEST} opt-out changes"
+                )));
+            }
+            for (t, o) in &c.opt_outs {
+                check_template_id(t)?;
+                if o.vector.len() != spec.dimension as usize || o.vector.iter().any(|x| !x.is_finite()) {
+                    return Err(ApiError::invalid(format!(
+                        "opt-out template {t} of a split copy is not a finite vector of dimension {}",
+                        spec.dimension
+                    )));
+                }
+            }
+            for t in &c.remove_opt_outs {
+                check_template_id(t)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_job_id(job: &str) -> Result<(), ApiError> {
+    if job.is_empty() || job.len() > MAX_JOB_ID_BYTES {
+        return Err(ApiError::invalid(format!("job id is {} bytes: 1..={MAX_JOB_ID_BYTES}", job.len())));
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ fn spec(regions: &[(usize, u32)], rf: u32) -> CollectionSpec {
             .map(|&(r, shard_count)| RegionShards {
                 region: region(r),
                 shard_count,
+                split_map: None,
             })
             .collect(),
         replication_factor: rf,

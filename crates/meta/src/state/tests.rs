@@ -33,10 +33,12 @@ fn spec(rf: u32) -> CollectionSpec {
             RegionShards {
                 region: eu(),
                 shard_count: 2,
+                split_map: None,
             },
             RegionShards {
                 region: us(),
                 shard_count: 1,
+                split_map: None,
             },
         ],
         replication_factor: rf,
@@ -721,5 +723,128 @@ mod ops_jobs {
             assert_eq!(s.erasures.jobs[e].shards[&0].replicas.get(&3), Some(&ReplicaPurge::Removed), "{e}");
             assert_eq!(s.erasures.jobs[e].shards[&0].replicas.get(&1), Some(&ReplicaPurge::Pending), "{e}");
         }
+    }
+}
+
+mod split {
+    use super::*;
+    use crate::erasure::EraseKind;
+    use crate::ops::OpState;
+
+    fn faces() -> CollectionName {
+        CollectionName::parse("faces").unwrap()
+    }
+
+    fn with_collection() -> MetaState {
+        let mut s = cluster();
+        let replicas = place_collection(&spec(2), &candidates(&s)).unwrap();
+        s.apply(MetaCommand::CreateCollection { spec: spec(2), replicas }).unwrap();
+        s
+    }
+
+    fn start(s: &mut MetaState, job: &str, shard: u32) -> Result<Applied, Refused> {
+        s.apply(MetaCommand::StartSplit {
+            job: job.into(),
+            collection: faces(),
+            shard: (eu(), shard),
+            at_ms: 1,
+        })
+    }
+
+    #[test]
+    fn a_split_switches_the_map_to_two_new_shards_in_one_version_and_numbers_are_never_reused() {
+        let mut s = with_collection();
+        let before = s.clone();
+        let parent = s.collections[&faces()].shards[&(eu(), 1)].clone();
+        start(&mut s, "s1", 1).unwrap();
+        // Started, nothing routes differently yet.
+        assert_eq!(s.map_version, before.map_version);
+        assert_eq!(s.collections, before.collections);
+        let j = s.ops.jobs["s1"].as_split().unwrap().clone();
+        assert_eq!((j.low, j.high), (2, 3));
+        assert_eq!(j.replicas, parent.replicas);
+        // One job per shard; moves wait too.
+        assert!(start(&mut s, "s2", 1).is_err());
+        let mv = s.apply(MetaCommand::StartMove {
+            job: "m".into(),
+            collection: faces(),
+            shard: (eu(), 1),
+            from: parent.replicas[0],
+            to: [1, 2, 3].into_iter().find(|n| !parent.replicas.contains(n)).unwrap(),
+            at_ms: 1,
+        });
+        assert!(matches!(mv, Err(Refused::Op(ref m)) if m.contains("splitting")), "{mv:?}");
+        assert_eq!(
+            s.apply(MetaCommand::SplitDone {
+                job: "s1".into(),
+                at_ms: 2
+            }),
+            Ok(Applied::MapVersion(before.map_version + 1))
+        );
+        let c = &s.collections[&faces()];
+        assert!(!c.shards.contains_key(&(eu(), 1)));
+        let (lo, hi) = parent.range.split().unwrap();
+        assert_eq!(c.shards[&(eu(), 2)].range, lo);
+        assert_eq!(c.shards[&(eu(), 3)].range, hi);
+        assert_eq!(c.shards[&(eu(), 2)].replicas, parent.replicas);
+        let map = c.spec.shard_map(&eu()).unwrap();
+        assert_eq!(map.numbers().collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(c.spec.region(&eu()).unwrap().shard_count, 3);
+        c.spec.validate().unwrap();
+        // Done twice is done once.
+        assert_eq!(
+            s.apply(MetaCommand::SplitDone {
+                job: "s1".into(),
+                at_ms: 3
+            }),
+            Ok(Applied::Done)
+        );
+        // A cancelled split's numbers are not handed out again.
+        start(&mut s, "s3", 0).unwrap();
+        s.apply(MetaCommand::EndOp {
+            job: "s3".into(),
+            failed: None,
+            at_ms: 4,
+        })
+        .unwrap();
+        assert!(
+            s.apply(MetaCommand::SplitDone {
+                job: "s3".into(),
+                at_ms: 5
+            })
+            .is_err(),
+            "a cancelled split never switches"
+        );
+        start(&mut s, "s4", 0).unwrap();
+        let j = s.ops.jobs["s4"].as_split().unwrap();
+        assert_eq!((j.low, j.high), (6, 7));
+    }
+
+    #[test]
+    fn an_erasure_cancels_a_split_of_its_shard_and_an_unfinished_one_holds_a_split_back() {
+        let mut s = with_collection();
+        start(&mut s, "s1", 0).unwrap();
+        s.apply(MetaCommand::StartErasure {
+            job: "e1".into(),
+            kind: EraseKind::Subject,
+            collection: faces(),
+            region: eu(),
+            shards: vec![0, 1],
+            at_ms: 10,
+        })
+        .unwrap();
+        let j = &s.ops.jobs["s1"];
+        assert_eq!(j.state, OpState::Cancelled);
+        assert!(j.progress.contains("erasure job e1"), "{}", j.progress);
+        let again = start(&mut s, "s2", 0);
+        assert!(matches!(again, Err(Refused::Op(ref m)) if m.contains("e1")), "{again:?}");
+    }
+
+    #[test]
+    fn a_split_of_an_unknown_shard_is_refused_and_changes_nothing() {
+        let mut s = with_collection();
+        let before = s.clone();
+        assert!(matches!(start(&mut s, "s1", 9), Err(Refused::UnknownShard { .. })));
+        assert_eq!(s, before);
     }
 }

@@ -326,6 +326,45 @@ impl Admin for AdminService {
         .await
     }
 
+    async fn split_shard(&self, req: Request<v1::SplitShardRequest>) -> Result<Response<v1::OpJob>, Status> {
+        let note = Note::new("split_shard", req.metadata());
+        audited(&self.state, "split_shard", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("SplitShard")?;
+            let req = req.into_inner();
+            let c = self.state.collection_now(&req.collection).await?;
+            note.collection(&c.spec)?;
+            let region = sovra_types::validate::check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            if c.maps.get(&region).is_none_or(|m| m.range_of(req.shard).is_none()) {
+                let numbers: Vec<String> = c
+                    .maps
+                    .get(&region)
+                    .map(|m| m.numbers().map(|n| n.to_string()).collect())
+                    .unwrap_or_default();
+                return Err(ApiError::not_found(format!(
+                    "shard: collection {} has no shard {} in region {region}; its shards there are {}",
+                    c.spec.name,
+                    req.shard,
+                    numbers.join(", ")
+                )));
+            }
+            let job = format!("split-{}", uuid::Uuid::new_v4().simple());
+            note.target(&job);
+            let cmd = MetaCommand::StartSplit {
+                job: job.clone(),
+                collection: c.spec.name.clone(),
+                shard: (region.clone(), req.shard),
+                at_ms: crate::cluster::now_ms(),
+            };
+            let what = format!("split shard {}/{region}/{}", c.spec.name, req.shard);
+            let out = self.start_job(cmd, &job, &what).await?;
+            tracing::info!(job = %job, by = ?caller.key, "shard split started");
+            Ok(out)
+        })
+        .await
+    }
+
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         observe("list_jobs", async {
             let caller = self.state.authenticate(req.metadata()).await?;
@@ -534,6 +573,14 @@ pub(crate) fn op_to(j: &sovra_meta::ops::Job, meta: &sovra_meta::MetaState) -> v
             out.moves_done = done;
             // What is left now, the moves under way counted once.
             out.moves_total = done + holding.max(running);
+        }
+        JobKind::Split(sp) => {
+            out.collection = sp.collection.to_string();
+            out.region = sp.shard.0.to_string();
+            out.shard = sp.shard.1;
+            out.new_shards = vec![sp.low, sp.high];
+            out.moves_total = 1;
+            out.moves_done = u32::from(j.state == OpState::Done);
         }
         JobKind::Rebalance(r) => {
             out.region = r.region.to_string();

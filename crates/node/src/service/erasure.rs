@@ -144,8 +144,8 @@ impl ErasureRpc for ErasureService {
                 n if n > 1000 => return Err(ApiError::invalid(format!("limit is {n}: at most 1000 points per page (0 for 100)"))),
                 n => n as usize,
             };
-            let shards = c.spec.region(&region).map_or(0, |r| r.shard_count);
-            let at = super::points::cursor_from(&req.cursor, &region, shards).map_err(|e| e.at("cursor"))?;
+            let map = c.maps.get(&region).ok_or_else(|| c.spec.region_not_spanned(&region))?;
+            let at = super::points::cursor_from(&req.cursor, &region, map).map_err(|e| e.at("cursor"))?;
             let query = sovra_coord::wire::ScrollQuery {
                 after: None,
                 limit: 0,
@@ -158,11 +158,11 @@ impl ErasureRpc for ErasureService {
             let (records, next) = self
                 .state
                 .root()
-                .scroll(&c.spec.name, &region, shards, at, query, limit, |_| {
+                .scroll(&c.spec.name, &region, map, at, query, limit, |_| {
                     sovra_raft::ReadLevel::Linearizable
                 })
                 .await?;
-            note.shards(shards as usize);
+            note.shards(map.len());
             note.results(records.len() as u64);
             Ok(v1::SubjectAccessResponse {
                 points: records

@@ -39,6 +39,10 @@ pub(super) fn ids_from(ids: &[v1::PointId]) -> Result<Vec<PointId>, ApiError> {
 /// so any refusal writes nothing. Shards are independent groups: if one fails
 /// to commit after others did, the error says which committed (retrying the
 /// whole request is safe: writes are idempotent by id).
+///
+/// A shard being split refuses writes for a moment (its final state is being
+/// copied to its halves): such a part, or one routed by a map a split has
+/// since replaced, waits for the new map and goes to the halves.
 pub(super) async fn write(
     state: &Arc<NodeState>,
     c: &Collection,
@@ -46,14 +50,104 @@ pub(super) async fn write(
 ) -> Result<v1::WriteResponse, ApiError> {
     check_writes(state, c, &per_shard)?;
     let mut out = v1::WriteResponse::default();
-    for (shard, cmd) in per_shard {
+    let mut queue: std::collections::VecDeque<(ShardId, ShardCommand)> = per_shard.into();
+    while let Some((shard, cmd)) = queue.pop_front() {
         let members = state.replicas(&c.spec, &shard);
-        match state.host.write_to(&shard, &members, cmd).await {
+        match state.host.write_to(&shard, &members, cmd.clone()).await {
             Ok(ack) => record_ack(&mut out, &shard, &ack),
-            Err(e) => return Err(with_committed(e, &out.writes)),
+            Err(e) => match after_split(state, c, &shard, cmd, &e).await {
+                Some((fresh, parts)) => {
+                    check_writes(state, &fresh, &parts).map_err(|e| with_committed(e, &out.writes))?;
+                    for p in parts.into_iter().rev() {
+                        queue.push_front(p);
+                    }
+                }
+                None => return Err(with_committed(e, &out.writes)),
+            },
         }
     }
     Ok(out)
+}
+
+/// How long a write waits for a split's new shard map.
+const SPLIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// When `shard` refused `cmd` because a split fenced it (or it is gone from
+/// the map), waits for a map without it and routes `cmd` by that map.
+/// `None`: the failure has nothing to do with a split (or the map did not
+/// change in time), and stands.
+async fn after_split(
+    state: &Arc<NodeState>,
+    routed_by: &Collection,
+    shard: &ShardId,
+    cmd: ShardCommand,
+    e: &ApiError,
+) -> Option<(Arc<Collection>, Vec<(ShardId, ShardCommand)>)> {
+    let gone = |c: &Collection| c.maps.get(&shard.region).is_none_or(|m| m.range_of(shard.number).is_none());
+    let old_range = routed_by.maps.get(&shard.region).and_then(|m| m.range_of(shard.number));
+    let split = e.message.contains(sovra_types::SPLIT_REFUSAL);
+    if !split {
+        state.refresh_view().await;
+        if !state.collection(shard.collection.as_str()).is_ok_and(|c| gone(&c)) {
+            return None;
+        }
+    }
+    let deadline = std::time::Instant::now() + SPLIT_WAIT;
+    let fresh = loop {
+        if let Ok(c) = state.collection(shard.collection.as_str())
+            && gone(&c)
+        {
+            break c;
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        state.refresh_view().await;
+    };
+    let parts = match cmd {
+        ShardCommand::Upsert(recs) => {
+            let keyed = recs.into_iter().map(|r| (r.region.clone(), r.id, r)).collect();
+            group(&fresh, keyed)
+                .ok()?
+                .into_iter()
+                .map(|(s, r)| (s, ShardCommand::Upsert(r)))
+                .collect()
+        }
+        ShardCommand::Delete(ids) => {
+            let keyed = ids.into_iter().map(|id| (shard.region.clone(), id, id)).collect();
+            group(&fresh, keyed)
+                .ok()?
+                .into_iter()
+                .map(|(s, ids)| (s, ShardCommand::Delete(ids)))
+                .collect()
+        }
+        // Every shard that took over the old one's range.
+        ShardCommand::RemoveOptOut { template } => {
+            let was = old_range?;
+            fresh
+                .maps
+                .get(&shard.region)?
+                .shards()
+                .filter(|(_, r)| was.start <= r.start && r.end <= was.end)
+                .map(|(number, _)| {
+                    let s = ShardId {
+                        collection: shard.collection.clone(),
+                        region: shard.region.clone(),
+                        number,
+                    };
+                    (
+                        s,
+                        ShardCommand::RemoveOptOut {
+                            template: template.clone(),
+                        },
+                    )
+                })
+                .collect()
+        }
+        _ => return None,
+    };
+    Some((fresh, parts))
 }
 
 /// Adds one shard's acknowledgement to a write's answer.
@@ -152,9 +246,9 @@ pub(super) fn cursor_to(region: &RegionId, at: &(u32, Option<PointId>)) -> Strin
     format!("s1.{region}.{}.{hex}", at.0)
 }
 
-pub(super) fn cursor_from(text: &str, region: &RegionId, shards: u32) -> Result<(u32, Option<PointId>), ApiError> {
+pub(super) fn cursor_from(text: &str, region: &RegionId, map: &sovra_types::RegionShardMap) -> Result<(u32, Option<PointId>), ApiError> {
     if text.is_empty() {
-        return Ok((0, None));
+        return Ok((map.numbers().next().unwrap_or(0), None));
     }
     let bad = || {
         ApiError::invalid(format!(
@@ -168,8 +262,10 @@ pub(super) fn cursor_from(text: &str, region: &RegionId, shards: u32) -> Result<
         return Err(bad());
     }
     let shard: u32 = shard.parse().map_err(|_| bad())?;
-    if shard >= shards {
-        return Err(bad());
+    if map.range_of(shard).is_none() {
+        return Err(ApiError::precondition(format!(
+            "the cursor names shard {shard} of region {region}, which this collection does not have (a split replaces a shard by two); start the scroll again with an empty cursor"
+        )));
     }
     if hex.is_empty() {
         return Ok((shard, None));
@@ -298,8 +394,8 @@ impl Points for PointsService {
                 n => n as usize,
             };
             let filter = parse_filter(req.filter.as_ref())?;
-            let shards = c.spec.region(&region).map_or(0, |r| r.shard_count);
-            let at = cursor_from(&req.cursor, &region, shards).map_err(|e| e.at("cursor"))?;
+            let map = c.maps.get(&region).ok_or_else(|| c.spec.region_not_spanned(&region))?;
+            let at = cursor_from(&req.cursor, &region, map).map_err(|e| e.at("cursor"))?;
             let levels = ReadLevels::parse(req.consistency, &req.after)?;
             let query = ScrollQuery {
                 after: None,
@@ -313,7 +409,7 @@ impl Points for PointsService {
             let (records, next) = self
                 .state
                 .root()
-                .scroll(&c.spec.name, &region, shards, at, query, limit, |s| levels.for_shard(s))
+                .scroll(&c.spec.name, &region, map, at, query, limit, |s| levels.for_shard(s))
                 .await?;
             let mut points = Vec::with_capacity(records.len());
             let mut budget = AnswerBudget::new();

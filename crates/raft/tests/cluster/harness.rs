@@ -68,6 +68,7 @@ pub fn spec(dim: u32) -> CollectionSpec {
         regions: vec![RegionShards {
             region: region(),
             shard_count: 1,
+            split_map: None,
         }],
         replication_factor: 3,
         default_retention_seconds: 0,

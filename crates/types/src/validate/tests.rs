@@ -12,6 +12,7 @@ fn spec(metric: Metric) -> CollectionSpec {
         regions: vec![RegionShards {
             region: RegionId::parse("eu").unwrap(),
             shard_count: 1,
+            split_map: None,
         }],
         replication_factor: 1,
         default_retention_seconds: 60,
@@ -112,6 +113,7 @@ fn commands_are_checked_against_their_shard() {
     s.regions.push(RegionShards {
         region: RegionId::parse("us").unwrap(),
         shard_count: 1,
+        split_map: None,
     });
     let map = s.shard_map(&RegionId::parse("eu").unwrap()).unwrap();
     let owner = map.shard_for(&PointId::Num(1));
