@@ -676,6 +676,26 @@ async fn a_split_under_load_keeps_every_acknowledged_id_findable_and_routes_new_
             failed
         })
     };
+    let searcher = {
+        let (mut s, stop) = (nodes[2].search.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) && ok < 5000 {
+                let req = v1::SearchRequest {
+                    collection: "people".into(),
+                    vector: vector(u64::from(ok)),
+                    k: 5,
+                    ..Default::default()
+                };
+                match s.search(req).await {
+                    Ok(r) if r.get_ref().hits.len() == 5 => ok += 1,
+                    Ok(r) => failed.push(format!("{} hits", r.get_ref().hits.len())),
+                    Err(e) => failed.push(e.message().to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
     let reader = {
         let (mut p, stop, acked) = (nodes[1].points.clone(), stop.clone(), acked.clone());
         tokio::spawn(async move {
@@ -732,6 +752,11 @@ async fn a_split_under_load_keeps_every_acknowledged_id_findable_and_routes_new_
     stop.store(true, Ordering::Relaxed);
     let failed = writer.await.unwrap();
     let (reads, unavailable, misses) = reader.await.unwrap();
+    let (searched, search_failed) = searcher.await.unwrap();
+    assert!(
+        searched > 0 && search_failed.is_empty(),
+        "{searched} searches; failed: {search_failed:?}"
+    );
     assert!(failed.is_empty(), "writes failed during the split: {failed:?}");
     assert!(misses.is_empty(), "reads missed acknowledged ids or found deleted ones: {misses:?}");
     assert!(reads > 10, "{reads} reads ({unavailable} unavailable)");
@@ -805,4 +830,91 @@ async fn a_split_under_load_keeps_every_acknowledged_id_findable_and_routes_new_
     let gone = admin.split_shard(split_req(0)).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     assert!(gone.message().contains("1, 2"), "{}", gone.message());
+}
+
+/// A split cancelled at some point of its course leaves the shard map as
+/// before (the parent takes writes again, the halves are destroyed) or, if
+/// it had finished, as after: never between. Cancelled just after its start,
+/// or after its fence, it is as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_split_leaves_the_shard_map_as_before_or_as_after() {
+    let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
+    create_people(&nodes[0], 4, 1, 3).await;
+    let mut p = nodes[0].points.clone();
+    for b in 0..20u64 {
+        let points = (b * 100..b * 100 + 100).map(|j| point(j, vector(j), UK)).collect();
+        p.upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points,
+        })
+        .await
+        .unwrap();
+    }
+    let mut admin = nodes[0].admin.clone();
+    let mut next = 2000u64;
+    for attempt in 0..3 {
+        let job = admin.split_shard(split_req(0)).await.unwrap().into_inner();
+        // Later attempts let the split get further before the cancel: its
+        // halves open, then its parent fenced.
+        if attempt > 0 {
+            let halves = job.new_shards.clone();
+            eventually("the split gets under way", Duration::from_secs(30), async || {
+                let engines: Vec<_> = nodes.iter().flat_map(|n| n.node().state.engines()).collect();
+                let reached = if attempt == 1 {
+                    engines.iter().any(|e| halves.contains(&e.id().number))
+                } else {
+                    engines.iter().any(|e| e.split_fence().is_some())
+                };
+                let over = !people_info(&nodes[0]).await.shards.iter().any(|s| s.number == 0);
+                (reached || over).then_some(())
+            })
+            .await;
+        }
+        let numbers = match admin.cancel_job(v1::CancelJobRequest { job: job.job.clone() }).await {
+            Ok(j) => {
+                assert_eq!(j.into_inner().state, "cancelled");
+                eprintln!("attempt {attempt}: cancelled");
+                vec![0]
+            }
+            Err(e) => {
+                assert!(e.message().contains("done"), "{e:?}");
+                eprintln!("attempt {attempt}: the split finished first");
+                job.new_shards.clone()
+            }
+        };
+        let got: Vec<u32> = people_info(&nodes[0]).await.shards.iter().map(|s| s.number).collect();
+        assert_eq!(got, numbers, "the map is as before or as after");
+        if numbers == [0] {
+            // The halves go from every node; the parent takes writes again.
+            eventually("the halves are destroyed", Duration::from_secs(30), async || {
+                nodes
+                    .iter()
+                    .all(|n| n.node().state.engines().iter().all(|e| e.id().number == 0))
+                    .then_some(())
+            })
+            .await;
+            let w = eventually("the parent takes writes again", Duration::from_secs(30), async || {
+                let req = v1::UpsertRequest {
+                    collection: "people".into(),
+                    points: vec![point(next, vector(next), UK)],
+                };
+                p.upsert(req).await.ok()
+            })
+            .await;
+            assert_eq!(w.into_inner().count, 1);
+            next += 1;
+            eventually("no replica is fenced", Duration::from_secs(30), async || {
+                nodes
+                    .iter()
+                    .flat_map(|n| n.node().state.engines())
+                    .all(|e| e.split_fence().is_none())
+                    .then_some(())
+            })
+            .await;
+        } else {
+            break;
+        }
+    }
+    let all: Vec<u64> = (0..next).collect();
+    all_there(&nodes[0], &all).await;
 }

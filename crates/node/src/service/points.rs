@@ -51,11 +51,13 @@ pub(super) async fn write(
     check_writes(state, c, &per_shard)?;
     let mut out = v1::WriteResponse::default();
     let mut queue: std::collections::VecDeque<(ShardId, ShardCommand)> = per_shard.into();
+    // However many times a split turns a part away, the write ends by then.
+    let deadline = std::time::Instant::now() + SPLIT_WAIT;
     while let Some((shard, cmd)) = queue.pop_front() {
         let members = state.replicas(&c.spec, &shard);
         match state.host.write_to(&shard, &members, cmd.clone()).await {
             Ok(ack) => record_ack(&mut out, &shard, &ack),
-            Err(e) => match after_split(state, c, &shard, cmd, &e).await {
+            Err(e) => match after_split(state, deadline, c, &shard, cmd, &e).await {
                 Some((fresh, parts)) => {
                     check_writes(state, &fresh, &parts).map_err(|e| with_committed(e, &out.writes))?;
                     for p in parts.into_iter().rev() {
@@ -73,11 +75,13 @@ pub(super) async fn write(
 const SPLIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// When `shard` refused `cmd` because a split fenced it (or it is gone from
-/// the map), waits for a map without it and routes `cmd` by that map.
-/// `None`: the failure has nothing to do with a split (or the map did not
-/// change in time), and stands.
+/// the map), waits for a map without it and routes `cmd` by that map, or,
+/// if the split ended without switching it, sends `cmd` to `shard` again.
+/// `None`: the failure has nothing to do with a split (or nothing changed
+/// by `deadline`), and stands.
 async fn after_split(
     state: &Arc<NodeState>,
+    deadline: std::time::Instant,
     routed_by: &Collection,
     shard: &ShardId,
     cmd: ShardCommand,
@@ -92,7 +96,7 @@ async fn after_split(
             return None;
         }
     }
-    let deadline = std::time::Instant::now() + SPLIT_WAIT;
+    let key = (shard.region.clone(), shard.number);
     let fresh = loop {
         if let Ok(c) = state.collection(shard.collection.as_str())
             && gone(&c)
@@ -104,6 +108,14 @@ async fn after_split(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         state.refresh_view().await;
+        // The split ended without switching the map (cancelled): the shard
+        // takes writes again once its leader lifts the fence; send it again.
+        if split && state.view().state.ops.split_on(&shard.collection, &key).is_none() {
+            let now = state.collection(shard.collection.as_str()).ok()?;
+            if !gone(&now) {
+                return Some((now, vec![(shard.clone(), cmd)]));
+            }
+        }
     };
     let parts = match cmd {
         ShardCommand::Upsert(recs) => {
