@@ -121,8 +121,23 @@ impl TestNode {
     /// In one process the stopped node's last Raft tasks may still hold its
     /// store (sled locks the directory) for a moment after `stop` returns, so
     /// the start is retried until it opens, within a deadline.
-    pub async fn restart(mut self) -> TestNode {
+    pub async fn restart(self) -> TestNode {
+        self.restart_after(|_| Ok(())).await
+    }
+
+    /// As [`Self::restart`], running `offline` on the stopped node's config
+    /// first (retried like the start, while the store is still held).
+    pub async fn restart_after(mut self, offline: impl Fn(&NodeConfig) -> anyhow::Result<()>) -> TestNode {
         self.node.take().unwrap().stop().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while let Err(e) = offline(&self.config) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "offline step on node {} failed: {e:#}",
+                self.config.node_id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let node = loop {
             match sovra_node::start(self.config.clone()).await {

@@ -918,3 +918,314 @@ async fn a_cancelled_split_leaves_the_shard_map_as_before_or_as_after() {
     let all: Vec<u64> = (0..next).collect();
     all_there(&nodes[0], &all).await;
 }
+
+/// The shard's replicas, the one to survive first. The region's audit log
+/// (3 replicas) must keep its quorum, or no call of the region is answered:
+/// at most one lost node may hold it. Where the shard and the audit log share
+/// all three nodes, one replica moves first.
+async fn survivor_first(nodes: &[Option<TestNode>]) -> Vec<u64> {
+    let n0 = nodes.iter().flatten().next().unwrap();
+    let uk = sovra_types::RegionId::parse(UK).unwrap();
+    let audit: BTreeSet<u64> = n0.node().state.view().state.audit[&uk].replicas.clone();
+    let mut replicas = shard_replicas(n0).await;
+    if replicas.iter().all(|r| audit.contains(r)) {
+        let from = *replicas.iter().next().unwrap();
+        let to = (1..=5).find(|n| !audit.contains(n)).unwrap();
+        let mut admin = n0.admin.clone();
+        let job = admin
+            .move_replica(v1::MoveReplicaRequest {
+                collection: "people".into(),
+                region: UK.into(),
+                shard: 0,
+                from,
+                to,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let done = eventually("the move is done", Duration::from_secs(60), async || {
+            job_state(n0, &job.job).await.filter(|j| j.state != "running")
+        })
+        .await;
+        assert_eq!(done.state, "done", "{done:?}");
+        replicas = shard_replicas(n0).await;
+    }
+    // The survivor holds an audit replica if any does: the lost ones then
+    // hold at most one.
+    let survivor = *replicas
+        .iter()
+        .find(|r| audit.contains(r))
+        .unwrap_or(replicas.iter().next().unwrap());
+    std::iter::once(survivor)
+        .chain(replicas.iter().copied().filter(|&r| r != survivor))
+        .collect()
+}
+
+/// Two of a shard's three replicas are lost for good: the group has no
+/// quorum and takes no write. `RecoverShard` rebuilds it from the survivor as
+/// a new shard on the survivor and two other nodes of its region; every
+/// point the survivor held is found, writes work again, and the lost shard's
+/// replica is destroyed on the survivor. A survivor that holds no replica is
+/// refused, and the CLI refuses without the explicit acceptance of lost writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_that_lost_its_quorum_is_rebuilt_from_its_surviving_replica() {
+    let mut nodes: Vec<Option<TestNode>> = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK), (4, UK), (5, UK)])
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
+    create_people(nodes[0].as_ref().unwrap(), 4, 1, 3).await;
+    let mut p = nodes[0].as_ref().unwrap().points.clone();
+    for b in 0..5u64 {
+        let points = (b * 100..b * 100 + 100).map(|j| point(j, vector(j), UK)).collect();
+        p.upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points,
+        })
+        .await
+        .unwrap();
+    }
+    let replicas = survivor_first(&nodes).await;
+    let survivor = replicas[0];
+    // Every replica applied everything before the loss.
+    eventually("every replica applied the writes", Duration::from_secs(30), async || {
+        replicas
+            .iter()
+            .all(|&r| {
+                nodes[(r - 1) as usize]
+                    .as_ref()
+                    .unwrap()
+                    .node()
+                    .state
+                    .engines()
+                    .iter()
+                    .any(|e| e.stats().live_points == 500)
+            })
+            .then_some(())
+    })
+    .await;
+    for &lost in &replicas[1..] {
+        let _ = nodes[(lost - 1) as usize].take().unwrap().stop().await;
+    }
+    let at = nodes.iter().flatten().find(|n| n.node().state.config.node_id != survivor).unwrap();
+    let (mut admin, mut p) = (at.admin.clone(), at.points.clone());
+    let spare = (1..=5u64).find(|n| !replicas.contains(n)).unwrap();
+    let e = admin
+        .recover_shard(v1::RecoverShardRequest {
+            collection: "people".into(),
+            region: UK.into(),
+            shard: 0,
+            survivor: spare,
+            accept_lost_erasures: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&format!("node {spare} holds no replica")), "{}", e.message());
+    let conn = sovra_node::ctl::Conn::to(at.node().grpc_addr.to_string(), at.key.clone(), sovra_node::ctl::Format::Table);
+    let req = v1::RecoverShardRequest {
+        collection: "people".into(),
+        region: UK.into(),
+        shard: 0,
+        survivor,
+        accept_lost_erasures: false,
+    };
+    let refused = sovra_node::ctl_ops::recover(&conn, req.clone(), false, false).await.unwrap_err();
+    assert!(refused.downcast_ref::<sovra_node::ctl::Usage>().is_some(), "{refused:?}");
+    assert!(refused.to_string().contains("LOSES every write"), "{refused}");
+    // The group has no quorum: a write is not acknowledged.
+    let w = p
+        .upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points: vec![point(9000, vector(9000), UK)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(w.code(), Code::Unavailable, "{w:?}");
+
+    let out = sovra_node::ctl_ops::recover(&conn, req, true, true).await.unwrap();
+    assert!(out.contains("done"), "{out}");
+    let info = people_info(at).await;
+    assert_eq!(info.shards.len(), 1);
+    let rebuilt = &info.shards[0];
+    assert_eq!(rebuilt.number, 1, "a new shard number");
+    assert!(rebuilt.replicas.contains(&survivor) && rebuilt.replicas.len() == 3, "{rebuilt:?}");
+    assert!(
+        rebuilt.replicas.iter().all(|r| !replicas[1..].contains(r)),
+        "the lost nodes hold none: {rebuilt:?}"
+    );
+    all_there(at, &(0..500).collect::<Vec<_>>()).await;
+    let w = eventually("writes work again", Duration::from_secs(30), async || {
+        let req = v1::UpsertRequest {
+            collection: "people".into(),
+            points: vec![point(9001, vector(9001), UK)],
+        };
+        p.upsert(req).await.ok()
+    })
+    .await;
+    assert_eq!(w.into_inner().count, 1);
+    let s = nodes[(survivor - 1) as usize].as_ref().unwrap();
+    eventually(
+        "the survivor destroyed the lost shard's replica",
+        Duration::from_secs(30),
+        async || {
+            let numbers: Vec<u32> = s.node().state.engines().iter().map(|e| e.id().number).collect();
+            (numbers == [1]).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The survivor was cut off while an erasure committed on the other two
+/// replicas, which are then lost: rebuilt from it, the erased points would
+/// come back. The recovery fails, naming the erasure job; accepted, it goes
+/// on and the erasure run again removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_from_a_replica_that_missed_an_erasure_is_refused_unless_accepted() {
+    let faults = sovra_raft::Faults::seeded(41);
+    let mut nodes: Vec<Option<TestNode>> =
+        TestNode::start_cluster_faults(&[(1, UK), (2, UK), (3, UK), (4, UK), (5, UK)], |_| {}, faults.clone())
+            .await
+            .into_iter()
+            .map(Some)
+            .collect();
+    create_people(nodes[0].as_ref().unwrap(), 4, 1, 3).await;
+    let mut p = nodes[0].as_ref().unwrap().points.clone();
+    p.upsert(v1::UpsertRequest {
+        collection: "people".into(),
+        points: (0..100).map(|j| point(j, vector(j), UK)).collect(),
+    })
+    .await
+    .unwrap();
+    let replicas = survivor_first(&nodes).await;
+    let survivor = replicas[0];
+    faults.isolate(survivor);
+    let at = nodes
+        .iter()
+        .flatten()
+        .find(|n| n.node().state.config.node_id == replicas[1])
+        .unwrap();
+    let mut er = v1::erasure_client::ErasureClient::new(keyed(&at.channel, &at.key));
+    let subject = |s: &str| v1::EraseRequest {
+        collection: "people".into(),
+        region: UK.into(),
+        target: Some(v1::erase_request::Target::Subject(s.into())),
+    };
+    assert_eq!(er.erase(subject("s7")).await.unwrap().into_inner().erased, 1);
+    for &lost in &replicas[1..] {
+        let _ = nodes[(lost - 1) as usize].take().unwrap().stop().await;
+    }
+    faults.heal();
+    let at = nodes.iter().flatten().find(|n| n.node().state.config.node_id != survivor).unwrap();
+    let mut admin = at.admin.clone();
+    let req = |accept: bool| v1::RecoverShardRequest {
+        collection: "people".into(),
+        region: UK.into(),
+        shard: 0,
+        survivor,
+        accept_lost_erasures: accept,
+    };
+    let job = eventually("meta takes the recovery", Duration::from_secs(30), async || {
+        admin.recover_shard(req(false)).await.ok()
+    })
+    .await
+    .into_inner();
+    let failed = eventually("the recovery ends", Duration::from_secs(60), async || {
+        job_state(at, &job.job).await.filter(|j| j.state != "running")
+    })
+    .await;
+    assert_eq!(failed.state, "failed", "{failed:?}");
+    assert!(
+        failed.error.contains("erasure jobs") && failed.error.contains("(subject)"),
+        "{}",
+        failed.error
+    );
+    assert_eq!(
+        people_info(at).await.shards[0].number,
+        0,
+        "a failed recovery leaves the map as it was"
+    );
+
+    let job = admin.recover_shard(req(true)).await.unwrap().into_inner();
+    let done = eventually("the recovery ends", Duration::from_secs(60), async || {
+        job_state(at, &job.job).await.filter(|j| j.state != "running")
+    })
+    .await;
+    assert_eq!(done.state, "done", "{done:?}");
+    let mut p = at.points.clone();
+    let back = eventually("the rebuilt shard answers", Duration::from_secs(30), async || {
+        let req = v1::GetPointsRequest {
+            collection: "people".into(),
+            region: UK.into(),
+            ids: vec![num(7)],
+            consistency: v1::Consistency::Linearizable as i32,
+            ..Default::default()
+        };
+        p.get(req).await.ok()
+    })
+    .await;
+    assert_eq!(back.into_inner().points.len(), 1, "as the refusal said, the erased point came back");
+    let mut er = v1::erasure_client::ErasureClient::new(keyed(&at.channel, &at.key));
+    assert_eq!(er.erase(subject("s7")).await.unwrap().into_inner().erased, 1, "erased again");
+    all_there(at, &(0..100).filter(|&i| i != 7).collect::<Vec<_>>()).await;
+}
+
+/// The meta group loses two of its three voters for good: no metadata
+/// change commits. `sovra recover-meta` on the stopped survivor makes it the
+/// only voter; started again, it leads meta, keeps every key and collection
+/// it had, and takes changes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meta_group_that_lost_its_quorum_is_led_again_by_its_survivor_after_recover_meta() {
+    let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
+    create_people(&nodes[0], 4, 1, 1).await;
+    let scopes = || v1::KeyScopes {
+        read_regions: vec![UK.into()],
+        ..Default::default()
+    };
+    let before = nodes[0].make_key("before", scopes()).await;
+    assert!(!before.is_empty());
+    let survivor = nodes.remove(0);
+    for n in nodes {
+        let _ = n.stop().await;
+    }
+    let mut admin = survivor.admin.clone();
+    let e = admin
+        .create_key(v1::CreateKeyRequest {
+            id: "during".into(),
+            scopes: Some(scopes()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "no quorum, no change: {e:?}");
+    let survivor = survivor
+        .restart_after(|cfg| sovra_node::recover::recover_meta(cfg).map(|msg| eprintln!("{msg}")))
+        .await;
+    let mut admin = survivor.admin.clone();
+    let made = eventually("meta takes changes again", Duration::from_secs(30), async || {
+        admin
+            .create_key(v1::CreateKeyRequest {
+                id: "after".into(),
+                scopes: Some(scopes()),
+            })
+            .await
+            .ok()
+    })
+    .await;
+    assert!(!made.into_inner().key.is_empty());
+    let keys: Vec<String> = admin
+        .list_keys(v1::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert!(
+        keys.contains(&"before".to_string()) && keys.contains(&"after".to_string()),
+        "{keys:?}"
+    );
+    assert_eq!(people_info(&survivor).await.spec.unwrap().name, "people");
+    let meta = survivor.node().state.host.meta().unwrap();
+    assert_eq!(meta.leader(), Some(1));
+}

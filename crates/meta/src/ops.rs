@@ -135,12 +135,28 @@ impl SplitJob {
     }
 }
 
+/// Shard `shard` of `collection`, whose group lost its quorum for good, is
+/// rebuilt from node `survivor`'s replica as new shard `number` (same hash
+/// range) on `replicas` (the survivor and other up nodes of its region).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverJob {
+    pub collection: CollectionName,
+    pub shard: ShardKey,
+    pub survivor: u64,
+    pub number: u32,
+    pub replicas: Vec<u64>,
+    /// Go on even when an erasure committed on the shard after the last
+    /// entry the survivor applied (its points come back: erase again).
+    pub accept_lost_erasures: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobKind {
     Move(MoveSpec),
     Drain(DrainJob),
     Rebalance(RebalanceJob),
     Split(SplitJob),
+    Recover(RecoverJob),
 }
 
 impl JobKind {
@@ -150,6 +166,7 @@ impl JobKind {
             JobKind::Drain(_) => "drain",
             JobKind::Rebalance(_) => "rebalance",
             JobKind::Split(_) => "split",
+            JobKind::Recover(_) => "recover",
         }
     }
 }
@@ -191,6 +208,13 @@ impl Job {
         }
     }
 
+    pub fn as_recover(&self) -> Option<&RecoverJob> {
+        match &self.kind {
+            JobKind::Recover(r) => Some(r),
+            _ => None,
+        }
+    }
+
     pub fn as_split(&self) -> Option<&SplitJob> {
         match &self.kind {
             JobKind::Split(s) => Some(s),
@@ -225,6 +249,18 @@ impl Ops {
         self.running()
             .filter_map(|j| j.as_split().map(|s| (j, s)))
             .find(|(_, s)| s.touches(c, shard))
+    }
+
+    /// The running recovery of `shard` of `c` (the lost shard or its new one).
+    pub fn recover_on(&self, c: &CollectionName, shard: &ShardKey) -> Option<(&Job, &RecoverJob)> {
+        self.running()
+            .filter_map(|j| j.as_recover().map(|r| (j, r)))
+            .find(|(_, r)| &r.collection == c && (&r.shard == shard || (r.shard.0.clone(), r.number) == *shard))
+    }
+
+    /// Running recoveries.
+    pub fn recoveries(&self) -> impl Iterator<Item = (&Job, &RecoverJob)> {
+        self.running().filter_map(|j| j.as_recover().map(|r| (j, r)))
     }
 
     /// Running splits.
@@ -476,7 +512,7 @@ impl MetaState {
                     self.set_progress(id, text, at_ms);
                 }
             }
-            JobKind::Move(_) | JobKind::Split(_) => {}
+            JobKind::Move(_) | JobKind::Split(_) | JobKind::Recover(_) => {}
         }
     }
 }

@@ -229,6 +229,25 @@ pub enum MetaCommand {
         job: String,
         at_ms: u64,
     },
+    /// Starts rebuilding shard `shard` of `collection`, whose group lost its
+    /// quorum for good, from node `survivor`'s replica: a new shard (same
+    /// range, a new number) on the survivor and other up nodes of its region.
+    /// Writes the lost majority had acknowledged after the survivor's last
+    /// entry are lost.
+    StartRecover {
+        job: String,
+        collection: CollectionName,
+        shard: ShardKey,
+        survivor: u64,
+        accept_lost_erasures: bool,
+        at_ms: u64,
+    },
+    /// The new shard holds the survivor's state: it replaces the lost one in
+    /// the shard map (a new map version).
+    RecoverDone {
+        job: String,
+        at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,6 +427,15 @@ impl MetaState {
                     if let Some((j, _)) = self.ops.split_on(&collection, &key) {
                         splits.push(j.id.clone());
                     }
+                    // A group with no quorum commits no erasure, and the
+                    // rebuilt one starts from the survivor's state.
+                    if let Some((j, _)) = self.ops.recover_on(&collection, &key) {
+                        return Err(Refused::Op(format!(
+                            "shard {} is being rebuilt after losing its quorum (job {}); erase again once that is done",
+                            shard_name(&collection, &key),
+                            j.id
+                        )));
+                    }
                     let mut replicas: BTreeMap<u64, crate::erasure::ReplicaPurge> =
                         s.replicas.iter().map(|&r| (r, crate::erasure::ReplicaPurge::Pending)).collect();
                     // A move's target may already hold (or be about to
@@ -586,6 +614,15 @@ impl MetaState {
                 at_ms,
             } => self.start_split(job, collection, shard, at_ms),
             MetaCommand::SplitDone { job, at_ms } => self.split_done(&job, at_ms),
+            MetaCommand::StartRecover {
+                job,
+                collection,
+                shard,
+                survivor,
+                accept_lost_erasures,
+                at_ms,
+            } => self.start_recover(job, collection, shard, survivor, accept_lost_erasures, at_ms),
+            MetaCommand::RecoverDone { job, at_ms } => self.recover_done(&job, at_ms),
             MetaCommand::AuditFormed { region } => {
                 let g = self.audit.get_mut(&region).ok_or_else(|| Refused::BadReplicas {
                     shard: format!("audit/{region}"),
@@ -634,6 +671,12 @@ impl MetaState {
         if let Some((j, _)) = self.ops.split_on(&m.collection, &m.shard) {
             return Err(Refused::Op(format!(
                 "job {} is splitting shard {name}; move it once that is done",
+                j.id
+            )));
+        }
+        if let Some((j, _)) = self.ops.recover_on(&m.collection, &m.shard) {
+            return Err(Refused::Op(format!(
+                "job {} is rebuilding shard {name}; move it once that is done",
                 j.id
             )));
         }
@@ -729,7 +772,7 @@ impl MetaState {
             }
             // The halves were only in the job: nodes destroy them once they
             // see it ended, and the parent's leader lifts its fence.
-            crate::ops::JobKind::Rebalance(_) | crate::ops::JobKind::Split(_) => {}
+            crate::ops::JobKind::Rebalance(_) | crate::ops::JobKind::Split(_) | crate::ops::JobKind::Recover(_) => {}
         }
         let state = match failed {
             Some(why) => crate::ops::OpState::Failed(why),
@@ -777,6 +820,12 @@ impl MetaState {
         if let Some((j, _)) = self.ops.split_on(&collection, &shard) {
             return Err(Refused::Op(format!("job {} is splitting shard {name} already", j.id)));
         }
+        if let Some((j, _)) = self.ops.recover_on(&collection, &shard) {
+            return Err(Refused::Op(format!(
+                "job {} is rebuilding shard {name}; split it once that is done",
+                j.id
+            )));
+        }
         if let Some(e) = self.erasures.unfinished_on(&collection, &shard) {
             return Err(Refused::Op(format!(
                 "erasure job {e} is not finished on shard {name} (its replicas have not all purged); split it once that is done"
@@ -796,15 +845,8 @@ impl MetaState {
         self.ops.fresh(&job)?;
         // R1 for the halves' replicas, as for any shard's.
         let replicas = self.check_replicas(&collection, &shard, rec.replicas.clone(), None)?;
-        let used = self.collections[&collection]
-            .shards
-            .keys()
-            .filter(|(r, _)| *r == shard.0)
-            .map(|(_, n)| n + 1)
-            .max()
-            .unwrap_or(0);
+        let low = self.new_number(&collection, &shard.0);
         let key = (collection.clone(), shard.0.clone());
-        let low = self.ops.next_shard.get(&key).copied().unwrap_or(0).max(used);
         let split = crate::ops::SplitJob {
             collection,
             shard,
@@ -826,19 +868,167 @@ impl MetaState {
         Ok(Applied::Done)
     }
 
-    fn split_done(&mut self, job: &str, at_ms: u64) -> Result<Applied, Refused> {
+    /// The lowest shard number never used in `region` of `c` (the caller
+    /// records the numbers it takes in `ops.next_shard`).
+    fn new_number(&self, c: &CollectionName, region: &RegionId) -> u32 {
+        let used = self.collections[c]
+            .shards
+            .keys()
+            .filter(|(r, _)| r == region)
+            .map(|(_, n)| n + 1)
+            .max()
+            .unwrap_or(0);
+        self.ops
+            .next_shard
+            .get(&(c.clone(), region.clone()))
+            .copied()
+            .unwrap_or(0)
+            .max(used)
+    }
+
+    /// The spec `c` has once recovery `r` is done: the lost shard's range
+    /// owned by the new shard.
+    pub fn spec_after_recover(spec: &CollectionSpec, r: &crate::ops::RecoverJob) -> Result<CollectionSpec, Refused> {
+        let mut spec = spec.clone();
+        let map = spec.shard_map(&r.shard.0).map_err(|e| Refused::Op(e.message))?;
+        let after = map.renumber(r.shard.1, r.number).ok_or_else(|| Refused::UnknownShard {
+            collection: r.collection.clone(),
+            shard: shard_name(&r.collection, &r.shard),
+        })?;
+        let reg = spec
+            .regions
+            .iter_mut()
+            .find(|x| x.region == r.shard.0)
+            .expect("shard_map found the region");
+        reg.split_map = Some(after);
+        Ok(spec)
+    }
+
+    fn start_recover(
+        &mut self,
+        job: String,
+        collection: CollectionName,
+        shard: ShardKey,
+        survivor: u64,
+        accept_lost_erasures: bool,
+        at_ms: u64,
+    ) -> Result<Applied, Refused> {
+        let rec = self.shard_record(&collection, &shard)?.clone();
+        let name = shard_name(&collection, &shard);
+        if !rec.replicas.contains(&survivor) {
+            return Err(Refused::Op(format!(
+                "node {survivor} holds no replica of shard {name} (its replicas are on nodes {:?})",
+                rec.replicas
+            )));
+        }
+        if let Some(j) = self
+            .ops
+            .running_on(&collection, &shard)
+            .map(|(j, _)| j)
+            .or_else(|| self.ops.split_on(&collection, &shard).map(|(j, _)| j))
+            .or_else(|| self.ops.recover_on(&collection, &shard).map(|(j, _)| j))
+        {
+            return Err(Refused::Op(format!("job {} runs on shard {name}: cancel it first", j.id)));
+        }
+        self.ops.fresh(&job)?;
+        let spec = self.collections[&collection].spec.clone();
+        let rf = spec.replication_factor as usize;
+        // The survivor, then up data nodes of the region: zones the new
+        // group has not got yet first, then the least loaded.
+        let mut replicas = vec![survivor];
+        let mut zones: BTreeSet<String> = self.nodes.get(&survivor).map(|n| n.zone.clone()).into_iter().collect();
+        let mut candidates = self.move_candidates(&shard.0);
+        candidates.retain(|c| c.id != survivor);
+        while replicas.len() < rf {
+            let pick = (0..candidates.len()).min_by_key(|&i| (zones.contains(&candidates[i].zone), candidates[i].load, candidates[i].id));
+            let Some(i) = pick else {
+                return Err(Refused::Op(format!(
+                    "shard {name} needs {rf} replicas and region {} has only {} up data nodes for it: add nodes to the region first",
+                    shard.0,
+                    replicas.len()
+                )));
+            };
+            let c = candidates.remove(i);
+            zones.insert(c.zone.clone());
+            replicas.push(c.id);
+        }
+        let number = self.new_number(&collection, &shard.0);
+        let replicas = self.check_replicas(&collection, &(shard.0.clone(), number), replicas, Some(rf))?;
+        let r = crate::ops::RecoverJob {
+            collection,
+            shard,
+            survivor,
+            number,
+            replicas,
+            accept_lost_erasures,
+        };
+        Self::spec_after_recover(&spec, &r)?;
+        self.ops.next_shard.insert((r.collection.clone(), r.shard.0.clone()), number + 1);
+        let progress = format!(
+            "opening shard {number} on nodes {:?} to rebuild it from node {survivor}",
+            r.replicas
+        );
+        self.ops.insert(crate::ops::Job::started(
+            job,
+            crate::ops::JobKind::Recover(r),
+            None,
+            progress,
+            at_ms,
+        ));
+        Ok(Applied::Done)
+    }
+
+    fn recover_done(&mut self, job: &str, at_ms: u64) -> Result<Applied, Refused> {
+        let Some(rec) = self.job_to_finish(job)? else {
+            return Ok(Applied::Done);
+        };
+        let r = rec
+            .as_recover()
+            .cloned()
+            .ok_or_else(|| Refused::Op(format!("job {job} is a {}, not a recovery", rec.kind.name())))?;
+        let old = self.shard_record(&r.collection, &r.shard)?.clone();
+        let spec = Self::spec_after_recover(&self.collections[&r.collection].spec, &r)?;
+        let c = self.collections.get_mut(&r.collection).expect("checked above");
+        c.shards.remove(&r.shard);
+        c.shards.insert(
+            (r.shard.0.clone(), r.number),
+            ShardRecord {
+                range: old.range,
+                replicas: r.replicas.clone(),
+                founders: r.replicas.clone(),
+            },
+        );
+        c.spec = spec;
+        // The lost group's replicas are destroyed; nothing waits on them.
+        self.erasures.replicas_set(&r.collection, &r.shard, &[]);
+        let text = format!(
+            "shard {} rebuilt from node {} as shard {} on nodes {:?}",
+            r.shard.1, r.survivor, r.number, r.replicas
+        );
+        self.ops.finish(job, crate::ops::OpState::Done, Some(text), at_ms);
+        Ok(self.bump())
+    }
+
+    /// The running job `job`, to be recorded done; `None` if it is done
+    /// already (recording it again changes nothing).
+    fn job_to_finish(&self, job: &str) -> Result<Option<crate::ops::Job>, Refused> {
         let rec = self
             .ops
             .jobs
             .get(job)
             .cloned()
             .ok_or_else(|| Refused::Op(format!("no job {job}")))?;
-        if rec.state == crate::ops::OpState::Done {
+        match rec.state {
+            crate::ops::OpState::Done => Ok(None),
+            crate::ops::OpState::Running => Ok(Some(rec)),
+            _ => Err(Refused::Op(format!("job {job} is {}", rec.state.as_str()))),
+        }
+    }
+
+    fn split_done(&mut self, job: &str, at_ms: u64) -> Result<Applied, Refused> {
+        let Some(rec) = self.job_to_finish(job)? else {
             return Ok(Applied::Done);
-        }
-        if rec.state != crate::ops::OpState::Running {
-            return Err(Refused::Op(format!("job {job} is {}", rec.state.as_str())));
-        }
+        };
         let s = rec
             .as_split()
             .cloned()

@@ -111,6 +111,29 @@ pub enum CtlCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// LOSES WRITES. Rebuilds a shard whose group lost a majority of its
+    /// replicas for good from the replica on --survivor (the one that applied
+    /// the most: `sovra ctl shards` on each node shows `applied`): a new shard
+    /// on the survivor and other up nodes of the region replaces it. Writes
+    /// the lost replicas acknowledged after the survivor's last entry are
+    /// gone. See the lost-quorum runbook in the README.
+    Recover {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        shard: ShardArg,
+        #[arg(long)]
+        survivor: u64,
+        /// Go on even if an erasure committed after the survivor's last entry
+        /// (its points come back: run it again at once).
+        #[arg(long)]
+        accept_lost_erasures: bool,
+        /// Required: says you read the above.
+        #[arg(long)]
+        i_accept_lost_writes: bool,
+        #[arg(long)]
+        wait: bool,
+    },
     /// API keys: create, list, revoke.
     Keys {
         #[command(subcommand)]
@@ -448,6 +471,25 @@ pub fn run(cmd: CtlCommand) -> anyhow::Result<()> {
         } => block_on(crate::ctl_ops::split(
             &conn,
             sovra_proto::v1::SplitShardRequest { collection, region, shard },
+            wait,
+        )),
+        CtlCommand::Recover {
+            conn,
+            shard: ShardArg { collection, region, shard },
+            survivor,
+            accept_lost_erasures,
+            i_accept_lost_writes,
+            wait,
+        } => block_on(crate::ctl_ops::recover(
+            &conn,
+            sovra_proto::v1::RecoverShardRequest {
+                collection,
+                region,
+                shard,
+                survivor,
+                accept_lost_erasures,
+            },
+            i_accept_lost_writes,
             wait,
         )),
         CtlCommand::Keys { what } => block_on(crate::ctl_ops::keys(what)),

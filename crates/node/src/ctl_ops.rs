@@ -17,6 +17,14 @@ fn target(j: &v1::OpJob) -> String {
     match j.kind.as_str() {
         "drain" => format!("node {}", j.node),
         "rebalance" => format!("region {}", j.region),
+        "recover" => format!(
+            "{}/{}/{} -> {} from node {}",
+            j.collection,
+            j.region,
+            j.shard,
+            j.new_shards.first().copied().unwrap_or(0),
+            j.from
+        ),
         "split" => match j.new_shards[..] {
             [a, b] => format!("{}/{}/{} -> {a}, {b}", j.collection, j.region, j.shard),
             _ => format!("{}/{}/{}", j.collection, j.region, j.shard),
@@ -202,6 +210,29 @@ pub async fn move_replica(c: &Conn, req: v1::MoveReplicaRequest, wait: bool) -> 
 /// `sovra ctl split`: starts the job; with `wait`, follows it until it ends.
 pub async fn split(c: &Conn, req: v1::SplitShardRequest, wait: bool) -> anyhow::Result<String> {
     let job = c.admin().await?.split_shard(req).await.map_err(status("SplitShard"))?.into_inner();
+    follow(c, job, wait).await
+}
+
+/// `sovra ctl recover`: refused (bad usage) without `--i-accept-lost-writes`;
+/// starts the job; with `wait`, follows it until it ends.
+pub async fn recover(c: &Conn, req: v1::RecoverShardRequest, accepted: bool, wait: bool) -> anyhow::Result<String> {
+    if !accepted {
+        return Err(anyhow::Error::new(crate::ctl::Usage(format!(
+            "WARNING: rebuilding shard {}/{}/{} from node {} LOSES every write the lost replicas acknowledged after              the survivor's last log entry. Only for a group that lost a majority of its replicas for good.              Pass --i-accept-lost-writes to go on.",
+            req.collection, req.region, req.shard, req.survivor
+        ))));
+    }
+    eprintln!(
+        "WARNING: rebuilding shard {}/{}/{} from node {}: writes acknowledged after its last log entry are lost",
+        req.collection, req.region, req.shard, req.survivor
+    );
+    let job = c
+        .admin()
+        .await?
+        .recover_shard(req)
+        .await
+        .map_err(status("RecoverShard"))?
+        .into_inner();
     follow(c, job, wait).await
 }
 

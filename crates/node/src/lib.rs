@@ -23,6 +23,7 @@ pub mod dev;
 pub mod metrics;
 pub mod ops;
 pub mod receipt;
+pub mod recover;
 pub mod run;
 mod service;
 pub mod split;

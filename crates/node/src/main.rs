@@ -36,6 +36,17 @@ enum Command {
         #[arg(long)]
         audit: bool,
     },
+    /// LOSES WRITES. On a stopped node whose meta replica survived the loss
+    /// of a majority of the meta group for good: makes it the group's only
+    /// voter; started again, it leads meta and the others are added back.
+    /// See the lost-quorum runbook in the README.
+    RecoverMeta {
+        #[arg(long)]
+        config: PathBuf,
+        /// Required: says you read the above.
+        #[arg(long)]
+        i_accept_lost_writes: bool,
+    },
     /// Operator commands that need no running node.
     Ctl {
         #[command(subcommand)]
@@ -132,6 +143,22 @@ fn main() -> anyhow::Result<()> {
             }))
         }
         Command::Dev(args) => runtime()?.block_on(dev::dev(args, shutdown_signal())),
+        Command::RecoverMeta {
+            config,
+            i_accept_lost_writes,
+        } => {
+            if !i_accept_lost_writes {
+                eprintln!(
+                    "WARNING: recover-meta makes this node's meta replica the meta group's only voter: whatever the \
+                     lost voters committed beyond its log is LOST. Only for a meta group that lost a majority for \
+                     good. Pass --i-accept-lost-writes to go on."
+                );
+                std::process::exit(2);
+            }
+            let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
+            println!("{}", sovra_node::recover::recover_meta(&cfg)?);
+            Ok(())
+        }
         Command::VerifyReceipt(args) => sovra_node::receipt::verify_command(args),
         Command::Ctl { what } => sovra_node::ctl::run(what),
         Command::ReceiptKey { config, audit } => {

@@ -1,5 +1,7 @@
 //! Carrying out a shard split (`sovra_meta::ops`, a `Split` job) on the node
-//! that leads the parent shard's Raft group:
+//! that leads the parent shard's Raft group, and the rebuild of a shard that
+//! lost its quorum (a `Recover` job, [`recover`]) on its surviving replica's
+//! node. A split:
 //!
 //! 1. waits until both halves (new groups founded by the parent's nodes,
 //!    opened by every node's reconcile) have a leader;
@@ -74,6 +76,101 @@ pub async fn pass(state: &Arc<NodeState>) {
             unfence(state, &g.id, &job).await;
         }
     }
+    for (job, r) in view.state.ops.recoveries() {
+        if r.survivor != me || !state.split_drivers.lock().insert(job.id.clone()) {
+            continue;
+        }
+        let (state, id, r) = (state.clone(), job.id.clone(), r.clone());
+        tokio::spawn(async move {
+            if let Err(e) = recover(&state, &id, &r).await {
+                tracing::warn!(job = %id, error = %e.message, "rebuilding a shard failed a step; will retry");
+                progress(&state, &id, format!("{}; retrying", e.message)).await;
+            }
+            state.split_drivers.lock().remove(&id);
+        });
+    }
+}
+
+/// Rebuilds a shard that lost its quorum for good from this node's replica
+/// (`sovra_meta::ops::RecoverJob`): once the new group has a leader, copies
+/// everything this replica holds into it (as a split's final copy), then
+/// records the recovery done, which moves the map to the new shard. Refused,
+/// unless the job accepts it, when meta shows an erasure committed on the
+/// shard past the last entry this replica applied (its points would come
+/// back with the copy).
+async fn recover(state: &Arc<NodeState>, job: &str, r: &sovra_meta::ops::RecoverJob) -> Result<(), ApiError> {
+    let old = ShardId {
+        collection: r.collection.clone(),
+        region: r.shard.0.clone(),
+        number: r.shard.1,
+    };
+    let new = ShardId {
+        number: r.number,
+        ..old.clone()
+    };
+    let members: BTreeSet<u64> = r.replicas.iter().copied().collect();
+    wait_until(
+        || state.host.group(&new).is_some_and(|g| g.leader().is_some()),
+        "the new shard's group to elect a leader",
+    )
+    .await?;
+    let engine = state
+        .host
+        .group(&old)
+        .ok_or_else(|| ApiError::unavailable(format!("node {} has no open replica of shard {old}", state.config.node_id)))?
+        .engine()
+        .clone();
+    let view = state.view();
+    let applied = engine.last_applied();
+    let lost: Vec<String> = view
+        .state
+        .erasures
+        .jobs
+        .values()
+        .filter(|j| j.collection == r.collection && j.region == r.shard.0)
+        .filter(|j| j.shards.get(&r.shard.1).and_then(|s| s.index).is_some_and(|i| i > applied))
+        .map(|j| format!("{} ({})", j.id, j.kind.as_str()))
+        .collect();
+    if !lost.is_empty() && !r.accept_lost_erasures {
+        let why = format!(
+            "erasure jobs {} committed on shard {old} after log index {applied}, the last this replica applied:              rebuilt from it, their points would come back. Recover from a replica that applied them, or accept it              (--accept-lost-erasures) and run those erasures again at once",
+            lost.join(", ")
+        );
+        let end = MetaCommand::EndOp {
+            job: job.to_string(),
+            failed: Some(why),
+            at_ms: crate::cluster::now_ms(),
+        };
+        state.meta_change(end, &format!("failing recovery {job}")).await?;
+        return Ok(());
+    }
+    if !lost.is_empty() {
+        tracing::error!(job, shard = %old, lost = ?lost, "rebuilding a shard from a replica that missed erasures: run them again");
+    }
+    tracing::warn!(
+        job,
+        shard = %old,
+        survivor = state.config.node_id,
+        applied,
+        "rebuilding a shard that lost its quorum from this replica: writes acknowledged after its log index {applied} are lost"
+    );
+    let range = view
+        .state
+        .collections
+        .get(&r.collection)
+        .and_then(|c| c.shards.get(&r.shard))
+        .map(|s| s.range)
+        .ok_or_else(|| ApiError::unavailable(format!("shard {old} is no longer in the map")))?;
+    let total = engine.stats().live_points as u64;
+    let copied = sync(state, job, &engine, &new, range, &members, true, total).await?;
+    let done = MetaCommand::RecoverDone {
+        job: job.to_string(),
+        at_ms: crate::cluster::now_ms(),
+    };
+    let index = state.meta_change(done, &format!("recording recovery {job} done")).await?;
+    state.caught_up(index).await?;
+    tracing::warn!(job, shard = %old, new = %new, copied, applied, "shard rebuilt from this replica");
+    Ok(())
 }
 
 fn parent_id(s: &SplitJob) -> ShardId {

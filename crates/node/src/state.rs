@@ -470,6 +470,24 @@ impl NodeState {
                 wanted.insert(id, (spec.clone(), init));
             }
         }
+        // A running recovery's new shard: a new group its nodes found together.
+        for (_, r) in view.state.ops.recoveries() {
+            if !r.replicas.contains(&me) {
+                continue;
+            }
+            let Some(c) = view.state.collections.get(&r.collection) else {
+                continue;
+            };
+            let Ok(after) = MetaState::spec_after_recover(&c.spec, r) else {
+                continue;
+            };
+            let id = ShardId {
+                collection: r.collection.clone(),
+                region: r.shard.0.clone(),
+                number: r.number,
+            };
+            wanted.insert(id, (Arc::new(after), Some(r.replicas.iter().copied().collect())));
+        }
         // A running split's halves: new groups its nodes found together,
         // validating writes by the map they will route by.
         for (_, split) in view.state.ops.splits() {

@@ -146,6 +146,32 @@ impl<C: GroupConfig> LogStore<C> {
         }
     }
 
+    /// Lost-quorum recovery, on a stopped node: appends a membership entry
+    /// naming `me` as the group's only voter, under a term above any this
+    /// replica has seen (its vote moved to that term, for `me`), so that on
+    /// its next start this replica elects itself and commits everything in
+    /// its log. Entries the lost majority had and this replica lacks are
+    /// lost. Returns the entry's log id.
+    pub fn force_sole_voter(&self, me: NodeId) -> Result<LogId, StorageErr> {
+        let vote: Option<Vote<NodeId>> = self.get(VOTE)?;
+        let purged: Option<LogId> = self.get(PURGED)?;
+        let last = self.last_entry_id()?.or(purged);
+        let term = vote.map_or(0, |v| v.leader_id().term).max(last.map_or(0, |l| l.leader_id.term)) + 1;
+        let log_id = LogId::new(openraft::CommittedLeaderId::new(term, me), last.map_or(0, |l| l.index) + 1);
+        let entry = openraft::Entry::<C> {
+            log_id,
+            payload: openraft::EntryPayload::Membership(openraft::Membership::new(vec![std::collections::BTreeSet::from([me])], None)),
+        };
+        let bytes = encode_entry(&entry).map_err(|e| io_err(e, StorageIOError::write_logs))?;
+        let vote_bytes = postcard::to_allocvec(&Vote::new(term, me)).map_err(|e| io_err(e, StorageIOError::write_vote))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(&log_key(log_id.index), bytes);
+        batch.insert(VOTE, vote_bytes);
+        self.tree.apply_batch(batch).map_err(|e| io_err(e, StorageIOError::write_logs))?;
+        self.db.flush().map_err(|e| io_err(e, StorageIOError::write_logs))?;
+        Ok(log_id)
+    }
+
     /// Removes every key of the group (the replica left it).
     pub fn destroy(&self) -> Result<(), sled::Error> {
         self.tree.clear()?;

@@ -106,6 +106,19 @@ impl RegionShardMap {
         self.numbers.get(i + 1).copied()
     }
 
+    /// The map with shard `number`'s range owned by new shard `new` instead
+    /// (a group rebuilt after it lost its quorum); `None` if the map has no
+    /// `number` or already has `new`.
+    pub fn renumber(&self, number: u32, new: u32) -> Option<RegionShardMap> {
+        let i = self.numbers.iter().position(|n| *n == number)?;
+        if self.numbers.contains(&new) {
+            return None;
+        }
+        let mut out = self.clone();
+        out.numbers[i] = new;
+        Some(out)
+    }
+
     /// The map with shard `number`'s range halved between new shards `low`
     /// (the lower half) and `high`; `None` if the map has no such shard, it
     /// owns a single hash, or `low` or `high` is taken.

@@ -365,6 +365,34 @@ impl Admin for AdminService {
         .await
     }
 
+    async fn recover_shard(&self, req: Request<v1::RecoverShardRequest>) -> Result<Response<v1::OpJob>, Status> {
+        let note = Note::new("recover_shard", req.metadata());
+        audited(&self.state, "recover_shard", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("RecoverShard")?;
+            let req = req.into_inner();
+            let c = self.state.collection_now(&req.collection).await?;
+            note.collection(&c.spec)?;
+            let region = sovra_types::validate::check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            let job = format!("recover-{}", uuid::Uuid::new_v4().simple());
+            note.target(&job);
+            let cmd = MetaCommand::StartRecover {
+                job: job.clone(),
+                collection: c.spec.name.clone(),
+                shard: (region.clone(), req.shard),
+                survivor: req.survivor,
+                accept_lost_erasures: req.accept_lost_erasures,
+                at_ms: crate::cluster::now_ms(),
+            };
+            let what = format!("rebuilding shard {}/{region}/{} from node {}", c.spec.name, req.shard, req.survivor);
+            let out = self.start_job(cmd, &job, &what).await?;
+            tracing::warn!(job = %job, by = ?caller.key, survivor = req.survivor, "rebuilding a shard that lost its quorum: writes after the survivor's last entry are lost");
+            Ok(out)
+        })
+        .await
+    }
+
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         observe("list_jobs", async {
             let caller = self.state.authenticate(req.metadata()).await?;
@@ -579,6 +607,15 @@ pub(crate) fn op_to(j: &sovra_meta::ops::Job, meta: &sovra_meta::MetaState) -> v
             out.region = sp.shard.0.to_string();
             out.shard = sp.shard.1;
             out.new_shards = vec![sp.low, sp.high];
+            out.moves_total = 1;
+            out.moves_done = u32::from(j.state == OpState::Done);
+        }
+        JobKind::Recover(r) => {
+            out.collection = r.collection.to_string();
+            out.region = r.shard.0.to_string();
+            out.shard = r.shard.1;
+            out.from = r.survivor;
+            out.new_shards = vec![r.number];
             out.moves_total = 1;
             out.moves_done = u32::from(j.state == OpState::Done);
         }
