@@ -1171,11 +1171,12 @@ async fn a_rebuild_from_a_replica_that_missed_an_erasure_is_refused_unless_accep
 }
 
 /// The meta group loses two of its three voters for good: no metadata
-/// change commits. `sovra recover-meta` on the stopped survivor makes it the
-/// only voter; started again, it leads meta, keeps every key and collection
+/// change commits (nor any call: the region's audit log lost its quorum
+/// too). `sovra recover-groups --meta --audit` on the stopped survivor makes
+/// it the only voter of both; started again, it leads meta, keeps every key and collection
 /// it had, and takes changes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_meta_group_that_lost_its_quorum_is_led_again_by_its_survivor_after_recover_meta() {
+async fn a_meta_group_that_lost_its_quorum_is_led_again_by_its_survivor_after_recover_groups() {
     let mut nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
     create_people(&nodes[0], 4, 1, 1).await;
     let scopes = || v1::KeyScopes {
@@ -1198,7 +1199,11 @@ async fn a_meta_group_that_lost_its_quorum_is_led_again_by_its_survivor_after_re
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "no quorum, no change: {e:?}");
     let survivor = survivor
-        .restart_after(|cfg| sovra_node::recover::recover_meta(cfg).map(|msg| eprintln!("{msg}")))
+        .restart_after(|cfg| {
+            let seen = sovra_node::recover::recover_groups(cfg, true, true, true)?;
+            assert!(seen.contains("last log index"), "{seen}");
+            sovra_node::recover::recover_groups(cfg, true, true, false).map(|msg| eprintln!("{msg}"))
+        })
         .await;
     let mut admin = survivor.admin.clone();
     let made = eventually("meta takes changes again", Duration::from_secs(30), async || {

@@ -36,13 +36,20 @@ enum Command {
         #[arg(long)]
         audit: bool,
     },
-    /// LOSES WRITES. On a stopped node whose meta replica survived the loss
-    /// of a majority of the meta group for good: makes it the group's only
-    /// voter; started again, it leads meta and the others are added back.
-    /// See the lost-quorum runbook in the README.
-    RecoverMeta {
+    /// LOSES WRITES. On a stopped node whose meta replica (--meta) or region
+    /// audit log replica (--audit) survived the loss of a majority of its
+    /// group for good: makes it the group's only voter; started again, it
+    /// leads and the others are added back. See docs/lost-quorum.md.
+    RecoverGroups {
         #[arg(long)]
         config: PathBuf,
+        #[arg(long)]
+        meta: bool,
+        #[arg(long)]
+        audit: bool,
+        /// Only print how far each replica's log goes (to pick the survivor).
+        #[arg(long)]
+        dry_run: bool,
         /// Required: says you read the above.
         #[arg(long)]
         i_accept_lost_writes: bool,
@@ -143,20 +150,23 @@ fn main() -> anyhow::Result<()> {
             }))
         }
         Command::Dev(args) => runtime()?.block_on(dev::dev(args, shutdown_signal())),
-        Command::RecoverMeta {
+        Command::RecoverGroups {
             config,
+            meta,
+            audit,
+            dry_run,
             i_accept_lost_writes,
         } => {
-            if !i_accept_lost_writes {
+            if !i_accept_lost_writes && !dry_run {
                 eprintln!(
-                    "WARNING: recover-meta makes this node's meta replica the meta group's only voter: whatever the \
-                     lost voters committed beyond its log is LOST. Only for a meta group that lost a majority for \
-                     good. Pass --i-accept-lost-writes to go on."
+                    "WARNING: recover-groups makes this node's replica its group's only voter: whatever the lost \
+                     voters committed beyond its log is LOST. Only for a group that lost a majority for good (see \
+                     docs/lost-quorum.md). Pass --i-accept-lost-writes to go on."
                 );
                 std::process::exit(2);
             }
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
-            println!("{}", sovra_node::recover::recover_meta(&cfg)?);
+            println!("{}", sovra_node::recover::recover_groups(&cfg, meta, audit, dry_run)?);
             Ok(())
         }
         Command::VerifyReceipt(args) => sovra_node::receipt::verify_command(args),

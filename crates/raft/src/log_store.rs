@@ -146,6 +146,13 @@ impl<C: GroupConfig> LogStore<C> {
         }
     }
 
+    /// The last log id this replica holds (appended, maybe not committed),
+    /// or the last purged one: what a lost-quorum recovery compares.
+    pub fn last_log_id(&self) -> Result<Option<LogId>, StorageErr> {
+        let purged: Option<LogId> = self.get(PURGED)?;
+        Ok(self.last_entry_id()?.or(purged))
+    }
+
     /// Lost-quorum recovery, on a stopped node: appends a membership entry
     /// naming `me` as the group's only voter, under a term above any this
     /// replica has seen (its vote moved to that term, for `me`), so that on
