@@ -112,7 +112,9 @@ impl Drop for SearchPool {
 /// Lowers the calling thread's scheduling priority by [`SEARCH_NICE`]
 /// (Linux: `setpriority` on a thread id sets that thread's niceness alone).
 /// Best effort: where it is refused the thread runs at normal priority.
-fn lower_priority() {
+/// Also the node's index build threads' start: graph building must not keep
+/// Raft's messages (each with one heartbeat interval to be answered) waiting.
+pub fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: plain syscalls on the calling thread's own id; no memory is shared.
     unsafe {

@@ -208,6 +208,12 @@ async fn run(args: MoveBenchArgs) -> anyhow::Result<()> {
         disk as f64 / (1 << 20) as f64,
         disk as f64 / args.points as f64
     );
+    let index: usize = target.state.engines().iter().map(|e| e.stats().index_bytes).sum();
+    println!(
+        "the target's index in memory: {:.1} MiB, {:.0} bytes per point",
+        index as f64 / (1 << 20) as f64,
+        index as f64 / args.points as f64
+    );
     println!();
     println!("| search k=10 | n | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|");

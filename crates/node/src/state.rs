@@ -178,6 +178,10 @@ impl NodeState {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.index_threads)
             .thread_name(|i| format!("sovra-index-{i}"))
+            // Below the runtime, like leaf reads: a follower busy linking a
+            // large batch must still answer AppendEntries within a heartbeat
+            // interval, or replication stalls (openraft resends, times out).
+            .start_handler(|_| sovra_coord::pool::lower_priority())
             .build()
             .expect("thread pool");
         let index_options = sovra_index::IndexOptions {
