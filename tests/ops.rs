@@ -813,6 +813,27 @@ async fn a_split_under_load_keeps_every_acknowledged_id_findable_and_routes_new_
             }
         }
     }
+    // The erased point's tombstone came along to the half that owns it.
+    for n in &nodes[..3] {
+        let owner = n
+            .node()
+            .state
+            .engines()
+            .into_iter()
+            .find(|e| {
+                map.range_of(e.id().number)
+                    .unwrap()
+                    .contains(sovra_types::point_hash(&sovra_types::PointId::Num(500)))
+            })
+            .unwrap();
+        let key = owner.store().suppress_key().unwrap().expect("the half has the parent's key");
+        let tag = sovra_shard::id_tag(&key, &sovra_types::PointId::Num(500));
+        assert!(
+            owner.store().tombstone_at(&tag).unwrap().is_some(),
+            "{} lost a tombstone",
+            owner.id()
+        );
+    }
     // The suppression list came along: the erased subject is still refused.
     let again = p
         .upsert(v1::UpsertRequest {

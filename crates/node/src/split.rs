@@ -355,8 +355,12 @@ async fn sync(
         parent.store().suppression().map_err(|e| ApiError::internal(e.to_string()))?,
         child.store().suppression().map_err(|e| ApiError::internal(e.to_string()))?,
     );
-    let had: BTreeMap<[u8; 32], u64> = c_side.entries.iter().copied().collect();
-    let entries: Vec<([u8; 32], u64)> = p_side.entries.iter().filter(|(t, at)| had.get(t) != Some(at)).copied().collect();
+    let missing = |p: &[([u8; 32], u64)], c: &[([u8; 32], u64)]| -> Vec<([u8; 32], u64)> {
+        let had: BTreeMap<[u8; 32], u64> = c.iter().copied().collect();
+        p.iter().filter(|(t, at)| had.get(t) != Some(at)).copied().collect()
+    };
+    let entries = missing(&p_side.entries, &c_side.entries);
+    let tombs = missing(&p_side.tombstones, &c_side.tombstones);
     let c_opt: BTreeMap<&String, &sovra_types::OptOut> = c_side.opt_outs.iter().map(|(t, o)| (t, o)).collect();
     let p_opt: BTreeSet<&String> = p_side.opt_outs.iter().map(|(t, _)| t).collect();
     let opt_outs: Vec<(String, sovra_types::OptOut)> = p_side.opt_outs.iter().filter(|(t, o)| c_opt.get(t) != Some(&o)).cloned().collect();
@@ -370,20 +374,27 @@ async fn sync(
     let limit = sovra_types::limits::MAX_IDS_PER_REQUEST;
     let mut first = true;
     let mut ec = entries.chunks(limit).peekable();
+    let mut tc = tombs.chunks(limit).peekable();
     let mut oc = opt_outs.chunks(limit / 2).peekable();
     let mut rc = remove.chunks(limit / 2).peekable();
-    while first || ec.peek().is_some() || oc.peek().is_some() || rc.peek().is_some() {
+    while first || ec.peek().is_some() || tc.peek().is_some() || oc.peek().is_some() || rc.peek().is_some() {
         let b = CopyBatch {
             job: job.to_string(),
             fenced,
             suppress_key: if first { key } else { None },
             suppressed: ec.next().map(<[_]>::to_vec).unwrap_or_default(),
+            tombstones: tc.next().map(<[_]>::to_vec).unwrap_or_default(),
             opt_outs: oc.next().map(<[_]>::to_vec).unwrap_or_default(),
             remove_opt_outs: rc.next().map(<[_]>::to_vec).unwrap_or_default(),
             ..Default::default()
         };
         first = false;
-        if b.suppress_key.is_none() && b.suppressed.is_empty() && b.opt_outs.is_empty() && b.remove_opt_outs.is_empty() {
+        if b.suppress_key.is_none()
+            && b.suppressed.is_empty()
+            && b.tombstones.is_empty()
+            && b.opt_outs.is_empty()
+            && b.remove_opt_outs.is_empty()
+        {
             break;
         }
         state.host.write_to(half, members, copy(b)).await?;

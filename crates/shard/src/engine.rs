@@ -19,7 +19,7 @@ use sovra_index::{IndexOptions, Space};
 
 /// The saved index's file name in a replica's directory.
 pub const INDEX_FILE: &str = "index.sovra";
-use crate::store::{Suppression, subject_tag};
+use crate::store::{Suppression, id_tag, subject_tag};
 use sovra_types::validate::{check_command, check_record};
 use sovra_types::{
     CollectionSpec, Erase, EraseTarget, Filter, LawfulBasis, Metric, OptOut, PointId, PointRecord, SPLIT_REFUSAL, ShardCommand, ShardId,
@@ -391,6 +391,9 @@ impl ShardEngine {
                 for (tag, at) in &c.suppressed {
                     batch.suppress(tag, *at);
                 }
+                for (tag, at) in &c.tombstones {
+                    batch.tombstone(tag, *at);
+                }
                 for (t, o) in &c.opt_outs {
                     batch.opt_out(t, o)?;
                 }
@@ -574,6 +577,9 @@ impl ShardEngine {
         let mut erased = Vec::with_capacity(candidates.len());
         for id in candidates {
             if let Some(old) = batch.take(&id)? {
+                let tag = id_tag(&key, &id);
+                let at = self.store.tombstone_at(&tag)?.map_or(e.at_ms, |t| t.max(e.at_ms));
+                batch.tombstone(&tag, at);
                 if e.target.suppresses() && !old.subject.is_empty() {
                     subjects.insert(old.subject);
                 }

@@ -27,4 +27,4 @@ pub use catalog::NodeStore;
 pub use engine::{ApplyOutcome, CompactionReport, EntryOutcome, Hit, SearchParams, ShardEngine, ShardStats};
 pub use error::ShardError;
 pub use replica::{CacheBudget, ReplicaStore};
-pub use store::{Rejection, Rejections, Suppression, subject_tag};
+pub use store::{Rejection, Rejections, Suppression, id_tag, subject_tag};

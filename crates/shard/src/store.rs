@@ -18,6 +18,7 @@
 //! | `m` + `purge_reported` | u64 BE: the purge mark last reported to the meta group |
 //! | `j` + job id | postcard (log index, points removed): an erasure job this replica applied, until reported |
 //! | `x` + HMAC-SHA256(suppress key, subject) | u64 BE: when the subject was erased (ms) |
+//! | `t` + HMAC-SHA256(suppress key, point key) | u64 BE: when the point was erased (ms): a tombstone |
 //! | `o` + template id | postcard [`OptOut`]: an opted-out likeness (vector, threshold, time) |
 //!
 //! The suppression list names erased subjects only by a keyed hash: the list
@@ -39,6 +40,7 @@ const POINT: u8 = b'p';
 const SUBJECT: u8 = b's';
 const EXPIRY: u8 = b'e';
 const SUPPRESSED: u8 = b'x';
+const TOMBSTONE: u8 = b't';
 const OPT_OUT: u8 = b'o';
 const SUPPRESS_KEY: &[u8] = b"msuppress_key";
 const PURGE_PENDING: &[u8] = b"mpurge_pending";
@@ -96,6 +98,16 @@ pub fn subject_tag(key: &[u8; 32], subject: &str) -> [u8; 32] {
     use hmac::Mac;
     let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(subject.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// A tombstone's tag of a point id: HMAC-SHA256 under the shard's key over
+/// `id:` and the id's key bytes (apart from any subject's tag).
+pub fn id_tag(key: &[u8; 32], id: &PointId) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"id:");
+    mac.update(&id.key_bytes());
     mac.finalize().into_bytes().into()
 }
 
@@ -207,6 +219,15 @@ impl<'a> PendingBatch<'a> {
     /// Puts a subject's tag on the suppression list, erased at `at_ms`.
     pub fn suppress(&mut self, tag: &[u8; 32], at_ms: u64) {
         self.batch.insert(suppressed_key(tag), &at_ms.to_be_bytes());
+    }
+
+    /// Records that the point with this tag (the keyed hash of its id) was
+    /// erased at `at_ms`.
+    pub fn tombstone(&mut self, tag: &[u8; 32], at_ms: u64) {
+        let mut k = Vec::with_capacity(33);
+        k.push(TOMBSTONE);
+        k.extend_from_slice(tag);
+        self.batch.insert(k, &at_ms.to_be_bytes());
     }
 
     /// Puts a likeness on the opt-out registry.
@@ -359,6 +380,11 @@ impl ShardStore {
         for (tag, at) in &suppression.entries {
             b.insert(suppressed_key(tag), &at.to_be_bytes());
         }
+        for (tag, at) in &suppression.tombstones {
+            let mut k = vec![TOMBSTONE];
+            k.extend_from_slice(tag);
+            b.insert(k, &at.to_be_bytes());
+        }
         for (t, o) in &suppression.opt_outs {
             b.insert(opt_out_key(t), postcard::to_allocvec(o).map_err(ShardError::Encode)?);
         }
@@ -458,7 +484,27 @@ impl ShardStore {
             frozen: self.frozen()?,
             sealed: self.sealed()?,
             retired: self.retired()?,
+            tombstones: self.tagged(TOMBSTONE)?,
         })
+    }
+
+    /// Every (tag, ms) entry under `prefix`, in tag order.
+    fn tagged(&self, prefix: u8) -> Result<Vec<([u8; 32], u64)>, ShardError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([prefix]) {
+            let (k, v) = kv?;
+            if let (Ok(tag), Ok(at)) = (<[u8; 32]>::try_from(&k[1..]), <[u8; 8]>::try_from(v.as_ref())) {
+                out.push((tag, u64::from_be_bytes(at)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tombstone of a point (the keyed hash of its id), if it was erased.
+    pub fn tombstone_at(&self, tag: &[u8; 32]) -> Result<Option<u64>, ShardError> {
+        let mut k = vec![TOMBSTONE];
+        k.extend_from_slice(tag);
+        self.get_u64(&k)
     }
 
     /// Whether a split retired this shard.
@@ -577,6 +623,11 @@ impl ShardStore {
         }
         if suppression.retired {
             h.update(b"retired");
+        }
+        for (tag, at) in &suppression.tombstones {
+            h.update(b"tomb");
+            h.update(tag);
+            h.update(&at.to_be_bytes());
         }
         for kv in self.tree.scan_prefix([OPT_OUT]) {
             let (k, v) = kv?;

@@ -60,6 +60,8 @@ pub struct CopyBatch {
     pub suppress_key: Option<[u8; 32]>,
     /// Suppression entries: (keyed hash of the subject, erased at ms).
     pub suppressed: Vec<([u8; 32], u64)>,
+    /// Tombstones of erased points: (keyed hash of the id, erased at ms).
+    pub tombstones: Vec<([u8; 32], u64)>,
     pub opt_outs: Vec<(String, OptOut)>,
     pub remove_opt_outs: Vec<String>,
 }
@@ -80,6 +82,11 @@ pub struct Suppression {
     /// A split half: the job whose final copy (after the parent's fence)
     /// began here; copies from before the fence are refused from then on.
     pub sealed: Option<String>,
+    /// Tombstones of erased points: (keyed hash of the point id under the
+    /// same key as the subjects', erased at ms), in hash order. A restore
+    /// drops a backed-up point erased after its backup by them; the ids
+    /// themselves are never kept.
+    pub tombstones: Vec<([u8; 32], u64)>,
 }
 
 /// A registered opt-out: a likeness (a vector, prepared like a point's) and

@@ -240,7 +240,10 @@ pub fn check_command(spec: &CollectionSpec, shard: &ShardId, cmd: &ShardCommand)
             check_job_id(&c.job)?;
             points_ok(&c.points)?;
             ids_ok(&c.delete)?;
-            if c.suppressed.len() > MAX_IDS_PER_REQUEST || c.opt_outs.len() + c.remove_opt_outs.len() > MAX_IDS_PER_REQUEST {
+            if c.suppressed.len() > MAX_IDS_PER_REQUEST
+                || c.tombstones.len() > MAX_IDS_PER_REQUEST
+                || c.opt_outs.len() + c.remove_opt_outs.len() > MAX_IDS_PER_REQUEST
+            {
                 return Err(ApiError::invalid(format!(
                     "a split copy carries at most {MAX_IDS_PER_REQUEST} suppression entries and {MAX_IDS_PER_REQUEST} opt-out changes"
                 )));
