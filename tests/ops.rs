@@ -1255,3 +1255,75 @@ async fn a_meta_group_that_lost_its_quorum_is_led_again_by_its_survivor_after_re
     let meta = survivor.node().state.host.meta().unwrap();
     assert_eq!(meta.leader(), Some(1));
 }
+
+/// A backup of a region, restored into a new cluster with a later backup as
+/// its ledger: every point comes back except those erased (by ids or by
+/// subject) after the backup, and the erased subject stays suppressed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restore_brings_back_the_backup_but_nothing_erased_after_it() {
+    let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
+    create_people(&nodes[0], 4, 2, 2).await;
+    let mut p = nodes[0].points.clone();
+    p.upsert(v1::UpsertRequest {
+        collection: "people".into(),
+        points: (0..300).map(|j| point(j, vector(j), UK)).collect(),
+    })
+    .await
+    .unwrap();
+    let mut er = v1::erasure_client::ErasureClient::new(keyed(&nodes[0].channel, &nodes[0].key));
+    let subject = |s: &str| v1::EraseRequest {
+        collection: "people".into(),
+        region: UK.into(),
+        target: Some(v1::erase_request::Target::Subject(s.into())),
+    };
+    // Erased before the backup: not in it.
+    er.erase(subject("s1")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (b1, b2) = (dir.path().join("b1"), dir.path().join("b2"));
+    let out = sovra_node::backup::backup(&conn(&nodes[1]), "people", UK, &b1).await.unwrap();
+    assert!(out.contains("backed up 299 points"), "{out}");
+    // Erased after the backup: a subject and two ids. The later backup is the ledger.
+    er.erase(subject("s2")).await.unwrap();
+    er.erase(v1::EraseRequest {
+        collection: "people".into(),
+        region: UK.into(),
+        target: Some(v1::erase_request::Target::Ids(v1::EraseIds { ids: vec![num(3), num(4)] })),
+    })
+    .await
+    .unwrap();
+    sovra_node::backup::backup(&conn(&nodes[2]), "people", UK, &b2).await.unwrap();
+    // A backup goes into an empty directory only.
+    assert!(sovra_node::backup::backup(&conn(&nodes[1]), "people", UK, &b1).await.is_err());
+    drop(nodes);
+
+    let fresh = TestNode::start_cluster(&[(11, UK), (12, UK), (13, UK)]).await;
+    let out = sovra_node::backup::restore(&conn(&fresh[0]), &b1, Some(&b2)).await.unwrap();
+    assert!(out.contains("restored 296 points") && out.contains("left out 3"), "{out}");
+    let back: Vec<u64> = (0..300).filter(|i| ![1, 2, 3, 4].contains(i)).collect();
+    all_there(&fresh[0], &back).await;
+    let mut fp = fresh[0].points.clone();
+    let gone = fp
+        .get(v1::GetPointsRequest {
+            collection: "people".into(),
+            region: UK.into(),
+            ids: [1, 2, 3, 4].into_iter().map(num).collect(),
+            consistency: v1::Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gone.points.is_empty(), "erased points came back: {:?}", gone.points);
+    // The suppression list came with it: s2 is refused without later consent.
+    let again = fp
+        .upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points: vec![point(2, vector(2), UK)],
+        })
+        .await
+        .unwrap_err();
+    assert!(again.message().contains("suppression list"), "{again:?}");
+    // A second restore finds the shards holding points and is refused.
+    let twice = sovra_node::backup::restore(&conn(&fresh[0]), &b1, None).await.unwrap_err();
+    assert!(format!("{twice:#}").contains("not empty"), "{twice:#}");
+}

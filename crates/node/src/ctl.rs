@@ -134,6 +134,33 @@ pub enum CtlCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Backs up every shard of a collection's region into an empty directory:
+    /// a snapshot file per shard (points, suppression list, tombstones,
+    /// opt-out registry, each at one log position, digest-checked) and
+    /// manifest.json. The files hold the region's personal data: keep them in
+    /// the region.
+    Backup {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        collection: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restores a backup into a cluster where the collection does not exist
+    /// (or its shards in the region are empty). With --ledger (a later
+    /// backup of the same region), points erased, suppressed or opted out
+    /// since the backup are left out and the later lists adopted.
+    Restore {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+    },
     /// API keys: create, list, revoke.
     Keys {
         #[command(subcommand)]
@@ -200,7 +227,7 @@ impl Conn {
         Ok((addr, key))
     }
 
-    async fn keyed(&self) -> anyhow::Result<crate::dev::Keyed> {
+    pub async fn keyed(&self) -> anyhow::Result<crate::dev::Keyed> {
         let (addr, key) = self.resolve()?;
         Ok(crate::dev::keyed(&channel(&addr).await?, &key))
     }
@@ -492,6 +519,13 @@ pub fn run(cmd: CtlCommand) -> anyhow::Result<()> {
             i_accept_lost_writes,
             wait,
         )),
+        CtlCommand::Backup {
+            conn,
+            collection,
+            region,
+            out,
+        } => block_on(crate::backup::backup(&conn, &collection, &region, &out)),
+        CtlCommand::Restore { conn, dir, ledger } => block_on(crate::backup::restore(&conn, &dir, ledger.as_deref())),
         CtlCommand::Keys { what } => block_on(crate::ctl_ops::keys(what)),
     }
 }

@@ -393,6 +393,77 @@ impl Admin for AdminService {
         .await
     }
 
+    type ExportShardStream = tokio_stream::wrappers::ReceiverStream<Result<v1::ExportChunk, Status>>;
+
+    async fn export_shard(&self, req: Request<v1::ExportShardRequest>) -> Result<Response<Self::ExportShardStream>, Status> {
+        let note = Note::new("export_shard", req.metadata());
+        audited(&self.state, "export_shard", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("ExportShard")?;
+            let req = req.into_inner();
+            let c = self.state.collection_now(&req.collection).await?;
+            caller.require_collection(&c.spec.name)?;
+            note.collection(&c.spec)?;
+            let region = sovra_types::validate::check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            caller.require_read(&region)?;
+            note.regions([&region]);
+            // R2: a region's data leaves the cluster only through its own nodes.
+            if region != self.state.region {
+                return Err(ApiError::precondition(format!(
+                    "R2: data of region {region} is exported only through a node of {region} (at {}); this node is in {}",
+                    self.state.region_addresses(&region).join(", "),
+                    self.state.region
+                )));
+            }
+            let shard = sovra_types::ShardId {
+                collection: c.spec.name.clone(),
+                region,
+                number: req.shard,
+            };
+            let (path, index) = crate::backup::export_shard(&self.state, &shard).await?;
+            tracing::warn!(shard = %shard, index, by = ?caller.key, "a shard was exported (a backup)");
+            Ok(crate::backup::stream_file(path))
+        })
+        .await
+    }
+
+    async fn restore_shard_state(
+        &self,
+        req: Request<v1::RestoreShardStateRequest>,
+    ) -> Result<Response<v1::RestoreShardStateResponse>, Status> {
+        let note = Note::new("restore_shard_state", req.metadata());
+        audited(&self.state, "restore_shard_state", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("RestoreShardState")?;
+            let req = req.into_inner();
+            let c = self.state.collection_now(&req.collection).await?;
+            caller.require_collection(&c.spec.name)?;
+            note.collection(&c.spec)?;
+            let region = sovra_types::validate::check_region(&c.spec, &req.region).map_err(|e| e.at("region"))?;
+            caller.require_write(&region)?;
+            note.regions([&region]);
+            if region != self.state.region {
+                return Err(ApiError::precondition(format!(
+                    "R2: data of region {region} is restored only through a node of {region} (at {}); this node is in {}",
+                    self.state.region_addresses(&region).join(", "),
+                    self.state.region
+                )));
+            }
+            let side: sovra_types::Suppression = postcard::from_bytes(&req.state)
+                .map_err(|e| ApiError::invalid(format!("state: not a shard's side state as a backup holds it ({e})")).at("state"))?;
+            let shard = sovra_types::ShardId {
+                collection: c.spec.name.clone(),
+                region,
+                number: req.shard,
+            };
+            crate::backup::restore_side(&self.state, &shard, side).await?;
+            Ok(v1::RestoreShardStateResponse {})
+        })
+        .await
+    }
+
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         observe("list_jobs", async {
             let caller = self.state.authenticate(req.metadata()).await?;
