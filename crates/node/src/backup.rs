@@ -196,14 +196,7 @@ pub async fn backup(c: &Conn, collection: &str, region: &str, out: &Path) -> any
         .await
         .map_err(|s| anyhow::anyhow!("GetCollection: {}", s.message()))?
         .into_inner();
-    let status = c
-        .admin()
-        .await?
-        .cluster_status(v1::ClusterStatusRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("ClusterStatus: {}", s.message()))?
-        .into_inner();
-    let addr: BTreeMap<u64, String> = status.nodes.iter().map(|n| (n.id, n.public_addr.clone())).collect();
+    let addr = public_addresses(c).await?;
     let mut shards = Vec::new();
     for s in info.shards.iter().filter(|s| s.region == region) {
         let file = format!("shard-{}.snap", s.number);
@@ -247,6 +240,18 @@ pub async fn backup(c: &Conn, collection: &str, region: &str, out: &Path) -> any
         m.shards.len(),
         out.display()
     ))
+}
+
+/// Every node's public address, by id.
+async fn public_addresses(c: &Conn) -> anyhow::Result<BTreeMap<u64, String>> {
+    let status = c
+        .admin()
+        .await?
+        .cluster_status(v1::ClusterStatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("ClusterStatus: {}", s.message()))?
+        .into_inner();
+    Ok(status.nodes.into_iter().map(|n| (n.id, n.public_addr)).collect())
 }
 
 async fn export_one(c: &Conn, addr: &str, collection: &str, region: &str, shard: u32, path: &Path) -> anyhow::Result<()> {
@@ -376,14 +381,7 @@ pub async fn restore(c: &Conn, dir: &Path, ledger: Option<&Path>) -> anyhow::Res
         .await
         .map_err(|s| anyhow::anyhow!("GetCollection: {}", s.message()))?
         .into_inner();
-    let status = c
-        .admin()
-        .await?
-        .cluster_status(v1::ClusterStatusRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("ClusterStatus: {}", s.message()))?
-        .into_inner();
-    let addr: BTreeMap<u64, String> = status.nodes.iter().map(|n| (n.id, n.public_addr.clone())).collect();
+    let addr = public_addresses(c).await?;
     let now = crate::cluster::now_ms();
     let (mut restored, mut left_out) = (0u64, 0u64);
     for s in &m.shards {
