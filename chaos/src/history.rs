@@ -18,12 +18,29 @@ pub enum Call {
     Get {
         linearizable: bool,
     },
+    /// An erasure of the key's point (by id).
+    Erase,
+    /// A search through a coordinator with a key (API key) that may read
+    /// `may_read` regions; the outcome lists what it returned.
+    Search {
+        may_read: Vec<String>,
+    },
+}
+
+/// One search hit as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hit {
+    pub key: u64,
+    pub value: u64,
+    pub region: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// Acknowledged; a read's answer (`None`: absent).
     Ok { found: Option<u64> },
+    /// A search's answer.
+    Hits(Vec<Hit>),
     /// Refused or failed before it could take effect.
     Failed(String),
     /// Ended without an answer (a timeout, a dropped connection).
@@ -48,8 +65,9 @@ pub fn registers(ops: &[Op]) -> BTreeMap<u64, Vec<KeyOp>> {
     for o in ops {
         let write = match o.call {
             Call::Upsert { value } => Some(Some(value)),
-            Call::Delete => Some(None),
-            Call::Get { .. } => None,
+            // An erasure empties the register like a delete.
+            Call::Delete | Call::Erase => Some(None),
+            Call::Get { .. } | Call::Search { .. } => None,
         };
         let k = match (&o.call, &o.outcome, write) {
             (_, Outcome::Failed(_), _) => continue,
@@ -81,6 +99,84 @@ pub fn check_linearizable(ops: &[Op]) -> Vec<(u64, Violation)> {
         .into_iter()
         .filter_map(|(k, h)| linearizable::check(&h).err().map(|v| (k, v)))
         .collect()
+}
+
+/// E1 and R3 violations, each named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Breach {
+    /// A read or search invoked after an erasure of `key` was acknowledged
+    /// returned `value`, written (and acknowledged) before the erasure was
+    /// invoked.
+    ErasedReturned {
+        key: u64,
+        value: u64,
+        erased_at: u64,
+        read_at: u64,
+    },
+    /// A search returned a point of a region its key may not read.
+    OutOfScope { key: u64, region: String, read_at: u64 },
+}
+
+/// E1: no erased point is returned after the erasure's acknowledgement. A
+/// value whose write overlapped the erasure may go either way and is not
+/// judged; one written after it is new data.
+pub fn check_erasures(ops: &[Op]) -> Vec<Breach> {
+    // key -> (erasure invoked, acknowledged), acknowledged erasures only.
+    let mut erasures: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    // value -> when its write was acknowledged.
+    let mut written: BTreeMap<u64, u64> = BTreeMap::new();
+    for o in ops {
+        match (&o.call, &o.outcome, o.returned) {
+            (Call::Erase, Outcome::Ok { .. }, Some(r)) => erasures.entry(o.key).or_default().push((o.invoked, r)),
+            (Call::Upsert { value }, Outcome::Ok { .. }, Some(r)) => {
+                written.insert(*value, r);
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let mut judge = |key: u64, value: u64, read_at: u64| {
+        let Some(w) = written.get(&value) else { return };
+        for &(e_inv, e_ret) in erasures.get(&key).into_iter().flatten() {
+            if *w < e_inv && e_ret < read_at {
+                out.push(Breach::ErasedReturned {
+                    key,
+                    value,
+                    erased_at: e_ret,
+                    read_at,
+                });
+            }
+        }
+    };
+    for o in ops {
+        match (&o.call, &o.outcome) {
+            (Call::Get { .. }, Outcome::Ok { found: Some(v) }) => judge(o.key, *v, o.invoked),
+            (Call::Search { .. }, Outcome::Hits(hits)) => {
+                for h in hits {
+                    judge(h.key, h.value, o.invoked);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// R3: no search returns a point of a region its key may not read.
+pub fn check_scope(ops: &[Op]) -> Vec<Breach> {
+    let mut out = Vec::new();
+    for o in ops {
+        if let (Call::Search { may_read }, Outcome::Hits(hits)) = (&o.call, &o.outcome) {
+            for h in hits.iter().filter(|h| !may_read.contains(&h.region)) {
+                out.push(Breach::OutOfScope {
+                    key: h.key,
+                    region: h.region.clone(),
+                    read_at: o.invoked,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Reads a history written one JSON object per line.
@@ -118,6 +214,81 @@ mod tests {
         assert!(check_linearizable(&ops).is_empty());
         let text: String = ops.iter().map(|o| serde_json::to_string(o).unwrap() + "\n").collect();
         assert_eq!(parse(&text).unwrap(), ops);
+    }
+
+    fn hits(hs: &[(u64, u64, &str)]) -> Outcome {
+        Outcome::Hits(
+            hs.iter()
+                .map(|&(key, value, region)| Hit {
+                    key,
+                    value,
+                    region: region.into(),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn e1_an_erased_point_returned_after_the_acknowledgement_is_caught_and_one_written_after_is_not() {
+        let search = || Call::Search {
+            may_read: vec!["uk".into()],
+        };
+        let mut ops = vec![
+            op(1, Call::Upsert { value: 10 }, 0, 1, Outcome::Ok { found: None }),
+            op(1, Call::Erase, 2, 3, Outcome::Ok { found: None }),
+            // Concurrent with the erasure: either way.
+            op(1, Call::Get { linearizable: false }, 2, 4, Outcome::Ok { found: Some(10) }),
+            // Written again after the erasure: new data.
+            op(1, Call::Upsert { value: 11 }, 5, 6, Outcome::Ok { found: None }),
+            op(0, search(), 7, 8, hits(&[(1, 11, "uk")])),
+        ];
+        assert!(check_erasures(&ops).is_empty());
+        assert!(check_linearizable(&ops).is_empty());
+        ops.push(op(0, search(), 9, 10, hits(&[(1, 10, "uk")])));
+        ops.push(op(1, Call::Get { linearizable: false }, 9, 10, Outcome::Ok { found: Some(10) }));
+        let b = check_erasures(&ops);
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert_eq!(
+            b[0],
+            Breach::ErasedReturned {
+                key: 1,
+                value: 10,
+                erased_at: 3,
+                read_at: 9
+            }
+        );
+    }
+
+    #[test]
+    fn r3_a_hit_of_a_region_the_key_may_not_read_is_caught() {
+        let ops = vec![
+            op(
+                0,
+                Call::Search {
+                    may_read: vec!["uk".into()],
+                },
+                0,
+                1,
+                hits(&[(1, 10, "uk"), (2, 20, "us")]),
+            ),
+            op(
+                0,
+                Call::Search {
+                    may_read: vec!["uk".into(), "us".into()],
+                },
+                2,
+                3,
+                hits(&[(2, 20, "us")]),
+            ),
+        ];
+        assert_eq!(
+            check_scope(&ops),
+            vec![Breach::OutOfScope {
+                key: 2,
+                region: "us".into(),
+                read_at: 0
+            }]
+        );
     }
 
     #[test]
