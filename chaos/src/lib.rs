@@ -3,9 +3,11 @@
 //! per-key linearizability (`linearizable`: a memoised Wing-Gong search that
 //! treats timed-out writes as may-or-may-not), E1 (no erased point returned
 //! after the erasure's acknowledgement) and R3 (no search hit from a region
-//! its key may not read). The harness that starts nodes in their own network
-//! namespaces, the workload, the nemesis, and the R2, E3, T1 and convergence
+//! its key may not read); and the network the harness runs nodes in (`net`:
+//! a namespace per host on a bridge, partitions by nftables). The harness
+//! itself, the workload, the nemesis, and the R2, E3, T1 and convergence
 //! checkers come next (issue 14).
 
 pub mod history;
 pub mod linearizable;
+pub mod net;
