@@ -4,10 +4,13 @@
 //! treats timed-out writes as may-or-may-not), E1 (no erased point returned
 //! after the erasure's acknowledgement) and R3 (no search hit from a region
 //! its key may not read); and the network the harness runs nodes in (`net`:
-//! a namespace per host on a bridge, partitions by nftables). The harness
-//! itself, the workload, the nemesis, and the R2, E3, T1 and convergence
+//! a namespace per host on a bridge, partitions by nftables) with real
+//! `sovra node` processes in it and their process faults (`cluster`:
+//! SIGKILL and restart, SIGSTOP and SIGCONT). The harness's run loop, the
+//! workload, the nemesis, and the R2, E3, T1 and convergence
 //! checkers come next (issue 14).
 
+pub mod cluster;
 pub mod history;
 pub mod linearizable;
 pub mod net;
