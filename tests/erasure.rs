@@ -7,6 +7,7 @@
 //! during the purge) and E3 after restarts and a lagging replica's snapshot
 //! install.
 
+use sovra_chaos::residency::files_holding;
 use sovra_proto::v1::{self, erasure_client::ErasureClient};
 use sovra_tests::*;
 use std::time::Duration;
@@ -378,20 +379,6 @@ fn canary_person(i: u64, canary: &str) -> v1::Point {
         },
     );
     p
-}
-
-fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_holding(&p, needle));
-        } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
