@@ -224,14 +224,8 @@ mod tests {
     /// data and is up again; a paused one is seen down, then up once resumed.
     #[test]
     fn nodes_in_their_own_namespaces_form_a_cluster_and_survive_kill_and_pause() {
-        if let Err(e) = crate::net::available() {
-            assert!(std::env::var("CI").is_err(), "network namespaces are required under CI: {e}");
-            eprintln!("SKIPPED LOUDLY: network namespaces are not available here ({e})");
-            return;
-        }
+        let Some(net) = crate::net::test_net("sk", 8, 3) else { return };
         let dir = tempfile::tempdir().unwrap();
-        let prefix = format!("sk{}", std::process::id() % 100_000);
-        let net = Net::create(&prefix, 8, 3).unwrap();
         let mut c = Cluster::start(net, dir.path(), &["uk", "uk", "uk"]).unwrap();
         let up = |c: &Cluster, want: usize| -> anyhow::Result<()> {
             let deadline = Instant::now() + Duration::from_secs(60);

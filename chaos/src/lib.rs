@@ -7,8 +7,9 @@
 //! directory holds another region's canary); and the network the harness runs nodes in (`net`:
 //! a namespace per host on a bridge, partitions by nftables) with real
 //! `sovra node` processes in it and their process faults (`cluster`:
-//! SIGKILL and restart, SIGSTOP and SIGCONT). The harness's run loop, the
-//! workload, the nemesis, and the E3, T1 and convergence
+//! SIGKILL and restart, SIGSTOP and SIGCONT), and the workload's clients
+//! (`workload`: run from a host's namespace). The harness's seeded run loop,
+//! the nemesis, and the E3, T1 and convergence
 //! checkers come next (issue 14).
 
 pub mod cluster;
@@ -16,3 +17,4 @@ pub mod history;
 pub mod linearizable;
 pub mod net;
 pub mod residency;
+pub mod workload;

@@ -161,6 +161,19 @@ impl Net {
     }
 }
 
+/// For tests: a net of `hosts` hosts, or `None` (said loudly) where
+/// namespaces cannot be made; under `CI=true` their absence fails the test.
+#[cfg(test)]
+pub(crate) fn test_net(tag: &str, net: u8, hosts: usize) -> Option<Net> {
+    if let Err(e) = available() {
+        assert!(std::env::var("CI").is_err(), "network namespaces are required under CI: {e}");
+        eprintln!("SKIPPED LOUDLY: network namespaces are not available here ({e})");
+        return None;
+    }
+    let prefix = format!("{tag}{}", std::process::id() % 100_000);
+    Some(Net::create(&prefix, net, hosts).expect("the chaos network"))
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         // Deleting a namespace deletes its interfaces (and the veth peers).
@@ -196,13 +209,7 @@ mod tests {
     /// `CI=true` that is a failure.
     #[test]
     fn hosts_reach_one_another_until_cut_and_again_after_a_heal() {
-        if let Err(e) = available() {
-            assert!(std::env::var("CI").is_err(), "network namespaces are required under CI: {e}");
-            eprintln!("SKIPPED LOUDLY: network namespaces are not available here ({e})");
-            return;
-        }
-        let prefix = format!("sc{}", std::process::id() % 100_000);
-        let mut net = Net::create(&prefix, 7, 3).unwrap();
+        let Some(mut net) = test_net("sc", 7, 3) else { return };
         // A listener on every host (bounded: each exits after 20 s).
         let port = 7711;
         let mut servers = Vec::new();
