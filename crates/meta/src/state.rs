@@ -986,27 +986,14 @@ impl MetaState {
             .as_recover()
             .cloned()
             .ok_or_else(|| Refused::Op(format!("job {job} is a {}, not a recovery", rec.kind.name())))?;
-        let old = self.shard_record(&r.collection, &r.shard)?.clone();
+        self.shard_record(&r.collection, &r.shard)?;
         let spec = Self::spec_after_recover(&self.collections[&r.collection].spec, &r)?;
-        let c = self.collections.get_mut(&r.collection).expect("checked above");
-        c.shards.remove(&r.shard);
-        c.shards.insert(
-            (r.shard.0.clone(), r.number),
-            ShardRecord {
-                range: old.range,
-                replicas: r.replicas.clone(),
-                founders: r.replicas.clone(),
-            },
-        );
-        c.spec = spec;
-        // The lost group's replicas are destroyed; nothing waits on them.
-        self.erasures.replicas_set(&r.collection, &r.shard, &[]);
         let text = format!(
             "shard {} rebuilt from node {} as shard {} on nodes {:?}",
             r.shard.1, r.survivor, r.number, r.replicas
         );
-        self.ops.finish(job, crate::ops::OpState::Done, Some(text), at_ms);
-        Ok(self.bump())
+        let new = [(r.shard.0.clone(), r.number)];
+        Ok(self.replace_shard(&r.collection, &r.shard, spec, &new, &r.replicas, job, text, at_ms))
     }
 
     /// The running job `job`, to be recorded done; `None` if it is done
@@ -1035,23 +1022,6 @@ impl MetaState {
             .ok_or_else(|| Refused::Op(format!("job {job} is a {}, not a split", rec.kind.name())))?;
         let parent = self.shard_record(&s.collection, &s.shard)?.clone();
         let spec = Self::spec_after_split(&self.collections[&s.collection].spec, &s)?;
-        let map = spec.shard_map(&s.shard.0).map_err(|e| Refused::Op(e.message))?;
-        let c = self.collections.get_mut(&s.collection).expect("checked above");
-        c.shards.remove(&s.shard);
-        for key in s.halves() {
-            let range = map.range_of(key.1).expect("the split map has both halves");
-            c.shards.insert(
-                key,
-                ShardRecord {
-                    range,
-                    replicas: s.replicas.clone(),
-                    founders: s.replicas.clone(),
-                },
-            );
-        }
-        c.spec = spec;
-        // Nothing waits on the parent's replicas any more.
-        self.erasures.replicas_set(&s.collection, &s.shard, &[]);
         let text = format!(
             "shard {} replaced by shards {} and {} ({} replicas each)",
             s.shard.1,
@@ -1059,8 +1029,43 @@ impl MetaState {
             s.high,
             parent.replicas.len()
         );
+        Ok(self.replace_shard(&s.collection, &s.shard, spec, &s.halves(), &s.replicas, job, text, at_ms))
+    }
+
+    /// Replaces shard `old` of `c` by the shards `new` (their ranges from
+    /// `spec`'s map, founded on `replicas`), adopts `spec`, and ends `job`
+    /// done: one new map version. Nothing waits on `old`'s replicas any more
+    /// (they are destroyed as nodes see the map).
+    #[allow(clippy::too_many_arguments)]
+    fn replace_shard(
+        &mut self,
+        c: &CollectionName,
+        old: &ShardKey,
+        spec: CollectionSpec,
+        new: &[ShardKey],
+        replicas: &[u64],
+        job: &str,
+        text: String,
+        at_ms: u64,
+    ) -> Applied {
+        let map = spec.shard_map(&old.0).expect("the spec's own region");
+        let coll = self.collections.get_mut(c).expect("checked by the caller");
+        coll.shards.remove(old);
+        for key in new {
+            let range = map.range_of(key.1).expect("the new map has every new shard");
+            coll.shards.insert(
+                key.clone(),
+                ShardRecord {
+                    range,
+                    replicas: replicas.to_vec(),
+                    founders: replicas.to_vec(),
+                },
+            );
+        }
+        coll.spec = spec;
+        self.erasures.replicas_set(c, old, &[]);
         self.ops.finish(job, crate::ops::OpState::Done, Some(text), at_ms);
-        Ok(self.bump())
+        self.bump()
     }
 
     /// Nodes not yet marked down whose last heartbeat is more than

@@ -244,13 +244,7 @@ pub async fn backup(c: &Conn, collection: &str, region: &str, out: &Path) -> any
 
 /// Every node's public address, by id.
 async fn public_addresses(c: &Conn) -> anyhow::Result<BTreeMap<u64, String>> {
-    let status = c
-        .admin()
-        .await?
-        .cluster_status(v1::ClusterStatusRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("ClusterStatus: {}", s.message()))?
-        .into_inner();
+    let status = c.cluster_status().await?;
     Ok(status.nodes.into_iter().map(|n| (n.id, n.public_addr)).collect())
 }
 

@@ -232,6 +232,17 @@ impl Conn {
         Ok(crate::dev::keyed(&channel(&addr).await?, &key))
     }
 
+    /// `Admin/ClusterStatus` through this connection.
+    pub async fn cluster_status(&self) -> anyhow::Result<sovra_proto::v1::ClusterStatusResponse> {
+        Ok(self
+            .admin()
+            .await?
+            .cluster_status(sovra_proto::v1::ClusterStatusRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("ClusterStatus: {}", s.message()))?
+            .into_inner())
+    }
+
     pub async fn admin(&self) -> anyhow::Result<sovra_proto::v1::admin_client::AdminClient<crate::dev::Keyed>> {
         Ok(sovra_proto::v1::admin_client::AdminClient::new(self.keyed().await?))
     }
@@ -296,14 +307,7 @@ async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
 
 /// `sovra ctl status`.
 pub async fn status(c: &Conn) -> anyhow::Result<String> {
-    use sovra_proto::v1;
-    let r = c
-        .admin()
-        .await?
-        .cluster_status(v1::ClusterStatusRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("ClusterStatus: {}", s.message()))?
-        .into_inner();
+    let r = c.cluster_status().await?;
     let mut nodes = r.nodes;
     nodes.sort_by(|a, b| (&a.region, &a.zone, a.id).cmp(&(&b.region, &b.zone, b.id)));
     let rows = nodes

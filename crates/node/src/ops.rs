@@ -29,7 +29,8 @@ pub async fn ops_loop(state: Arc<NodeState>, mut stop: tokio::sync::watch::Recei
     }
 }
 
-async fn progress(state: &NodeState, job: &str, text: String) {
+/// Records what a running job's last step did (shared with `crate::split`).
+pub(crate) async fn progress(state: &NodeState, job: &str, text: String) {
     // Unchanged progress is not written again on every pass.
     if state.view().state.ops.jobs.get(job).is_some_and(|j| j.progress == text) {
         return;

@@ -23,6 +23,7 @@
 //! otherwise (cancelled, or cancelled by an erasure of its shard) leaves a
 //! fenced parent: its leader then lifts the fence ([`unfence`]).
 
+use crate::ops::progress;
 use crate::state::NodeState;
 use sovra_meta::MetaCommand;
 use sovra_meta::ops::SplitJob;
@@ -187,18 +188,6 @@ fn half_ids(s: &SplitJob) -> [ShardId; 2] {
         region,
         number,
     })
-}
-
-async fn progress(state: &NodeState, job: &str, text: String) {
-    if state.view().state.ops.jobs.get(job).is_some_and(|j| j.progress == text) {
-        return;
-    }
-    let cmd = MetaCommand::OpProgress {
-        job: job.to_string(),
-        progress: text,
-        at_ms: crate::cluster::now_ms(),
-    };
-    let _ = crate::cluster::meta_write(state, cmd).await;
 }
 
 /// Whether the split `job` still runs, by the freshest view.
