@@ -31,6 +31,19 @@ async fn create_people(n: &TestNode, dim: u32, shards: u32, rf: u32) -> v1::coll
     c
 }
 
+/// Points 0..100*batches (4-d, region uk) upserted through `p`, 100 at a time.
+async fn preload(p: &mut sovra_proto::v1::points_client::PointsClient<sovra_node::dev::Keyed>, batches: u64) {
+    for b in 0..batches {
+        let points = (b * 100..b * 100 + 100).map(|j| point(j, vector(j), UK)).collect();
+        p.upsert(v1::UpsertRequest {
+            collection: "people".into(),
+            points,
+        })
+        .await
+        .unwrap();
+    }
+}
+
 fn split_req(shard: u32) -> v1::SplitShardRequest {
     v1::SplitShardRequest {
         collection: "people".into(),
@@ -596,15 +609,7 @@ async fn a_split_under_load_keeps_every_acknowledged_id_findable_and_routes_new_
     let mut p = nodes[0].points.clone();
     // Enough that the first copy takes a while, so writes land between it
     // and the fence (the final copy carries them).
-    for b in 0..40u64 {
-        let points = (b * 100..b * 100 + 100).map(|j| point(j, vector(j), UK)).collect();
-        p.upsert(v1::UpsertRequest {
-            collection: "people".into(),
-            points,
-        })
-        .await
-        .unwrap();
-    }
+    preload(&mut p, 40).await;
     // Deleted and erased before the split: neither comes back after it, and
     // the erased subject stays suppressed in whichever half owns its points.
     p.delete(v1::DeletePointsRequest {
@@ -871,15 +876,7 @@ async fn a_cancelled_split_leaves_the_shard_map_as_before_or_as_after() {
     let nodes = TestNode::start_cluster(&[(1, UK), (2, UK), (3, UK)]).await;
     create_people(&nodes[0], 4, 1, 3).await;
     let mut p = nodes[0].points.clone();
-    for b in 0..20u64 {
-        let points = (b * 100..b * 100 + 100).map(|j| point(j, vector(j), UK)).collect();
-        p.upsert(v1::UpsertRequest {
-            collection: "people".into(),
-            points,
-        })
-        .await
-        .unwrap();
-    }
+    preload(&mut p, 20).await;
     let mut admin = nodes[0].admin.clone();
     let mut next = 2000u64;
     for attempt in 0..3 {
@@ -1006,15 +1003,7 @@ async fn a_shard_that_lost_its_quorum_is_rebuilt_from_its_surviving_replica() {
         .collect();
     create_people(nodes[0].as_ref().unwrap(), 4, 1, 3).await;
     let mut p = nodes[0].as_ref().unwrap().points.clone();
-    for b in 0..5u64 {
-        let points = (b * 100..b * 100 + 100).map(|j| point(j, vector(j), UK)).collect();
-        p.upsert(v1::UpsertRequest {
-            collection: "people".into(),
-            points,
-        })
-        .await
-        .unwrap();
-    }
+    preload(&mut p, 5).await;
     let replicas = survivor_first(&nodes).await;
     let survivor = replicas[0];
     // Every replica applied everything before the loss.
@@ -1176,9 +1165,22 @@ async fn a_rebuild_from_a_replica_that_missed_an_erasure_is_refused_unless_accep
         "a failed recovery leaves the map as it was"
     );
 
-    let job = admin.recover_shard(req(true)).await.unwrap().into_inner();
+    // Just after the heal the region's audit log may be re-forming: a call
+    // whose audit record did not commit is UNAVAILABLE (retry), though the
+    // job it started may stand; then that job is the one to follow.
+    let job = eventually("meta takes the accepted recovery", Duration::from_secs(30), async || {
+        match admin.recover_shard(req(true)).await {
+            Ok(j) => Some(j.into_inner().job),
+            Err(e) if e.code() == Code::Unavailable => {
+                let jobs = admin.list_jobs(v1::ListJobsRequest {}).await.ok()?.into_inner().jobs;
+                jobs.into_iter().find(|j| j.kind == "recover" && j.state != "failed").map(|j| j.job)
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    })
+    .await;
     let done = eventually("the recovery ends", Duration::from_secs(60), async || {
-        job_state(at, &job.job).await.filter(|j| j.state != "running")
+        job_state(at, &job).await.filter(|j| j.state != "running")
     })
     .await;
     assert_eq!(done.state, "done", "{done:?}");
