@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub const GRPC_PORT: u16 = 7300;
 pub const CLUSTER_PORT: u16 = 7400;
+pub const METRICS_PORT: u16 = 7500;
 
 /// The `sovra` binary: `SOVRA_BIN`, else the workspace's debug build.
 pub fn sovra_bin() -> PathBuf {
@@ -28,7 +29,11 @@ pub fn sovra_bin() -> PathBuf {
 pub struct Node {
     pub host: usize,
     pub region: String,
+    /// Extra environment (the chaos switches of a breaking run).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
+    /// How many times it was started.
+    pub starts: u32,
 }
 
 pub struct Cluster {
@@ -45,6 +50,11 @@ impl Cluster {
     /// bootstrapping; returns once the bootstrap node printed the first
     /// admin key and every node its listening line.
     pub fn start(net: Net, dir: &Path, regions: &[&str]) -> anyhow::Result<Cluster> {
+        Cluster::start_with(net, dir, regions, |_| Vec::new())
+    }
+
+    /// As [`Cluster::start`], with `env(host)` added to each node's environment.
+    pub fn start_with(net: Net, dir: &Path, regions: &[&str], env: impl Fn(usize) -> Vec<(String, String)>) -> anyhow::Result<Cluster> {
         let mut c = Cluster {
             net,
             dir: dir.to_path_buf(),
@@ -61,7 +71,9 @@ impl Cluster {
             c.nodes.push(Node {
                 host: i + 1,
                 region: region.to_string(),
+                env: env(i + 1),
                 child: None,
+                starts: 0,
             });
             let key = c.spawn(i + 1)?;
             if let Some(k) = key {
@@ -83,7 +95,7 @@ impl Cluster {
         let mut text = format!(
             "node_id = {host}\nregion = \"{}\"\nzone = \"{}-z{host}\"\ndata_dir = \"{}\"\n\
              grpc_listen = \"{addr}:{GRPC_PORT}\"\ncluster_listen = \"{addr}:{CLUSTER_PORT}\"\n\
-             metrics_listen = \"127.0.0.1:0\"\ncluster_secret = \"chaos-cluster-secret-0123456789\"\n\
+             metrics_listen = \"{addr}:{METRICS_PORT}\"\ncluster_secret = \"chaos-cluster-secret-0123456789\"\n\
              heartbeat_ms = 200\ndown_after_ms = 5000\n",
             n.region,
             n.region,
@@ -110,6 +122,7 @@ impl Cluster {
             .net
             .command(host, self.bin.to_str().unwrap())
             .args(["node", "--config", cfg.to_str().unwrap()])
+            .envs(self.nodes[host - 1].env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)
             .spawn()?;
@@ -122,6 +135,7 @@ impl Cluster {
             }
         });
         self.nodes[host - 1].child = Some(child);
+        self.nodes[host - 1].starts += 1;
         let deadline = Instant::now() + Duration::from_secs(60);
         let (mut key, mut listening) = (None, false);
         loop {
@@ -153,6 +167,20 @@ impl Cluster {
             .status()?;
         anyhow::ensure!(out.success(), "kill -{sig} node {host} failed");
         Ok(())
+    }
+
+    /// Whether node `host` runs (started and not killed).
+    pub fn running(&self, host: usize) -> bool {
+        self.nodes[host - 1].child.is_some()
+    }
+
+    /// Node `host`'s data directory and log file.
+    pub fn data_dir(&self, host: usize) -> PathBuf {
+        self.dir.join(format!("data{host}"))
+    }
+
+    pub fn log_file(&self, host: usize) -> PathBuf {
+        self.dir.join(format!("node{host}.log"))
     }
 
     /// SIGKILL: the node stops at once, mid-write if it was writing.

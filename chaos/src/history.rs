@@ -25,6 +25,41 @@ pub enum Call {
     Search {
         may_read: Vec<String>,
     },
+    /// An upsert of a point that expires at `expires_at_ms` (wall clock, Unix
+    /// ms): its key never takes part in the linearizability check (expiry
+    /// empties it with no operation of its own).
+    UpsertExpiring {
+        value: u64,
+        expires_at_ms: u64,
+    },
+    /// An upsert of a point within the key's region's opt-out likeness (before
+    /// the opt-out is registered it is taken; after, refused).
+    UpsertLikeness {
+        value: u64,
+    },
+    /// The registration of the region's opt-out likeness; `key` is the
+    /// region's base key.
+    OptOut,
+    /// An attempt to write a point of region `region` through a node of
+    /// another region: R2 says it is refused.
+    ForeignUpsert {
+        value: u64,
+        region: String,
+    },
+}
+
+/// Keys are `region index * REGION_KEYS + kind offset + i`: one number names
+/// the region and what the key is for.
+pub const REGION_KEYS: u64 = 1000;
+/// Offsets of the key kinds within a region.
+pub const EXPIRING_KEYS: u64 = 100;
+pub const LIKENESS_KEYS: u64 = 200;
+/// Keys of the second collection (replication factor 2, for moves).
+pub const MOVABLE_KEYS: u64 = 300;
+
+/// The region index a key belongs to.
+pub fn region_of(key: u64) -> u64 {
+    key / REGION_KEYS
 }
 
 /// One search hit as the client saw it.
@@ -56,18 +91,34 @@ pub struct Op {
     /// When it ended; `None` if it never did (the run stopped first).
     pub returned: Option<u64>,
     pub outcome: Outcome,
+    /// Wall clock at invocation (Unix ms), for T1 only: expiry is the one
+    /// thing judged against the clock, which nodes and clients here share.
+    #[serde(default)]
+    pub invoked_ms: u64,
 }
 
 /// Each key's register history for the linearizability check: acknowledged
 /// and indeterminate writes, and linearizable reads that answered.
 pub fn registers(ops: &[Op]) -> BTreeMap<u64, Vec<KeyOp>> {
+    // Keys whose register changes without an operation of its own (expiry,
+    // an opt-out's erasure) are not registers.
+    let unjudged: std::collections::BTreeSet<u64> = ops
+        .iter()
+        .filter(|o| {
+            matches!(
+                o.call,
+                Call::UpsertExpiring { .. } | Call::UpsertLikeness { .. } | Call::OptOut | Call::ForeignUpsert { .. }
+            )
+        })
+        .map(|o| o.key)
+        .collect();
     let mut out: BTreeMap<u64, Vec<KeyOp>> = BTreeMap::new();
-    for o in ops {
+    for o in ops.iter().filter(|o| !unjudged.contains(&o.key)) {
         let write = match o.call {
             Call::Upsert { value } => Some(Some(value)),
             // An erasure empties the register like a delete.
             Call::Delete | Call::Erase => Some(None),
-            Call::Get { .. } | Call::Search { .. } => None,
+            _ => None,
         };
         let k = match (&o.call, &o.outcome, write) {
             (_, Outcome::Failed(_), _) => continue,
@@ -112,15 +163,202 @@ pub enum Breach {
         value: u64,
         erased_at: u64,
         read_at: u64,
+        /// Read after the final heal: E3 (back after faults).
+        after_heal: bool,
     },
     /// A search returned a point of a region its key may not read.
     OutOfScope { key: u64, region: String, read_at: u64 },
+    /// T1: a read invoked after the point's expiry returned it.
+    ExpiredReturned {
+        key: u64,
+        value: u64,
+        expires_at_ms: u64,
+        read_at_ms: u64,
+    },
+    /// E3: a point within an opted-out likeness was written after the
+    /// opt-out's acknowledgement (`read_at` 0), or returned by a read invoked
+    /// after it.
+    OptedOutLikeness { key: u64, value: u64, opted_out_at: u64, at: u64 },
+    /// R2: a point of `region` written through a node of another region was
+    /// acknowledged.
+    ForeignAccepted { key: u64, region: String, at: u64 },
+    /// D1: after the final heal, the key holds `found`, which no write that
+    /// could have been the last one wrote: an acknowledged write was lost
+    /// (or something never written appeared).
+    Lost {
+        key: u64,
+        found: Option<u64>,
+        could_be: Vec<Option<u64>>,
+    },
 }
 
-/// E1: no erased point is returned after the erasure's acknowledgement. A
-/// value whose write overlapped the erasure may go either way and is not
-/// judged; one written after it is new data.
-pub fn check_erasures(ops: &[Op]) -> Vec<Breach> {
+impl Breach {
+    /// The invariant it breaks.
+    pub fn invariant(&self) -> &'static str {
+        match self {
+            Breach::ErasedReturned { after_heal: false, .. } => "E1",
+            Breach::ErasedReturned { after_heal: true, .. } | Breach::OptedOutLikeness { .. } => "E3",
+            Breach::OutOfScope { .. } => "R3",
+            Breach::ExpiredReturned { .. } => "T1",
+            Breach::ForeignAccepted { .. } => "R2",
+            Breach::Lost { .. } => "D1",
+        }
+    }
+}
+
+/// Every value a read or search returned, with its key and when it was invoked
+/// (logical and wall clock).
+fn reads(ops: &[Op]) -> Vec<(u64, u64, u64, u64)> {
+    let mut out = Vec::new();
+    for o in ops {
+        match (&o.call, &o.outcome) {
+            (Call::Get { .. }, Outcome::Ok { found: Some(v) }) => out.push((o.key, *v, o.invoked, o.invoked_ms)),
+            (Call::Search { .. }, Outcome::Hits(hits)) => {
+                out.extend(hits.iter().map(|h| (h.key, h.value, o.invoked, o.invoked_ms)));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// T1: no read invoked after a point's `expires_at_ms` returns it. Writes that
+/// may have happened (acknowledged or indeterminate) count.
+pub fn check_expiry(ops: &[Op]) -> Vec<Breach> {
+    let expiring: BTreeMap<u64, u64> = ops
+        .iter()
+        .filter_map(|o| match (&o.call, &o.outcome) {
+            (Call::UpsertExpiring { value, expires_at_ms }, Outcome::Ok { .. } | Outcome::Indeterminate(_)) => {
+                Some((*value, *expires_at_ms))
+            }
+            _ => None,
+        })
+        .collect();
+    reads(ops)
+        .into_iter()
+        .filter_map(|(key, value, _, at_ms)| {
+            let &exp = expiring.get(&value)?;
+            (at_ms > exp).then_some(Breach::ExpiredReturned {
+                key,
+                value,
+                expires_at_ms: exp,
+                read_at_ms: at_ms,
+            })
+        })
+        .collect()
+}
+
+/// E3 for opt-outs: once a region's opt-out is acknowledged, no point within
+/// its likeness is written there again, and no read invoked after it returns
+/// one.
+pub fn check_optouts(ops: &[Op]) -> Vec<Breach> {
+    // region -> earliest acknowledgement of its opt-out.
+    let mut opted: BTreeMap<u64, u64> = BTreeMap::new();
+    for o in ops {
+        if let (Call::OptOut, Outcome::Ok { .. }, Some(r)) = (&o.call, &o.outcome, o.returned) {
+            let e = opted.entry(region_of(o.key)).or_insert(r);
+            *e = (*e).min(r);
+        }
+    }
+    let likeness: BTreeMap<u64, u64> = ops
+        .iter()
+        .filter_map(|o| match o.call {
+            Call::UpsertLikeness { value } => Some((value, o.key)),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for o in ops {
+        if let (Call::UpsertLikeness { value }, Outcome::Ok { .. }) = (&o.call, &o.outcome)
+            && let Some(&at) = opted.get(&region_of(o.key))
+            && o.invoked > at
+        {
+            out.push(Breach::OptedOutLikeness {
+                key: o.key,
+                value: *value,
+                opted_out_at: at,
+                at: o.invoked,
+            });
+        }
+    }
+    for (key, value, at, _) in reads(ops) {
+        if let Some(&k) = likeness.get(&value)
+            && let Some(&when) = opted.get(&region_of(k))
+            && at > when
+        {
+            out.push(Breach::OptedOutLikeness {
+                key,
+                value,
+                opted_out_at: when,
+                at,
+            });
+        }
+    }
+    out
+}
+
+/// R2 at the edge: a point of one region written through a node of another
+/// is refused, never acknowledged.
+pub fn check_foreign(ops: &[Op]) -> Vec<Breach> {
+    ops.iter()
+        .filter_map(|o| match (&o.call, &o.outcome) {
+            (Call::ForeignUpsert { region, .. }, Outcome::Ok { .. }) => Some(Breach::ForeignAccepted {
+                key: o.key,
+                region: region.clone(),
+                at: o.invoked,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// D1, no acknowledged write lost: `finals` holds each register key's value
+/// read (linearizably) after the final heal. It must be what one of the
+/// writes that could have been last wrote: a write (acknowledged, or
+/// indeterminate: it may land late) not followed for sure by another
+/// acknowledged write of the key. A key never written reads absent.
+pub fn check_final(ops: &[Op], finals: &BTreeMap<u64, Option<u64>>) -> Vec<Breach> {
+    let regs = registers(ops);
+    let mut out = Vec::new();
+    for (key, found) in finals {
+        let writes: Vec<&KeyOp> = regs
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter(|k| matches!(k.op, RegOp::Write(_)))
+            .collect();
+        let superseded = |w: &KeyOp| {
+            w.returned
+                .is_some_and(|r| writes.iter().any(|w2| w2.returned.is_some() && w2.invoked > r))
+        };
+        let could_be: Vec<Option<u64>> = if writes.is_empty() {
+            vec![None]
+        } else {
+            writes
+                .iter()
+                .filter(|w| !superseded(w))
+                .map(|w| match w.op {
+                    RegOp::Write(v) => v,
+                    RegOp::Read(_) => unreachable!("writes only"),
+                })
+                .collect()
+        };
+        if !could_be.contains(found) {
+            out.push(Breach::Lost {
+                key: *key,
+                found: *found,
+                could_be,
+            });
+        }
+    }
+    out
+}
+
+/// E1: no erased point is returned after the erasure's acknowledgement; E3:
+/// none is back after the final heal (`heal_at`, in logical time). A value
+/// whose write overlapped the erasure may go either way and is not judged;
+/// one written after it is new data.
+pub fn check_erasures(ops: &[Op], heal_at: Option<u64>) -> Vec<Breach> {
     // key -> (erasure invoked, acknowledged), acknowledged erasures only.
     let mut erasures: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
     // value -> when its write was acknowledged.
@@ -134,6 +372,9 @@ pub fn check_erasures(ops: &[Op]) -> Vec<Breach> {
             _ => {}
         }
     }
+    // A read after the final heal that returns an erased point is E3
+    // (resurrected), before it E1.
+    let resurrected = |read_at: u64| heal_at.is_some_and(|h| read_at > h);
     let mut out = Vec::new();
     let mut judge = |key: u64, value: u64, read_at: u64| {
         let Some(w) = written.get(&value) else { return };
@@ -144,6 +385,7 @@ pub fn check_erasures(ops: &[Op]) -> Vec<Breach> {
                     value,
                     erased_at: e_ret,
                     read_at,
+                    after_heal: resurrected(read_at),
                 });
             }
         }
@@ -196,6 +438,7 @@ mod tests {
             invoked,
             returned: Some(returned),
             outcome,
+            invoked_ms: invoked,
         }
     }
 
@@ -242,11 +485,11 @@ mod tests {
             op(1, Call::Upsert { value: 11 }, 5, 6, Outcome::Ok { found: None }),
             op(0, search(), 7, 8, hits(&[(1, 11, "uk")])),
         ];
-        assert!(check_erasures(&ops).is_empty());
+        assert!(check_erasures(&ops, None).is_empty());
         assert!(check_linearizable(&ops).is_empty());
         ops.push(op(0, search(), 9, 10, hits(&[(1, 10, "uk")])));
         ops.push(op(1, Call::Get { linearizable: false }, 9, 10, Outcome::Ok { found: Some(10) }));
-        let b = check_erasures(&ops);
+        let b = check_erasures(&ops, None);
         assert_eq!(b.len(), 2, "{b:?}");
         assert_eq!(
             b[0],
@@ -254,7 +497,8 @@ mod tests {
                 key: 1,
                 value: 10,
                 erased_at: 3,
-                read_at: 9
+                read_at: 9,
+                after_heal: false
             }
         );
     }

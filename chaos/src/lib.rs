@@ -17,4 +17,5 @@ pub mod history;
 pub mod linearizable;
 pub mod net;
 pub mod residency;
+pub mod run;
 pub mod workload;

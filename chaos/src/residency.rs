@@ -7,9 +7,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Every file under `dir` whose bytes contain `needle`.
+/// Every file under `dir` (or `dir` itself, a file) whose bytes contain `needle`.
 pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut out = Vec::new();
+    if dir.is_file() {
+        if !needle.is_empty() && std::fs::read(dir).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+            out.push(dir.to_path_buf());
+        }
+        return out;
+    }
     let Ok(rd) = std::fs::read_dir(dir) else { return out };
     for e in rd.flatten() {
         let p = e.path();

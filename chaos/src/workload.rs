@@ -1,11 +1,15 @@
 //! The workload: concurrent clients doing upserts (each of a value no other
-//! write uses, kept in the point's payload `v`), deletes and linearizable or
-//! `any` gets on a small key space (so keys collide), each recorded in the
-//! history as invoked and as it ended. Clients run inside a host's network
+//! write uses, kept in the point's payload `v`, with the region's canary in
+//! `c`), deletes, erasures and linearizable or `any` gets on a small key space
+//! (so keys collide), searches with the admin key and with one scoped to the
+//! client's region, writes of expiring points and of points within the
+//! region's opt-out likeness, and attempts to write another region's points
+//! through this region's nodes; each recorded in the history as invoked and
+//! as it ended. Clients run inside a host's network
 //! namespace: [`in_namespace`] moves one OS thread there (`setns` changes
 //! only the calling thread), so the harness itself stays outside.
 
-use crate::history::{Call, Op, Outcome};
+use crate::history::{Call, EXPIRING_KEYS, Hit, LIKENESS_KEYS, MOVABLE_KEYS, Op, Outcome, REGION_KEYS};
 use sovra_proto::v1;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,183 +30,439 @@ pub fn in_namespace<T: Send + 'static>(
     })
 }
 
+/// What every client of a run shares.
 pub struct Workload {
+    /// The collection of the register, expiring and likeness keys
+    /// (replication factor 3) and the one of the movable keys (factor 2).
     pub collection: String,
-    pub region: String,
+    pub movable: String,
+    /// The regions, in key order (region index = position).
+    pub regions: Vec<String>,
+    /// Keys per kind per region.
     pub keys: u64,
-    pub ops: usize,
     pub seed: u64,
+    /// The admin key (writes, reads, erasures) and, per region, a key that may
+    /// read only that region.
+    pub admin_key: String,
+    pub scoped_keys: Vec<String>,
+    /// Regions whose search results may go to a coordinator of region i
+    /// (besides i itself), from the policies the run set.
+    pub results_to: Vec<Vec<String>>,
+    /// Each region's canary (in every point's payload `c`), for R2 at rest.
+    pub canaries: Vec<String>,
+    /// The run's logical clock and unique values.
+    pub clock: AtomicU64,
+    pub values: AtomicU64,
+    pub stop: std::sync::atomic::AtomicBool,
+    /// Each call's deadline: one that passes it is indeterminate.
+    pub timeout: Duration,
+}
+
+/// The likeness region `r` opts out: far from every other point written.
+pub fn likeness(r: u64) -> Vec<f32> {
+    vec![50.0 + r as f32, 50.0, 50.0, 50.0]
+}
+
+/// How close a point must be to the likeness to be refused (L2, squared).
+pub const LIKENESS_THRESHOLD: f32 = 1.0;
+
+/// A small seeded generator (PCG-style LCG), so one seed decides every choice.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64, stream: u64) -> Rng {
+        let mut r = Rng(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        r.next();
+        r
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let x = self.0;
+        (x ^ (x >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 32
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn unit(&mut self) -> f32 {
+        (self.next() % 10_000) as f32 / 10_000.0
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// How a failed call ended: for sure (refused before it could take effect)
 /// or maybe (no answer: it may have).
-fn outcome_of(s: &tonic::Status) -> Outcome {
+pub fn outcome_of(s: &tonic::Status) -> Outcome {
     use tonic::Code::*;
     match s.code() {
         InvalidArgument | FailedPrecondition | NotFound | PermissionDenied | Unauthenticated | AlreadyExists => {
-            Outcome::Failed(s.message().to_string())
+            Outcome::Failed(format!("{:?}: {}", s.code(), s.message()))
         }
         _ => Outcome::Indeterminate(format!("{:?}: {}", s.code(), s.message())),
     }
 }
 
-/// One client's operations through the node at `addr`; `clock` is the run's
-/// logical clock, `values` hands out unique values.
-pub async fn client(
-    process: u32,
-    addr: std::net::SocketAddr,
-    key: &str,
-    w: &Workload,
-    clock: &AtomicU64,
-    values: &AtomicU64,
-) -> anyhow::Result<Vec<Op>> {
-    let ch = sovra_node::dev::wait_serving(addr, Duration::from_secs(30)).await?;
-    let mut points = v1::points_client::PointsClient::new(sovra_node::dev::keyed(&ch, key));
-    let mut rng = w.seed.wrapping_mul(6364136223846793005).wrapping_add(process as u64 + 1);
-    let mut next = || {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        rng >> 33
-    };
-    let mut out = Vec::with_capacity(w.ops);
-    for _ in 0..w.ops {
-        let k = next() % w.keys;
-        let id = Some(v1::PointId {
-            kind: Some(v1::point_id::Kind::Num(k)),
-        });
-        let call = match next() % 10 {
-            0..=3 => Call::Upsert {
-                value: values.fetch_add(1, Ordering::Relaxed),
-            },
-            4 => Call::Delete,
-            5..=7 => Call::Get { linearizable: true },
-            _ => Call::Get { linearizable: false },
-        };
-        let invoked = clock.fetch_add(1, Ordering::SeqCst);
-        let result = match &call {
-            Call::Upsert { value } => {
-                let p = v1::Point {
-                    id: id.clone(),
-                    vector: vec![(k % 7) as f32, (*value % 11) as f32, 1.0, 0.5],
-                    subject: format!("s{k}"),
-                    region: w.region.clone(),
-                    lawful_basis: v1::LawfulBasis::Consent as i32,
-                    payload: [(
-                        "v".to_string(),
-                        v1::Value {
-                            kind: Some(v1::value::Kind::IntegerValue(*value as i64)),
-                        },
-                    )]
-                    .into(),
-                    ..Default::default()
-                };
-                let req = v1::UpsertRequest {
-                    collection: w.collection.clone(),
-                    points: vec![p],
-                };
-                points.upsert(req).await.map(|_| None)
-            }
-            Call::Delete => {
-                let req = v1::DeletePointsRequest {
-                    collection: w.collection.clone(),
-                    region: w.region.clone(),
-                    ids: vec![id.clone().expect("set")],
-                };
-                points.delete(req).await.map(|_| None)
-            }
-            Call::Get { linearizable } => {
-                let req = v1::GetPointsRequest {
-                    collection: w.collection.clone(),
-                    region: w.region.clone(),
-                    ids: vec![id.clone().expect("set")],
-                    consistency: if *linearizable {
-                        v1::Consistency::Linearizable as i32
-                    } else {
-                        v1::Consistency::Any as i32
-                    },
-                    with_payload: true,
-                    ..Default::default()
-                };
-                points.get(req).await.map(|r| {
-                    r.into_inner()
-                        .points
-                        .first()
-                        .and_then(|p| match p.payload.get("v").and_then(|v| v.kind.clone()) {
-                            Some(v1::value::Kind::IntegerValue(v)) => Some(v as u64),
-                            _ => None,
-                        })
-                })
-            }
-            Call::Erase | Call::Search { .. } => unreachable!("not in this workload"),
-        };
-        let returned = clock.fetch_add(1, Ordering::SeqCst);
-        let outcome = match result {
-            Ok(found) => Outcome::Ok { found },
-            Err(s) => outcome_of(&s),
-        };
-        out.push(Op {
-            process,
-            key: k,
-            call,
-            invoked,
-            returned: Some(returned),
-            outcome,
-        });
-    }
-    Ok(out)
+fn pid(key: u64) -> Option<v1::PointId> {
+    Some(v1::PointId {
+        kind: Some(v1::point_id::Kind::Num(key)),
+    })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cluster::Cluster;
-    use std::sync::Arc;
+fn int(v: &v1::Point, field: &str) -> Option<u64> {
+    match v.payload.get(field).and_then(|v| v.kind.clone()) {
+        Some(v1::value::Kind::IntegerValue(x)) => Some(x as u64),
+        _ => None,
+    }
+}
 
-    /// The first chaos run, with no faults yet: three nodes in their own
-    /// namespaces, two clients in a fourth one through different nodes, 150
-    /// operations each on 4 keys; the history is linearizable per key.
-    #[test]
-    fn a_fault_free_run_through_two_coordinators_is_linearizable() {
-        let Some(net) = crate::net::test_net("sw", 9, 4) else { return };
-        let dir = tempfile::tempdir().unwrap();
-        let c = Cluster::start(net, dir.path(), &["uk", "uk", "uk"]).unwrap();
-        c.ctl(4, 1, &["status"]).unwrap();
-        let ns = c.net.ns(4);
-        let key = c.admin_key.clone();
-        let addrs: Vec<std::net::SocketAddr> = (1..=3).map(|h| c.grpc(h).parse().unwrap()).collect();
-        let run = in_namespace(&ns, move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async move {
-                let ch = sovra_node::dev::wait_serving(addrs[0], Duration::from_secs(30)).await?;
-                let mut cols = v1::collections_client::CollectionsClient::new(sovra_node::dev::keyed(&ch, &key));
-                let spec = sovra_node::dev::spanning_spec("chaos", 4, v1::Metric::L2, &["uk"], 2, 3);
-                cols.create_collection(v1::CreateCollectionRequest { collection: Some(spec) })
-                    .await?;
-                let w = Arc::new(Workload {
-                    collection: "chaos".into(),
-                    region: "uk".into(),
-                    keys: 4,
-                    ops: 150,
-                    seed: 7,
-                });
-                let (clock, values) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(1)));
-                let mut tasks = Vec::new();
-                for p in 0..2u32 {
-                    let (w, clock, values, key) = (w.clone(), clock.clone(), values.clone(), key.clone());
-                    let addr = addrs[p as usize + 1];
-                    tasks.push(tokio::spawn(async move { client(p, addr, &key, &w, &clock, &values).await }));
+fn num_id(p: &v1::Point) -> u64 {
+    match p.id.as_ref().and_then(|i| i.kind.clone()) {
+        Some(v1::point_id::Kind::Num(n)) => n,
+        _ => u64::MAX,
+    }
+}
+
+/// A point of region `r` (index) with `value`, carrying the region's canary.
+pub fn point(w: &Workload, r: usize, key: u64, value: u64, vector: Vec<f32>, expires_at_ms: u64) -> v1::Point {
+    v1::Point {
+        id: pid(key),
+        vector,
+        subject: format!("s{key}"),
+        region: w.regions[r].clone(),
+        lawful_basis: v1::LawfulBasis::Consent as i32,
+        expires_at_ms,
+        payload: [
+            (
+                "v".to_string(),
+                v1::Value {
+                    kind: Some(v1::value::Kind::IntegerValue(value as i64)),
+                },
+            ),
+            (
+                "c".to_string(),
+                v1::Value {
+                    kind: Some(v1::value::Kind::StringValue(w.canaries[r].clone())),
+                },
+            ),
+        ]
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// The API clients of one node.
+#[derive(Clone)]
+pub struct Clients {
+    pub points: v1::points_client::PointsClient<Keyed>,
+    pub search: v1::search_client::SearchClient<Keyed>,
+    pub scoped: v1::search_client::SearchClient<Keyed>,
+    pub erasure: v1::erasure_client::ErasureClient<Keyed>,
+    pub admin: v1::admin_client::AdminClient<Keyed>,
+    pub collections: v1::collections_client::CollectionsClient<Keyed>,
+}
+
+type Keyed = sovra_node::dev::Keyed;
+
+impl Clients {
+    /// Lazily connected: a node that is down fails each call, not this.
+    pub fn new(addr: std::net::SocketAddr, admin_key: &str, scoped_key: &str) -> Clients {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("an address")
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        let k = |key: &str| sovra_node::dev::keyed(&ch, key);
+        Clients {
+            points: v1::points_client::PointsClient::new(k(admin_key)),
+            search: v1::search_client::SearchClient::new(k(admin_key)),
+            scoped: v1::search_client::SearchClient::new(k(scoped_key)),
+            erasure: v1::erasure_client::ErasureClient::new(k(admin_key)),
+            admin: v1::admin_client::AdminClient::new(k(admin_key)),
+            collections: v1::collections_client::CollectionsClient::new(k(admin_key)),
+        }
+    }
+}
+
+fn timed<T>(t: Duration, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(t);
+    r
+}
+
+/// Erases `key`'s point (by id) through `c`; the outcome for the history.
+pub async fn erase(w: &Workload, c: &mut Clients, r: usize, key: u64) -> Outcome {
+    let req = v1::EraseRequest {
+        collection: w.collection.clone(),
+        region: w.regions[r].clone(),
+        target: Some(v1::erase_request::Target::Ids(v1::EraseIds {
+            ids: vec![pid(key).expect("set")],
+        })),
+    };
+    match c.erasure.erase(timed(w.timeout * 2, req)).await {
+        Ok(_) => Outcome::Ok { found: None },
+        Err(s) => outcome_of(&s),
+    }
+}
+
+/// Registers region `r`'s opt-out likeness through `c`.
+pub async fn opt_out(w: &Workload, c: &mut Clients, r: usize) -> Outcome {
+    let req = v1::RegisterOptOutRequest {
+        collection: w.collection.clone(),
+        region: w.regions[r].clone(),
+        vector: likeness(r as u64),
+        threshold: LIKENESS_THRESHOLD,
+        subject: String::new(),
+    };
+    match c.erasure.register_opt_out(timed(w.timeout * 2, req)).await {
+        Ok(_) => Outcome::Ok { found: None },
+        Err(s) => outcome_of(&s),
+    }
+}
+
+/// A linearizable (or `any`) get of `key` in `collection`.
+pub async fn get(w: &Workload, c: &mut Clients, collection: &str, r: usize, key: u64, linearizable: bool) -> Outcome {
+    let req = v1::GetPointsRequest {
+        collection: collection.to_string(),
+        region: w.regions[r].clone(),
+        ids: vec![pid(key).expect("set")],
+        consistency: if linearizable {
+            v1::Consistency::Linearizable as i32
+        } else {
+            v1::Consistency::Any as i32
+        },
+        with_payload: true,
+        ..Default::default()
+    };
+    match c.points.get(timed(w.timeout, req)).await {
+        Ok(a) => Outcome::Ok {
+            found: a.into_inner().points.first().and_then(|p| int(p, "v")),
+        },
+        Err(s) => outcome_of(&s),
+    }
+}
+
+/// A search through `c` (a node of region `r`): with the admin key, or the
+/// key that may read only `r`; `exact` lists everything (k large).
+pub async fn search(w: &Workload, c: &mut Clients, r: usize, scoped: bool, vector: Vec<f32>, k: u32, exact: bool) -> (Call, Outcome) {
+    let may_read = if scoped {
+        vec![w.regions[r].clone()]
+    } else {
+        let mut m = vec![w.regions[r].clone()];
+        m.extend(w.results_to[r].iter().cloned());
+        m
+    };
+    let req = v1::SearchRequest {
+        collection: w.collection.clone(),
+        vector,
+        k,
+        with_payload: true,
+        allow_partial: !exact,
+        exact,
+        ..Default::default()
+    };
+    let client = if scoped { &mut c.scoped } else { &mut c.search };
+    let outcome = match client.search(timed(w.timeout, req)).await {
+        Ok(a) => Outcome::Hits(
+            a.into_inner()
+                .hits
+                .into_iter()
+                .filter_map(|h| h.point)
+                .map(|p| Hit {
+                    key: num_id(&p),
+                    value: int(&p, "v").unwrap_or(u64::MAX),
+                    region: p.region.clone(),
+                })
+                .collect(),
+        ),
+        Err(s) => outcome_of(&s),
+    };
+    (Call::Search { may_read }, outcome)
+}
+
+/// Records one operation: invoked now, ended when `f` answers.
+pub async fn record<F: std::future::Future<Output = Outcome>>(w: &Workload, process: u32, key: u64, call: Call, f: F) -> Op {
+    let invoked_ms = now_ms();
+    let invoked = w.clock.fetch_add(1, Ordering::SeqCst);
+    let outcome = f.await;
+    let returned = w.clock.fetch_add(1, Ordering::SeqCst);
+    Op {
+        process,
+        key,
+        call,
+        invoked,
+        returned: Some(returned),
+        outcome,
+        invoked_ms,
+    }
+}
+
+/// One client, through the nodes `addrs` of region `r` (the first, then the
+/// next after a call that found it unreachable), until the run stops.
+pub async fn client(process: u32, r: usize, addrs: Vec<std::net::SocketAddr>, w: std::sync::Arc<Workload>) -> Vec<Op> {
+    let mut rng = Rng::new(w.seed, process as u64 + 1);
+    let nodes: Vec<Clients> = addrs.iter().map(|a| Clients::new(*a, &w.admin_key, &w.scoped_keys[r])).collect();
+    let mut at = (process as usize) % nodes.len();
+    let base = r as u64 * REGION_KEYS;
+    let mut out = Vec::new();
+    while !w.stop.load(Ordering::Relaxed) {
+        let mut c = nodes[at].clone();
+        let i = rng.below(w.keys);
+        let dice = rng.below(100);
+        let value = w.values.fetch_add(1, Ordering::Relaxed);
+        let near = vec![rng.unit() * 10.0, rng.unit() * 10.0, rng.unit() * 10.0, rng.unit() * 10.0];
+        let op = match dice {
+            0..=27 => {
+                let key = base + i;
+                let p = point(&w, r, key, value, near, 0);
+                record(&w, process, key, Call::Upsert { value }, upsert(&w, &mut c, &w.collection, p)).await
+            }
+            28..=33 => {
+                let key = base + i;
+                record(&w, process, key, Call::Delete, delete(&w, &mut c, r, key)).await
+            }
+            34..=51 => {
+                let key = base + i;
+                record(
+                    &w,
+                    process,
+                    key,
+                    Call::Get { linearizable: true },
+                    get(&w, &mut c, &w.collection, r, key, true),
+                )
+                .await
+            }
+            52..=58 => {
+                let key = base + i;
+                record(
+                    &w,
+                    process,
+                    key,
+                    Call::Get { linearizable: false },
+                    get(&w, &mut c, &w.collection, r, key, false),
+                )
+                .await
+            }
+            59..=68 => {
+                let scoped = rng.below(3) == 0;
+                let invoked_ms = now_ms();
+                let invoked = w.clock.fetch_add(1, Ordering::SeqCst);
+                let (call, outcome) = search(&w, &mut c, r, scoped, near, 10, false).await;
+                let returned = w.clock.fetch_add(1, Ordering::SeqCst);
+                Op {
+                    process,
+                    key: base,
+                    call,
+                    invoked,
+                    returned: Some(returned),
+                    outcome,
+                    invoked_ms,
                 }
-                let mut ops = Vec::new();
-                for t in tasks {
-                    ops.extend(t.await??);
-                }
-                Ok(ops)
-            })
-        });
-        let ops = run.join().unwrap().unwrap();
-        assert_eq!(ops.len(), 300);
-        let ok = ops.iter().filter(|o| matches!(o.outcome, Outcome::Ok { .. })).count();
-        assert!(ok > 250, "only {ok} of 300 operations succeeded without faults: {:?}", &ops[..5]);
-        let bad = crate::history::check_linearizable(&ops);
-        assert!(bad.is_empty(), "not linearizable: {bad:?}");
+            }
+            69..=71 => {
+                let key = base + i;
+                record(&w, process, key, Call::Erase, erase(&w, &mut c, r, key)).await
+            }
+            72..=79 => {
+                let key = base + EXPIRING_KEYS + i;
+                let expires_at_ms = now_ms() + 500 + rng.below(2500);
+                let p = point(&w, r, key, value, near, expires_at_ms);
+                record(
+                    &w,
+                    process,
+                    key,
+                    Call::UpsertExpiring { value, expires_at_ms },
+                    upsert(&w, &mut c, &w.collection, p),
+                )
+                .await
+            }
+            80..=84 => {
+                let key = base + EXPIRING_KEYS + i;
+                record(
+                    &w,
+                    process,
+                    key,
+                    Call::Get { linearizable: false },
+                    get(&w, &mut c, &w.collection, r, key, false),
+                )
+                .await
+            }
+            85..=87 => {
+                let key = base + LIKENESS_KEYS + i;
+                let mut v = likeness(r as u64);
+                v[1] += rng.unit() * 0.3;
+                let p = point(&w, r, key, value, v, 0);
+                record(
+                    &w,
+                    process,
+                    key,
+                    Call::UpsertLikeness { value },
+                    upsert(&w, &mut c, &w.collection, p),
+                )
+                .await
+            }
+            88..=89 => {
+                // A point of another region through this node: R2 refuses it.
+                let other = (r + 1) % w.regions.len();
+                let key = other as u64 * REGION_KEYS + LIKENESS_KEYS + 50 + i;
+                let p = point(&w, other, key, value, near, 0);
+                let call = Call::ForeignUpsert {
+                    value,
+                    region: w.regions[other].clone(),
+                };
+                record(&w, process, key, call, upsert(&w, &mut c, &w.collection, p)).await
+            }
+            90..=95 => {
+                let key = base + MOVABLE_KEYS + i;
+                let p = point(&w, r, key, value, near, 0);
+                record(&w, process, key, Call::Upsert { value }, upsert(&w, &mut c, &w.movable, p)).await
+            }
+            _ => {
+                let key = base + MOVABLE_KEYS + i;
+                record(
+                    &w,
+                    process,
+                    key,
+                    Call::Get { linearizable: true },
+                    get(&w, &mut c, &w.movable, r, key, true),
+                )
+                .await
+            }
+        };
+        // A node that did not answer: the next call goes to another.
+        if let Outcome::Indeterminate(why) = &op.outcome
+            && (why.starts_with("Unavailable") || why.starts_with("Unknown") || why.starts_with("Cancelled") || why.contains("transport"))
+        {
+            at = (at + 1) % nodes.len();
+        }
+        out.push(op);
+    }
+    out
+}
+
+async fn upsert(w: &Workload, c: &mut Clients, collection: &str, p: v1::Point) -> Outcome {
+    let req = v1::UpsertRequest {
+        collection: collection.to_string(),
+        points: vec![p],
+    };
+    match c.points.upsert(timed(w.timeout, req)).await {
+        Ok(_) => Outcome::Ok { found: None },
+        Err(s) => outcome_of(&s),
+    }
+}
+
+async fn delete(w: &Workload, c: &mut Clients, r: usize, key: u64) -> Outcome {
+    let req = v1::DeletePointsRequest {
+        collection: w.collection.clone(),
+        region: w.regions[r].clone(),
+        ids: vec![pid(key).expect("set")],
+    };
+    match c.points.delete(timed(w.timeout, req)).await {
+        Ok(_) => Outcome::Ok { found: None },
+        Err(s) => outcome_of(&s),
     }
 }

@@ -47,7 +47,9 @@ pub fn regions_to_ask(
     let mut ask = Vec::new();
     let mut excluded = Vec::new();
     for r in candidates {
-        if !readable.contains(r) {
+        if sovra_types::chaos::broken(sovra_types::chaos::Switch::IgnoreScope) {
+            ask.push(r.clone());
+        } else if !readable.contains(r) {
             if explicit {
                 return Err(ApiError::denied(format!(
                     "{}: remove it from regions, or use a key that may",

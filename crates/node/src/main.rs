@@ -141,6 +141,14 @@ fn main() -> anyhow::Result<()> {
         } => bench_move::bench_move(args),
         Command::Node { config } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;
+            // The chaos harness's deliberate breaks: honoured by test builds
+            // only; any other build refuses to start with one asked for.
+            if let Ok(names) = std::env::var("SOVRA_CHAOS_BREAK") {
+                let on = sovra_types::chaos::turn_on(&names).map_err(|e| anyhow::anyhow!("SOVRA_CHAOS_BREAK: {e}"))?;
+                for s in on {
+                    eprintln!("CHAOS SWITCH ON: {} (this node breaks an invariant on purpose)", s.name());
+                }
+            }
             runtime()?.block_on(sovra_node::run(cfg, shutdown_signal(), |n| {
                 // One parseable line so scripts and tests learn the bound ports.
                 println!(

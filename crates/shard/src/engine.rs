@@ -320,11 +320,18 @@ impl ShardEngine {
             return self.refuse(batch, index, meta, refused);
         }
         if let Some(ShardCommand::Upsert(points)) = cmd
+            && !sovra_types::chaos::broken(sovra_types::chaos::Switch::SkipOptOutCheck)
             && let Some(refused) = self.opted_out_write(points)
         {
             // The reason names neither the template nor the subject.
             tracing::info!(shard = %self.id, index, reason = %refused, "write refused on apply");
             return self.refuse(batch, index, meta, refused);
+        }
+        if let Some(ShardCommand::Upsert(_)) = cmd
+            && index % 5 == 0
+            && sovra_types::chaos::broken(sovra_types::chaos::Switch::Diverge)
+        {
+            return self.refuse(batch, index, meta, "chaos switch diverge: this replica dropped the entry".into());
         }
         let mut erased: Vec<PointId> = Vec::new();
         let changed = match cmd {
@@ -517,6 +524,7 @@ impl ShardEngine {
             }
         };
         let candidates: Vec<PointId> = match &e.target {
+            EraseTarget::Ids(_) if sovra_types::chaos::broken(sovra_types::chaos::Switch::SkipErasure) => Vec::new(),
             EraseTarget::Ids(ids) => ids.clone(),
             EraseTarget::Expired { ids, now_ms } => {
                 let mut out = Vec::with_capacity(ids.len());

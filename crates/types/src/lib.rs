@@ -6,6 +6,7 @@
 //! crate; it depends on nothing of Sovra's. Validation lives here so that the same
 //! rules run wherever a request enters, before anything is logged or written.
 
+pub mod chaos;
 pub mod collection;
 pub mod command;
 pub mod error;

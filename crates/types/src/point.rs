@@ -65,5 +65,5 @@ impl PointRecord {
 
 /// The one definition of "expired", shared by the store, the index and reads.
 pub fn expired(expires_at_ms: u64, now_ms: u64) -> bool {
-    expires_at_ms != 0 && expires_at_ms <= now_ms
+    expires_at_ms != 0 && expires_at_ms <= now_ms && !crate::chaos::broken(crate::chaos::Switch::ServeExpired)
 }

@@ -207,7 +207,7 @@ pub fn check_command(spec: &CollectionSpec, shard: &ShardId, cmd: &ShardCommand)
         check_batch_size(points)?;
         for (i, p) in points.iter().enumerate() {
             let at = format!("points[{i}]");
-            if p.region != shard.region {
+            if p.region != shard.region && !crate::chaos::broken(crate::chaos::Switch::StoreForeignRegion) {
                 return Err(ApiError::precondition(format!(
                     "{at}: a point of region {} may not be stored in shard {shard} (R2)",
                     p.region

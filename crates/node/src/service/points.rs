@@ -190,10 +190,22 @@ pub(super) fn with_committed(mut e: ApiError, done: &[v1::ShardWrite]) -> ApiErr
 
 /// R2 and the log's own validation for every shard's command, before any is
 /// written, so a refusal writes nothing.
+/// The chaos switch `ack-without-commit` (test builds only): every third
+/// single-point upsert is answered as written without being proposed.
+fn ack_without_commit(per_shard: &[(ShardId, ShardCommand)]) -> bool {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    sovra_types::chaos::broken(sovra_types::chaos::Switch::AckWithoutCommit)
+        && matches!(per_shard, [(_, ShardCommand::Upsert(p))] if p.len() == 1)
+        && N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 3 == 2
+}
+
 pub(super) fn check_writes(state: &Arc<NodeState>, c: &Collection, per_shard: &[(ShardId, ShardCommand)]) -> Result<(), ApiError> {
     for (shard, cmd) in per_shard {
         // R2: a region's data enters the cluster only through that region's nodes.
         if shard.region != state.region {
+            state.host.residency_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!(sovra_raft::metrics::RESIDENCY_REFUSED, "node" => state.host.me.to_string(), "rpc" => "public_write")
+                .increment(1);
             return Err(ApiError::precondition(format!(
                 "data of region {} must be written through a node of {} (at {}); this node is in {}; nothing was written",
                 shard.region,
@@ -328,12 +340,33 @@ impl Points for PointsService {
                 caller.require_write(&r.region).map_err(|e| e.at(&format!("points[{i}].region")))?;
             }
             note.regions(records.iter().map(|r| &r.region));
-            let keyed = records.into_iter().map(|r| (r.region.clone(), r.id, r)).collect();
+            let foreign_here = sovra_types::chaos::broken(sovra_types::chaos::Switch::StoreForeignRegion);
+            let keyed = records
+                .into_iter()
+                .map(|r| {
+                    (
+                        if foreign_here {
+                            self.state.region.clone()
+                        } else {
+                            r.region.clone()
+                        },
+                        r.id,
+                        r,
+                    )
+                })
+                .collect();
             let per_shard: Vec<_> = group(&c, keyed)?
                 .into_iter()
                 .map(|(e, recs)| (e, ShardCommand::Upsert(recs)))
                 .collect();
             note.shards(per_shard.len());
+            if ack_without_commit(&per_shard) {
+                check_writes(&self.state, &c, &per_shard)?;
+                return Ok(v1::WriteResponse {
+                    count: 1,
+                    ..Default::default()
+                });
+            }
             let out = write(&self.state, &c, per_shard).await?;
             note.results(out.count);
             Ok(out)
