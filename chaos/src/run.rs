@@ -88,6 +88,8 @@ pub struct Summary {
     pub residency_refusals_counted: u64,
     pub seconds: f64,
     pub dir: PathBuf,
+    /// The nemesis's actions, in order.
+    pub timeline: Vec<String>,
 }
 
 impl Summary {
@@ -153,6 +155,7 @@ pub fn run(o: &Options) -> anyhow::Result<Summary> {
         .map(|op| serde_json::to_string(op).expect("serialisable") + "\n")
         .collect();
     std::fs::write(o.dir.join("history.jsonl"), history)?;
+    std::fs::write(o.dir.join("nemesis.log"), summary.timeline.join("\n") + "\n")?;
     std::fs::write(o.dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)
 }
@@ -219,6 +222,8 @@ async fn drive(cluster: Arc<Mutex<Cluster>>, o: Options) -> anyhow::Result<(Summ
         ops: Vec::new(),
         splits: 0,
         opted: BTreeSet::new(),
+        t0: Instant::now(),
+        timeline: Vec::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(o.load_secs);
     let mut nemesis = nemesis.run(deadline, o.faults).await;
@@ -230,6 +235,7 @@ async fn drive(cluster: Arc<Mutex<Cluster>>, o: Options) -> anyhow::Result<(Summ
     // The final heal: every fault undone.
     nemesis.heal_all().await;
     summary.faults = nemesis.faults.clone();
+    summary.timeline = std::mem::take(&mut nemesis.timeline);
     summary.refused = nemesis.refused.clone();
     ops.append(&mut nemesis.ops);
     let heal_at = w.clock.fetch_add(1, Ordering::SeqCst);
@@ -555,11 +561,19 @@ struct Nemesis {
     splits: u32,
     /// Regions whose opt-out was attempted.
     opted: BTreeSet<usize>,
+    t0: Instant,
+    /// What the nemesis did, when (seconds into the load).
+    timeline: Vec<String>,
 }
 
 impl Nemesis {
     fn count(&mut self, kind: &str) {
         *self.faults.entry(kind.into()).or_default() += 1;
+    }
+
+    fn note(&mut self, what: String) {
+        let line = format!("{:>7.2}s {what}", self.t0.elapsed().as_secs_f64());
+        self.timeline.push(line);
     }
 
     /// Blocking work on the cluster (signals, restarts, nftables) off the
@@ -602,6 +616,7 @@ impl Nemesis {
         while Instant::now() + Duration::from_secs(3) < until {
             let f = FAULTS[self.rng.below(FAULTS.len() as u64) as usize];
             if let Err(e) = self.inject(f).await {
+                self.note(format!("{f:?} not injected: {e:#}"));
                 self.refused.push(format!("{f:?}: {e:#}"));
             }
             self.heal_all().await;
@@ -624,6 +639,7 @@ impl Nemesis {
         let mut c = self.clients(host, r);
         let w = self.w.clone();
         let op = workload::record(&w, NEMESIS_PROCESS, key, Call::Erase, workload::erase(&w, &mut c, r, key)).await;
+        self.note(format!("erase key {key} through node {host}: {:?}", op.outcome));
         self.count("erasure during a partition");
         self.ops.push(op);
         if self.rng.below(2) == 0 {
@@ -638,6 +654,10 @@ impl Nemesis {
         let w = self.w.clone();
         let key = r as u64 * REGION_KEYS + LIKENESS_KEYS;
         let op = workload::record(&w, NEMESIS_PROCESS, key, Call::OptOut, workload::opt_out(&w, &mut c, r)).await;
+        self.note(format!(
+            "opt-out of {}'s likeness through node {host}: {:?}",
+            REGIONS[r], op.outcome
+        ));
         self.opted.insert(r);
         self.ops.push(op);
     }
@@ -669,6 +689,7 @@ impl Nemesis {
             }
             Fault::PauseLeader => {
                 let l = self.shard_leader().await?;
+                self.note(format!("SIGSTOP node {l} (a shard leader)"));
                 self.on_cluster(move |c| c.pause(l)).await?;
                 self.paused.insert(l);
                 self.count("pause a shard leader");
@@ -728,6 +749,7 @@ impl Nemesis {
                         to,
                     })
                     .await?;
+                self.note(format!("move {name}/uk/{} from node {from} to node {to}", info.number));
                 self.count("move a replica");
                 self.hold().await;
             }
@@ -742,6 +764,7 @@ impl Nemesis {
                     })
                     .await?
                     .into_inner();
+                self.note(format!("drain node {h} ({})", job.job));
                 self.count("drain a node");
                 // Until the drain ends (bounded), then the node takes replicas again.
                 let deadline = Instant::now() + Duration::from_secs(30);
@@ -775,6 +798,7 @@ impl Nemesis {
                         shard: info.number,
                     })
                     .await?;
+                self.note(format!("split {COLLECTION}/{}/{}", REGIONS[r], info.number));
                 self.splits += 1;
                 self.count("split a shard");
                 self.hold().await;
@@ -787,6 +811,7 @@ impl Nemesis {
         if self.killed.contains(&h) {
             return Ok(());
         }
+        self.note(format!("kill -9 node {h}"));
         self.on_cluster(move |c| c.kill(h)).await?;
         self.killed.insert(h);
         Ok(())
@@ -795,6 +820,7 @@ impl Nemesis {
     /// Cuts every node of `side` off from every node not in it (the
     /// clients' host still reaches all).
     async fn cut_off(&mut self, side: BTreeSet<usize>) -> anyhow::Result<()> {
+        self.note(format!("cut nodes {side:?} off from the other nodes"));
         self.on_cluster(move |c| {
             for a in &side {
                 for b in (1..=HOSTS.len()).filter(|b| !side.contains(b)) {
@@ -853,6 +879,7 @@ impl Nemesis {
             std::mem::take(&mut self.paused).into_iter().collect(),
             std::mem::take(&mut self.killed).into_iter().collect(),
         );
+        self.note(format!("heal: net healed, resume {paused:?}, restart {killed:?}"));
         let r = self
             .on_cluster(move |c| {
                 c.net.heal()?;

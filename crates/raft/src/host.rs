@@ -183,8 +183,16 @@ impl<C: GroupConfig> Replica<C> {
         self.raft.read().clone()
     }
 
+    /// The leader this replica knows, or `None`. Never itself unless it
+    /// leads now: openraft reports the leader of the last committed vote, and
+    /// a restarted former leader's stored vote names itself even after it was
+    /// removed from the group while down. Taken at its word, such a node
+    /// forwarded every write to itself for ever (found by chaos seed 1: a
+    /// meta leader killed just after it moved itself out of the voters came
+    /// back believing it led, so its heartbeats never reached meta, meta kept
+    /// it down, and it was never added back).
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft().metrics().borrow().current_leader
+        credible_leader(&self.raft().metrics().borrow())
     }
 
     /// Whether `node` is a voter or learner of the group's current membership
@@ -707,7 +715,7 @@ impl RaftHost {
         while Instant::now() < deadline {
             let remaining = deadline - Instant::now();
             let raft = g.raft();
-            let current = raft.metrics().borrow().current_leader;
+            let current = credible_leader(&raft.metrics().borrow());
             leader = current.or(leader);
             match current {
                 Some(l) if l == self.me => match tokio::time::timeout(remaining, C::write(&raft, cmd.clone())).await {
@@ -1288,5 +1296,13 @@ impl RaftHost {
             metrics::counter!(m::SNAPSHOTS_REFUSED, &labels).absolute(s.snapshots_refused.load(Ordering::Relaxed));
             metrics::counter!(m::PURGES, &labels).absolute(g.log.stats.purges.load(Ordering::Relaxed));
         }
+    }
+}
+
+/// `current_leader` of `m`, unless it names this replica while it does not lead.
+fn credible_leader<N: openraft::Node>(m: &openraft::RaftMetrics<NodeId, N>) -> Option<NodeId> {
+    match m.current_leader {
+        Some(l) if l == m.id && m.state != openraft::ServerState::Leader => None,
+        l => l,
     }
 }
