@@ -546,4 +546,113 @@ mod tests {
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].0, 2);
     }
+
+    #[test]
+    fn t1_a_point_read_after_its_expiry_is_caught_and_one_read_before_is_not() {
+        let mut ops = vec![
+            op(
+                101,
+                Call::UpsertExpiring {
+                    value: 7,
+                    expires_at_ms: 50,
+                },
+                0,
+                1,
+                Outcome::Ok { found: None },
+            ),
+            // Invoked at wall time 40 (op's invoked_ms = invoked): before expiry.
+            op(101, Call::Get { linearizable: false }, 40, 41, Outcome::Ok { found: Some(7) }),
+        ];
+        assert!(check_expiry(&ops).is_empty());
+        ops.push(op(
+            0,
+            Call::Search {
+                may_read: vec!["uk".into()],
+            },
+            60,
+            61,
+            hits(&[(101, 7, "uk")]),
+        ));
+        let b = check_expiry(&ops);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert_eq!(b[0].invariant(), "T1");
+        // Expiring keys are not registers (expiry empties them unseen).
+        assert!(registers(&ops).is_empty());
+    }
+
+    #[test]
+    fn e3_a_likeness_written_or_returned_after_the_opt_out_is_caught_in_its_region_only() {
+        let uk_like = LIKENESS_KEYS + 1;
+        let us_like = REGION_KEYS + LIKENESS_KEYS + 1;
+        let mut ops = vec![
+            op(uk_like, Call::UpsertLikeness { value: 5 }, 0, 1, Outcome::Ok { found: None }),
+            op(LIKENESS_KEYS, Call::OptOut, 2, 3, Outcome::Ok { found: None }),
+            // Refused after the opt-out: right.
+            op(
+                uk_like,
+                Call::UpsertLikeness { value: 6 },
+                4,
+                5,
+                Outcome::Failed("opted out".into()),
+            ),
+            // Another region's likeness is not covered by uk's opt-out.
+            op(us_like, Call::UpsertLikeness { value: 8 }, 4, 5, Outcome::Ok { found: None }),
+            op(us_like, Call::Get { linearizable: false }, 6, 7, Outcome::Ok { found: Some(8) }),
+            // Concurrent with the opt-out: either way.
+            op(uk_like, Call::Get { linearizable: false }, 2, 4, Outcome::Ok { found: Some(5) }),
+        ];
+        assert!(check_optouts(&ops).is_empty(), "{:?}", check_optouts(&ops));
+        ops.push(op(uk_like, Call::UpsertLikeness { value: 9 }, 8, 9, Outcome::Ok { found: None }));
+        ops.push(op(
+            uk_like,
+            Call::Get { linearizable: false },
+            10,
+            11,
+            Outcome::Ok { found: Some(5) },
+        ));
+        let b = check_optouts(&ops);
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert!(b.iter().all(|b| b.invariant() == "E3"));
+    }
+
+    #[test]
+    fn r2_a_foreign_write_acknowledged_is_caught_and_a_refused_one_is_not() {
+        let call = || Call::ForeignUpsert {
+            value: 3,
+            region: "us".into(),
+        };
+        let mut ops = vec![op(REGION_KEYS + 250, call(), 0, 1, Outcome::Failed("R2".into()))];
+        assert!(check_foreign(&ops).is_empty());
+        ops.push(op(REGION_KEYS + 250, call(), 2, 3, Outcome::Ok { found: None }));
+        assert_eq!(check_foreign(&ops)[0].invariant(), "R2");
+    }
+
+    #[test]
+    fn d1_a_final_value_must_be_one_a_last_write_could_have_left() {
+        let ops = vec![
+            op(1, Call::Upsert { value: 10 }, 0, 1, Outcome::Ok { found: None }),
+            op(1, Call::Upsert { value: 11 }, 2, 3, Outcome::Ok { found: None }),
+            // Indeterminate: may land, even late.
+            op(1, Call::Upsert { value: 12 }, 4, 5, Outcome::Indeterminate("timeout".into())),
+            // Failed for sure: never the final value.
+            op(1, Call::Upsert { value: 13 }, 6, 7, Outcome::Failed("refused".into())),
+            op(2, Call::Upsert { value: 20 }, 0, 1, Outcome::Ok { found: None }),
+            op(2, Call::Erase, 2, 3, Outcome::Ok { found: None }),
+        ];
+        let finals = |a: Option<u64>, b: Option<u64>, c: Option<u64>| BTreeMap::from([(1, a), (2, b), (3, c)]);
+        assert!(check_final(&ops, &finals(Some(11), None, None)).is_empty());
+        assert!(check_final(&ops, &finals(Some(12), None, None)).is_empty());
+        // 10 was overwritten for sure; 13 never happened; 20 was erased; key 3
+        // was never written.
+        for bad in [
+            finals(Some(10), None, None),
+            finals(Some(13), None, None),
+            finals(Some(11), Some(20), None),
+            finals(Some(11), None, Some(1)),
+        ] {
+            let b = check_final(&ops, &bad);
+            assert_eq!(b.len(), 1, "{bad:?}: {b:?}");
+            assert_eq!(b[0].invariant(), "D1");
+        }
+    }
 }

@@ -174,6 +174,10 @@ fn one(o: &Options) -> (bool, Option<Summary>) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let stale = sovra_chaos::net::clean_stale("cx");
+    if stale > 0 {
+        println!("deleted {stale} network namespaces left by an earlier run that was killed");
+    }
     let ok = match cli.what {
         What::Run(a) => one(&options(&a)).0,
         What::Soak { seconds, first, secs } => {

@@ -43,6 +43,34 @@ pub fn available() -> Result<(), NetError> {
     Ok(())
 }
 
+/// Deletes the namespaces of earlier runs (`<tag><n>-...`) whose harness
+/// (a `sovra-chaos` process with pid ≡ n mod 100000) no longer runs: a run
+/// killed by a signal cannot drop its [`Net`]. Returns how many it deleted.
+pub fn clean_stale(tag: &str) -> usize {
+    let live: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim() == "sovra-chaos").then_some(pid % 100_000)
+        })
+        .collect();
+    let Ok(out) = run(&["ip", "netns", "list"]) else { return 0 };
+    let mut n = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(tag) else { continue };
+        let Some((num, _)) = rest.split_once('-') else { continue };
+        let Ok(num) = num.parse::<u32>() else { continue };
+        if !live.contains(&num) && run(&["ip", "netns", "del", name]).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// A set of hosts on one bridge.
 pub struct Net {
     prefix: String,

@@ -460,8 +460,10 @@ async fn jobs_end(w: &Workload, addrs: &[SocketAddr]) -> anyhow::Result<()> {
 /// D1: every shard's replicas reach equal digests within a bound (after
 /// the heal, with no writes).
 async fn converged(w: &Workload, addrs: &[SocketAddr]) -> anyhow::Result<()> {
-    until(Duration::from_secs(45), "replica digests equal", || async {
-        let mut by_shard: BTreeMap<(String, String, u32), (BTreeSet<u64>, BTreeMap<u64, u64>)> = BTreeMap::new();
+    until(Duration::from_secs(30), "replica digests equal", || async {
+        // (collection, region, shard) -> (its replicas, digest per node that answered).
+        type Digests = (BTreeSet<u64>, BTreeMap<u64, u64>);
+        let mut by_shard: BTreeMap<(String, String, u32), Digests> = BTreeMap::new();
         for (i, a) in addrs.iter().enumerate() {
             let mut c = Clients::new(*a, &w.admin_key, "");
             for name in [&w.collection, &w.movable] {
@@ -833,12 +835,19 @@ impl Nemesis {
     }
 
     async fn meta_leader(&mut self) -> anyhow::Result<usize> {
-        let r = self.rng.below(2) as usize;
-        let h = self.up_host(r);
-        let mut c = self.clients(h, 0);
-        let s = c.admin.cluster_status(v1::ClusterStatusRequest {}).await?.into_inner();
-        anyhow::ensure!(s.meta_leader != 0, "no meta leader known");
-        Ok(s.meta_leader as usize)
+        // Just after a fault the group may be electing: asked a few times.
+        for _ in 0..5 {
+            let r = self.rng.below(2) as usize;
+            let h = self.up_host(r);
+            let mut c = self.clients(h, 0);
+            if let Ok(s) = c.admin.cluster_status(v1::ClusterStatusRequest {}).await
+                && s.get_ref().meta_leader != 0
+            {
+                return Ok(s.into_inner().meta_leader as usize);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        anyhow::bail!("no meta leader known")
     }
 
     /// A random shard of `collection` in region `r`, as a node holding it sees it.

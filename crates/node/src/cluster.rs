@@ -435,14 +435,33 @@ pub async fn reconcile_loop(state: Arc<NodeState>, mut stop: watch::Receiver<boo
 /// voters and learners follow the registered meta-role nodes.
 pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
     let down_after = state.config.down_after_ms;
+    // The term this node leads in, and since when.
+    let mut led_since: Option<(u64, std::time::Instant)> = None;
     loop {
         if stopped(&mut stop, Duration::from_millis(state.config.heartbeat_ms)).await {
             return;
         }
         let Some(m) = state.host.meta() else { continue };
         if m.leader() != Some(state.config.node_id) {
+            led_since = None;
             continue;
         }
+        // A new leader first gives every node a whole down_after to reach
+        // it: heartbeats sent while the group had no leader were never
+        // committed, so the recorded ones are old. Judged at once, a leader
+        // elected after a few seconds without one marked every other node
+        // down and shrank the voters to itself (found by chaos: meta went to
+        // a single voter while all seven nodes ran).
+        let term = m.raft().metrics().borrow().current_term;
+        let since = match led_since {
+            Some((t, at)) if t == term => at,
+            _ => {
+                let now = std::time::Instant::now();
+                led_since = Some((term, now));
+                now
+            }
+        };
+        let settled = since.elapsed() >= Duration::from_millis(down_after);
         let view = m.sm.state();
         // Until the leader itself is registered, the view is missing a meta
         // node (this one): voters chosen from it could drop the only voter.
@@ -450,7 +469,7 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
             continue;
         }
         for id in view.overdue(now_ms(), down_after) {
-            if id == state.config.node_id {
+            if id == state.config.node_id || !settled {
                 continue;
             }
             tracing::warn!(node = id, "node missed its heartbeats; marking it down");
@@ -473,12 +492,26 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
         {
             tracing::warn!(error = %e.message, "advancing operations jobs failed; will retry");
         }
-        let voters = sovra_meta::voters::choose_voters(view.nodes.values());
-        if voters.is_empty() {
+        // The leader is up, whatever meta last recorded: a leader restarted
+        // after being marked down chose voters without itself, committed the
+        // change and left the group leaderless (found by chaos: kill the meta
+        // leader). Its own heartbeat corrects the record soon after.
+        let mut nodes = view.nodes.clone();
+        if let Some(me) = nodes.get_mut(&state.config.node_id)
+            && me.status == NodeStatus::Down
+        {
+            me.status = NodeStatus::Up;
+        }
+        let voters = sovra_meta::voters::choose_voters(nodes.values());
+        // Never fewer than three voters where three meta nodes exist: with
+        // most nodes down, keeping the old voters costs nothing (no change
+        // commits without a majority of them anyway) and a lone voter would
+        // hold the only copy of the metadata.
+        let meta_nodes = nodes.values().filter(|n| n.roles.meta).count();
+        if voters.is_empty() || (voters.len() < 3 && meta_nodes >= 3) {
             continue;
         }
-        let learners: BTreeSet<u64> = view
-            .nodes
+        let learners: BTreeSet<u64> = nodes
             .values()
             .filter(|n| n.roles.meta && n.status != NodeStatus::Down && !voters.contains(&n.id))
             .map(|n| n.id)

@@ -171,10 +171,23 @@ fn higher_vote<C: GroupConfig>(r: &Replica<C>, theirs: &openraft::Vote<NodeId>) 
 async fn append<C: GroupConfig>(r: &Replica<C>, from: NodeId, payload: &[u8]) -> Result<Response<pb::RaftReply>, Status> {
     if !r.admits(from) {
         let theirs = decode::<AppendEntriesRequest<C>>(payload).ok();
-        return match theirs.and_then(|m| higher_vote(r, &m.vote)) {
-            Some(v) => reply(&Ok::<_, RaftError<NodeId>>(AppendEntriesResponse::<NodeId>::HigherVote(v))),
-            None => Err(not_member(r, from)),
+        let Some(msg) = theirs else {
+            return Err(not_member(r, from));
         };
+        if let Some(v) = higher_vote(r, &msg.vote) {
+            return reply(&Ok::<_, RaftError<NodeId>>(AppendEntriesResponse::<NodeId>::HigherVote(v)));
+        }
+        // A leader elected under a later vote than this replica has seen is
+        // taken, as Raft takes it, though this replica's (older) membership
+        // lacks it: the membership that made it a voter is in the entries it
+        // brings. Refusing it left lagging replicas unable ever to learn a
+        // change that added the new leader (found by chaos: a meta group
+        // stuck with every follower refusing its leader).
+        let mine = r.raft().metrics().borrow().vote;
+        if !(msg.vote.is_committed() && msg.vote > mine) {
+            return Err(not_member(r, from));
+        }
+        return reply(&r.raft().append_entries(msg).await);
     }
     let msg: AppendEntriesRequest<C> = decode(payload)?;
     reply(&r.raft().append_entries(msg).await)

@@ -328,7 +328,7 @@ impl ShardEngine {
             return self.refuse(batch, index, meta, refused);
         }
         if let Some(ShardCommand::Upsert(_)) = cmd
-            && index % 5 == 0
+            && index.is_multiple_of(5)
             && sovra_types::chaos::broken(sovra_types::chaos::Switch::Diverge)
         {
             return self.refuse(batch, index, meta, "chaos switch diverge: this replica dropped the entry".into());
