@@ -40,15 +40,38 @@ pub struct Violation {
     pub value_there: Option<u64>,
     /// The completed operations none of which could come next.
     pub stuck_on: Vec<usize>,
+    /// Set instead when the key had more operations than the checker takes
+    /// (how many): not judged, so reported.
+    pub too_long: Option<usize>,
 }
 
 /// At most this many operations per key (the search's state is a bit set).
-pub const MAX_OPS_PER_KEY: usize = 128;
+pub const MAX_OPS_PER_KEY: usize = 512;
+
+/// A set of operation indexes below [`MAX_OPS_PER_KEY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+struct Bits([u64; MAX_OPS_PER_KEY / 64]);
+
+impl Bits {
+    fn has(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+    fn with(mut self, i: usize) -> Bits {
+        self.0[i / 64] |= 1 << (i % 64);
+        self
+    }
+    /// Whether every member of `other` is in `self`.
+    fn covers(&self, other: &Bits) -> bool {
+        self.0.iter().zip(other.0.iter()).all(|(a, b)| a & b == *b)
+    }
+}
 
 /// Checks one key's history, starting from an empty register. `Ok(order)`
 /// is one linearization (indexes into `ops`; indeterminate writes left out
 /// are not in it).
 pub fn check(ops: &[KeyOp]) -> Result<Vec<usize>, Violation> {
+    // Callers split longer histories (`history::check_linearizable` reports a
+    // key it cannot check).
     assert!(ops.len() <= MAX_OPS_PER_KEY, "at most {MAX_OPS_PER_KEY} operations per key");
     for o in ops {
         if let Some(r) = o.returned {
@@ -59,19 +82,20 @@ pub fn check(ops: &[KeyOp]) -> Result<Vec<usize>, Violation> {
             "only a write may be indeterminate"
         );
     }
-    let complete: u128 = ops
+    let complete = ops
         .iter()
         .enumerate()
         .filter(|(_, o)| o.returned.is_some())
-        .fold(0, |m, (i, _)| m | (1 << i));
-    let mut seen: HashSet<(u128, Option<u64>)> = HashSet::new();
+        .fold(Bits::default(), |m, (i, _)| m.with(i));
+    let mut seen: HashSet<(Bits, Option<u64>)> = HashSet::new();
     let mut path = Vec::new();
     let mut best = Violation {
         longest_prefix: Vec::new(),
         value_there: None,
         stuck_on: Vec::new(),
+        too_long: None,
     };
-    if search(ops, complete, 0, None, &mut seen, &mut path, &mut best) {
+    if search(ops, complete, Bits::default(), None, &mut seen, &mut path, &mut best) {
         Ok(path)
     } else {
         Err(best)
@@ -82,14 +106,14 @@ pub fn check(ops: &[KeyOp]) -> Result<Vec<usize>, Violation> {
 /// `value`) by every operation that may come next.
 fn search(
     ops: &[KeyOp],
-    complete: u128,
-    done: u128,
+    complete: Bits,
+    done: Bits,
     value: Option<u64>,
-    seen: &mut HashSet<(u128, Option<u64>)>,
+    seen: &mut HashSet<(Bits, Option<u64>)>,
     path: &mut Vec<usize>,
     best: &mut Violation,
 ) -> bool {
-    if done & complete == complete {
+    if done.covers(&complete) {
         return true;
     }
     if !seen.insert((done, value)) {
@@ -98,12 +122,12 @@ fn search(
     // An operation may come next only if no operation still to place
     // returned before it was invoked (real-time order).
     let first_return = (0..ops.len())
-        .filter(|&i| done & (1 << i) == 0)
+        .filter(|&i| !done.has(i))
         .filter_map(|i| ops[i].returned)
         .min()
         .unwrap_or(u64::MAX);
     for i in 0..ops.len() {
-        if done & (1 << i) != 0 || ops[i].invoked > first_return {
+        if done.has(i) || ops[i].invoked > first_return {
             continue;
         }
         let next = match ops[i].op {
@@ -112,17 +136,18 @@ fn search(
             RegOp::Read(_) => continue,
         };
         path.push(i);
-        if search(ops, complete, done | (1 << i), next, seen, path, best) {
+        if search(ops, complete, done.with(i), next, seen, path, best) {
             return true;
         }
         path.pop();
     }
     if path.len() >= best.longest_prefix.len() {
         *best = Violation {
+            too_long: None,
             longest_prefix: path.clone(),
             value_there: value,
             stuck_on: (0..ops.len())
-                .filter(|&i| done & (1 << i) == 0 && ops[i].returned.is_some() && ops[i].invoked <= first_return)
+                .filter(|&i| !done.has(i) && ops[i].returned.is_some() && ops[i].invoked <= first_return)
                 .collect(),
         };
     }
@@ -252,5 +277,23 @@ mod tests {
                 prop_assert!(check(&h).is_err());
             }
         }
+    }
+
+    #[test]
+    fn histories_longer_than_a_u128_are_checked_up_to_the_limit() {
+        // 400 operations: a write and a read of each value in turn, every
+        // write overlapping the read before it.
+        let mut ops = Vec::new();
+        for v in 0..200u64 {
+            ops.push(w(Some(v), 4 * v, Some(4 * v + 2)));
+            ops.push(r(Some(v), 4 * v + 3, 4 * v + 4));
+        }
+        assert!(ops.len() > 128 && ops.len() <= MAX_OPS_PER_KEY);
+        assert!(check(&ops).is_ok());
+        // The last read sees a value overwritten long before: caught.
+        let n = ops.len();
+        ops[n - 1] = r(Some(3), 4 * 199 + 3, 4 * 199 + 4);
+        let v = check(&ops).unwrap_err();
+        assert_eq!(v.stuck_on, vec![n - 1]);
     }
 }
