@@ -346,18 +346,20 @@ pub fn check_final(ops: &[Op], finals: &BTreeMap<u64, Option<u64>>) -> Vec<Breac
             w.returned
                 .is_some_and(|r| writes.iter().any(|w2| w2.returned.is_some() && w2.invoked > r))
         };
-        let could_be: Vec<Option<u64>> = if writes.is_empty() {
-            vec![None]
-        } else {
-            writes
-                .iter()
-                .filter(|w| !superseded(w))
-                .map(|w| match w.op {
-                    RegOp::Write(v) => v,
-                    RegOp::Read(_) => unreachable!("writes only"),
-                })
-                .collect()
-        };
+        let mut could_be: Vec<Option<u64>> = writes
+            .iter()
+            .filter(|w| !superseded(w))
+            .map(|w| match w.op {
+                RegOp::Write(v) => v,
+                RegOp::Read(_) => unreachable!("writes only"),
+            })
+            .collect();
+        // With no acknowledged write, none may have happened: still empty.
+        // (The soak's seed 1006 had a key whose two writes both timed out,
+        // and this checker called its empty final read a loss.)
+        if !writes.iter().any(|w| w.returned.is_some()) {
+            could_be.push(None);
+        }
         if !could_be.contains(found) {
             out.push(Breach::Lost {
                 key: *key,
@@ -653,10 +655,18 @@ mod tests {
             op(1, Call::Upsert { value: 13 }, 6, 7, Outcome::Failed("refused".into())),
             op(2, Call::Upsert { value: 20 }, 0, 1, Outcome::Ok { found: None }),
             op(2, Call::Erase, 2, 3, Outcome::Ok { found: None }),
+            // Key 4: its only writes timed out, so either or none happened.
+            op(4, Call::Upsert { value: 40 }, 0, 1, Outcome::Indeterminate("timeout".into())),
+            op(4, Call::Upsert { value: 41 }, 2, 3, Outcome::Indeterminate("timeout".into())),
         ];
-        let finals = |a: Option<u64>, b: Option<u64>, c: Option<u64>| BTreeMap::from([(1, a), (2, b), (3, c)]);
+        let finals = |a: Option<u64>, b: Option<u64>, c: Option<u64>| BTreeMap::from([(1, a), (2, b), (3, c), (4, None)]);
         assert!(check_final(&ops, &finals(Some(11), None, None)).is_empty());
         assert!(check_final(&ops, &finals(Some(12), None, None)).is_empty());
+        for key4 in [None, Some(40), Some(41)] {
+            let mut f = finals(Some(11), None, None);
+            f.insert(4, key4);
+            assert!(check_final(&ops, &f).is_empty(), "{key4:?}");
+        }
         // 10 was overwritten for sure; 13 never happened; 20 was erased; key 3
         // was never written.
         for bad in [

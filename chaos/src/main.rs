@@ -52,6 +52,9 @@ enum What {
         #[arg(long, default_value_t = 60)]
         secs: u64,
     },
+    /// Judges a kept run's history (DIR/history.jsonl) again with the
+    /// history checkers; exit 1 if any reports a violation.
+    Check { dir: PathBuf },
     /// CI's set: seeds with faults, then every switch once.
     Ci {
         #[arg(long, default_value_t = 2)]
@@ -212,6 +215,28 @@ fn main() -> std::process::ExitCode {
                 seed - 1
             );
             bad.is_empty()
+        }
+        What::Check { dir } => {
+            let text = match std::fs::read_to_string(dir.join("history.jsonl")) {
+                Ok(t) => t,
+                Err(e) => {
+                    println!("{}: {e}", dir.join("history.jsonl").display());
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            let ops = match sovra_chaos::history::parse(&text) {
+                Ok(o) => o,
+                Err(e) => {
+                    println!("history.jsonl does not parse: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            let s = sovra_chaos::run::rejudge(&ops);
+            println!("{} ops judged again: {} violations", s.ops, s.violations.len());
+            for (inv, v) in &s.violations {
+                println!("  VIOLATION {inv}: {v}");
+            }
+            s.violations.is_empty()
         }
         What::Ci { seeds, secs, switch_secs } => {
             let mut all = true;

@@ -294,6 +294,30 @@ async fn drive(cluster: Arc<Mutex<Cluster>>, o: Options) -> anyhow::Result<(Summ
     Ok((summary, ops))
 }
 
+/// Judges a kept history again (`history.jsonl` of a run's directory) with
+/// the history checkers; what needed the live cluster (digests, files at
+/// rest, counters) is not judged again.
+pub fn rejudge(ops: &[Op]) -> Summary {
+    let finals: BTreeMap<u64, Option<u64>> = ops
+        .iter()
+        .filter(|o| o.process == FINAL_PROCESS)
+        .filter_map(|o| match (&o.call, &o.outcome) {
+            (Call::Get { .. }, Outcome::Ok { found }) => Some((o.key, *found)),
+            _ => None,
+        })
+        .collect();
+    let heal_at = ops
+        .iter()
+        .filter(|o| o.process == FINAL_PROCESS)
+        .map(|o| o.invoked)
+        .min()
+        .unwrap_or(u64::MAX)
+        .saturating_sub(1);
+    let mut s = Summary::default();
+    judge(&mut s, ops, &finals, heal_at);
+    s
+}
+
 /// Every checker over the history.
 pub fn judge(summary: &mut Summary, ops: &[Op], finals: &BTreeMap<u64, Option<u64>>, heal_at: u64) {
     summary.ops = ops.len();
