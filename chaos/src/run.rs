@@ -249,13 +249,16 @@ async fn drive(cluster: Arc<Mutex<Cluster>>, o: Options) -> anyhow::Result<(Summ
     // Final reads: every register key, linearizably; then everything each
     // region's coordinator may list.
     let mut finals = BTreeMap::new();
+    // One bound for all final reads (a stuck cluster must not cost a minute
+    // per key); past it each key still gets one try.
+    let reads_until = Instant::now() + Duration::from_secs(90);
     for (r, _) in REGIONS.iter().enumerate() {
         let hosts = region_hosts(r);
         for kind in [0, MOVABLE_KEYS] {
             for i in 0..o.keys {
                 let key = r as u64 * REGION_KEYS + kind + i;
                 let collection = if kind == MOVABLE_KEYS { &w.movable } else { &w.collection };
-                match final_read(&w, &addrs, &hosts, collection, r, key).await {
+                match final_read(&w, &addrs, &hosts, collection, r, key, reads_until).await {
                     Some(op) => {
                         if let Outcome::Ok { found } = op.outcome {
                             finals.insert(key, found);
@@ -426,12 +429,20 @@ async fn setup(addrs: &[SocketAddr], admin_key: &str, o: &Options) -> anyhow::Re
     })
 }
 
-/// A linearizable read of `key` through any node of its region, retried for
-/// up to 60 s; recorded.
-async fn final_read(w: &Workload, addrs: &[SocketAddr], hosts: &[usize], collection: &str, r: usize, key: u64) -> Option<Op> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// A linearizable read of `key` through any node of its region, retried
+/// until `deadline` (tried once, if that has passed); recorded.
+#[allow(clippy::too_many_arguments)]
+async fn final_read(
+    w: &Workload,
+    addrs: &[SocketAddr],
+    hosts: &[usize],
+    collection: &str,
+    r: usize,
+    key: u64,
+    deadline: Instant,
+) -> Option<Op> {
     let mut i = 0;
-    while Instant::now() < deadline {
+    while i == 0 || Instant::now() < deadline {
         let mut c = Clients::new(addrs[hosts[i % hosts.len()] - 1], &w.admin_key, &w.scoped_keys[r]);
         i += 1;
         let op = workload::record(
