@@ -182,7 +182,10 @@ where
 {
     let deadline = Instant::now() + limit;
     loop {
-        match f().await {
+        let attempt = tokio::time::timeout(Duration::from_secs(20), f())
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("an attempt took over 20 s")));
+        match attempt {
             Ok(t) => return Ok(t),
             Err(e) if Instant::now() >= deadline => anyhow::bail!("{what} not within {limit:?}: {e:#}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,

@@ -175,6 +175,9 @@ impl Clients {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .expect("an address")
             .connect_timeout(Duration::from_secs(2))
+            // Every call ends: a node that never answers one (seen in the
+            // soak while meta was stuck) must not hang the harness.
+            .timeout(Duration::from_secs(15))
             .connect_lazy();
         let k = |key: &str| sovra_node::dev::keyed(&ch, key);
         Clients {
