@@ -59,7 +59,7 @@ enum What {
     Ci {
         #[arg(long, default_value_t = 2)]
         seeds: u64,
-        #[arg(long, default_value_t = 45)]
+        #[arg(long, default_value_t = 30)]
         secs: u64,
         #[arg(long, default_value_t = 12)]
         switch_secs: u64,
@@ -135,6 +135,9 @@ fn one(o: &Options, strict: bool) -> (bool, Option<Summary>) {
     for r in &s.refused {
         println!("  nemesis: not injected: {r}");
     }
+    for u in &s.undecided {
+        println!("  UNDECIDED{}: {u}", if strict { "" } else { " (warning)" });
+    }
     for st in &s.stuck {
         println!("  STUCK{}: {st}", if strict { "" } else { " (liveness warning)" });
     }
@@ -145,7 +148,7 @@ fn one(o: &Options, strict: bool) -> (bool, Option<Summary>) {
         println!("  ... and {} more (summary.json)", s.violations.len() - 20);
     }
     let good = match &o.switch {
-        None => s.violations.is_empty() && (s.stuck.is_empty() || !strict),
+        None => s.violations.is_empty() && ((s.stuck.is_empty() && s.undecided.is_empty()) || !strict),
         Some(sw) => {
             let (inv, word) = expected(sw);
             let caught = s.violations.iter().any(|(i, v)| i == inv && v.contains(word));
