@@ -99,7 +99,7 @@ impl Cluster {
              heartbeat_ms = 200\ndown_after_ms = 5000\n",
             n.region,
             n.region,
-            self.dir.join(format!("data{host}")).display()
+            self.data_dir(host).display()
         );
         if host == 1 {
             text.push_str("bootstrap = true\n");
@@ -115,9 +115,9 @@ impl Cluster {
     /// line; returns the admin key if it printed one.
     fn spawn(&mut self, host: usize) -> anyhow::Result<Option<String>> {
         // The bootstrap node's first start prints its key after it listens.
-        let wants_key = host == 1 && !self.dir.join("data1").exists();
+        let wants_key = host == 1 && !self.data_dir(1).exists();
         let cfg = self.config(host)?;
-        let log = self.dir.join(format!("node{host}.log"));
+        let log = self.log_file(host);
         let mut child = self
             .net
             .command(host, self.bin.to_str().unwrap())

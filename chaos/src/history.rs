@@ -407,16 +407,8 @@ pub fn check_erasures(ops: &[Op], heal_at: Option<u64>) -> Vec<Breach> {
             }
         }
     };
-    for o in ops {
-        match (&o.call, &o.outcome) {
-            (Call::Get { .. }, Outcome::Ok { found: Some(v) }) => judge(o.key, *v, o.invoked),
-            (Call::Search { .. }, Outcome::Hits(hits)) => {
-                for h in hits {
-                    judge(h.key, h.value, o.invoked);
-                }
-            }
-            _ => {}
-        }
+    for (key, value, read_at, _) in reads(ops) {
+        judge(key, value, read_at);
     }
     out
 }

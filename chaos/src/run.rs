@@ -277,19 +277,10 @@ async fn drive(cluster: Arc<Mutex<Cluster>>, o: Options) -> anyhow::Result<(Summ
         }
         for (j, h) in hosts.iter().enumerate() {
             let mut c = Clients::new(addrs[h - 1], &w.admin_key, &w.scoped_keys[r]);
-            let invoked_ms = workload::now_ms();
-            let invoked = w.clock.fetch_add(1, Ordering::SeqCst);
-            let (call, outcome) = workload::search(&w, &mut c, r, j % 2 == 1, vec![5.0; 4], 1000, true).await;
-            let returned = w.clock.fetch_add(1, Ordering::SeqCst);
-            ops.push(Op {
-                process: FINAL_PROCESS,
-                key: r as u64 * REGION_KEYS,
-                call,
-                invoked,
-                returned: Some(returned),
-                outcome,
-                invoked_ms,
-            });
+            let scoped = j % 2 == 1;
+            let listed = workload::search(&w, &mut c, scoped, vec![5.0; 4], 1000, true);
+            let call = workload::search_call(&w, r, scoped);
+            ops.push(workload::record(&w, FINAL_PROCESS, r as u64 * REGION_KEYS, call, listed).await);
         }
     }
     if let Err(e) = converged(&w, &addrs).await {
@@ -400,23 +391,10 @@ async fn setup(addrs: &[SocketAddr], admin_key: &str, o: &Options) -> anyhow::Re
     until(Duration::from_secs(90), "a leader for every shard", || async {
         let mut led = BTreeSet::new();
         let mut all = BTreeSet::new();
-        for a in addrs {
-            let mut c = Clients::new(*a, admin_key, "");
-            for name in [COLLECTION, MOVABLE] {
-                let info = c
-                    .collections
-                    .get_collection(v1::GetCollectionRequest {
-                        name: name.into(),
-                        with_digest: false,
-                    })
-                    .await?
-                    .into_inner();
-                for s in info.shards {
-                    all.insert((name, s.region.clone(), s.number));
-                    if s.held && s.leader != 0 {
-                        led.insert((name, s.region.clone(), s.number));
-                    }
-                }
+        for (_, name, s) in shard_views(addrs, admin_key, false).await? {
+            all.insert((name, s.region.clone(), s.number));
+            if s.held && s.leader != 0 {
+                led.insert((name, s.region.clone(), s.number));
             }
         }
         anyhow::ensure!(led == all, "{} of {} shards have a leader", led.len(), all.len());
@@ -503,33 +481,40 @@ async fn jobs_end(w: &Workload, addrs: &[SocketAddr]) -> anyhow::Result<()> {
     .await
 }
 
+/// Every shard of both collections as each node (numbered from 1) sees it.
+async fn shard_views(addrs: &[SocketAddr], key: &str, with_digest: bool) -> anyhow::Result<Vec<(u64, &'static str, v1::ShardInfo)>> {
+    let mut out = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let mut c = Clients::new(*a, key, "");
+        for name in [COLLECTION, MOVABLE] {
+            let info = c
+                .collections
+                .get_collection(v1::GetCollectionRequest {
+                    name: name.into(),
+                    with_digest,
+                })
+                .await?
+                .into_inner();
+            out.extend(info.shards.into_iter().map(|s| (i as u64 + 1, name, s)));
+        }
+    }
+    Ok(out)
+}
+
 /// D1: every shard's replicas reach equal digests within a bound (after
 /// the heal, with no writes).
 async fn converged(w: &Workload, addrs: &[SocketAddr]) -> anyhow::Result<()> {
     until(Duration::from_secs(30), "replica digests equal", || async {
         // (collection, region, shard) -> (its replicas, digest per node that answered).
         type Digests = (BTreeSet<u64>, BTreeMap<u64, u64>);
-        let mut by_shard: BTreeMap<(String, String, u32), Digests> = BTreeMap::new();
-        for (i, a) in addrs.iter().enumerate() {
-            let mut c = Clients::new(*a, &w.admin_key, "");
-            for name in [&w.collection, &w.movable] {
-                let info = c
-                    .collections
-                    .get_collection(v1::GetCollectionRequest {
-                        name: name.clone(),
-                        with_digest: true,
-                    })
-                    .await?
-                    .into_inner();
-                for s in info.shards {
-                    let e = by_shard.entry((name.clone(), s.region.clone(), s.number)).or_default();
-                    e.0.extend(s.replicas.iter().copied());
-                    if s.held
-                        && let Some(d) = s.digest
-                    {
-                        e.1.insert(i as u64 + 1, d);
-                    }
-                }
+        let mut by_shard: BTreeMap<(&str, String, u32), Digests> = BTreeMap::new();
+        for (node, name, s) in shard_views(addrs, &w.admin_key, true).await? {
+            let e = by_shard.entry((name, s.region.clone(), s.number)).or_default();
+            e.0.extend(s.replicas.iter().copied());
+            if s.held
+                && let Some(d) = s.digest
+            {
+                e.1.insert(node, d);
             }
         }
         let mut bad = Vec::new();

@@ -249,16 +249,10 @@ pub async fn get(w: &Workload, c: &mut Clients, collection: &str, r: usize, key:
     }
 }
 
-/// A search through `c` (a node of region `r`): with the admin key, or the
-/// key that may read only `r`; `exact` lists everything (k large).
-pub async fn search(w: &Workload, c: &mut Clients, r: usize, scoped: bool, vector: Vec<f32>, k: u32, exact: bool) -> (Call, Outcome) {
-    let may_read = if scoped {
-        vec![w.regions[r].clone()]
-    } else {
-        let mut m = vec![w.regions[r].clone()];
-        m.extend(w.results_to[r].iter().cloned());
-        m
-    };
+/// A search through `c`: with the admin key, or (`scoped`) the key that may
+/// read only `c`'s region; `exact` lists everything (k large). Its call for
+/// the history is [`search_call`].
+pub async fn search(w: &Workload, c: &mut Clients, scoped: bool, vector: Vec<f32>, k: u32, exact: bool) -> Outcome {
     let req = v1::SearchRequest {
         collection: w.collection.clone(),
         vector,
@@ -269,7 +263,7 @@ pub async fn search(w: &Workload, c: &mut Clients, r: usize, scoped: bool, vecto
         ..Default::default()
     };
     let client = if scoped { &mut c.scoped } else { &mut c.search };
-    let outcome = match client.search(timed(w.timeout, req)).await {
+    match client.search(timed(w.timeout, req)).await {
         Ok(a) => Outcome::Hits(
             a.into_inner()
                 .hits
@@ -283,8 +277,17 @@ pub async fn search(w: &Workload, c: &mut Clients, r: usize, scoped: bool, vecto
                 .collect(),
         ),
         Err(s) => outcome_of(&s),
-    };
-    (Call::Search { may_read }, outcome)
+    }
+}
+
+/// The search call [`search`] makes through a node of region `r`, with the
+/// regions its key and the policies let it read.
+pub fn search_call(w: &Workload, r: usize, scoped: bool) -> Call {
+    let mut may_read = vec![w.regions[r].clone()];
+    if !scoped {
+        may_read.extend(w.results_to[r].iter().cloned());
+    }
+    Call::Search { may_read }
 }
 
 /// Records one operation: invoked now, ended when `f` answers.
@@ -328,43 +331,16 @@ pub async fn client(process: u32, r: usize, addrs: Vec<std::net::SocketAddr>, w:
                 let key = base + i;
                 record(&w, process, key, Call::Delete, delete(&w, &mut c, r, key)).await
             }
-            34..=51 => {
-                let key = base + i;
-                record(
-                    &w,
-                    process,
-                    key,
-                    Call::Get { linearizable: true },
-                    get(&w, &mut c, &w.collection, r, key, true),
-                )
-                .await
-            }
-            52..=58 => {
-                let key = base + i;
-                record(
-                    &w,
-                    process,
-                    key,
-                    Call::Get { linearizable: false },
-                    get(&w, &mut c, &w.collection, r, key, false),
-                )
-                .await
+            34..=58 => {
+                // Linearizable up to 51, `any` above.
+                let (key, linearizable) = (base + i, dice <= 51);
+                let read = get(&w, &mut c, &w.collection, r, key, linearizable);
+                record(&w, process, key, Call::Get { linearizable }, read).await
             }
             59..=68 => {
                 let scoped = rng.below(3) == 0;
-                let invoked_ms = now_ms();
-                let invoked = w.clock.fetch_add(1, Ordering::SeqCst);
-                let (call, outcome) = search(&w, &mut c, r, scoped, near, 10, false).await;
-                let returned = w.clock.fetch_add(1, Ordering::SeqCst);
-                Op {
-                    process,
-                    key: base,
-                    call,
-                    invoked,
-                    returned: Some(returned),
-                    outcome,
-                    invoked_ms,
-                }
+                let call = search_call(&w, r, scoped);
+                record(&w, process, base, call, search(&w, &mut c, scoped, near, 10, false)).await
             }
             69..=71 => {
                 let key = base + i;
