@@ -350,13 +350,25 @@ impl Erasures {
         self.prune();
     }
 
-    /// The marks of the replicas of `shard` before `node` (by id) that are
+    /// The replicas of `shard` that go before `node`'s rewrite and are
     /// behind `index`: a replica rewrites its files only when none is (or
-    /// they are down), so a shard loses at most one replica at a time.
-    pub fn behind_before(&self, c: &CollectionName, shard: &ShardKey, replicas: &[u64], node: u64, index: u64) -> Vec<u64> {
+    /// they are down), so a shard loses at most one replica at a time. The
+    /// order is by id with the group's leader (as `node` knows it) last:
+    /// taking the leader out costs the shard an election, so it happens once,
+    /// after the followers are back.
+    pub fn behind_before(
+        &self,
+        c: &CollectionName,
+        shard: &ShardKey,
+        replicas: &[u64],
+        node: u64,
+        leader: Option<u64>,
+        index: u64,
+    ) -> Vec<u64> {
         replicas
             .iter()
-            .filter(|&&n| n < node)
+            .filter(|&&n| n != node)
+            .filter(|&&n| leader == Some(node) || (n < node && Some(n) != leader))
             .filter(|&&n| self.purged.get(&(c.clone(), shard.clone(), n)).is_none_or(|&t| t < index))
             .copied()
             .collect()

@@ -85,6 +85,11 @@ const VIEW_KEY: &str = "meta_view";
 /// The receipt key's seed of a node alone with no configured secret.
 const RECEIPT_SEED_KEY: &str = "receipt_seed";
 
+/// How long a rewritten replica waits to have a leader and its old position
+/// in the log again before it reports its purge (past it, it reports anyway:
+/// the purge must end even if its group cannot elect).
+const REJOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 pub struct NodeState {
     pub config: NodeConfig,
     pub region: RegionId,
@@ -655,12 +660,17 @@ impl NodeState {
     /// restarted replica), and records erasures through `through` as purged.
     /// Meanwhile the shard's other replicas serve it. The reconcile loop waits.
     pub async fn rewrite_replica(self: &Arc<Self>, id: &ShardId, through: u64) -> anyhow::Result<()> {
-        let _one = self.reconciling.lock().await;
+        let one = self.reconciling.lock().await;
         let Some(engine) = self.engines.write().remove(id) else {
             return Ok(()); // no longer held here
         };
         let spec = Arc::new(engine.spec().clone());
         let started = std::time::Instant::now();
+        let applied_before = self
+            .host
+            .group(id)
+            .and_then(|g| g.raft().metrics().borrow().last_applied)
+            .map_or(0, |l| l.index);
         self.host.remove_group(id, false).await?;
         // Saved (the compacted graph: no erased vector in it), the index is
         // loaded on reopen instead of rebuilt, which keeps the replica's time
@@ -685,17 +695,26 @@ impl NodeState {
         };
         self.engines.write().insert(id.clone(), engine.clone());
         self.rebuild_collections(&self.view());
+        drop(one);
         let (before, after) = rewritten?;
+        // Back in service before the purge is reported: the report lets the
+        // shard's next replica go out, and two out at once can leave the
+        // shard without a quorum.
+        if let Some(g) = self.host.group(id)
+            && !g.wait_rejoined(applied_before, REJOIN_WAIT).await
+        {
+            tracing::warn!(shard = %id, "rewritten replica has not caught up with its group; reporting the purge anyway");
+        }
         let e = engine.clone();
         tokio::task::spawn_blocking(move || e.store().set_purged(through)).await??;
         tracing::info!(shard = %id, through, bytes_before = before, bytes_after = after, took = ?started.elapsed(), "replica database rewritten; the erasure is purged");
         Ok(())
     }
 
-    /// The replicas of `id` before this node (by id) that are up and have
-    /// not reported a purge through `through`: this replica rewrites its
-    /// database only once there are none, so a shard has at most one replica
-    /// out for its rewrite at a time.
+    /// The replicas of `id` before this node (by id, the leader last) that
+    /// are up and have not reported a purge through `through`: this replica
+    /// rewrites its database only once there are none, so a shard has at most
+    /// one replica out for its rewrite at a time.
     pub fn rewrite_blocked_by(&self, id: &ShardId, through: u64) -> Vec<NodeId> {
         let v = self.view();
         let Some(shard) = v
@@ -712,9 +731,15 @@ impl NodeState {
             .copied()
             .filter(|n| v.state.nodes.get(n).is_some_and(|r| r.status != NodeStatus::Down))
             .collect();
-        v.state
-            .erasures
-            .behind_before(&id.collection, &(id.region.clone(), id.number), &up, self.config.node_id, through)
+        let leader = self.host.group(id).and_then(|g| g.leader());
+        v.state.erasures.behind_before(
+            &id.collection,
+            &(id.region.clone(), id.number),
+            &up,
+            self.config.node_id,
+            leader,
+            through,
+        )
     }
 
     /// Tells the meta group how far this replica of `id` has purged, with

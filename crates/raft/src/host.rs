@@ -195,6 +195,20 @@ impl<C: GroupConfig> Replica<C> {
         credible_leader(&self.raft().metrics().borrow())
     }
 
+    /// Waits, up to `within`, until this replica knows a leader (credibly:
+    /// see [`Self::leader`]) and has applied through `applied`. False if it
+    /// does not by then.
+    pub async fn wait_rejoined(&self, applied: u64, within: Duration) -> bool {
+        self.raft()
+            .wait(Some(within))
+            .metrics(
+                |m| credible_leader(m).is_some() && m.last_applied.is_some_and(|l| l.index >= applied),
+                "the replica rejoins its group",
+            )
+            .await
+            .is_ok()
+    }
+
     /// Whether `node` is a voter or learner of the group's current membership
     /// (every configuration of a joint one), as this replica knows it. A
     /// replica that knows no membership yet (never initialised, waiting for its
@@ -452,7 +466,7 @@ impl RaftHost {
         if *region == self.region
             && let Some(g) = self.audit()
         {
-            return self.write_checked(&g, batch).await;
+            return self.write_checked(g, || self.audit(), batch).await;
         }
         let within = self.settings.write_timeout;
         let deadline = Instant::now() + within;
@@ -680,7 +694,7 @@ impl RaftHost {
         // would have to refuse.
         check_command(g.engine().spec(), id, &cmd)?;
         fence_check(&g, &cmd)?;
-        self.write_checked(&g, cmd).await
+        self.write_checked(g, || self.group(id), cmd).await
     }
 
     /// Test hook: proposes `cmd` with no edge validation, as an older build or
@@ -689,7 +703,7 @@ impl RaftHost {
     #[doc(hidden)]
     pub async fn write_unvalidated(&self, id: &ShardId, cmd: ShardCommand) -> Result<WriteAck, ApiError> {
         let g = self.group_or_unavailable(id)?;
-        let (index, r) = self.write_checked(&g, cmd).await?;
+        let (index, r) = self.write_checked(g, || self.group(id), cmd).await?;
         ack_of(id, index, &r)
     }
 
@@ -699,25 +713,79 @@ impl RaftHost {
         let g = self
             .meta()
             .ok_or_else(|| ApiError::unavailable(format!("node {} runs no meta replica", self.me)))?;
-        self.write_checked(&g, cmd).await
+        self.write_checked(g, || self.meta(), cmd).await
     }
 
-    async fn write_checked<C: GroupConfig>(&self, g: &Replica<C>, cmd: C::D) -> Result<(u64, C::R), ApiError>
+    /// Proposes `cmd` through `g` (forwarded to the leader if `g` does not
+    /// lead) until it commits or the write timeout passes. `current` finds
+    /// this node's replica of the group again: when `g`'s core has stopped
+    /// (taken out of service for an erasure rewrite, removed, or failed and
+    /// waiting for the watchdog) the write goes on through the replica that
+    /// replaced it or, while there is none, through the group's other members.
+    async fn write_checked<C: GroupConfig>(
+        &self,
+        g: Arc<Replica<C>>,
+        current: impl Fn() -> Option<Arc<Replica<C>>>,
+        cmd: C::D,
+    ) -> Result<(u64, C::R), ApiError>
     where
         C::D: Clone + Serialize,
         C::R: DeserializeOwned,
     {
-        let id = &g.id;
+        let mut g = g;
+        let id = g.id.clone();
         let timeout = self.settings.write_timeout;
         let deadline = Instant::now() + timeout;
         let mut leader = g.leader();
         let mut why = String::from("no leader was elected");
+        // Turns through the other members while this node's replica is out
+        // of service.
+        let mut turn = 0usize;
         while Instant::now() < deadline {
             let remaining = deadline - Instant::now();
             let raft = g.raft();
-            let current = credible_leader(&raft.metrics().borrow());
-            leader = current.or(leader);
-            match current {
+            let mut rx = raft.metrics();
+            let (current_leader, stopped, others) = {
+                let gone = rx.has_changed().is_err();
+                let m = rx.borrow_and_update();
+                let others: Vec<NodeId> = m.membership_config.membership().voter_ids().filter(|n| *n != self.me).collect();
+                (
+                    credible_leader(&m),
+                    gone || m.running_state.is_err() || m.state == openraft::ServerState::Shutdown,
+                    others,
+                )
+            };
+            if stopped {
+                if let Some(n) = current()
+                    && !Arc::ptr_eq(&n, &g)
+                {
+                    g = n;
+                    continue;
+                }
+                if others.is_empty() {
+                    why = format!("this node's replica of {id} is out of service and no other member is known");
+                    tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
+                    continue;
+                }
+                let to = others[turn % others.len()];
+                turn += 1;
+                match self.forward::<C>(to, &id, &cmd, remaining.min(Duration::from_secs(2))).await {
+                    Ok(answer) => {
+                        metrics::counter!(m::FORWARDED_WRITES).increment(1);
+                        return answer;
+                    }
+                    Err(s) => {
+                        why = format!(
+                            "this node's replica is out of service (its Raft core stopped) and node {to} did not take the write: {}",
+                            s.message()
+                        );
+                        tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
+                    }
+                }
+                continue;
+            }
+            leader = current_leader.or(leader);
+            match current_leader {
                 Some(l) if l == self.me => match tokio::time::timeout(remaining, C::write(&raft, cmd.clone())).await {
                     Ok(Ok(r)) => return Ok((r.log_id.index, r.data)),
                     Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
@@ -725,7 +793,9 @@ impl RaftHost {
                         why = "leadership moved while proposing".into();
                     }
                     Ok(Err(e)) => {
-                        why = format!("this replica's Raft core failed ({e})");
+                        // Stopped mid-write (the entry may still commit:
+                        // retrying is safe, writes are idempotent by id).
+                        why = format!("this replica's Raft core stopped while proposing ({e})");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Err(_) => {
@@ -733,7 +803,7 @@ impl RaftHost {
                         break;
                     }
                 },
-                Some(l) => match self.forward::<C>(l, id, &cmd, remaining).await {
+                Some(l) => match self.forward::<C>(l, &id, &cmd, remaining).await {
                     Ok(answer) => {
                         metrics::counter!(m::FORWARDED_WRITES).increment(1);
                         return answer;
@@ -744,7 +814,7 @@ impl RaftHost {
                     }
                 },
                 None => {
-                    let mut rx = raft.metrics();
+                    why = "no leader was elected".into();
                     let _ = tokio::time::timeout(remaining.min(Duration::from_millis(200)), rx.changed()).await;
                 }
             }

@@ -439,13 +439,29 @@ mod erasure_jobs {
     fn replicas_rewrite_one_at_a_time_in_id_order_by_their_marks() {
         let mut s = with_collection();
         let shard = (eu(), 0);
-        let behind = |s: &MetaState, node| s.erasures.behind_before(&faces(), &shard, &[1, 2, 3], node, 40);
+        let behind = |s: &MetaState, node| s.erasures.behind_before(&faces(), &shard, &[1, 2, 3], node, None, 40);
         assert_eq!(behind(&s, 1), Vec::<u64>::new());
         assert_eq!(behind(&s, 3), vec![1, 2]);
         report(&mut s, 0, 1, 40, vec![]);
         assert_eq!(behind(&s, 3), vec![2]);
         report(&mut s, 0, 2, 45, vec![]);
         assert_eq!(behind(&s, 3), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn the_leader_rewrites_last() {
+        let mut s = with_collection();
+        let shard = (eu(), 0);
+        let behind = |s: &MetaState, node| s.erasures.behind_before(&faces(), &shard, &[1, 2, 3], node, Some(1), 40);
+        // Node 1 leads: it waits for both followers; they skip it.
+        assert_eq!(behind(&s, 1), vec![2, 3]);
+        assert_eq!(behind(&s, 2), Vec::<u64>::new());
+        assert_eq!(behind(&s, 3), vec![2]);
+        report(&mut s, 0, 2, 40, vec![]);
+        assert_eq!(behind(&s, 3), Vec::<u64>::new());
+        assert_eq!(behind(&s, 1), vec![3]);
+        report(&mut s, 0, 3, 40, vec![]);
+        assert_eq!(behind(&s, 1), Vec::<u64>::new());
     }
 
     #[test]
