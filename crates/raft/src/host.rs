@@ -138,6 +138,10 @@ pub struct Replica<C: GroupConfig> {
     /// one that leaves it out mean it was removed: a replica added to a
     /// group replays the group's older memberships while it catches up.
     member_seen: std::sync::atomic::AtomicBool,
+    /// Since when this replica stands for no election ([`Self::hold_elections`]).
+    elections_held: parking_lot::Mutex<Option<Instant>>,
+    /// How many times it was held.
+    pub holds: AtomicU64,
 }
 
 #[derive(Default)]
@@ -193,6 +197,47 @@ impl<C: GroupConfig> Replica<C> {
     /// it down, and it was never added back).
     pub fn leader(&self) -> Option<NodeId> {
         credible_leader(&self.raft().metrics().borrow())
+    }
+
+    /// Stops this replica standing for election: called when a leader's
+    /// append finds it a candidate in a later term than the leader's. It
+    /// stood while cut off (openraft 0.9 has no pre-vote), each time in a
+    /// higher term, and its log is behind so it cannot win; answered "higher
+    /// vote", the leader steps down, and a candidate that went on raising its
+    /// term would unseat every leader elected after it too (found by chaos:
+    /// meta leaderless for minutes after a partition healed). It still
+    /// votes, and stands again once it follows a leader
+    /// ([`Self::release_elections`]).
+    pub fn hold_elections(&self) {
+        let mut held = self.elections_held.lock();
+        if held.is_none() {
+            self.raft().runtime_config().elect(false);
+            *held = Some(Instant::now());
+            self.holds.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::ELECTIONS_HELD).increment(1);
+            tracing::info!(group = %self.id, "a leader's append found this replica a candidate in a later term; it stands for no election until it follows a leader");
+        }
+    }
+
+    /// Lets a held replica stand for election again once it follows a leader
+    /// (its vote committed to another node), or ten election timeouts after
+    /// it was held whatever happened: a group whose other members cannot
+    /// elect still needs it. Called on every append it takes and by the
+    /// watchdog.
+    pub fn release_elections(&self) {
+        let mut held = self.elections_held.lock();
+        let Some(since) = *held else { return };
+        let raft = self.raft();
+        let longest = Duration::from_millis(raft.config().election_timeout_max * 10);
+        let following = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.vote.is_committed() && m.current_leader.is_some_and(|l| l != m.id)
+        };
+        if following || since.elapsed() >= longest {
+            raft.runtime_config().elect(true);
+            *held = None;
+        }
     }
 
     /// Waits, up to `within`, until this replica knows a leader (credibly:
@@ -386,6 +431,8 @@ impl RaftHost {
             restarts: AtomicU64::new(0),
             member_seen: named.into(),
             lease: Default::default(),
+            elections_held: Default::default(),
+            holds: AtomicU64::new(0),
         });
         self.groups.write().insert(id, g.clone());
         Ok(g)
@@ -414,6 +461,8 @@ impl RaftHost {
             restarts: AtomicU64::new(0),
             member_seen: Default::default(),
             lease: Default::default(),
+            elections_held: Default::default(),
+            holds: AtomicU64::new(0),
         });
         *self.meta.write() = Some(g.clone());
         Ok(g)
@@ -439,6 +488,8 @@ impl RaftHost {
             restarts: AtomicU64::new(0),
             member_seen: Default::default(),
             lease: Default::default(),
+            elections_held: Default::default(),
+            holds: AtomicU64::new(0),
         });
         *self.audit.write() = Some(g.clone());
         Ok(g)
@@ -1242,7 +1293,14 @@ impl RaftHost {
     /// replicas that a membership change took out of their group.
     pub async fn watchdog_pass(&self) {
         self.meta_watchdog_pass().await;
+        if let Some(m) = self.meta() {
+            m.release_elections();
+        }
+        if let Some(a) = self.audit() {
+            a.release_elections();
+        }
         for g in self.groups() {
+            g.release_elections();
             let raft = g.raft();
             let mut rx = raft.metrics();
             let core_gone = rx.has_changed().is_err();

@@ -24,6 +24,9 @@ pub const ENTRIES_REJECTED: &str = "sovra_raft_entries_rejected_total";
 pub const RESIDENCY_REFUSED: &str = "sovra_residency_refused_total";
 /// Group messages refused: not from a member of the group's membership.
 pub const NOT_MEMBER: &str = "sovra_raft_refused_not_member_total";
+/// Replicas stopped from standing for election: a leader's append found
+/// them candidates in a later term (see `Replica::hold_elections`).
+pub const ELECTIONS_HELD: &str = "sovra_raft_elections_held_total";
 
 pub fn group_labels(id: &ShardId) -> [(&'static str, String); 3] {
     [

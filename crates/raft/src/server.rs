@@ -190,7 +190,16 @@ async fn append<C: GroupConfig>(r: &Replica<C>, from: NodeId, payload: &[u8]) ->
         return reply(&r.raft().append_entries(msg).await);
     }
     let msg: AppendEntriesRequest<C> = decode(payload)?;
-    reply(&r.raft().append_entries(msg).await)
+    let mine = r.raft().metrics().borrow().vote;
+    if msg.vote.is_committed() && !mine.is_committed() && mine > msg.vote {
+        // A live leader, and this replica a candidate in a later term: it
+        // is answered "higher vote" (Raft), and stands no more until it
+        // follows a leader.
+        r.hold_elections();
+    }
+    let answer = r.raft().append_entries(msg).await;
+    r.release_elections();
+    reply(&answer)
 }
 
 async fn vote<C: GroupConfig>(r: &Replica<C>, from: NodeId, payload: &[u8]) -> Result<Response<pb::RaftReply>, Status> {

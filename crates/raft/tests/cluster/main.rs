@@ -105,6 +105,44 @@ async fn minority_write_fails_unavailable_naming_the_leader_majority_serves_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stood_for_election_while_cut_off_stops_and_the_group_settles() {
+    let c = Cluster::start(3, fast_settings(), 4, seed()).await;
+    write(&c, 1, upsert(0..10, 4, 1.0)).await.unwrap();
+    let leader = c.leader().await;
+    let cut = c.live().map(|n| n.id).find(|&n| n != leader).unwrap();
+    let group = |id: u64| c.node(id).host.group(&shard()).unwrap();
+    let term = |id: u64| group(id).raft().metrics().borrow().current_term;
+    let before = term(leader);
+    c.faults.isolate(cut);
+    // Cut off, it stands for election again and again, each time in a
+    // higher term; the others write on, so its log is behind and it cannot win.
+    eventually(
+        "the cut-off replica's term is 3 past the leader's",
+        Duration::from_secs(30),
+        async || (term(cut) >= before + 3).then_some(()),
+    )
+    .await;
+    for b in 1..4u64 {
+        write(&c, leader, upsert(b * 10..b * 10 + 10, 4, 2.0)).await.unwrap();
+    }
+    c.faults.heal();
+    // Answered "higher vote", the leader steps down once; the cut-off
+    // replica stands no more, follows the next leader and catches up. (A
+    // candidate that went on raising its term unseated every new leader.)
+    let via = c.live().map(|n| n.id).find(|&n| n != cut).unwrap();
+    eventually("a write after the heal", Duration::from_secs(20), async || {
+        write(&c, via, upsert(100..110, 4, 3.0)).await.ok()
+    })
+    .await;
+    c.converged(Duration::from_secs(20)).await;
+    assert_eq!(value_of(&c, cut, 105), Some(3.0));
+    assert!(
+        group(cut).holds.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "the cut-off replica was never held"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_replica_catches_up_by_snapshot_after_the_log_is_purged() {
     let mut settings = fast_settings();
     settings.snapshot_after_logs = 20;
