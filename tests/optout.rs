@@ -135,19 +135,28 @@ async fn an_opt_out_erases_with_a_receipt_refuses_later_and_racing_writes_and_is
     );
     // Outside it, writes go on.
     upsert(&nodes[1], vec![near(51, 1.5)]).await.unwrap();
-    // Searches near the likeness return nothing within it.
-    let hits = nodes[2]
-        .search
-        .clone()
-        .search(v1::SearchRequest {
-            collection: "people".into(),
-            vector: FACE.to_vec(),
-            k: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // Searches near the likeness return nothing within it. (Retried while
+    // UNAVAILABLE, as a client would: the purge that follows the erasure
+    // takes each replica out for its rewrite, the leader last, and the
+    // shard's reads fenced by the erasure wait for the next leader.)
+    let hits = eventually("a search near the likeness", Duration::from_secs(30), async || {
+        match nodes[2]
+            .search
+            .clone()
+            .search(v1::SearchRequest {
+                collection: "people".into(),
+                vector: FACE.to_vec(),
+                k: 10,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => Some(r.into_inner()),
+            Err(e) if e.code() == Code::Unavailable => None,
+            Err(e) => panic!("{e:?}"),
+        }
+    })
+    .await;
     assert!(hits.hits.iter().all(|h| h.distance > THRESHOLD), "{hits:?}");
 
     // The registration is an erasure job that ends with a receipt. (Once in

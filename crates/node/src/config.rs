@@ -9,9 +9,13 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Unique within the cluster; Raft will know nodes by it.
+    /// Unique within the cluster; Raft will know nodes by it. May come from
+    /// `SOVRA_NODE_ID` instead (one config file for every container).
+    #[serde(default)]
     pub node_id: u64,
-    /// The region whose data this node may hold (R1/R2).
+    /// The region whose data this node may hold (R1/R2). May come from
+    /// `SOVRA_REGION` instead.
+    #[serde(default)]
     pub region: String,
     #[serde(default = "default_zone")]
     pub zone: String,
@@ -433,7 +437,10 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
-            return Err(invalid("node_id", "must be at least 1"));
+            return Err(invalid("node_id", "must be at least 1 (set it in the file or with SOVRA_NODE_ID)"));
+        }
+        if self.region.is_empty() {
+            return Err(invalid("region", "is not set (set it in the file or with SOVRA_REGION)"));
         }
         RegionId::parse(&self.region).map_err(|e| invalid("region", e.message))?;
         if self.zone.is_empty() {
@@ -638,6 +645,28 @@ mod tests {
 
         let f = write("node_id = 0\nregion = \"eu\"\nbootstrap = true\ndata_dir = \"/tmp/x\"\n");
         assert!(NodeConfig::load(f.path(), |_| None).unwrap_err().to_string().contains("`node_id`"));
+
+        // The image's file names neither: they come from the environment,
+        // and a missing one is named with its variable.
+        let f = write(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/node.toml")).unwrap());
+        let env = |k: &str| match k {
+            "SOVRA_NODE_ID" => Some("4".to_string()),
+            "SOVRA_REGION" => Some("us".to_string()),
+            "SOVRA_BOOTSTRAP" => Some("true".to_string()),
+            "SOVRA_ADVERTISE_GRPC_ADDR" => Some("us-4:7300".to_string()),
+            "SOVRA_ADVERTISE_CLUSTER_ADDR" => Some("us-4:7400".to_string()),
+            _ => None,
+        };
+        let cfg = NodeConfig::load(f.path(), env).unwrap();
+        assert_eq!(
+            (cfg.node_id, cfg.region.as_str(), cfg.data_dir.as_path()),
+            (4, "us", Path::new("/data"))
+        );
+        let err = NodeConfig::load(f.path(), |_| None).unwrap_err().to_string();
+        assert!(err.contains("`node_id`") && err.contains("SOVRA_NODE_ID"), "{err}");
+        let env = |k: &str| (k == "SOVRA_NODE_ID").then(|| "4".to_string());
+        let err = NodeConfig::load(f.path(), env).unwrap_err().to_string();
+        assert!(err.contains("`region`") && err.contains("SOVRA_REGION"), "{err}");
 
         let f = write("node_id = 1\nregion = \"eu\"\ndata_dir = \"/tmp/x\"\nbogus = 1\n");
         let err = NodeConfig::load(f.path(), |_| None).unwrap_err();

@@ -21,6 +21,7 @@ pub mod config;
 pub mod ctl;
 pub mod ctl_ops;
 pub mod dev;
+pub mod health;
 pub mod metrics;
 pub mod ops;
 pub mod receipt;

@@ -23,6 +23,9 @@ enum Command {
     },
     /// Run a local node with sample data and example searches, until Ctrl-C.
     Dev(dev::DevArgs),
+    /// Exit 0 if the node at --addr answers SERVING to a gRPC health check,
+    /// else 1 (a container health check or an exec probe).
+    Health(sovra_node::health::HealthArgs),
     /// Checks an erasure receipt: reads a GetErasureJob answer as JSON (as
     /// grpcurl prints it) from --file or stdin and verifies its signature.
     VerifyReceipt(sovra_node::receipt::VerifyArgs),
@@ -158,6 +161,20 @@ fn main() -> anyhow::Result<()> {
             }))
         }
         Command::Dev(args) => runtime()?.block_on(dev::dev(args, shutdown_signal())),
+        Command::Health(args) => {
+            // One thread: a probe runs often and should cost little.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match rt.block_on(sovra_node::health::check(&args)) {
+                Ok(()) => {
+                    println!("SERVING");
+                    Ok(())
+                }
+                Err(why) => {
+                    eprintln!("{why}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Command::RecoverGroups {
             config,
             meta,
