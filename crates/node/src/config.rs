@@ -365,6 +365,20 @@ impl NodeConfig {
         }
         if let Some(v) = env("SOVRA_NODE_ID") {
             self.node_id = parse("node_id", v)?;
+        } else if let Some(base) = env("SOVRA_NODE_ID_BASE") {
+            // A StatefulSet gives its pods one environment: the id is the
+            // region's base plus the pod's ordinal (its
+            // `apps.kubernetes.io/pod-index` label, by the downward API).
+            let ordinal = env("SOVRA_NODE_ORDINAL").ok_or_else(|| {
+                invalid(
+                    "node_id",
+                    "SOVRA_NODE_ID_BASE is set but SOVRA_NODE_ORDINAL (the pod's index) is not",
+                )
+            })?;
+            let (base, ordinal): (u64, u64) = (parse("node_id", base)?, parse("node_id", ordinal)?);
+            self.node_id = base
+                .checked_add(ordinal)
+                .ok_or_else(|| invalid("node_id", "SOVRA_NODE_ID_BASE + SOVRA_NODE_ORDINAL overflows"))?;
         }
         if let Some(v) = env("SOVRA_REGION") {
             self.region = v;
@@ -392,6 +406,11 @@ impl NodeConfig {
         }
         if let Some(v) = env("SOVRA_BOOTSTRAP") {
             self.bootstrap = parse("bootstrap", v)?;
+        }
+        // The same environment on every pod: the node whose id this names
+        // starts the cluster, every other joins.
+        if let Some(v) = env("SOVRA_BOOTSTRAP_NODE") {
+            self.bootstrap = parse::<u64>("bootstrap", v)? == self.node_id;
         }
         if let Some(v) = env("SOVRA_ROLES") {
             self.roles = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
@@ -667,6 +686,26 @@ mod tests {
         let env = |k: &str| (k == "SOVRA_NODE_ID").then(|| "4".to_string());
         let err = NodeConfig::load(f.path(), env).unwrap_err().to_string();
         assert!(err.contains("`region`") && err.contains("SOVRA_REGION"), "{err}");
+        // A StatefulSet's pods: base + ordinal, and one bootstrap node by id.
+        let pod = |ordinal: &'static str| {
+            move |k: &str| match k {
+                "SOVRA_NODE_ID_BASE" => Some("100".to_string()),
+                "SOVRA_NODE_ORDINAL" => Some(ordinal.to_string()),
+                "SOVRA_BOOTSTRAP_NODE" => Some("100".to_string()),
+                "SOVRA_JOIN" => Some("sovra-uk-0.sovra-uk:7400".to_string()),
+                "SOVRA_CLUSTER_SECRET" => Some("a-secret-of-at-least-16".to_string()),
+                "SOVRA_REGION" => Some("uk".to_string()),
+                "SOVRA_ADVERTISE_GRPC_ADDR" => Some("p:7300".to_string()),
+                "SOVRA_ADVERTISE_CLUSTER_ADDR" => Some("p:7400".to_string()),
+                _ => None,
+            }
+        };
+        let first = NodeConfig::load(f.path(), pod("0")).unwrap();
+        assert_eq!((first.node_id, first.bootstrap), (100, true));
+        let third = NodeConfig::load(f.path(), pod("2")).unwrap();
+        assert_eq!((third.node_id, third.bootstrap), (102, false));
+        let err = NodeConfig::load(f.path(), pod("two")).unwrap_err().to_string();
+        assert!(err.contains("`node_id`") && err.contains("two"), "{err}");
 
         let f = write("node_id = 1\nregion = \"eu\"\ndata_dir = \"/tmp/x\"\nbogus = 1\n");
         let err = NodeConfig::load(f.path(), |_| None).unwrap_err();
