@@ -2,6 +2,7 @@
 //! messages and `sovra-types`, and the one mapping from [`ApiError`] codes to
 //! gRPC statuses. Depends on `sovra-types` only; never on the engine.
 
+pub mod codec;
 pub mod convert;
 
 pub mod v1 {
