@@ -796,14 +796,12 @@ impl RaftHost {
             let remaining = deadline - Instant::now();
             let raft = g.raft();
             let mut rx = raft.metrics();
-            let (current_leader, stopped, others) = {
+            let (current_leader, stopped) = {
                 let gone = rx.has_changed().is_err();
                 let m = rx.borrow_and_update();
-                let others: Vec<NodeId> = m.membership_config.membership().voter_ids().filter(|n| *n != self.me).collect();
                 (
                     credible_leader(&m),
                     gone || m.running_state.is_err() || m.state == openraft::ServerState::Shutdown,
-                    others,
                 )
             };
             if stopped {
@@ -813,6 +811,14 @@ impl RaftHost {
                     g = n;
                     continue;
                 }
+                // Only here: the members the stopped replica last knew.
+                let others: Vec<NodeId> = rx
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|n| *n != self.me)
+                    .collect();
                 if others.is_empty() {
                     why = format!("this node's replica of {id} is out of service and no other member is known");
                     tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
