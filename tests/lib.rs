@@ -73,7 +73,7 @@ impl TestNode {
     }
 
     async fn serving(node: RunningNode, dir: tempfile::TempDir, config: NodeConfig, key: Option<String>) -> TestNode {
-        let channel = sovra_node::dev::wait_serving(node.grpc_addr, Duration::from_secs(60))
+        let channel = sovra_node::dev::wait_serving_with(node.grpc_addr, config.tls_ca.as_deref(), Duration::from_secs(60))
             .await
             .unwrap();
         let key = match key {

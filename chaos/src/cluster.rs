@@ -96,7 +96,7 @@ impl Cluster {
             "node_id = {host}\nregion = \"{}\"\nzone = \"{}-z{host}\"\ndata_dir = \"{}\"\n\
              grpc_listen = \"{addr}:{GRPC_PORT}\"\ncluster_listen = \"{addr}:{CLUSTER_PORT}\"\n\
              metrics_listen = \"{addr}:{METRICS_PORT}\"\ncluster_secret = \"chaos-cluster-secret-0123456789\"\n\
-             heartbeat_ms = 200\ndown_after_ms = 5000\n",
+             heartbeat_ms = 200\ndown_after_ms = 5000\ntls = false\n",
             n.region,
             n.region,
             self.data_dir(host).display()

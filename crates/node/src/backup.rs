@@ -250,7 +250,11 @@ async fn public_addresses(c: &Conn) -> anyhow::Result<BTreeMap<u64, String>> {
 
 async fn export_one(c: &Conn, addr: &str, collection: &str, region: &str, shard: u32, path: &Path) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
-    let there = Conn::to(addr, c.resolve()?.1, c.format);
+    let (_, key, ca) = c.resolve()?;
+    let there = Conn {
+        ca,
+        ..Conn::to(addr, key, c.format)
+    };
     let mut stream = there
         .admin()
         .await?
@@ -399,7 +403,11 @@ pub async fn restore(c: &Conn, dir: &Path, ledger: Option<&Path>) -> anyhow::Res
         let mut via = None;
         for node in &holders {
             let Some(a) = addr.get(node) else { continue };
-            let there = Conn::to(a.clone(), c.resolve()?.1, c.format);
+            let (_, key, ca) = c.resolve()?;
+            let there = Conn {
+                ca,
+                ..Conn::to(a.clone(), key, c.format)
+            };
             let req = v1::RestoreShardStateRequest {
                 collection: m.collection.clone(),
                 region: m.region.clone(),

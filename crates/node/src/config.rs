@@ -36,6 +36,28 @@ pub struct NodeConfig {
     pub cluster_secret: Option<String>,
     #[serde(default)]
     pub cluster_secret_file: Option<PathBuf>,
+    /// TLS on both listeners: mutual TLS with node identities between nodes,
+    /// a server certificate for clients (who add their API key). `false`
+    /// serves both in plaintext, for a trusted network only; it must be said:
+    /// with no TLS setting at all the node refuses to start.
+    #[serde(default)]
+    pub tls: Option<bool>,
+    /// PEM: this node's certificate (signed by the cluster CA, naming
+    /// `node-<id>.sovra` and `node-<id>.<region>.sovra`: `sovra certs node`),
+    /// then any intermediates. `{node_id}` in any of the three paths is
+    /// replaced by the node's id (one secret mounted on every pod).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM: the certificate's private key.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM: the cluster CA certificate(s) peers' certificates must chain to.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// How often the three files are read again; changed files are used for
+    /// new connections without a restart.
+    #[serde(default = "default_tls_reload_ms")]
+    pub tls_reload_ms: u64,
     /// Prometheus `/metrics` over HTTP; port 0 picks a free port.
     #[serde(default = "default_metrics")]
     pub metrics_listen: SocketAddr,
@@ -235,6 +257,9 @@ fn default_grpc() -> SocketAddr {
 fn default_cluster() -> SocketAddr {
     "127.0.0.1:7400".parse().expect("literal")
 }
+fn default_tls_reload_ms() -> u64 {
+    5_000
+}
 fn default_metrics() -> SocketAddr {
     "127.0.0.1:9300".parse().expect("literal")
 }
@@ -319,6 +344,13 @@ impl NodeConfig {
             cluster_listen: "127.0.0.1:0".parse().expect("literal"),
             cluster_secret: None,
             cluster_secret_file: None,
+            // Loopback only, in one process or on one machine: tests and
+            // tools that want TLS set the files (and `tls`) themselves.
+            tls: Some(false),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_reload_ms: default_tls_reload_ms(),
             metrics_listen: "127.0.0.1:0".parse().expect("literal"),
             cache_capacity_mb: 64,
             max_replicas: 64,
@@ -400,6 +432,18 @@ impl NodeConfig {
         }
         if let Some(v) = env("SOVRA_CLUSTER_SECRET_FILE") {
             self.cluster_secret_file = Some(v.into());
+        }
+        if let Some(v) = env("SOVRA_TLS") {
+            self.tls = Some(parse("tls", v)?);
+        }
+        if let Some(v) = env("SOVRA_TLS_CERT") {
+            self.tls_cert = Some(v.into());
+        }
+        if let Some(v) = env("SOVRA_TLS_KEY") {
+            self.tls_key = Some(v.into());
+        }
+        if let Some(v) = env("SOVRA_TLS_CA") {
+            self.tls_ca = Some(v.into());
         }
         if let Some(v) = env("SOVRA_JOIN") {
             self.join = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
@@ -600,6 +644,13 @@ impl NodeConfig {
         if let Some(s) = &self.cluster_secret {
             sovra_raft::ClusterSecret::new(s).map_err(|e| invalid("cluster_secret", e.to_string()))?;
         }
+        self.tls_files()?;
+        if !(100..=3_600_000).contains(&self.tls_reload_ms) {
+            return Err(invalid(
+                "tls_reload_ms",
+                format!("is {}: must be between 100 and 3600000", self.tls_reload_ms),
+            ));
+        }
         if !self.join.is_empty() && self.cluster_secret.is_none() && self.cluster_secret_file.is_none() {
             return Err(invalid(
                 "cluster_secret",
@@ -630,6 +681,50 @@ impl NodeConfig {
         }
     }
 
+    /// The TLS files, `{node_id}` filled in; None when `tls = false`.
+    pub fn tls_files(&self) -> Result<Option<sovra_raft::tls::TlsFiles>, ConfigError> {
+        let set = [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key), ("tls_ca", &self.tls_ca)];
+        match self.tls {
+            Some(false) => {
+                if let Some((name, _)) = set.iter().find(|(_, v)| v.is_some()) {
+                    return Err(invalid(
+                        "tls",
+                        format!("is false but {name} is set: remove {name}, or drop `tls = false` to serve TLS"),
+                    ));
+                }
+                Ok(None)
+            }
+            Some(true) | None => {
+                let missing: Vec<&str> = set.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| *n).collect();
+                if missing.len() == 3 && self.tls.is_none() {
+                    return Err(invalid(
+                        "tls",
+                        "no TLS settings: set tls_cert, tls_key and tls_ca (`sovra certs` makes a CA and node certificates), or say `tls = false` to serve plaintext on a trusted network",
+                    ));
+                }
+                if !missing.is_empty() {
+                    return Err(invalid(
+                        "tls",
+                        format!("TLS needs tls_cert, tls_key and tls_ca; missing: {}", missing.join(", ")),
+                    ));
+                }
+                let fill = |p: &Option<PathBuf>| -> PathBuf {
+                    PathBuf::from(
+                        p.as_ref()
+                            .expect("checked above")
+                            .to_string_lossy()
+                            .replace("{node_id}", &self.node_id.to_string()),
+                    )
+                };
+                Ok(Some(sovra_raft::tls::TlsFiles {
+                    cert: fill(&self.tls_cert),
+                    key: fill(&self.tls_key),
+                    ca: fill(&self.tls_ca),
+                }))
+            }
+        }
+    }
+
     pub fn region_id(&self) -> RegionId {
         RegionId::parse(&self.region).expect("validated at load")
     }
@@ -639,10 +734,43 @@ impl NodeConfig {
 mod tests {
     use super::*;
 
+    /// A config file; one that says nothing about TLS says `tls = false`.
     fn write(text: &str) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), text).unwrap();
+        let tls = if text.contains("tls") { "" } else { "tls = false\n" };
+        std::fs::write(f.path(), format!("{text}{tls}")).unwrap();
         f
+    }
+
+    #[test]
+    fn tls_must_be_configured_or_refused_in_so_many_words() {
+        let base = "node_id = 3\nregion = \"uk\"\nbootstrap = true\ndata_dir = \"/tmp/x\"\n";
+        let err = NodeConfig::load(write(&format!("{base}tls_reload_ms = 5000\n")).path(), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls = false") && err.contains("sovra certs"), "{err}");
+        let err = NodeConfig::load(write(&format!("{base}tls_cert = \"/c\"\n")).path(), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing: tls_key, tls_ca"), "{err}");
+        let err = NodeConfig::load(write(&format!("{base}tls = false\ntls_ca = \"/ca\"\n")).path(), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls_ca is set"), "{err}");
+        let f = write(&format!(
+            "{base}tls_cert = \"/s/node-{{node_id}}.pem\"\ntls_key = \"/s/node-{{node_id}}-key.pem\"\ntls_ca = \"/s/ca.pem\"\n"
+        ));
+        let cfg = NodeConfig::load(f.path(), |_| None).unwrap();
+        let files = cfg.tls_files().unwrap().unwrap();
+        assert_eq!(files.cert, PathBuf::from("/s/node-3.pem"));
+        assert_eq!(files.key, PathBuf::from("/s/node-3-key.pem"));
+        // From the environment alone, as a pod gets it.
+        let env = |k: &str| match k {
+            "SOVRA_TLS" => Some("false".to_string()),
+            _ => None,
+        };
+        let cfg = NodeConfig::load(write(&format!("{base}tls_reload_ms = 5000\n")).path(), env).unwrap();
+        assert!(cfg.tls_files().unwrap().is_none());
     }
 
     #[test]

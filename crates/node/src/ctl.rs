@@ -179,7 +179,12 @@ pub struct Conn {
     /// An API key (the admin scope for most commands).
     #[arg(long, env = "SOVRA_KEY", hide_env_values = true)]
     pub key: Option<String>,
-    /// A TOML file with `addr = "host:port"` and `key = "sovra_..."`.
+    /// The cluster CA certificate (PEM): connect over TLS trusting it.
+    /// Without it the connection is plaintext (a node with `tls = false`).
+    #[arg(long, env = "SOVRA_CA")]
+    pub ca: Option<PathBuf>,
+    /// A TOML file with `addr = "host:port"`, `key = "sovra_..."` and
+    /// optionally `ca = "/path/ca.pem"`.
     #[arg(long, env = "SOVRA_CTL_CONFIG")]
     pub config: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -191,6 +196,7 @@ pub struct Conn {
 struct CtlFile {
     addr: Option<String>,
     key: Option<String>,
+    ca: Option<PathBuf>,
 }
 
 /// `sovra ctl` was given too little to act on: exit code 2, like clap's.
@@ -203,17 +209,18 @@ impl Conn {
         Self {
             addr: Some(addr.into()),
             key: Some(key.into()),
+            ca: None,
             config: None,
             format,
         }
     }
 
-    /// The address and key, from flags, environment or the config file.
-    pub fn resolve(&self) -> anyhow::Result<(String, String)> {
+    /// The address, key and CA, from flags, environment or the config file.
+    pub fn resolve(&self) -> anyhow::Result<(String, String, Option<PathBuf>)> {
         let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/sovra/ctl.toml"));
         let path = self.config.clone().or(default.filter(|p| p.exists()));
         let file = match &path {
-            Some(p) if self.addr.is_none() || self.key.is_none() => {
+            Some(p) if self.addr.is_none() || self.key.is_none() || self.ca.is_none() => {
                 let text = std::fs::read_to_string(p).map_err(|e| Usage(format!("reading {}: {e}", p.display())))?;
                 toml::from_str::<CtlFile>(&text).map_err(|e| Usage(format!("{}: {e}", p.display())))?
             }
@@ -224,12 +231,13 @@ impl Conn {
             self.key.clone().or(file.key).ok_or_else(|| {
                 Usage("no API key: pass --key, set SOVRA_KEY, or put key = \"sovra_...\" in a config file (--config)".into())
             })?;
-        Ok((addr, key))
+        Ok((addr, key, self.ca.clone().or(file.ca)))
     }
 
     pub async fn keyed(&self) -> anyhow::Result<crate::dev::Keyed> {
-        let (addr, key) = self.resolve()?;
-        Ok(crate::dev::keyed(&channel(&addr).await?, &key))
+        let (addr, key, ca) = self.resolve()?;
+        let ch = crate::client::connect(&addr, ca.as_deref(), std::time::Duration::from_secs(10)).await?;
+        Ok(crate::dev::keyed(&ch, &key))
     }
 
     /// `Admin/ClusterStatus` through this connection.
@@ -291,18 +299,6 @@ impl Table {
         out.extend(cells.into_iter().map(line));
         out.join("\n")
     }
-}
-
-async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    tonic::transport::Endpoint::from_shared(uri)?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))
 }
 
 /// `sovra ctl status`.
@@ -427,6 +423,9 @@ pub struct AuditExportArgs {
     /// An API key with the data_protection scope.
     #[arg(long, env = "SOVRA_KEY")]
     pub key: String,
+    /// The cluster CA certificate (PEM), for a node serving TLS.
+    #[arg(long, env = "SOVRA_CA")]
+    pub ca: Option<PathBuf>,
     /// The region whose log to export (default: the node's).
     #[arg(long, default_value = "")]
     pub region: String,
@@ -553,15 +552,7 @@ fn block_on(f: impl std::future::Future<Output = anyhow::Result<String>>) -> any
 /// Fetches a checkpoint, then every line from 0, and writes both.
 pub async fn audit_export(a: &AuditExportArgs) -> anyhow::Result<String> {
     use sovra_proto::v1;
-    let uri = if a.addr.contains("://") {
-        a.addr.clone()
-    } else {
-        format!("http://{}", a.addr)
-    };
-    let ch = tonic::transport::Endpoint::from_shared(uri)?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", a.addr))?;
+    let ch = crate::client::connect(&a.addr, a.ca.as_deref(), std::time::Duration::from_secs(10)).await?;
     let mut client = v1::audit_client::AuditClient::new(crate::dev::keyed(&ch, &a.key));
     let c = client
         .get_audit_checkpoint(v1::GetAuditCheckpointRequest { region: a.region.clone() })

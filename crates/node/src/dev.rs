@@ -86,9 +86,19 @@ fn sample(n: usize) -> Vec<v1::Point> {
 
 /// Waits until the node's health service says SERVING, or fails after `limit`.
 pub async fn wait_serving(addr: SocketAddr, limit: Duration) -> anyhow::Result<tonic::transport::Channel> {
+    wait_serving_with(addr, None, limit).await
+}
+
+/// As [`wait_serving`], over TLS trusting the CA in `ca` when given.
+pub async fn wait_serving_with(
+    addr: SocketAddr,
+    ca: Option<&std::path::Path>,
+    limit: Duration,
+) -> anyhow::Result<tonic::transport::Channel> {
     let deadline = Instant::now() + limit;
+    let endpoint = crate::client::endpoint(&addr.to_string(), ca)?;
     loop {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await {
+        if let Ok(ch) = endpoint.connect().await {
             let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
             if let Ok(r) = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await
                 && r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
@@ -161,6 +171,25 @@ pub fn spanning_spec(name: &str, dimension: u32, metric: v1::Metric, regions: &[
     }
 }
 
+/// The dev cluster's throwaway CA and node certificates (nodes 1-6, and 7
+/// for the add-node config), in `DATA/tls`; kept with kept data.
+fn dev_tls(data_dir: &std::path::Path, configs: &mut [NodeConfig]) -> anyhow::Result<std::path::PathBuf> {
+    let dir = data_dir.join("tls");
+    if !dir.join("ca.pem").exists() {
+        let mut nodes: Vec<(u64, &str)> = configs.iter().map(|c| (c.node_id, c.region.as_str())).collect();
+        nodes.push((7, "uk"));
+        crate::certs::throwaway(&dir, &nodes).context("making the dev cluster's throwaway CA")?;
+    }
+    for c in configs {
+        let (cert, key) = crate::certs::node_files(&dir, c.node_id);
+        c.tls = Some(true);
+        c.tls_cert = Some(cert);
+        c.tls_key = Some(key);
+        c.tls_ca = Some(dir.join("ca.pem"));
+    }
+    Ok(dir.join("ca.pem"))
+}
+
 /// The configs of the six dev nodes (node 1 bootstraps; the others join).
 pub fn dev_configs(root: &std::path::Path, grpc: SocketAddr, metrics: SocketAddr) -> Vec<NodeConfig> {
     let secret = crate::cluster::new_secret();
@@ -208,6 +237,7 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
     );
     let t = Instant::now();
     let mut configs = dev_configs(&data_dir, args.grpc, args.metrics);
+    let ca = dev_tls(&data_dir, &mut configs)?;
     if !fresh {
         // Restarted on kept data: everyone joins whoever is back first.
         for c in &mut configs {
@@ -225,6 +255,10 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
         );
     }
     println!("cluster up in {:.1?}", t.elapsed());
+    println!(
+        "TLS on every port, from a throwaway CA: export SOVRA_CA={} (grpcurl -cacert $SOVRA_CA ..., sovra ctl and sovra health read SOVRA_CA)",
+        ca.display()
+    );
     match write_add_node(&data_dir, &nodes) {
         Ok(path) => println!(
             "add a node to uk: sovra node --config {} (node 7, zone uk-d; then sovra ctl rebalance --region uk)",
@@ -259,12 +293,16 @@ fn write_add_node(data_dir: &std::path::Path, nodes: &[crate::RunningNode]) -> s
     use std::os::unix::fs::OpenOptionsExt;
     let secret = nodes[0].state.config.cluster_secret().map_err(std::io::Error::other)?;
     let secret = String::from_utf8_lossy(secret.expose()).into_owned();
+    let tls = data_dir.join("tls");
     let join: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.cluster_addr)).collect();
     let text = format!(
-        "node_id = 7\nregion = \"uk\"\nzone = \"uk-d\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nbootstrap = false\njoin = [{}]\ncluster_secret = \"{}\"\n",
+        "node_id = 7\nregion = \"uk\"\nzone = \"uk-d\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nbootstrap = false\njoin = [{}]\ncluster_secret = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n",
         data_dir.join("node-7").display(),
         join.join(", "),
-        secret
+        secret,
+        tls.join("node-7.pem").display(),
+        tls.join("node-7-key.pem").display(),
+        tls.join("ca.pem").display(),
     );
     let path = data_dir.join("add-node.toml");
     let mut f = std::fs::OpenOptions::new()
@@ -310,8 +348,9 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
             }
         }
     };
-    let uk_ch = wait_serving(uk.grpc_addr, Duration::from_secs(60)).await?;
-    let us_ch = wait_serving(us.grpc_addr, Duration::from_secs(60)).await?;
+    let ca = uk.state.config.tls_ca.clone();
+    let uk_ch = wait_serving_with(uk.grpc_addr, ca.as_deref(), Duration::from_secs(60)).await?;
+    let us_ch = wait_serving_with(us.grpc_addr, ca.as_deref(), Duration::from_secs(60)).await?;
     let mut adm = AdminClient::new(keyed(&uk_ch, &admin));
     let mut keys = vec![("admin".to_string(), admin.clone())];
     if fresh {
@@ -454,12 +493,14 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
         );
     }
     let addr = uk.grpc_addr;
-    println!("\nconnect: grpcurl -plaintext {addr} list");
+    let ca = uk.state.config.tls_ca.as_ref().map(|p| format!("-cacert {}", p.display()));
+    let tls = ca.as_deref().unwrap_or("-plaintext");
+    println!("\nconnect: grpcurl {tls} {addr} list");
     for (name, key) in &keys {
         println!("key {name}: {key}");
     }
     println!(
-        "try:     grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"name\":\"{DEV_COLLECTION}\"}}' {addr} sovra.v1.Collections/GetCollection"
+        "try:     grpcurl {tls} -H \"authorization: Bearer {admin}\" -d '{{\"name\":\"{DEV_COLLECTION}\"}}' {addr} sovra.v1.Collections/GetCollection"
     );
     println!(
         "erase:   grpcurl -plaintext -H \"authorization: Bearer {admin}\" -d '{{\"collection\":\"{DEV_COLLECTION}\",\"region\":\"uk\",\"subject\":\"uk-subject-000001\"}}' {addr} sovra.v1.Erasure/Erase"

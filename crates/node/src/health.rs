@@ -16,6 +16,9 @@ pub struct HealthArgs {
     /// One service's health (e.g. `sovra.v1.Search`); empty: the node's.
     #[arg(long, default_value = "")]
     pub service: String,
+    /// The cluster CA certificate (PEM), for a node serving TLS.
+    #[arg(long, env = "SOVRA_CA")]
+    pub ca: Option<std::path::PathBuf>,
     /// Give up after this long (connect and answer).
     #[arg(long, default_value_t = 2000)]
     pub timeout_ms: u64,
@@ -24,19 +27,10 @@ pub struct HealthArgs {
 /// What the probe saw, as its exit code says: 0 SERVING, 1 anything else.
 pub async fn check(args: &HealthArgs) -> Result<(), String> {
     let within = Duration::from_millis(args.timeout_ms);
-    let uri = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("http://{}", args.addr)
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
-        .map_err(|e| format!("{uri} is not an address: {e}"))?
-        .connect_timeout(within)
-        .timeout(within);
-    let channel = tokio::time::timeout(within, endpoint.connect())
+    let uri = &args.addr;
+    let channel = crate::client::connect(uri, args.ca.as_deref(), within)
         .await
-        .map_err(|_| format!("{uri}: no connection within {} ms", args.timeout_ms))?
-        .map_err(|e| format!("{uri}: cannot connect: {e}"))?;
+        .map_err(|e| format!("{e:#}"))?;
     let answer = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: args.service.clone(),

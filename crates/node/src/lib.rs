@@ -16,6 +16,8 @@ pub mod bench_replicas;
 pub mod bench_replication;
 pub mod bench_search;
 pub mod bench_startup;
+pub mod certs;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod ctl;

@@ -26,6 +26,11 @@ enum Command {
     /// Exit 0 if the node at --addr answers SERVING to a gRPC health check,
     /// else 1 (a container health check or an exec probe).
     Health(sovra_node::health::HealthArgs),
+    /// Makes a cluster CA and node certificates for TLS.
+    Certs {
+        #[command(subcommand)]
+        what: sovra_node::certs::CertsCommand,
+    },
     /// Checks an erasure receipt: reads a GetErasureJob answer as JSON (as
     /// grpcurl prints it) from --file or stdin and verifies its signature.
     VerifyReceipt(sovra_node::receipt::VerifyArgs),
@@ -195,6 +200,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::VerifyReceipt(args) => sovra_node::receipt::verify_command(args),
+        Command::Certs { what } => {
+            println!("{}", sovra_node::certs::run(&what)?);
+            Ok(())
+        }
         Command::Ctl { what } => sovra_node::ctl::run(what),
         Command::ReceiptKey { config, audit } => {
             let cfg = NodeConfig::load(&config, |k| std::env::var(k).ok()).with_context(|| format!("loading {}", config.display()))?;

@@ -71,11 +71,17 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     let cluster_addr = cluster.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let secret = config.cluster_secret()?;
+    let tls = match config.tls_files()? {
+        Some(files) => Some(
+            sovra_raft::tls::TlsState::load(files, config.node_id, &config.region).context("loading the TLS certificate, key and CA")?,
+        ),
+        None => None,
+    };
     let advertise_grpc = config.advertise_grpc_addr.clone().unwrap_or_else(|| grpc_addr.to_string());
     let advertise_cluster = config.advertise_cluster_addr.clone().unwrap_or_else(|| cluster_addr.to_string());
     let state = tokio::task::spawn_blocking({
-        let secret = secret.clone();
-        move || NodeState::open(config, faults, secret)
+        let (secret, tls) = (secret.clone(), tls.clone());
+        move || NodeState::open(config, faults, secret, tls)
     })
     .await?
     .context("opening the data directory")?;
@@ -120,8 +126,7 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
         )
         .add_service(AdminServer::new(AdminService { state: state.clone() }))
         .add_service(ErasureServer::new(ErasureService { state: state.clone() }))
-        .add_service(AuditServer::new(AuditService { state: state.clone() }))
-        .serve_with_incoming_shutdown(incoming(grpc), shutdown());
+        .add_service(AuditServer::new(AuditService { state: state.clone() }));
     let leaf = tonic::service::interceptor::InterceptedService::new(
         sovra_proto::raft::leaf_server::LeafServer::new(sovra_coord::LeafService {
             leaf: state.root().leaf.clone(),
@@ -141,11 +146,26 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
             },
             secret,
         ))
-        .add_service(leaf)
-        .serve_with_incoming_shutdown(incoming(cluster), shutdown());
-    let servers = vec![tokio::spawn(public), tokio::spawn(cluster_server)];
+        .add_service(leaf);
+    let servers = match &tls {
+        Some(t) => vec![
+            tokio::spawn(public.serve_with_incoming_shutdown(t.incoming(grpc, false), shutdown())),
+            tokio::spawn(cluster_server.serve_with_incoming_shutdown(t.incoming(cluster, true), shutdown())),
+        ],
+        None => vec![
+            tokio::spawn(public.serve_with_incoming_shutdown(incoming(grpc), shutdown())),
+            tokio::spawn(cluster_server.serve_with_incoming_shutdown(incoming(cluster), shutdown())),
+        ],
+    };
 
     let mut tasks = Vec::new();
+    match &tls {
+        Some(t) => tasks.push(tokio::spawn(
+            t.clone()
+                .reload_loop(Duration::from_millis(state.config.tls_reload_ms), stop_rx.clone()),
+        )),
+        None => tracing::warn!("tls = false: the public and cluster listeners are plaintext; use this only on a trusted network"),
+    }
     tasks.push(tokio::spawn(serve_metrics(metrics_listener, state.clone(), stop_rx.clone())));
     // Load shards off the runtime, then report SERVING.
     {

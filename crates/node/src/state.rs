@@ -168,7 +168,12 @@ impl sovra_coord::NodeContext for Ctx {
 }
 
 impl NodeState {
-    pub fn open(config: NodeConfig, faults: Faults, secret: ClusterSecret) -> Result<Arc<Self>, ShardError> {
+    pub fn open(
+        config: NodeConfig,
+        faults: Faults,
+        secret: ClusterSecret,
+        tls: Option<Arc<sovra_raft::tls::TlsState>>,
+    ) -> Result<Arc<Self>, ShardError> {
         std::fs::create_dir_all(&config.data_dir)?;
         if config.data_dir.join("db").exists() {
             // Format 1 kept every replica in one shared database.
@@ -227,7 +232,7 @@ impl NodeState {
             )
         };
         let region = config.region_id();
-        let host = RaftHost::new(config.node_id, region.clone(), book, faults, config.raft.settings(), secret);
+        let host = RaftHost::new(config.node_id, region.clone(), book, faults, config.raft.settings(), secret, tls);
         let index = view.index;
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

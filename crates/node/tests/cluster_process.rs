@@ -21,6 +21,8 @@ struct Proc {
     cluster: String,
     /// The first admin key, once this (bootstrap) node prints it.
     key: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// The CA the node's public certificate chains to.
+    ca: PathBuf,
 }
 
 use sovra_node::dev::keyed;
@@ -37,11 +39,23 @@ fn admin_key(p: &Proc) -> String {
     }
 }
 
+/// The processes' throwaway CA and certificates: these nodes speak mutual TLS
+/// as a deployment would.
+fn tls_dir(dir: &Path) -> PathBuf {
+    let tls = dir.join("tls");
+    if !tls.join("ca.pem").exists() {
+        let nodes: Vec<(u64, &str)> = (1..=N).map(|id| (id, "eu-west")).collect();
+        sovra_node::certs::throwaway(&tls, &nodes).unwrap();
+    }
+    tls
+}
+
 fn config(dir: &Path, id: u64, join: &[String]) -> PathBuf {
     let path = dir.join(format!("node{id}.toml"));
     let mut text = format!(
-        "node_id = {id}\nregion = \"eu-west\"\nzone = \"z{id}\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ncluster_secret = \"process-test-cluster-secret\"\nheartbeat_ms = 200\ndown_after_ms = 5000\n",
+        "node_id = {id}\nregion = \"eu-west\"\nzone = \"z{id}\"\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ncluster_secret = \"process-test-cluster-secret\"\nheartbeat_ms = 200\ndown_after_ms = 5000\ntls_cert = \"{1}/node-{{node_id}}.pem\"\ntls_key = \"{1}/node-{{node_id}}-key.pem\"\ntls_ca = \"{1}/ca.pem\"\n",
         dir.join(format!("data{id}")).display(),
+        tls_dir(dir).display(),
     );
     if id == 1 {
         text.push_str("bootstrap = true\n");
@@ -81,7 +95,13 @@ fn start(dir: &Path, id: u64, join: &[String]) -> Proc {
                     }
                 }
             });
-            return Proc { child, grpc, cluster, key };
+            return Proc {
+                child,
+                grpc,
+                cluster,
+                key,
+                ca: tls_dir(dir).join("ca.pem"),
+            };
         }
     }
 }
@@ -102,7 +122,7 @@ fn start_all(dir: &Path) -> Vec<Option<Proc>> {
 }
 
 async fn channel(p: &Proc) -> Channel {
-    sovra_node::dev::wait_serving(p.grpc.parse().unwrap(), Duration::from_secs(60))
+    sovra_node::dev::wait_serving_with(p.grpc.parse().unwrap(), Some(&p.ca), Duration::from_secs(60))
         .await
         .unwrap()
 }

@@ -90,7 +90,7 @@ async fn sigkill_right_after_an_acknowledged_upsert_loses_nothing() {
     std::fs::write(
         &config,
         format!(
-            "node_id = 1\nregion = \"eu-west\"\nbootstrap = true\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+            "node_id = 1\nregion = \"eu-west\"\nbootstrap = true\ndata_dir = \"{}\"\ngrpc_listen = \"127.0.0.1:0\"\ncluster_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ntls = false\n",
             dir.path().join("data").display()
         ),
     )
@@ -201,8 +201,19 @@ async fn sovra_dev_starts_and_answers_a_search() {
         .split_whitespace()
         .find_map(|w| w.parse().ok())
         .expect("address in the connect line");
+    // Every port is TLS, from the throwaway CA the connect line names.
+    let ca = line
+        .split_whitespace()
+        .skip_while(|w| *w != "-cacert")
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .expect("the CA in the connect line");
     let key = printed_key(&rest, "key admin:");
-    let ch = sovra_node::dev::wait_serving(addr, Duration::from_secs(30)).await.unwrap();
+    let ch = sovra_node::dev::wait_serving_with(addr, Some(&ca), Duration::from_secs(30))
+        .await
+        .unwrap();
+    // A plaintext client is not served.
+    assert!(sovra_node::dev::wait_serving(addr, Duration::from_millis(300)).await.is_err());
     let mut search = v1::search_client::SearchClient::new(keyed(&ch, &key));
     let r = search
         .search(v1::SearchRequest {

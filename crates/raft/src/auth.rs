@@ -6,10 +6,10 @@
 //! version is refused FAILED_PRECONDITION naming both, so builds that cannot
 //! understand each other never exchange messages during a rolling upgrade.
 //!
-//! The secret travels in the clear on the cluster listener: keep that listener
-//! on a private network. Mutual TLS with a certificate per node (which also
-//! proves which member is speaking, where today the `from` field is taken on
-//! trust from any holder of the secret) replaces this in the security work.
+//! With TLS on ([`crate::tls`]) the secret travels inside mutual TLS, and the
+//! certificate, not the secret, proves which member is speaking. With
+//! `tls = false` it travels in the clear and `from` is taken on trust from any
+//! holder of the secret: keep that listener on a private network.
 
 use std::sync::Arc;
 use tonic::metadata::MetadataValue;

@@ -284,6 +284,9 @@ pub struct RaftHost {
     pub me: NodeId,
     pub region: RegionId,
     pub peers: Peers,
+    /// Whether the cluster listener is mutual TLS, so that a message's sender
+    /// must be the node its connection's certificate names.
+    pub tls_on: bool,
     pub settings: RaftSettings,
     config: Arc<Config>,
     groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
@@ -307,6 +310,7 @@ impl RaftHost {
         faults: crate::fault::Faults,
         settings: RaftSettings,
         secret: crate::auth::ClusterSecret,
+        tls: Option<Arc<crate::tls::TlsState>>,
     ) -> Arc<Self> {
         let config = Arc::new(
             settings
@@ -317,7 +321,8 @@ impl RaftHost {
         Arc::new(Self {
             me,
             region,
-            peers: Peers::new(me, book, faults, settings.max_append_bytes, secret),
+            tls_on: tls.is_some(),
+            peers: Peers::new(me, book, faults, settings.max_append_bytes, secret).with_tls(tls),
             settings,
             config,
             groups: RwLock::new(BTreeMap::new()),

@@ -16,6 +16,7 @@
 //! - [`network`], [`server`]: node-to-node gRPC (`sovra.raft.v1`), one pooled
 //!   channel per peer, an address book, bounded AppendEntries.
 //! - [`auth`]: the cluster secret every node-to-node request carries.
+//! - [`tls`]: certificates with node identities, mutual TLS, reloading.
 //! - [`fault`]: drop/delay/partition/isolate rules in a tower layer, for tests.
 //! - [`host`]: a node's replicas of many groups: writes to the leader
 //!   (forwarded if needed), read levels, the watchdog, per-group metrics.
@@ -39,6 +40,7 @@ pub mod network;
 pub mod server;
 pub mod snapshot;
 pub mod state_machine;
+pub mod tls;
 pub mod types;
 
 pub use auth::ClusterSecret;

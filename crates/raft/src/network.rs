@@ -108,8 +108,14 @@ pub struct Peers {
     secret: ClusterSecret,
     /// AppendEntries sent back to openraft to be cut smaller (for metrics and tests).
     pub append_splits: Arc<std::sync::atomic::AtomicU64>,
-    channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    /// Mutual TLS to peers (None: plaintext, `tls = false`).
+    tls: Option<Arc<crate::tls::TlsState>>,
+    /// One channel per peer, with the address and TLS generation it was made for.
+    channels: Arc<Mutex<HashMap<NodeId, Pooled>>>,
 }
+
+/// A peer's channel: (address, TLS generation, channel).
+type Pooled = (String, u64, Channel);
 
 #[derive(Debug, thiserror::Error)]
 #[error("node {0} has no known address")]
@@ -124,15 +130,39 @@ impl Peers {
             max_append_bytes,
             secret,
             append_splits: Arc::default(),
+            tls: None,
             channels: Arc::default(),
         }
+    }
+
+    /// Speaks to peers over mutual TLS with this node's certificate.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::TlsState>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// An endpoint for `addr`, over TLS expecting the certificate to name
+    /// `expect` when TLS is on.
+    fn endpoint(&self, addr: &str, expect: &str, to: NodeId) -> Result<Endpoint, NoAddress> {
+        let Some(tls) = &self.tls else {
+            return Endpoint::from_shared(uri_of(addr)).map_err(|_| NoAddress(to));
+        };
+        let host = addr.trim_start_matches("http://").trim_start_matches("https://");
+        Endpoint::from_shared(format!("https://{host}"))
+            .and_then(|e| e.tls_config(tls.client_tls(expect)))
+            .map_err(|_| NoAddress(to))
     }
 
     /// A client for whatever node listens at `addr` (a join seed, known by
     /// address only); `to` names it for fault rules (0: unknown).
     pub fn client_at(&self, addr: &str, to: NodeId) -> Result<PeerClient, NoAddress> {
-        let c = Endpoint::from_shared(uri_of(addr))
-            .map_err(|_| NoAddress(to))?
+        let expect = if to == 0 {
+            crate::tls::CLUSTER_NAME.to_string()
+        } else {
+            crate::tls::node_name(to)
+        };
+        let c = self
+            .endpoint(addr, &expect, to)?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -160,19 +190,21 @@ impl Peers {
 
     fn channel(&self, to: NodeId) -> Result<Channel, NoAddress> {
         let addr = self.book.get(to).ok_or(NoAddress(to))?;
+        // A rotated certificate or CA makes every channel again.
+        let generation = self.tls.as_ref().map_or(0, |t| t.generation());
         let channel = {
             let mut ch = self.channels.lock();
             match ch.get(&to) {
-                Some((a, c)) if *a == addr => c.clone(),
+                Some((a, g, c)) if *a == addr && *g == generation => c.clone(),
                 _ => {
-                    let c = Endpoint::from_shared(addr.clone())
-                        .map_err(|_| NoAddress(to))?
+                    let c = self
+                        .endpoint(&addr, &crate::tls::node_name(to), to)?
                         .connect_timeout(Duration::from_millis(500))
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(5))
                         .keep_alive_timeout(Duration::from_secs(5))
                         .connect_lazy();
-                    ch.insert(to, (addr, c.clone()));
+                    ch.insert(to, (addr, generation, c.clone()));
                     c
                 }
             }

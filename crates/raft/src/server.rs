@@ -47,6 +47,41 @@ pub fn cluster_service(
     tonic::service::interceptor::InterceptedService::new(server, crate::auth::RequireSecret(secret))
 }
 
+/// A message that names its sender.
+trait Sent {
+    fn from(&self) -> NodeId;
+}
+
+macro_rules! sent {
+    ($($t:ty),*) => {
+        $(impl Sent for $t {
+            fn from(&self) -> NodeId {
+                self.from
+            }
+        })*
+    };
+}
+sent!(
+    pb::RaftRequest,
+    pb::ProposeRequest,
+    pb::ReadIndexRequest,
+    pb::WaitAppliedRequest,
+    pb::JoinRequest,
+    pb::FetchMetaRequest
+);
+
+impl RaftService {
+    /// The message, once its sender is the node the connection's certificate
+    /// names (over mutual TLS); every membership check after this is about
+    /// a proven sender.
+    fn proven_sender<T: Sent>(&self, req: Request<T>) -> Result<T, Status> {
+        let certs = req.peer_certs();
+        let r = req.into_inner();
+        crate::tls::speaker_is(certs.as_deref().map(|c| c.as_slice()), r.from(), self.host.tls_on)?;
+        Ok(r)
+    }
+}
+
 /// The replica a message is for.
 enum Target {
     Shard(Arc<Group>),
@@ -263,7 +298,7 @@ impl RaftService {
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        let r = req.into_inner();
+        let r = self.proven_sender(req)?;
         match self.any_target(r.group, "append_entries")? {
             Target::Shard(g) => append(&g, r.from, &r.payload).await,
             Target::Meta(m) => append(&m, r.from, &r.payload).await,
@@ -272,7 +307,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        let r = req.into_inner();
+        let r = self.proven_sender(req)?;
         match self.any_target(r.group, "vote")? {
             Target::Shard(g) => vote(&g, r.from, &r.payload).await,
             Target::Meta(m) => vote(&m, r.from, &r.payload).await,
@@ -281,7 +316,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        let r = req.into_inner();
+        let r = self.proven_sender(req)?;
         let g = match self.target(r.group, r.from, "install_snapshot")? {
             Target::Meta(m) => return install(&m, decode(&r.payload)?).await,
             Target::Audit(a) => return install(&a, decode(&r.payload)?).await,
@@ -305,7 +340,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
-        let r = req.into_inner();
+        let r = self.proven_sender(req)?;
         if is_meta(&r.group) {
             return self.propose_meta(r).await;
         }
@@ -339,7 +374,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
-        let r = req.into_inner();
+        let r = self.proven_sender(req)?;
         let index = match self.target(r.group, r.from, "read_index")? {
             Target::Shard(g) => self.host.read_index_in(&g).await?,
             Target::Meta(m) => self.host.read_index_in(&m).await?,
@@ -349,7 +384,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn wait_applied(&self, req: Request<pb::WaitAppliedRequest>) -> Result<Response<pb::WaitAppliedReply>, Status> {
-        let r = req.into_inner();
+        let r = self.proven_sender(req)?;
         let within = Duration::from_millis(r.within_ms.min(MAX_WAIT_APPLIED_MS));
         let (applied, fenced) = if is_meta(&r.group) || is_audit(&r.group) {
             match self.target(r.group, r.from, "wait_applied")? {
@@ -369,10 +404,10 @@ impl RaftRpc for RaftService {
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
-        Ok(Response::new(self.cluster.join(req.into_inner()).await?))
+        Ok(Response::new(self.cluster.join(self.proven_sender(req)?).await?))
     }
 
     async fn fetch_meta(&self, req: Request<pb::FetchMetaRequest>) -> Result<Response<pb::FetchMetaReply>, Status> {
-        Ok(Response::new(self.cluster.fetch_meta(req.into_inner()).await?))
+        Ok(Response::new(self.cluster.fetch_meta(self.proven_sender(req)?).await?))
     }
 }

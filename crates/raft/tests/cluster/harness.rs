@@ -195,7 +195,7 @@ impl Cluster {
 
     async fn start_node(&self, id: NodeId, settings: RaftSettings) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let host = RaftHost::new(id, region(), self.book.clone(), self.faults.clone(), settings, secret());
+        let host = RaftHost::new(id, region(), self.book.clone(), self.faults.clone(), settings, secret(), None);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.book.set(id, &listener.local_addr().unwrap().to_string());
         let (stop, mut rx) = tokio::sync::watch::channel(false);
