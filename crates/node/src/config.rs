@@ -58,6 +58,20 @@ pub struct NodeConfig {
     /// new connections without a restart.
     #[serde(default = "default_tls_reload_ms")]
     pub tls_reload_ms: u64,
+    /// Most bytes of public requests in flight on this node (each counted
+    /// [`crate::limits::COPIES`] times its body, until its answer is sent);
+    /// a request past it is answered RESOURCE_EXHAUSTED at once, not queued.
+    /// At least 3 x 16 MiB, so the largest message fits.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: usize,
+    /// Most public requests in flight on this node (health checks aside);
+    /// past it, RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_inflight_requests")]
+    pub max_inflight_requests: usize,
+    /// Most requests one client connection has in flight; more wait for
+    /// that connection's earlier ones (HTTP/2 streams beyond twice it are refused).
+    #[serde(default = "default_max_requests_per_connection")]
+    pub max_requests_per_connection: usize,
     /// Prometheus `/metrics` over HTTP; port 0 picks a free port.
     #[serde(default = "default_metrics")]
     pub metrics_listen: SocketAddr,
@@ -257,6 +271,15 @@ fn default_grpc() -> SocketAddr {
 fn default_cluster() -> SocketAddr {
     "127.0.0.1:7400".parse().expect("literal")
 }
+fn default_max_inflight_bytes() -> usize {
+    512 << 20
+}
+fn default_max_inflight_requests() -> usize {
+    1024
+}
+fn default_max_requests_per_connection() -> usize {
+    64
+}
 fn default_tls_reload_ms() -> u64 {
     5_000
 }
@@ -351,6 +374,9 @@ impl NodeConfig {
             tls_key: None,
             tls_ca: None,
             tls_reload_ms: default_tls_reload_ms(),
+            max_inflight_bytes: default_max_inflight_bytes(),
+            max_inflight_requests: default_max_inflight_requests(),
+            max_requests_per_connection: default_max_requests_per_connection(),
             metrics_listen: "127.0.0.1:0".parse().expect("literal"),
             cache_capacity_mb: 64,
             max_replicas: 64,
@@ -491,6 +517,18 @@ impl NodeConfig {
         }
         if let Some(v) = env("SOVRA_LEAF_TIMEOUT_MS") {
             self.leaf_timeout_ms = parse("leaf_timeout_ms", v)?;
+        }
+        if let Some(v) = env("SOVRA_MAX_INFLIGHT_BYTES") {
+            self.max_inflight_bytes = parse("max_inflight_bytes", v)?;
+        }
+        if let Some(v) = env("SOVRA_MAX_INFLIGHT_REQUESTS") {
+            self.max_inflight_requests = parse("max_inflight_requests", v)?;
+        }
+        if let Some(v) = env("SOVRA_MAX_REQUESTS_PER_CONNECTION") {
+            self.max_requests_per_connection = parse("max_requests_per_connection", v)?;
+        }
+        if let Some(v) = env("SOVRA_TLS_RELOAD_MS") {
+            self.tls_reload_ms = parse("tls_reload_ms", v)?;
         }
         if let Some(v) = env("SOVRA_HEDGE_AFTER_MS") {
             self.hedge_after_ms = parse("hedge_after_ms", v)?;
@@ -645,6 +683,26 @@ impl NodeConfig {
             sovra_raft::ClusterSecret::new(s).map_err(|e| invalid("cluster_secret", e.to_string()))?;
         }
         self.tls_files()?;
+        let largest = crate::limits::COPIES * (sovra_types::limits::MAX_MESSAGE_BYTES + 5);
+        if self.max_inflight_bytes < largest {
+            return Err(invalid(
+                "max_inflight_bytes",
+                format!(
+                    "is {}: must be at least {largest} (the largest message, {} bytes, counted {} times)",
+                    self.max_inflight_bytes,
+                    sovra_types::limits::MAX_MESSAGE_BYTES,
+                    crate::limits::COPIES
+                ),
+            ));
+        }
+        for (name, v) in [
+            ("max_inflight_requests", self.max_inflight_requests),
+            ("max_requests_per_connection", self.max_requests_per_connection),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(invalid(name, format!("is {v}: must be between 1 and 1000000")));
+            }
+        }
         if !(100..=3_600_000).contains(&self.tls_reload_ms) {
             return Err(invalid(
                 "tls_reload_ms",

@@ -24,6 +24,7 @@ pub mod ctl;
 pub mod ctl_ops;
 pub mod dev;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod ops;
 pub mod receipt;

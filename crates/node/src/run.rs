@@ -109,7 +109,15 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
     };
     // The public listener serves the public API only; the cluster listener
     // serves the node-to-node API only, behind the cluster secret.
+    let budget = crate::limits::Budget::new(state.config.max_inflight_bytes, state.config.max_inflight_requests);
+    let per_conn = state.config.max_requests_per_connection;
     let public = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(per_conn)
+        .max_concurrent_streams(Some(u32::try_from(per_conn * 2).unwrap_or(u32::MAX)))
+        .layer(crate::limits::BudgetLayer {
+            budget,
+            max_message: MAX_MESSAGE_BYTES,
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
