@@ -90,6 +90,18 @@ const RECEIPT_SEED_KEY: &str = "receipt_seed";
 /// the purge must end even if its group cannot elect).
 const REJOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// The data directory format this build writes. A build with the test-only
+/// `format-next` feature writes the next one and upgrades a directory of the
+/// current one in place, as a real format change would: the compose test
+/// replaces every node with such a build, one at a time (a rolling upgrade).
+#[cfg(not(feature = "format-next"))]
+pub const NODE_FORMAT: sovra_shard::catalog::Format = sovra_shard::catalog::FORMAT;
+#[cfg(feature = "format-next")]
+pub const NODE_FORMAT: sovra_shard::catalog::Format = sovra_shard::catalog::Format {
+    current: sovra_shard::catalog::FORMAT_VERSION + 1,
+    upgrades_from: &[sovra_shard::catalog::FORMAT_VERSION],
+};
+
 pub struct NodeState {
     pub config: NodeConfig,
     pub region: RegionId,
@@ -184,7 +196,15 @@ impl NodeState {
         }
         let budget = CacheBudget::new(config.cache_capacity_mb << 20, config.max_replicas);
         // The node's own database holds only the catalog: a small fixed cache.
-        let store = NodeStore::open(&config.data_dir.join("node"), 1 << 20)?;
+        let (store, upgraded) = NodeStore::open_as(&config.data_dir.join("node"), 1 << 20, NODE_FORMAT)?;
+        match upgraded {
+            Some(from) => tracing::warn!(
+                "data directory {} upgraded from format {from} to {}",
+                config.data_dir.display(),
+                NODE_FORMAT.current
+            ),
+            None => tracing::info!("data directory format {}", NODE_FORMAT.current),
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.index_threads)
             .thread_name(|i| format!("sovra-index-{i}"))

@@ -9,6 +9,21 @@ use std::path::Path;
 /// Bumped whenever the on-disk layout changes; a node refuses other versions.
 pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format_version";
+
+/// What a build reads and writes: its format, and the older formats it
+/// upgrades in place when it opens a directory of one (a rolling upgrade:
+/// the node comes back on its old data). A newer format is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Format {
+    pub current: u32,
+    pub upgrades_from: &'static [u32],
+}
+
+/// This crate's format: nothing older is upgraded.
+pub const FORMAT: Format = Format {
+    current: FORMAT_VERSION,
+    upgrades_from: &[],
+};
 const CATALOG: &str = "catalog";
 
 /// A catalog entry: the collection's name and its spec, or why it cannot be read.
@@ -30,24 +45,39 @@ fn decode(bytes: &[u8], what: &str) -> Result<CollectionSpec, ShardError> {
 impl NodeStore {
     /// Opens (or creates) the store. `cache_bytes` bounds sled's page cache.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, ShardError> {
+        Self::open_as(path, cache_bytes, FORMAT).map(|(s, _)| s)
+    }
+
+    /// Opens the store as a build of `format`: also returns the format it
+    /// upgraded the directory from, if it did. The marker moves only once
+    /// the upgrade's steps are written, so a crash midway upgrades again.
+    pub fn open_as(path: &Path, cache_bytes: u64, format: Format) -> Result<(Self, Option<u32>), ShardError> {
         let db = sled::Config::new().path(path).cache_capacity(cache_bytes).open()?;
+        let mut upgraded = None;
         match db.get(FORMAT_KEY)? {
             None => {
-                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
+                db.insert(FORMAT_KEY, &format.current.to_be_bytes())?;
                 db.flush()?;
             }
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4]));
-                if found != FORMAT_VERSION {
-                    return Err(ShardError::FormatVersion {
-                        found,
-                        expected: FORMAT_VERSION,
-                    });
+                if found != format.current {
+                    if !format.upgrades_from.contains(&found) {
+                        return Err(ShardError::FormatVersion {
+                            found,
+                            expected: format.current,
+                        });
+                    }
+                    // No format this build knows changes the catalog's
+                    // layout yet: an upgrade that did would rewrite it here.
+                    db.insert(FORMAT_KEY, &format.current.to_be_bytes())?;
+                    db.flush()?;
+                    upgraded = Some(found);
                 }
             }
         }
         let catalog = db.open_tree(CATALOG)?;
-        Ok(Self { db, catalog })
+        Ok((Self { db, catalog }, upgraded))
     }
 
     pub fn db(&self) -> &sled::Db {
@@ -104,5 +134,31 @@ impl NodeStore {
         self.catalog.remove(name.as_str())?;
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_build_upgrades_an_older_directory_and_an_older_build_refuses_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node");
+        drop(NodeStore::open(&path, 1 << 20).unwrap());
+        let next = Format {
+            current: FORMAT_VERSION + 1,
+            upgrades_from: &[FORMAT_VERSION],
+        };
+        let (s, from) = NodeStore::open_as(&path, 1 << 20, next).unwrap();
+        assert_eq!(from, Some(FORMAT_VERSION));
+        drop(s);
+        // Opened again by the same build: nothing to upgrade.
+        let (s, from) = NodeStore::open_as(&path, 1 << 20, next).unwrap();
+        assert_eq!(from, None);
+        drop(s);
+        // The older build cannot read what the newer one wrote.
+        let e = NodeStore::open(&path, 1 << 20).err().unwrap();
+        assert!(matches!(e, ShardError::FormatVersion { found, expected } if found == FORMAT_VERSION + 1 && expected == FORMAT_VERSION));
     }
 }
