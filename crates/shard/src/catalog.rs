@@ -141,24 +141,38 @@ impl NodeStore {
 mod tests {
     use super::*;
 
+    /// Opens `path` as `format`, waiting out the lock a dropped database's
+    /// background thread holds for a moment after the drop.
+    fn reopen(path: &Path, format: Format) -> Result<(NodeStore, Option<u32>), ShardError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match NodeStore::open_as(path, 1 << 20, format) {
+                Err(ShardError::Storage(e)) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
     #[test]
     fn a_newer_build_upgrades_an_older_directory_and_an_older_build_refuses_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node");
-        drop(NodeStore::open(&path, 1 << 20).unwrap());
+        drop(reopen(&path, FORMAT).unwrap());
         let next = Format {
             current: FORMAT_VERSION + 1,
             upgrades_from: &[FORMAT_VERSION],
         };
-        let (s, from) = NodeStore::open_as(&path, 1 << 20, next).unwrap();
+        let (s, from) = reopen(&path, next).unwrap();
         assert_eq!(from, Some(FORMAT_VERSION));
         drop(s);
         // Opened again by the same build: nothing to upgrade.
-        let (s, from) = NodeStore::open_as(&path, 1 << 20, next).unwrap();
+        let (s, from) = reopen(&path, next).unwrap();
         assert_eq!(from, None);
         drop(s);
         // The older build cannot read what the newer one wrote.
-        let e = NodeStore::open(&path, 1 << 20).err().unwrap();
+        let e = reopen(&path, FORMAT).err().unwrap();
         assert!(matches!(e, ShardError::FormatVersion { found, expected } if found == FORMAT_VERSION + 1 && expected == FORMAT_VERSION));
     }
 }
