@@ -17,6 +17,7 @@ pub mod bench_replication;
 pub mod bench_search;
 pub mod bench_startup;
 pub mod certs;
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;

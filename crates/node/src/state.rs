@@ -90,17 +90,26 @@ const RECEIPT_SEED_KEY: &str = "receipt_seed";
 /// the purge must end even if its group cannot elect).
 const REJOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// The data directory format this build writes. A build with the test-only
-/// `format-next` feature writes the next one and upgrades a directory of the
-/// current one in place, as a real format change would: the compose test
-/// replaces every node with such a build, one at a time (a rolling upgrade).
-#[cfg(not(feature = "format-next"))]
-pub const NODE_FORMAT: sovra_shard::catalog::Format = sovra_shard::catalog::FORMAT;
-#[cfg(feature = "format-next")]
-pub const NODE_FORMAT: sovra_shard::catalog::Format = sovra_shard::catalog::Format {
+/// The data directory format after this build's: the test-only
+/// `sovra-format-next` executable writes it and upgrades a directory of the
+/// current format in place, as a real format change would.
+pub const NEXT_FORMAT: sovra_shard::catalog::Format = sovra_shard::catalog::Format {
     current: sovra_shard::catalog::FORMAT_VERSION + 1,
     upgrades_from: &[sovra_shard::catalog::FORMAT_VERSION],
 };
+
+static FORMAT: std::sync::OnceLock<sovra_shard::catalog::Format> = std::sync::OnceLock::new();
+
+/// The data directory format this process writes.
+pub fn node_format() -> sovra_shard::catalog::Format {
+    *FORMAT.get().unwrap_or(&sovra_shard::catalog::FORMAT)
+}
+
+/// Makes this process write [`NEXT_FORMAT`]: for `sovra-format-next` only,
+/// before any node starts.
+pub fn use_next_format() {
+    let _ = FORMAT.set(NEXT_FORMAT);
+}
 
 pub struct NodeState {
     pub config: NodeConfig,
@@ -196,14 +205,15 @@ impl NodeState {
         }
         let budget = CacheBudget::new(config.cache_capacity_mb << 20, config.max_replicas);
         // The node's own database holds only the catalog: a small fixed cache.
-        let (store, upgraded) = NodeStore::open_as(&config.data_dir.join("node"), 1 << 20, NODE_FORMAT)?;
+        let format = node_format();
+        let (store, upgraded) = NodeStore::open_as(&config.data_dir.join("node"), 1 << 20, format)?;
         match upgraded {
             Some(from) => tracing::warn!(
                 "data directory {} upgraded from format {from} to {}",
                 config.data_dir.display(),
-                NODE_FORMAT.current
+                format.current
             ),
-            None => tracing::info!("data directory format {}", NODE_FORMAT.current),
+            None => tracing::info!("data directory format {}", format.current),
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.index_threads)
