@@ -356,20 +356,17 @@ impl TlsState {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok(tls)).await;
+                            return;
                         }
-                        Ok(Err(e)) => {
-                            metrics::counter!("sovra_tls_handshake_failures_total", "listener" => if cluster { "cluster" } else { "public" })
-                                .increment(1);
-                            tracing::debug!(error = %e, cluster, "TLS handshake refused");
-                        }
-                        Err(_) => {
-                            metrics::counter!("sovra_tls_handshake_failures_total", "listener" => if cluster { "cluster" } else { "public" })
-                                .increment(1);
-                        }
-                    }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+                    };
+                    metrics::counter!("sovra_tls_handshake_failures_total", "listener" => if cluster { "cluster" } else { "public" })
+                        .increment(1);
+                    tracing::debug!(error = %why, cluster, "TLS handshake refused");
                 });
             }
         });
