@@ -338,6 +338,11 @@ async fn sovra_ctl_status_and_shards_list_every_node_and_shard_as_tables_and_jso
     assert_eq!(audit, [1, 2, 3], "every node holds its region's audit log");
     let replicas: u64 = json.iter().map(|n| n["replicas"].as_u64().unwrap()).sum();
     assert_eq!(replicas, 4, "2 shards x 2 regions, rf 1");
+    let status = sovra_node::ctl::status(&conn(sovra_node::ctl::Format::Table)).await.unwrap();
+    assert!(
+        status.lines().last().unwrap().starts_with("meta level 2, shard map version"),
+        "{status}"
+    );
     let table = sovra_node::ctl::collections(&conn(sovra_node::ctl::Format::Table), true, Some("people"))
         .await
         .unwrap();

@@ -108,6 +108,7 @@ impl TestNode {
     pub async fn make_key(&mut self, id: &str, scopes: v1::KeyScopes) -> String {
         self.admin
             .create_key(v1::CreateKeyRequest {
+                rate: None,
                 id: id.into(),
                 scopes: Some(scopes),
             })
@@ -150,6 +151,12 @@ impl TestNode {
             }
         };
         Self::serving(node, self.dir, self.config, Some(self.key)).await
+    }
+
+    /// Restarts the node with `tweak` applied to its config first.
+    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut NodeConfig)) -> TestNode {
+        tweak(&mut self.config);
+        self.restart().await
     }
 
     /// Restarts the node with `join` as its seeds (the current cluster

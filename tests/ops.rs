@@ -1224,6 +1224,7 @@ async fn a_meta_group_that_lost_its_quorum_is_led_again_by_its_survivor_after_re
     let mut admin = survivor.admin.clone();
     let e = admin
         .create_key(v1::CreateKeyRequest {
+            rate: None,
             id: "during".into(),
             scopes: Some(scopes()),
         })
@@ -1241,6 +1242,7 @@ async fn a_meta_group_that_lost_its_quorum_is_led_again_by_its_survivor_after_re
     let made = eventually("meta takes changes again", Duration::from_secs(30), async || {
         admin
             .create_key(v1::CreateKeyRequest {
+                rate: None,
                 id: "after".into(),
                 scopes: Some(scopes()),
             })

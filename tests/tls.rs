@@ -73,6 +73,7 @@ async fn fetch_meta(p: &sovra_raft::network::Peers, addr: &str, from: u64) -> Re
         .unwrap()
         .fetch_meta(pb::FetchMetaRequest {
             from,
+            meta_level: sovra_meta::state::META_LEVEL,
             ..Default::default()
         })
         .await
@@ -157,7 +158,6 @@ async fn a_cluster_over_mutual_tls_serves_refuses_strangers_and_impostors_and_ta
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-
     // A node started with another node's certificate does not start.
     let d5 = tempfile::tempdir().unwrap();
     let mut c5 = NodeConfig::local(5, UK, d5.path().to_path_buf());

@@ -375,6 +375,7 @@ async fn setup(addrs: &[SocketAddr], admin_key: &str, o: &Options) -> anyhow::Re
     for r in REGIONS {
         let k = admin
             .create_key(v1::CreateKeyRequest {
+                rate: None,
                 id: format!("{r}-reader"),
                 scopes: Some(v1::KeyScopes {
                     read_regions: vec![r.into()],

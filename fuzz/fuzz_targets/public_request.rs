@@ -65,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    match which % 34 {
+    match which % 35 {
         0 => with(body, |r: v1::CreateCollectionRequest| {
             if let Some(s) = r.collection {
                 let _ = convert::spec_from(s);
@@ -153,6 +153,7 @@ fuzz_target!(|data: &[u8]| {
                 let _ = sovra_types::RegionId::parse(&p.region);
             }
         }),
-        _ => with(body, |_: v1::ListRegionPoliciesRequest| {}),
+        33 => with(body, |_: v1::ListRegionPoliciesRequest| {}),
+        _ => with(body, |_: v1::SetKeyRateRequest| {}),
     }
 });

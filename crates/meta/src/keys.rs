@@ -68,6 +68,35 @@ pub struct ApiKeyRecord {
     pub created_ms: u64,
 }
 
+/// The most requests per second, and the largest burst, a key's rate may name.
+pub const MAX_RATE: u32 = 1_000_000;
+
+/// How fast a key may call: a token bucket on every coordinator node, filled
+/// at `per_second` up to `burst` (each public call takes one token). A key
+/// without one is limited only by the node's budget. Recorded from meta
+/// level 2 ([`crate::state::MetaExt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl KeyRate {
+    /// Why this rate cannot be recorded, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if self.per_second == 0 || self.per_second > MAX_RATE {
+            return Err(format!(
+                "per_second is {}; it must be 1 to {MAX_RATE} (leave the rate out for no limit)",
+                self.per_second
+            ));
+        }
+        if self.burst == 0 || self.burst > MAX_RATE {
+            return Err(format!("burst is {}; it must be 1 to {MAX_RATE}", self.burst));
+        }
+        Ok(())
+    }
+}
+
 pub fn hash_secret(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }

@@ -95,6 +95,47 @@ pub struct MetaState {
     pub audit: BTreeMap<RegionId, crate::audit::AuditGroup>,
     /// Operations jobs ([`crate::ops`]).
     pub ops: crate::ops::Ops,
+    /// What later meta levels added. Not part of this struct's serde form:
+    /// it is written after it ([`MetaExt`]), so a build before levels reads
+    /// the state and ignores it, and this build reads such a build's state.
+    #[serde(skip)]
+    pub ext: MetaExt,
+}
+
+/// The meta level of states and logs made by builds before levels existed.
+pub const BASE_LEVEL: u32 = 1;
+/// The highest meta level this build reads and writes. Level 2: per-key
+/// rates ([`crate::keys::KeyRate`]).
+pub const META_LEVEL: u32 = 2;
+
+/// State added after the base level, encoded after [`MetaState`]'s own
+/// fields (a later level appends its own record after this one, the same
+/// way). Commands that need a level are refused below it, and the level is
+/// raised ([`MetaCommand::SetMetaLevel`]) only once every registered node
+/// runs a build that reads it: until then an older replica would stop at
+/// the first entry it cannot decode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaExt {
+    /// The cluster's meta level: which commands and fields are in use.
+    pub level: u32,
+    /// Rates of the keys that have one, by key id.
+    pub key_rates: BTreeMap<String, crate::keys::KeyRate>,
+}
+
+impl Default for MetaExt {
+    fn default() -> Self {
+        Self {
+            level: BASE_LEVEL,
+            key_rates: BTreeMap::new(),
+        }
+    }
+}
+
+impl MetaExt {
+    /// Whether this is what a base-level state holds (nothing to write).
+    pub fn is_base(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,6 +289,25 @@ pub enum MetaCommand {
         job: String,
         at_ms: u64,
     },
+    // Commands below need a meta level above the base: a build before levels
+    // cannot decode them, so they are proposed only at that level. New
+    // commands go after these, never between.
+    /// Raises the cluster's meta level (never lowers it). Proposed once
+    /// every registered node runs a build of that level, or by the bootstrap
+    /// node of a new cluster.
+    SetMetaLevel {
+        level: u32,
+    },
+    /// Makes a key with a rate (level 2).
+    AddRatedKey {
+        key: crate::keys::ApiKeyRecord,
+        rate: crate::keys::KeyRate,
+    },
+    /// Sets or (`None`) clears a key's rate (level 2).
+    SetKeyRate {
+        id: String,
+        rate: Option<crate::keys::KeyRate>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +368,17 @@ fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
 }
 
 impl MetaState {
+    /// Refuses what needs meta level `level` below it.
+    fn need_level(&self, level: u32, what: &str) -> Result<(), Refused> {
+        if self.ext.level >= level {
+            return Ok(());
+        }
+        Err(Refused::Op(format!(
+            "{what} needs meta level {level}; the cluster is at level {}. The level rises by itself once every registered node runs a build of level {level} or later (a node that is down, or runs an older build, holds it back)",
+            self.ext.level
+        )))
+    }
+
     /// Whether `other` differs from this state at most in nodes' heartbeat
     /// times and erasure jobs' progress: what a node derives from its view
     /// (replicas, routing, addresses, keys, policies) is then the same, so
@@ -317,6 +388,7 @@ impl MetaState {
             && self.collections == other.collections
             && self.policies == other.policies
             && self.api_keys == other.api_keys
+            && self.ext == other.ext
             && self.audit == other.audit
             && self.ops.running().eq(other.ops.running())
             && self.ops.drained == other.ops.drained
@@ -408,7 +480,43 @@ impl MetaState {
                 Ok(Applied::Done)
             }
             MetaCommand::RevokeApiKey { id } => {
-                self.api_keys.remove(&id).ok_or(Refused::UnknownKey(id))?;
+                self.api_keys.remove(&id).ok_or_else(|| Refused::UnknownKey(id.clone()))?;
+                self.ext.key_rates.remove(&id);
+                Ok(Applied::Done)
+            }
+            MetaCommand::SetMetaLevel { level } => {
+                if level > META_LEVEL {
+                    return Err(Refused::Op(format!(
+                        "meta level {level} is above this build's ({META_LEVEL}): run a build that knows it"
+                    )));
+                }
+                self.ext.level = self.ext.level.max(level);
+                Ok(Applied::Done)
+            }
+            MetaCommand::AddRatedKey { key, rate } => {
+                self.need_level(2, "a key's rate")?;
+                rate.check().map_err(Refused::Op)?;
+                if self.api_keys.contains_key(&key.id) {
+                    return Err(Refused::KeyExists(key.id));
+                }
+                self.ext.key_rates.insert(key.id.clone(), rate);
+                self.api_keys.insert(key.id.clone(), key);
+                Ok(Applied::Done)
+            }
+            MetaCommand::SetKeyRate { id, rate } => {
+                self.need_level(2, "a key's rate")?;
+                if !self.api_keys.contains_key(&id) {
+                    return Err(Refused::UnknownKey(id));
+                }
+                match rate {
+                    Some(r) => {
+                        r.check().map_err(Refused::Op)?;
+                        self.ext.key_rates.insert(id, r);
+                    }
+                    None => {
+                        self.ext.key_rates.remove(&id);
+                    }
+                }
                 Ok(Applied::Done)
             }
             MetaCommand::StartErasure {

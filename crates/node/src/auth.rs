@@ -110,6 +110,30 @@ impl Caller {
 const HEADER: &str = "authorization";
 
 impl NodeState {
+    /// Takes a token of key `id`'s rate on this node, if it has one; else
+    /// RESOURCE_EXHAUSTED with the wait ([`crate::ratelimit`]).
+    fn within_rate(&self, id: &str) -> Result<(), ApiError> {
+        let view = self.view();
+        let rated = &view.state.ext.key_rates;
+        let Some(rate) = rated.get(id) else { return Ok(()) };
+        let Err(wait) = self.key_buckets.take(id, *rate, rated, std::time::Instant::now()) else {
+            return Ok(());
+        };
+        let node = self.config.node_id;
+        metrics::counter!(m::KEY_RATE_LIMITED, "node" => node.to_string(), "key" => id.to_string()).increment(1);
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        Err(ApiError::new(
+            sovra_types::ErrorCode::ResourceExhausted,
+            format!(
+                "API key {id} is over its rate on node {node} ({} calls a second, bursts of {}); retry in {ms} ms (header {}), or ask an admin for a higher rate (Admin.SetKeyRate)",
+                rate.per_second,
+                rate.burst,
+                sovra_proto::RETRY_AFTER_HEADER
+            ),
+        )
+        .retry_after(ms))
+    }
+
     /// The caller of a public request, or UNAUTHENTICATED / UNAVAILABLE (the
     /// key lease lapsed) saying what to do.
     pub async fn authenticate(self: &Arc<Self>, md: &tonic::metadata::MetadataMap) -> Result<Caller, ApiError> {
@@ -152,11 +176,14 @@ impl NodeState {
             rec = self.view().state.api_keys.get(id).cloned();
         }
         match rec {
-            Some(r) if r.matches(secret) => Ok(Caller {
-                key: Some(r.id),
-                scopes: r.scopes,
-                node,
-            }),
+            Some(r) if r.matches(secret) => {
+                self.within_rate(&r.id)?;
+                Ok(Caller {
+                    key: Some(r.id),
+                    scopes: r.scopes,
+                    node,
+                })
+            }
             _ => Err(unauth(format!(
                 "API key {} is not valid: unknown, revoked, or a wrong secret",
                 sovra_types::quote(id)

@@ -117,6 +117,10 @@ pub async fn meta_write(state: &NodeState, cmd: MetaCommand) -> Result<(u64, Met
     )))
 }
 
+/// How often the meta leader asks nodes their meta level while the
+/// cluster's is below its build's.
+const LEVEL_ASK_EVERY: Duration = Duration::from_secs(3);
+
 /// How far ahead of this node's clock an announced incarnation may be.
 pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
 
@@ -175,6 +179,7 @@ impl ClusterHandler for Membership {
         Ok(pb::JoinReply {
             node: self.state.config.node_id,
             addresses,
+            meta_level: self.state.meta_level(),
         })
     }
 
@@ -185,6 +190,14 @@ impl ClusterHandler for Membership {
             .meta()
             .filter(|m| m.sm.last_applied() > 0)
             .ok_or_else(|| tonic::Status::unavailable(format!("node {} holds no metadata yet", self.state.config.node_id)))?;
+        let reads = req.meta_level.max(sovra_meta::state::BASE_LEVEL);
+        let level = m.sm.read(|s| s.ext.level);
+        if reads < level {
+            return Err(tonic::Status::failed_precondition(format!(
+                "the cluster's metadata is at meta level {level}; node {}'s build reads level {reads} only: run a build of this cluster's release or later on it",
+                req.from
+            )));
+        }
         let wait = Duration::from_millis(u64::from(req.wait_ms.min(10_000)));
         let mut rx = m.sm.subscribe();
         let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > req.after_index)).await;
@@ -199,7 +212,7 @@ impl ClusterHandler for Membership {
         }
         let index = m.sm.last_applied();
         let state =
-            m.sm.read(postcard::to_allocvec)
+            m.sm.read(sovra_raft::meta_sm::encode_meta)
                 .map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(pb::FetchMetaReply { index, state })
     }
@@ -262,6 +275,79 @@ async fn first_admin_key(state: &NodeState) {
     }
 }
 
+/// The bootstrap node of a new cluster (its meta replica holds no node yet)
+/// starts it at this build's meta level: nobody runs an older build in a
+/// cluster that has no node. Best effort: without it the leader raises the
+/// level once every node answers for it ([`raise_level`]).
+async fn first_level(state: &NodeState) {
+    let Some(m) = state.host.meta() else { return };
+    let fresh = state.config.bootstrap && m.sm.read(|s| s.nodes.is_empty() && s.ext.level < state.meta_level());
+    if !fresh {
+        return;
+    }
+    match state.host.meta_write(MetaCommand::SetMetaLevel { level: state.meta_level() }).await {
+        Ok(_) => tracing::info!(level = state.meta_level(), "a new cluster: meta level set"),
+        Err(e) => tracing::debug!(error = %e.message, "meta level not set yet"),
+    }
+}
+
+/// On the meta leader, while the cluster's meta level is below this build's:
+/// asks every registered node which level its build reads, and raises the
+/// level when all of them read this build's. A node that does not answer
+/// (down, or unreachable) holds it back: it might run an older build, which
+/// would stop at the first entry of the new level.
+async fn raise_level(state: &NodeState, view: &MetaState, said: &mut String) {
+    let want = state.meta_level();
+    if view.ext.level >= want {
+        return;
+    }
+    let mut behind = None;
+    for n in view.nodes.values().filter(|n| n.id != state.config.node_id) {
+        let level = match state.host.peers.client_at(&n.cluster_addr, n.id) {
+            Err(e) => Err(e.to_string()),
+            Ok(mut client) => {
+                let me = view.nodes.get(&state.config.node_id);
+                let mut req = tonic::Request::new(pb::JoinRequest {
+                    from: state.config.node_id,
+                    cluster_addr: me.map(|m| m.cluster_addr.clone()).unwrap_or_default(),
+                    incarnation: state.incarnation,
+                });
+                req.set_timeout(Duration::from_secs(2));
+                client
+                    .join(req)
+                    .await
+                    .map(|r| r.into_inner().meta_level.max(sovra_meta::state::BASE_LEVEL))
+                    .map_err(|s| s.message().to_string())
+            }
+        };
+        match level {
+            Ok(l) if l >= want => {}
+            Ok(l) => {
+                behind = Some(format!("node {} runs a build of meta level {l}", n.id));
+                break;
+            }
+            Err(e) => {
+                behind = Some(format!("node {} did not say its meta level ({e})", n.id));
+                break;
+            }
+        }
+    }
+    match behind {
+        Some(why) => {
+            let text = format!("meta level stays at {} (this build reads {want}): {why}", view.ext.level);
+            if *said != text {
+                tracing::info!("{text}");
+                *said = text;
+            }
+        }
+        None => match state.host.meta_write(MetaCommand::SetMetaLevel { level: want }).await {
+            Ok((_, Ok(_))) => tracing::info!(from = view.ext.level, to = want, "every node reads the next meta level: raised"),
+            Ok((_, Err(e))) => tracing::warn!(error = %e, "raising the meta level was refused"),
+            Err(e) => tracing::warn!(error = %e.message, "raising the meta level failed; will retry"),
+        },
+    }
+}
+
 /// Announce and register until meta records this incarnation; then heartbeat.
 pub async fn membership_loop(state: Arc<NodeState>, grpc: String, cluster: String, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.heartbeat_ms);
@@ -303,6 +389,7 @@ pub async fn membership_loop(state: Arc<NodeState>, grpc: String, cluster: Strin
                 tracing::debug!(seed = %t, error = %e, "announce failed");
             }
         }
+        first_level(&state).await;
         match meta_write(&state, MetaCommand::RegisterNode(me.clone())).await {
             Ok((index, Ok(_))) => {
                 tracing::info!(node = me.id, index, "registered with the cluster");
@@ -354,11 +441,12 @@ pub async fn view_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
                 after_index: after,
                 wait_ms: 1000,
                 confirm: false,
+                meta_level: state.meta_level(),
             });
             req.set_timeout(Duration::from_secs(3));
             let Ok(r) = client.fetch_meta(req).await else { continue };
             let r = r.into_inner();
-            if let Ok(s) = postcard::from_bytes::<MetaState>(&r.state) {
+            if let Ok(s) = sovra_raft::meta_sm::decode_meta(&r.state) {
                 fetched = true;
                 if let Err(e) = state.offer_view(r.index, s).await {
                     state.stop_with(format!("saving the metadata view failed: {e}"));
@@ -395,11 +483,12 @@ async fn fetch(state: &NodeState, confirm: bool) -> Option<(u64, MetaState)> {
             after_index: 0,
             wait_ms: 0,
             confirm,
+            meta_level: state.meta_level(),
         });
         req.set_timeout(Duration::from_secs(2));
         let Ok(r) = client.fetch_meta(req).await else { continue };
         let r = r.into_inner();
-        if let Ok(s) = postcard::from_bytes::<MetaState>(&r.state) {
+        if let Ok(s) = sovra_raft::meta_sm::decode_meta(&r.state) {
             return Some((r.index, s));
         }
     }
@@ -437,6 +526,8 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
     let down_after = state.config.down_after_ms;
     // The term this node leads in, and since when.
     let mut led_since: Option<(u64, std::time::Instant)> = None;
+    let mut level_said = String::new();
+    let mut level_asked: Option<std::time::Instant> = None;
     loop {
         if stopped(&mut stop, Duration::from_millis(state.config.heartbeat_ms)).await {
             return;
@@ -467,6 +558,12 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
         // node (this one): voters chosen from it could drop the only voter.
         if !view.nodes.contains_key(&state.config.node_id) {
             continue;
+        }
+        // Asked every few seconds while below this build's level (an
+        // upgrade's window), not on every tick.
+        if view.ext.level < state.meta_level() && level_asked.is_none_or(|t| t.elapsed() >= LEVEL_ASK_EVERY) {
+            level_asked = Some(std::time::Instant::now());
+            raise_level(&state, &view, &mut level_said).await;
         }
         for id in view.overdue(now_ms(), down_after) {
             if id == state.config.node_id || !settled {

@@ -155,6 +155,11 @@ pub struct NodeConfig {
     pub hedge_after_ms: u64,
     #[serde(default)]
     pub raft: RaftConfig,
+    /// Tests only, never read from a file: the meta level this node says its
+    /// build reads (`JoinReply.meta_level`), standing in for a node of an
+    /// older build. `None`: this build's ([`sovra_meta::state::META_LEVEL`]).
+    #[serde(skip)]
+    pub claim_meta_level: Option<u32>,
 }
 
 /// Timing and log-size knobs of the shard groups.
@@ -399,6 +404,7 @@ impl NodeConfig {
             leaf_timeout_ms: default_leaf_timeout_ms(),
             hedge_after_ms: 0,
             raft: RaftConfig::default(),
+            claim_meta_level: None,
         }
     }
 

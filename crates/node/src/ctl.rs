@@ -329,7 +329,12 @@ pub async fn status(c: &Conn) -> anyhow::Result<String> {
         ],
         rows,
     };
-    Ok(t.render(c.format))
+    let table = t.render(c.format);
+    Ok(if c.format == Format::Table {
+        format!("{table}\nmeta level {}, shard map version {}", r.meta_level, r.map_version)
+    } else {
+        table
+    })
 }
 
 /// `sovra ctl collections` and `sovra ctl shards`.

@@ -338,9 +338,24 @@ pub enum KeysCommand {
         admin: bool,
         #[arg(long)]
         data_protection: bool,
+        #[command(flatten)]
+        rate: RateArgs,
     },
-    /// Every key's id, scopes and creation time (never a secret).
+    /// Every key's id, scopes, rate and creation time (never a secret).
     List(Conn),
+    /// Sets a key's rate (`--per-second`, `--burst`), or clears it
+    /// (`--unlimited`). Every node applies it within about a second.
+    Rate {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        rate: RateArgs,
+        /// No rate: only the nodes' budgets limit the key.
+        #[arg(long, conflicts_with_all = ["per_second", "burst"])]
+        unlimited: bool,
+    },
     /// Every node refuses the key within its key lease.
     Revoke {
         #[command(flatten)]
@@ -348,6 +363,30 @@ pub enum KeysCommand {
         #[arg(long)]
         id: String,
     },
+}
+
+/// A key's rate on the command line.
+#[derive(Debug, clap::Args)]
+pub struct RateArgs {
+    /// Calls a second the key may make on each node (a token bucket).
+    #[arg(long)]
+    per_second: Option<u32>,
+    /// Calls it may make at once after a pause (default: --per-second).
+    #[arg(long, requires = "per_second")]
+    burst: Option<u32>,
+}
+
+impl RateArgs {
+    fn to_pb(&self) -> Option<v1::KeyRate> {
+        self.per_second.map(|per_second| v1::KeyRate {
+            per_second,
+            burst: self.burst.unwrap_or(0),
+        })
+    }
+}
+
+fn rate_cell(r: Option<v1::KeyRate>) -> serde_json::Value {
+    r.map_or_else(|| "-".into(), |r| format!("{}/s burst {}", r.per_second, r.burst).into())
 }
 
 fn scope_cells(s: Option<v1::KeyScopes>) -> Vec<serde_json::Value> {
@@ -380,6 +419,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<String> {
             collections,
             admin,
             data_protection,
+            rate,
         } => {
             let r = conn
                 .admin()
@@ -393,14 +433,17 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<String> {
                         admin,
                         data_protection,
                     }),
+                    rate: rate.to_pb(),
                 })
                 .await
                 .map_err(status("CreateKey"))?
                 .into_inner();
             let mut row = vec![r.id.into(), r.key.into()];
             row.extend(scope_cells(r.scopes));
+            row.push(rate_cell(r.rate));
             let mut columns = vec!["id", "key"];
             columns.extend(SCOPE_COLUMNS);
+            columns.push("rate");
             let table = Table { columns, rows: vec![row] }.render(conn.format);
             Ok(if conn.format == Format::Table {
                 format!("{table}\n(the key is shown this once; the cluster keeps only its hash)")
@@ -422,12 +465,14 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<String> {
                 .map(|k| {
                     let mut row = vec![k.id.into()];
                     row.extend(scope_cells(k.scopes));
+                    row.push(rate_cell(k.rate));
                     row.push(k.created_ms.into());
                     row
                 })
                 .collect();
             let mut columns = vec!["id"];
             columns.extend(SCOPE_COLUMNS);
+            columns.push("rate");
             columns.push("created_ms");
             Ok(Table { columns, rows }.render(conn.format))
         }
@@ -438,6 +483,29 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<String> {
                 .await
                 .map_err(status("RevokeKey"))?;
             Ok(format!("key {id} revoked: every node refuses it within its key lease"))
+        }
+        KeysCommand::Rate { conn, id, rate, unlimited } => {
+            let rate = match (rate.to_pb(), unlimited) {
+                (Some(r), false) => Some(r),
+                (None, true) => None,
+                _ => anyhow::bail!("say the rate: --per-second N [--burst M], or --unlimited"),
+            };
+            let k = conn
+                .admin()
+                .await?
+                .set_key_rate(v1::SetKeyRateRequest { id, rate })
+                .await
+                .map_err(status("SetKeyRate"))?
+                .into_inner();
+            let mut row = vec![k.id.into()];
+            row.extend(scope_cells(k.scopes));
+            row.push(rate_cell(k.rate));
+            row.push(k.created_ms.into());
+            let mut columns = vec!["id"];
+            columns.extend(SCOPE_COLUMNS);
+            columns.push("rate");
+            columns.push("created_ms");
+            Ok(Table { columns, rows: vec![row] }.render(conn.format))
         }
     }
 }

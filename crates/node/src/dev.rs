@@ -396,6 +396,7 @@ async fn demo(nodes: &[crate::RunningNode], args: &DevArgs, fresh: bool) -> anyh
         for (id, read, write) in [("uk-reader", "uk", "uk"), ("us-reader", "us", "us")] {
             let k = adm
                 .create_key(v1::CreateKeyRequest {
+                    rate: None,
                     id: id.into(),
                     scopes: Some(v1::KeyScopes {
                         read_regions: vec![read.into()],

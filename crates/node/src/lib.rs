@@ -28,6 +28,7 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
+pub mod ratelimit;
 pub mod receipt;
 pub mod recover;
 pub mod run;

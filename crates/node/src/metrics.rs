@@ -34,6 +34,8 @@ pub const REPLICA_SHARES: &str = "sovra_replica_shares";
 /// Public calls refused by key checks, by node and reason (unauthenticated,
 /// lease, collection, read_region, write_region, admin).
 pub const AUTH_DENIED: &str = "sovra_auth_denied_total";
+/// Public calls refused because their key was over its rate, by node and key id.
+pub const KEY_RATE_LIMITED: &str = "sovra_key_rate_limited_total";
 /// Milliseconds since this node last confirmed its view with meta's quorum.
 pub const KEY_LEASE_AGE_MS: &str = "sovra_key_lease_age_ms";
 /// Calls failed because their audit record could not be committed.
@@ -80,6 +82,10 @@ pub fn handle() -> PrometheusHandle {
             metrics::describe_counter!(AUDIT_FAILED, "calls failed closed: their audit record was not committed");
             metrics::describe_histogram!(AUDIT_BATCH, "audit records per group-committed batch");
             metrics::describe_counter!(AUTH_DENIED, "public calls refused by API key checks, by node and reason");
+            metrics::describe_counter!(
+                KEY_RATE_LIMITED,
+                "public calls refused RESOURCE_EXHAUSTED because their API key was over its rate, by node and key"
+            );
             metrics::describe_gauge!(
                 KEY_LEASE_AGE_MS,
                 "ms since this node last confirmed its metadata (and keys) with the meta group's quorum"

@@ -120,6 +120,8 @@ pub struct NodeState {
     /// The first admin key, when this (bootstrap) node made it in this run;
     /// printed once, kept for tests.
     pub first_admin_key: parking_lot::Mutex<Option<String>>,
+    /// Per-key rate buckets on this node's public API.
+    pub key_buckets: crate::ratelimit::KeyBuckets,
     view: RwLock<Arc<View>>,
     view_changed: tokio::sync::watch::Sender<u64>,
     /// Replicas open on this node, and those that failed to open (with why).
@@ -231,8 +233,11 @@ impl NodeState {
         let book = AddressBook::default();
         let view = match store.get_raw(VIEW_KEY)? {
             None => View::default(),
-            Some(b) => match postcard::from_bytes::<(u64, MetaState)>(&b) {
-                Ok((index, state)) => View { index, state },
+            Some(b) => match sovra_raft::meta_sm::decode_state::<(u64, MetaState)>(&b) {
+                Ok(((index, mut state), ext)) => {
+                    state.ext = ext;
+                    View { index, state }
+                }
                 Err(e) => {
                     // Only a cache: meta gives it again.
                     tracing::warn!(error = %e, "the saved metadata view does not decode; starting without it");
@@ -272,6 +277,7 @@ impl NodeState {
             host,
             incarnation,
             first_admin_key: parking_lot::Mutex::new(None),
+            key_buckets: Default::default(),
             view: RwLock::new(Arc::new(View::default())),
             view_changed: tokio::sync::watch::channel(index).0,
             engines: RwLock::new(BTreeMap::new()),
@@ -425,7 +431,7 @@ impl NodeState {
         let held = self.view();
         let only_heartbeats = held.index > 0 && held.state.same_but_progress(&state);
         if !only_heartbeats {
-            let bytes = postcard::to_allocvec(&(index, &state)).map_err(ShardError::Encode)?;
+            let bytes = sovra_raft::meta_sm::encode_state(&(index, &state), &state.ext).map_err(ShardError::Encode)?;
             let this = self.clone();
             tokio::task::spawn_blocking(move || this.store.put_raw(VIEW_KEY, &bytes))
                 .await
@@ -965,6 +971,12 @@ impl NodeState {
 
     /// Commits `cmd` in meta (through this node's meta replica, or a meta
     /// node), mapping a refusal to a status that says why.
+    /// The highest meta level this node's build reads (what it answers
+    /// joiners and the meta leader).
+    pub fn meta_level(&self) -> u32 {
+        self.config.claim_meta_level.unwrap_or(sovra_meta::state::META_LEVEL)
+    }
+
     pub async fn meta_change(&self, cmd: sovra_meta::MetaCommand, what: &str) -> Result<u64, ApiError> {
         let (index, r) = crate::cluster::meta_write(self, cmd).await?;
         match r {

@@ -35,5 +35,12 @@ pub fn status_of(e: &ApiError) -> tonic::Status {
         ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
         ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
     };
-    tonic::Status::new(code, e.message.clone())
+    let mut status = tonic::Status::new(code, e.message.clone());
+    if let Some(ms) = e.retry_after_ms {
+        status.metadata_mut().insert(RETRY_AFTER_HEADER, ms.into());
+    }
+    status
 }
+
+/// Milliseconds to wait before trying again, on a call refused by a rate.
+pub const RETRY_AFTER_HEADER: &str = "retry-after-ms";

@@ -16,8 +16,10 @@ use crate::types::{LogId, MetaConfig, MetaResponse, SnapshotMeta, StorageErr, St
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, StorageIOError};
 use parking_lot::RwLock;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sovra_meta::MetaState;
+use sovra_meta::state::MetaExt;
 use sovra_shard::ReplicaStore;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -27,8 +29,63 @@ const STATE_KEY: &[u8] = b"meta_state";
 const CURRENT: &str = "current.snap";
 const MAGIC: &[u8; 8] = b"SOVRAMET";
 /// Format of a meta snapshot file and of the persisted state; bumped whenever
-/// `MetaState` changes encoding.
-pub const META_FORMAT: u32 = 3;
+/// `MetaState` changes encoding. 4: the state's [`MetaExt`] follows it; a
+/// state at the base meta level is still written as 3 (its bytes are what
+/// builds before levels write), so those builds read it until the cluster's
+/// level rises, and refuse it, by its number, after.
+pub const META_FORMAT: u32 = 4;
+/// The format before levels, which this build also reads.
+pub const META_FORMAT_BASE: u32 = 3;
+
+fn format_for(ext: &MetaExt) -> u32 {
+    if ext.is_base() { META_FORMAT_BASE } else { META_FORMAT }
+}
+
+/// `value` (holding a [`MetaState`], last, whose ext serde skips) then the
+/// state's [`MetaExt`], unless that is the base level's: then the bytes are
+/// exactly what a build before levels writes, and such a build reads the
+/// result either way (postcard ignores what follows a value).
+pub fn encode_state<T: Serialize>(value: &T, ext: &MetaExt) -> Result<Vec<u8>, postcard::Error> {
+    let out = postcard::to_allocvec(value)?;
+    if ext.is_base() { Ok(out) } else { postcard::to_extend(ext, out) }
+}
+
+/// Reads what [`encode_state`] wrote, or a build before levels: nothing
+/// after the value means the base level.
+pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, MetaExt), postcard::Error> {
+    let (value, rest) = postcard::take_from_bytes(bytes)?;
+    let ext = if rest.is_empty() {
+        MetaExt::default()
+    } else {
+        postcard::from_bytes(rest)?
+    };
+    Ok((value, ext))
+}
+
+/// A whole [`MetaState`] as nodes send it to each other (`FetchMeta`).
+pub fn encode_meta(s: &MetaState) -> Result<Vec<u8>, postcard::Error> {
+    encode_state(s, &s.ext)
+}
+
+pub fn decode_meta(bytes: &[u8]) -> Result<MetaState, postcard::Error> {
+    let (mut s, ext): (MetaState, _) = decode_state(bytes)?;
+    s.ext = ext;
+    Ok(s)
+}
+
+fn encode_persisted(p: &Persisted) -> Result<Vec<u8>, postcard::Error> {
+    encode_state(p, &p.state.ext)
+}
+
+fn decode_persisted(bytes: &[u8]) -> Result<Persisted, postcard::Error> {
+    let (mut p, ext): (Persisted, _) = decode_state(bytes)?;
+    p.state.ext = ext;
+    Ok(p)
+}
+
+fn readable(found: u32) -> bool {
+    found == META_FORMAT || found == META_FORMAT_BASE
+}
 
 /// What the meta replica persists: the state and Raft's position in one record.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -43,7 +100,7 @@ pub struct Persisted {
 pub enum MetaSnapshotError {
     #[error("not a meta snapshot (bad magic)")]
     Magic,
-    #[error("meta snapshot has format version {found}; this build reads {META_FORMAT}: run a build that reads it")]
+    #[error("meta snapshot has format version {found}; this build reads {META_FORMAT_BASE} and {META_FORMAT}: run a build that reads it")]
     Version { found: u32 },
     #[error("meta snapshot digest mismatch: the file is corrupt or cut short")]
     Digest,
@@ -57,8 +114,8 @@ pub enum MetaSnapshotError {
 
 fn encode_file(p: &Persisted) -> Result<Vec<u8>, postcard::Error> {
     let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&META_FORMAT.to_be_bytes());
-    out = postcard::to_extend(p, out)?;
+    out.extend_from_slice(&format_for(&p.state.ext).to_be_bytes());
+    out.extend_from_slice(&encode_persisted(p)?);
     let digest = xxhash_rust::xxh3::xxh3_64(&out);
     out.extend_from_slice(&digest.to_be_bytes());
     Ok(out)
@@ -69,14 +126,14 @@ fn decode_file(bytes: &[u8]) -> Result<Persisted, MetaSnapshotError> {
         return Err(MetaSnapshotError::Magic);
     }
     let found = u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if found != META_FORMAT {
+    if !readable(found) {
         return Err(MetaSnapshotError::Version { found });
     }
     let (body, digest) = bytes.split_at(bytes.len() - 8);
     if xxhash_rust::xxh3::xxh3_64(body).to_be_bytes() != digest {
         return Err(MetaSnapshotError::Digest);
     }
-    Ok(postcard::from_bytes(&body[12..])?)
+    Ok(decode_persisted(&body[12..])?)
 }
 
 struct Inner {
@@ -142,8 +199,8 @@ impl MetaStateMachine {
     }
 
     fn persist(&self, p: &Persisted) -> Result<(), StorageErr> {
-        let bytes = postcard::to_allocvec(p).map_err(|e| io_err(e, StorageIOError::write_state_machine))?;
-        let mut v = META_FORMAT.to_be_bytes().to_vec();
+        let bytes = encode_persisted(p).map_err(|e| io_err(e, StorageIOError::write_state_machine))?;
+        let mut v = format_for(&p.state.ext).to_be_bytes().to_vec();
         v.extend_from_slice(&bytes);
         let db = self.0.store.db();
         db.insert(STATE_KEY, v)
@@ -167,10 +224,10 @@ fn load(store: &ReplicaStore) -> Result<Persisted, StorageErr> {
         Some(v) => {
             let (version, body) = v.split_at(4.min(v.len()));
             let found = u32::from_be_bytes(version.try_into().unwrap_or([0; 4]));
-            if found != META_FORMAT {
+            if !readable(found) {
                 return Err(io_err(MetaSnapshotError::Version { found }, StorageIOError::read_state_machine));
             }
-            postcard::from_bytes(body).map_err(|e| io_err(e, StorageIOError::read_state_machine))
+            decode_persisted(body).map_err(|e| io_err(e, StorageIOError::read_state_machine))
         }
     }
 }
@@ -332,6 +389,125 @@ impl RaftStateMachine<MetaConfig> for MetaStateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sovra_meta::keys::KeyRate;
+    use sovra_meta::state::{META_LEVEL, MetaCommand};
+
+    /// The state in `tests/fixtures/meta-format3.snap`, made by the build
+    /// before meta levels (commit 7eed3e5) with these same commands.
+    fn fixture_state() -> MetaState {
+        use sovra_meta::keys::{ApiKeyRecord, Regions, Scopes, hash_secret};
+        use sovra_meta::state::{MetaCommand, RegionPolicy};
+        use sovra_meta::{NodeRecord, NodeStatus, Roles};
+        use sovra_types::{CollectionName, CollectionSpec, HnswParams, Metric, RegionId, RegionShards};
+        let uk = RegionId::parse("uk").unwrap();
+        let us = RegionId::parse("us").unwrap();
+        let mut s = MetaState::default();
+        let mut cmds = Vec::new();
+        for (id, region) in [(1, &uk), (2, &uk), (3, &us)] {
+            cmds.push(MetaCommand::RegisterNode(NodeRecord {
+                id,
+                region: region.clone(),
+                zone: format!("z{id}"),
+                roles: Roles::default(),
+                cluster_addr: format!("10.0.0.{id}:7400"),
+                public_addr: format!("10.0.0.{id}:7300"),
+                status: NodeStatus::Up,
+                last_heartbeat_ms: 5,
+                incarnation: 7,
+            }));
+        }
+        cmds.push(MetaCommand::AddApiKey(ApiKeyRecord {
+            id: "uk-reader".into(),
+            sha256: hash_secret("secret"),
+            scopes: Scopes {
+                read: Regions::Only([uk.clone()].into()),
+                write: Regions::none(),
+                collections: None,
+                admin: false,
+                data_protection: false,
+            },
+            created_ms: 1234,
+        }));
+        cmds.push(MetaCommand::SetRegionPolicy {
+            region: uk.clone(),
+            policy: RegionPolicy {
+                results_may_go_to: [us.clone()].into(),
+            },
+        });
+        let spec = CollectionSpec {
+            name: CollectionName::parse("people").unwrap(),
+            dimension: 4,
+            metric: Metric::Cosine,
+            hnsw: HnswParams::default(),
+            regions: vec![
+                RegionShards {
+                    region: uk.clone(),
+                    shard_count: 1,
+                    split_map: None,
+                },
+                RegionShards {
+                    region: us.clone(),
+                    shard_count: 1,
+                    split_map: None,
+                },
+            ],
+            replication_factor: 1,
+            default_retention_seconds: 0,
+            require_lawful_basis: false,
+            require_purpose: false,
+        };
+        cmds.push(MetaCommand::CreateCollection {
+            spec,
+            replicas: [((uk.clone(), 0), vec![1]), ((us.clone(), 0), vec![3])].into(),
+        });
+        for c in cmds {
+            s.apply(c).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn a_state_written_before_meta_levels_reads_as_the_base_level_and_writes_back_the_same() {
+        let old = include_bytes!("../tests/fixtures/meta-format3.snap");
+        let p = decode_file(old).unwrap();
+        assert_eq!(p.snapshot_id, "9-abc");
+        assert_eq!(p.state, fixture_state());
+        assert!(p.state.ext.is_base());
+        // Unchanged, it is written as that build wrote it: a build before
+        // levels, still in the cluster, reads it.
+        assert_eq!(&encode_file(&p).unwrap()[..], &old[..]);
+        assert_eq!(
+            encode_meta(&p.state).unwrap(),
+            include_bytes!("../tests/fixtures/meta-state3.bin").to_vec()
+        );
+    }
+
+    #[test]
+    fn a_state_above_the_base_level_is_format_4_and_keeps_its_rates() {
+        let mut s = fixture_state();
+        s.apply(MetaCommand::SetMetaLevel { level: META_LEVEL }).unwrap();
+        let rate = KeyRate { per_second: 5, burst: 10 };
+        s.apply(MetaCommand::SetKeyRate {
+            id: "uk-reader".into(),
+            rate: Some(rate),
+        })
+        .unwrap();
+        let p = Persisted {
+            state: s.clone(),
+            ..Default::default()
+        };
+        let bytes = encode_file(&p).unwrap();
+        assert_eq!(u32::from_be_bytes(bytes[8..12].try_into().unwrap()), META_FORMAT);
+        let back = decode_file(&bytes).unwrap();
+        assert_eq!(back.state, s);
+        assert_eq!(back.state.ext.key_rates["uk-reader"], rate);
+        let sent = encode_meta(&s).unwrap();
+        assert_eq!(decode_meta(&sent).unwrap(), s);
+        // What a build before levels makes of it (it decodes MetaState
+        // alone): the same state without the level's record.
+        let old_view: MetaState = postcard::from_bytes(&sent).unwrap();
+        assert_eq!(old_view, fixture_state());
+    }
 
     #[test]
     fn snapshot_files_are_checked_whole_and_name_their_version() {

@@ -24,6 +24,8 @@ pub enum ErrorCode {
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// When to try again (a rate limit): sent as the `retry-after-ms` header.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl fmt::Display for ApiError {
@@ -37,6 +39,7 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -61,6 +64,11 @@ impl ApiError {
         Self::new(ErrorCode::Internal, message)
     }
     /// Prefixes the message with where in the request the problem is, e.g. `points[3]`.
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+
     pub fn at(mut self, field: &str) -> Self {
         self.message = format!("{field}: {}", self.message);
         self

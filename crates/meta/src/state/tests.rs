@@ -864,3 +864,73 @@ mod split {
         assert_eq!(s, before);
     }
 }
+
+#[test]
+fn key_rates_need_meta_level_2_and_go_with_their_key() {
+    use crate::keys::{ApiKeyRecord, KeyRate, Scopes, hash_secret};
+    let key = |id: &str| ApiKeyRecord {
+        id: id.into(),
+        sha256: hash_secret("s"),
+        scopes: Scopes::all(),
+        created_ms: 1,
+    };
+    let rate = KeyRate { per_second: 10, burst: 20 };
+    let mut s = cluster();
+    assert_eq!(s.ext.level, BASE_LEVEL);
+    s.apply(MetaCommand::AddApiKey(key("a"))).unwrap();
+    // Below level 2 nothing about rates applies, and nothing changes.
+    let before = s.clone();
+    let e = s
+        .apply(MetaCommand::SetKeyRate {
+            id: "a".into(),
+            rate: Some(rate),
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("needs meta level 2"), "{e}");
+    assert!(s.apply(MetaCommand::AddRatedKey { key: key("b"), rate }).is_err());
+    assert_eq!(s, before);
+    // A level above this build's is refused; the level never goes down.
+    assert!(s.apply(MetaCommand::SetMetaLevel { level: META_LEVEL + 1 }).is_err());
+    s.apply(MetaCommand::SetMetaLevel { level: 2 }).unwrap();
+    s.apply(MetaCommand::SetMetaLevel { level: 1 }).unwrap();
+    assert_eq!(s.ext.level, 2);
+    // A bad rate or an unknown key is refused whole.
+    let zero = KeyRate { per_second: 0, burst: 1 };
+    assert!(
+        s.apply(MetaCommand::SetKeyRate {
+            id: "a".into(),
+            rate: Some(zero)
+        })
+        .is_err()
+    );
+    assert!(s.apply(MetaCommand::AddRatedKey { key: key("b"), rate: zero }).is_err());
+    assert!(!s.api_keys.contains_key("b"));
+    assert_eq!(
+        s.apply(MetaCommand::SetKeyRate {
+            id: "nobody".into(),
+            rate: Some(rate)
+        }),
+        Err(Refused::UnknownKey("nobody".into()))
+    );
+    s.apply(MetaCommand::SetKeyRate {
+        id: "a".into(),
+        rate: Some(rate),
+    })
+    .unwrap();
+    s.apply(MetaCommand::AddRatedKey { key: key("b"), rate }).unwrap();
+    assert_eq!(s.ext.key_rates.len(), 2);
+    assert!(s.apply(MetaCommand::AddRatedKey { key: key("b"), rate }).is_err());
+    // A heartbeat-only comparison sees a rate change.
+    let mut t = s.clone();
+    t.apply(MetaCommand::SetKeyRate {
+        id: "a".into(),
+        rate: None,
+    })
+    .unwrap();
+    assert!(!s.same_but_progress(&t));
+    // Revoking a key drops its rate: a new key of that id starts without it.
+    s.apply(MetaCommand::RevokeApiKey { id: "b".into() }).unwrap();
+    assert!(!s.ext.key_rates.contains_key("b"));
+    s.apply(MetaCommand::AddApiKey(key("b"))).unwrap();
+    assert!(!s.ext.key_rates.contains_key("b"));
+}

@@ -6,7 +6,7 @@ use super::{audited, observe};
 use crate::audit::Note;
 use crate::state::NodeState;
 use sovra_meta::MetaCommand;
-use sovra_meta::keys::{ApiKeyRecord, Regions, Scopes, format_key, hash_secret, valid_key_id};
+use sovra_meta::keys::{ApiKeyRecord, KeyRate, Regions, Scopes, format_key, hash_secret, valid_key_id};
 use sovra_meta::state::RegionPolicy;
 use sovra_proto::v1::{self, admin_server::Admin};
 use sovra_types::{ApiError, CollectionName, RegionId, quote};
@@ -90,6 +90,48 @@ fn scopes_to(s: &Scopes) -> v1::KeyScopes {
     }
 }
 
+/// A key's rate from the request (`None`: no rate), INVALID_ARGUMENT when
+/// out of bounds; a burst of 0 is the rate itself.
+fn rate_from(r: Option<v1::KeyRate>, field: &str) -> Result<Option<KeyRate>, ApiError> {
+    let Some(r) = r else { return Ok(None) };
+    let rate = KeyRate {
+        per_second: r.per_second,
+        burst: if r.burst == 0 { r.per_second } else { r.burst },
+    };
+    rate.check().map_err(|why| ApiError::invalid(format!("{field}: {why}")))?;
+    Ok(Some(rate))
+}
+
+fn rate_to(r: Option<&KeyRate>) -> Option<v1::KeyRate> {
+    r.map(|r| v1::KeyRate {
+        per_second: r.per_second,
+        burst: r.burst,
+    })
+}
+
+/// FAILED_PRECONDITION unless the cluster's meta level is at least `level`.
+/// Checked before proposing: a command of a higher level would stop a
+/// replica of an older build at the entry it cannot decode. The view's
+/// level never runs ahead of the committed one, so this never lets one by.
+fn need_level(state: &NodeState, level: u32, what: &str) -> Result<(), ApiError> {
+    let have = state.view().state.ext.level;
+    if have >= level {
+        return Ok(());
+    }
+    Err(ApiError::precondition(format!(
+        "{what} needs meta level {level}, and the cluster is at level {have}: some registered node runs an older build (or is down). The level rises by itself once every registered node runs this build; ClusterStatus shows it"
+    )))
+}
+
+fn key_to(k: &ApiKeyRecord, state: &sovra_meta::MetaState) -> v1::ApiKey {
+    v1::ApiKey {
+        id: k.id.clone(),
+        scopes: Some(scopes_to(&k.scopes)),
+        created_ms: k.created_ms,
+        rate: rate_to(state.ext.key_rates.get(&k.id)),
+    }
+}
+
 fn policy_to(region: &RegionId, p: &RegionPolicy) -> v1::RegionPolicy {
     v1::RegionPolicy {
         region: region.to_string(),
@@ -116,6 +158,7 @@ impl Admin for AdminService {
                 req.scopes
                     .ok_or_else(|| ApiError::invalid("scopes is missing: say what the key may do"))?,
             )?;
+            let rate = rate_from(req.rate, "rate")?;
             note.target(&req.id);
             let secret = crate::cluster::new_secret();
             let rec = ApiKeyRecord {
@@ -124,17 +167,54 @@ impl Admin for AdminService {
                 scopes: scopes.clone(),
                 created_ms: crate::cluster::now_ms(),
             };
-            let index = self
-                .state
-                .meta_change(MetaCommand::AddApiKey(rec), &format!("create key {}", req.id))
-                .await?;
+            // One command either way: a key is never left without the rate
+            // it was asked with.
+            let cmd = match rate {
+                None => MetaCommand::AddApiKey(rec),
+                Some(rate) => {
+                    need_level(&self.state, 2, "a key with a rate")?;
+                    MetaCommand::AddRatedKey { key: rec, rate }
+                }
+            };
+            let index = self.state.meta_change(cmd, &format!("create key {}", req.id)).await?;
             self.state.caught_up(index).await?;
             tracing::info!(key = %req.id, by = ?caller.key, "API key created");
             Ok(v1::CreateKeyResponse {
                 key: format_key(&req.id, &secret),
                 id: req.id,
                 scopes: Some(scopes_to(&scopes)),
+                rate: rate_to(rate.as_ref()),
             })
+        })
+        .await
+    }
+
+    async fn set_key_rate(&self, req: Request<v1::SetKeyRateRequest>) -> Result<Response<v1::ApiKey>, Status> {
+        let note = Note::new("set_key_rate", req.metadata());
+        audited(&self.state, "set_key_rate", &note, async {
+            let caller = self.state.authenticate(req.metadata()).await?;
+            note.caller(&caller)?;
+            caller.require_admin("SetKeyRate")?;
+            let req = req.into_inner();
+            note.target(&req.id);
+            let rate = rate_from(req.rate, "rate")?;
+            need_level(&self.state, 2, "a key's rate")?;
+            let index = self
+                .state
+                .meta_change(
+                    MetaCommand::SetKeyRate { id: req.id.clone(), rate },
+                    &format!("set the rate of key {}", quote(&req.id)),
+                )
+                .await?;
+            self.state.caught_up(index).await?;
+            tracing::info!(key = %req.id, ?rate, by = ?caller.key, "API key rate set");
+            let view = self.state.view();
+            let k = view
+                .state
+                .api_keys
+                .get(&req.id)
+                .ok_or_else(|| ApiError::not_found(format!("API key {} was revoked meanwhile", quote(&req.id))))?;
+            Ok(key_to(k, &view.state))
         })
         .await
     }
@@ -146,19 +226,9 @@ impl Admin for AdminService {
             note.caller(&caller)?;
             caller.require_admin("ListKeys")?;
             self.state.refresh_view().await;
+            let view = self.state.view();
             Ok(v1::ListKeysResponse {
-                keys: self
-                    .state
-                    .view()
-                    .state
-                    .api_keys
-                    .values()
-                    .map(|k| v1::ApiKey {
-                        id: k.id.clone(),
-                        scopes: Some(scopes_to(&k.scopes)),
-                        created_ms: k.created_ms,
-                    })
-                    .collect(),
+                keys: view.state.api_keys.values().map(|k| key_to(k, &view.state)).collect(),
             })
         })
         .await
@@ -290,6 +360,7 @@ impl Admin for AdminService {
                 meta_leader: self.state.host.meta().and_then(|m| m.leader()).unwrap_or(0),
                 map_version: view.state.map_version,
                 meta_index: view.index,
+                meta_level: view.state.ext.level,
             })
         })
         .await
