@@ -158,6 +158,40 @@ async fn a_cluster_over_mutual_tls_serves_refuses_strangers_and_impostors_and_ta
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Node 4 (a uk certificate) registering itself in us, or registering
+    // node 5: refused, and meta records neither.
+    let register = |id: u64, region: &str| pb::ProposeRequest {
+        group: Some(pb::GroupId {
+            kind: pb::GroupKind::Meta as i32,
+            ..Default::default()
+        }),
+        from: 4,
+        command: postcard::to_allocvec(&sovra_meta::MetaCommand::RegisterNode(sovra_meta::NodeRecord {
+            id,
+            region: sovra_types::RegionId::parse(region).unwrap(),
+            zone: "z".into(),
+            roles: Default::default(),
+            cluster_addr: "127.0.0.1:1".into(),
+            public_addr: "127.0.0.1:2".into(),
+            status: sovra_meta::NodeStatus::Up,
+            last_heartbeat_ms: 0,
+            incarnation: 1,
+        }))
+        .unwrap(),
+    };
+    for (id, region, says) in [(4, "us", "says it is in region us"), (5, UK, "may register only itself")] {
+        let e = member
+            .client_at(&cluster, 0)
+            .unwrap()
+            .propose(register(id, region))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains(says), "{}", e.message());
+    }
+    let view = nodes[0].node().state.view();
+    assert!(!view.state.nodes.contains_key(&4) && !view.state.nodes.contains_key(&5));
+
     // A node started with another node's certificate does not start.
     let d5 = tempfile::tempdir().unwrap();
     let mut c5 = NodeConfig::local(5, UK, d5.path().to_path_buf());

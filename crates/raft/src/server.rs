@@ -121,12 +121,31 @@ impl RaftService {
     /// here (it believes this node leads; never forwarded again, so no loops);
     /// any other cluster node (a data node registering or heart-beating) has it
     /// passed on to the leader.
-    async fn propose_meta(&self, r: pb::ProposeRequest) -> Result<Response<pb::ProposeReply>, Status> {
+    async fn propose_meta(
+        &self,
+        r: pb::ProposeRequest,
+        certs: Option<&[tokio_rustls::rustls::pki_types::CertificateDer<'static>]>,
+    ) -> Result<Response<pb::ProposeReply>, Status> {
         let m = self
             .host
             .meta()
             .ok_or_else(|| Status::not_found(format!("node {} runs no meta replica", self.host.me)))?;
         let cmd: sovra_meta::MetaCommand = decode(&r.command)?;
+        // A node registers itself, in the region its certificate names (the
+        // region its data is pinned to, R1): a valid certificate for one
+        // region must not be able to put a record of another in meta. A
+        // meta member may pass on another node's registration (forwarding).
+        if let sovra_meta::MetaCommand::RegisterNode(n) = &cmd {
+            if n.id != r.from && !m.admits(r.from) {
+                return Err(Status::permission_denied(format!(
+                    "node {} may register only itself, not node {}",
+                    r.from, n.id
+                )));
+            }
+            if n.id == r.from {
+                crate::tls::speaker_in(certs, n.id, n.region.as_str(), self.host.tls_on)?;
+            }
+        }
         let (index, response) = if m.admits(r.from) {
             self.host.propose_in(&m, cmd).await?
         } else {
@@ -340,9 +359,10 @@ impl RaftRpc for RaftService {
     }
 
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+        let certs = req.peer_certs();
         let r = self.proven_sender(req)?;
         if is_meta(&r.group) {
-            return self.propose_meta(r).await;
+            return self.propose_meta(r, certs.as_deref().map(|c| c.as_slice())).await;
         }
         if is_audit(&r.group) {
             return self.propose_audit(r).await;

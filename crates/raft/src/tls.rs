@@ -172,6 +172,22 @@ pub fn speaker_is(certs: Option<&[CertificateDer<'static>]>, from: NodeId, tls: 
     }
 }
 
+/// Over mutual TLS, refuses unless the connection's certificate names node
+/// `id` in `region` (`node-<id>.<region>.sovra`): what a node says about its
+/// own region must be what its certificate says.
+pub fn speaker_in(certs: Option<&[CertificateDer<'static>]>, id: NodeId, region: &str, tls: bool) -> Result<(), tonic::Status> {
+    if !tls {
+        return Ok(());
+    }
+    match certs.and_then(|c| c.first()) {
+        Some(c) if cert_names(c, &node_region_name(id, region)) => Ok(()),
+        _ => Err(tonic::Status::permission_denied(format!(
+            "node {id} says it is in region {region}, but its certificate does not name {}: a node's region is the one its certificate was made for",
+            node_region_name(id, region)
+        ))),
+    }
+}
+
 impl TlsState {
     /// Reads and checks the files: the certificate must chain to the CA and
     /// name this node and its region, and the key must be the certificate's.
