@@ -14,7 +14,9 @@
 //! - **Leader duties** ([`leader_loop`]): the meta leader marks nodes that missed
 //!   heartbeats down, and keeps the voters (at most five, odd, spread over
 //!   regions then zones; `sovra_meta::voters`) and learners (other meta-role
-//!   nodes) of the meta group in line with the registered nodes.
+//!   nodes) of the meta group in line with the registered nodes. While the
+//!   cluster's meta level is below its build's, it asks every node the level
+//!   its build reads and raises the cluster's once all read it ([`level_loop`]).
 
 use crate::state::NodeState;
 use sovra_meta::{MetaCommand, MetaState, NodeRecord, NodeStatus, Roles};
@@ -348,6 +350,26 @@ async fn raise_level(state: &NodeState, view: &MetaState, said: &mut String) {
     }
 }
 
+/// On the meta leader, while the cluster's meta level is below this build's
+/// (an upgrade's window): [`raise_level`] every few seconds. A loop of its
+/// own, so a node that does not answer delays no other leader duty.
+pub async fn level_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let mut said = String::new();
+    loop {
+        if stopped(&mut stop, LEVEL_ASK_EVERY).await {
+            return;
+        }
+        let Some(m) = state.host.meta() else { continue };
+        if m.leader() != Some(state.config.node_id) || m.sm.read(|s| s.ext.level) >= state.meta_level() {
+            continue;
+        }
+        let view = m.sm.state();
+        if view.nodes.contains_key(&state.config.node_id) {
+            raise_level(&state, &view, &mut said).await;
+        }
+    }
+}
+
 /// Announce and register until meta records this incarnation; then heartbeat.
 pub async fn membership_loop(state: Arc<NodeState>, grpc: String, cluster: String, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.heartbeat_ms);
@@ -526,8 +548,6 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
     let down_after = state.config.down_after_ms;
     // The term this node leads in, and since when.
     let mut led_since: Option<(u64, std::time::Instant)> = None;
-    let mut level_said = String::new();
-    let mut level_asked: Option<std::time::Instant> = None;
     loop {
         if stopped(&mut stop, Duration::from_millis(state.config.heartbeat_ms)).await {
             return;
@@ -558,12 +578,6 @@ pub async fn leader_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>)
         // node (this one): voters chosen from it could drop the only voter.
         if !view.nodes.contains_key(&state.config.node_id) {
             continue;
-        }
-        // Asked every few seconds while below this build's level (an
-        // upgrade's window), not on every tick.
-        if view.ext.level < state.meta_level() && level_asked.is_none_or(|t| t.elapsed() >= LEVEL_ASK_EVERY) {
-            level_asked = Some(std::time::Instant::now());
-            raise_level(&state, &view, &mut level_said).await;
         }
         for id in view.overdue(now_ms(), down_after) {
             if id == state.config.node_id || !settled {

@@ -213,7 +213,8 @@ pub async fn start_with_faults(config: NodeConfig, faults: Faults) -> anyhow::Re
         stop_rx.clone(),
     )));
     if state.config.has_role("meta") {
-        tasks.push(tokio::spawn(crate::cluster::leader_loop(state.clone(), stop_rx)));
+        tasks.push(tokio::spawn(crate::cluster::leader_loop(state.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(crate::cluster::level_loop(state.clone(), stop_rx)));
     }
     Ok(RunningNode {
         grpc_addr,
