@@ -48,11 +48,10 @@ async fn call(c: &sovra_tests::Clients) -> Result<(), tonic::Status> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_keys_rate_holds_on_every_node_and_can_be_changed_or_cleared() {
     let mut nodes = TestNode::start_cluster(&[(1, "uk"), (2, "uk")]).await;
-    // A new cluster starts at this build's level.
-    eventually("meta level 2", Duration::from_secs(20), async || {
-        (meta_level(&nodes[0]).await == 2).then_some(())
-    })
-    .await;
+    // A new cluster is at this build's level as soon as it serves.
+    for n in &nodes {
+        assert_eq!(meta_level(n).await, 2);
+    }
 
     // Bad rates are refused whole: no key is left behind.
     for (bad, what) in [
@@ -176,7 +175,7 @@ async fn a_keys_rate_holds_on_every_node_and_can_be_changed_or_cleared() {
 async fn key_rates_wait_until_every_registered_node_reads_meta_level_2() {
     // A cluster of a build before levels, stood in for by nodes that say
     // their build reads level 1 only.
-    let nodes = TestNode::start_cluster_with(&[(1, "uk"), (2, "uk"), (3, "uk")], |c| c.claim_meta_level = Some(1)).await;
+    let mut nodes = TestNode::start_cluster_with(&[(1, "uk"), (2, "uk"), (3, "uk"), (4, "uk")], |c| c.claim_meta_level = Some(1)).await;
     assert_eq!(meta_level(&nodes[0]).await, 1);
     let refused_below = async |n: &TestNode| {
         let e = n
@@ -194,29 +193,40 @@ async fn key_rates_wait_until_every_registered_node_reads_meta_level_2() {
     };
     refused_below(&nodes[0]).await;
     // Keys without a rate are made as before.
-    let mut nodes = nodes;
     nodes[0].make_key("plain", reader()).await;
+    // The level stays where it is for `secs` (the leader asks every 3 s).
+    let held = async |n: &TestNode, secs: u64, why: &str| {
+        let until = std::time::Instant::now() + Duration::from_secs(secs);
+        while std::time::Instant::now() < until {
+            assert_eq!(meta_level(n).await, 1, "the level rose while {why}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
 
-    // Two of three upgraded: node 3 still holds the level back.
+    // Three of four upgraded: node 4, up on the old build, holds it back.
+    let old = nodes.pop().unwrap();
     let mut upgraded = Vec::new();
-    for n in nodes.drain(..2) {
+    for n in nodes.drain(..) {
         upgraded.push(n.restart_with(|c| c.claim_meta_level = None).await);
     }
-    let old = nodes.pop().unwrap();
-    // The leader asks every few seconds; give it several rounds.
-    let until = std::time::Instant::now() + Duration::from_secs(8);
-    while std::time::Instant::now() < until {
-        assert_eq!(meta_level(&upgraded[0]).await, 1, "the level rose while node 3 reads level 1 only");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    held(&upgraded[0], 8, "node 4 reads level 1 only").await;
     refused_below(&upgraded[1]).await;
 
-    // The last one upgraded: the level rises by itself, and rates work.
-    let _new = old.restart_with(|c| c.claim_meta_level = None).await;
-    eventually("meta level 2", Duration::from_secs(30), async || {
+    // Node 4 stops: silent, it still holds the level (it may come back on
+    // the old build) until an SRE drains it.
+    let old_dir = old.stop().await;
+    held(&upgraded[0], 6, "node 4 was silent but not drained").await;
+    upgraded[0]
+        .admin
+        .drain_node(v1::DrainNodeRequest { node: 4, concurrency: 0 })
+        .await
+        .unwrap();
+    eventually("meta level 2", Duration::from_secs(40), async || {
         (meta_level(&upgraded[0]).await == 2).then_some(())
     })
     .await;
+    drop(old_dir);
+
     // A build that reads level 1 only is refused the metadata now, rather
     // than drop the rates it cannot read unnoticed.
     let old_build = sovra_raft::network::Peers::new(
@@ -238,6 +248,7 @@ async fn key_rates_wait_until_every_registered_node_reads_meta_level_2() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("reads level 1 only"), "{}", e.message());
+
     let made = upgraded[0]
         .admin
         .create_key(v1::CreateKeyRequest {
@@ -258,4 +269,5 @@ async fn key_rates_wait_until_every_registered_node_reads_meta_level_2() {
         .into_inner()
         .keys;
     assert!(keys.iter().any(|k| k.id == "plain" && k.rate.is_none()));
+    assert!(keys.iter().any(|k| k.id == "rated" && k.rate == rate(5, 5)));
 }

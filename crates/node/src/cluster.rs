@@ -279,25 +279,35 @@ async fn first_admin_key(state: &NodeState) {
 
 /// The bootstrap node of a new cluster (its meta replica holds no node yet)
 /// starts it at this build's meta level: nobody runs an older build in a
-/// cluster that has no node. Best effort: without it the leader raises the
-/// level once every node answers for it ([`raise_level`]).
-async fn first_level(state: &NodeState) {
-    let Some(m) = state.host.meta() else { return };
-    let fresh = state.config.bootstrap && m.sm.read(|s| s.nodes.is_empty() && s.ext.level < state.meta_level());
-    if !fresh {
-        return;
+/// cluster that has no node. Until then it refuses other nodes'
+/// registrations (`registrations_held`) and does not register itself (this
+/// answers false), so no view that holds a node is below the level and a new
+/// cluster takes rated keys as soon as it serves.
+async fn first_level(state: &NodeState) -> bool {
+    use std::sync::atomic::Ordering;
+    if !state.host.registrations_held.load(Ordering::Acquire) {
+        return true;
     }
-    match state.host.meta_write(MetaCommand::SetMetaLevel { level: state.meta_level() }).await {
-        Ok(_) => tracing::info!(level = state.meta_level(), "a new cluster: meta level set"),
-        Err(e) => tracing::debug!(error = %e.message, "meta level not set yet"),
+    let Some(m) = state.host.meta() else { return false };
+    let fresh = m.sm.read(|s| s.nodes.is_empty() && s.ext.level < state.meta_level());
+    if fresh {
+        match state.host.meta_write(MetaCommand::SetMetaLevel { level: state.meta_level() }).await {
+            Ok(_) => tracing::info!(level = state.meta_level(), "a new cluster: meta level set"),
+            Err(e) => {
+                tracing::debug!(error = %e.message, "meta level not set yet; retrying");
+                return false;
+            }
+        }
     }
+    state.host.registrations_held.store(false, Ordering::Release);
+    true
 }
 
 /// On the meta leader, while the cluster's meta level is below this build's:
 /// asks every registered node which level its build reads, and raises the
 /// level when all of them read this build's. A node that does not answer
-/// (down, or unreachable) holds it back: it might run an older build, which
-/// would stop at the first entry of the new level.
+/// (down, or unreachable) holds it back, unless it is drained: it might run
+/// an older build, which would stop at the first entry of the new level.
 async fn raise_level(state: &NodeState, view: &MetaState, said: &mut String) {
     let want = state.meta_level();
     if view.ext.level >= want {
@@ -328,8 +338,16 @@ async fn raise_level(state: &NodeState, view: &MetaState, said: &mut String) {
                 behind = Some(format!("node {} runs a build of meta level {l}", n.id));
                 break;
             }
+            // A drained node that does not answer holds nothing and is
+            // gone: it does not hold the level back (an SRE drains a dead
+            // node to let it rise). Should it come back on an older build,
+            // it stops at what it cannot read, having nothing to lose.
+            Err(_) if view.ops.drained.contains(&n.id) => {}
             Err(e) => {
-                behind = Some(format!("node {} did not say its meta level ({e})", n.id));
+                behind = Some(format!(
+                    "node {} did not say its meta level ({e}); if it is gone for good, drain it",
+                    n.id
+                ));
                 break;
             }
         }
@@ -411,7 +429,12 @@ pub async fn membership_loop(state: Arc<NodeState>, grpc: String, cluster: Strin
                 tracing::debug!(seed = %t, error = %e, "announce failed");
             }
         }
-        first_level(&state).await;
+        if !first_level(&state).await {
+            if stopped(&mut stop, Duration::from_millis(100)).await {
+                return;
+            }
+            continue;
+        }
         match meta_write(&state, MetaCommand::RegisterNode(me.clone())).await {
             Ok((index, Ok(_))) => {
                 tracing::info!(node = me.id, index, "registered with the cluster");

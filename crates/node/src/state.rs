@@ -268,6 +268,10 @@ impl NodeState {
         };
         let region = config.region_id();
         let host = RaftHost::new(config.node_id, region.clone(), book, faults, config.raft.settings(), secret, tls);
+        // Until the bootstrap node has settled the meta level of a new
+        // cluster (`cluster::first_level`), before its servers take anything.
+        host.registrations_held
+            .store(config.bootstrap && config.has_role("meta"), std::sync::atomic::Ordering::Release);
         let index = view.index;
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

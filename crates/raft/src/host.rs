@@ -300,6 +300,10 @@ pub struct RaftHost {
     restarts: AtomicU64,
     /// Cluster messages for another region's shards refused here (R2).
     pub residency_refused: AtomicU64,
+    /// Other nodes' registrations are refused (UNAVAILABLE, retried) while
+    /// set: the bootstrap node of a new cluster sets the meta level first,
+    /// so no view that holds a node is below it.
+    pub registrations_held: std::sync::atomic::AtomicBool,
 }
 
 impl RaftHost {
@@ -332,6 +336,7 @@ impl RaftHost {
             region_nodes: RwLock::new(BTreeSet::new()),
             restarts: AtomicU64::new(0),
             residency_refused: AtomicU64::new(0),
+            registrations_held: Default::default(),
         })
     }
 

@@ -136,6 +136,12 @@ impl RaftService {
         // region must not be able to put a record of another in meta. A
         // meta member may pass on another node's registration (forwarding).
         if let sovra_meta::MetaCommand::RegisterNode(n) = &cmd {
+            if self.host.registrations_held.load(Ordering::Acquire) {
+                return Err(Status::unavailable(format!(
+                    "node {} is starting a new cluster and takes registrations in a moment: retry",
+                    self.host.me
+                )));
+            }
             if n.id != r.from && !m.admits(r.from) {
                 return Err(Status::permission_denied(format!(
                     "node {} may register only itself, not node {}",

@@ -285,7 +285,14 @@ async fn reads_any_waits_for_min_index_and_linearizable_sees_every_ack() {
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Unavailable);
-    assert!(err.message.contains(&format!("below the {}", ack3.index)), "{}", err.message);
+    // Refused for what it lacks: the index, while its read lease holds; or,
+    // once the lease has run out (2 s, which a busy machine may spend by
+    // here), a leader to renew it.
+    assert!(
+        err.message.contains(&format!("below the {}", ack3.index)) || err.message.contains("cannot confirm it is current"),
+        "{}",
+        err.message
+    );
     let err = c
         .node(follower)
         .host
