@@ -105,3 +105,41 @@ fn damaged_truncated_and_foreign_files_are_refused() {
         assert!(matches!(err, IndexFileError::Mismatch(_)), "{err}");
     }
 }
+
+/// The seed `fuzz/run` gives the `index_file` target (`fuzz/seeds/index_file/`):
+/// a real file, so libFuzzer starts past the magic and version checks. It
+/// must load with the target's parameters (8-d, one-minus-dot, as the
+/// magic's odd first byte picks there). After a format change,
+/// `SOVRA_WRITE_FUZZ_SEEDS=1 cargo test -p sovra-index --test file fuzz_seed`
+/// writes it again.
+#[test]
+fn the_fuzz_seed_is_an_index_file_this_build_loads() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/index_file/small.idx");
+    let cfg = GraphConfig {
+        m: 8,
+        ef_construction: 32,
+        seed: 7,
+    };
+    if std::env::var_os("SOVRA_WRITE_FUZZ_SEEDS").is_some() {
+        let g = SovraIndex::new(8, Space::OneMinusDot, &cfg, None);
+        let data: Vec<Vec<f32>> = random(24, 8, 5)
+            .into_iter()
+            .map(|v| {
+                let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                v.into_iter().map(|x| x / n).collect()
+            })
+            .collect();
+        g.add_batch(&data.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // One dead slot, saved without its vector: that path too.
+        g.save(&path, b"seed", &|slot| slot != 3).unwrap();
+    }
+    let (index, meta) = load(&path, 8, Space::OneMinusDot, &cfg, None).unwrap_or_else(|e| {
+        panic!(
+            "{} does not load ({e}); write it again with SOVRA_WRITE_FUZZ_SEEDS=1",
+            path.display()
+        )
+    });
+    assert_eq!(meta, b"seed");
+    assert!((23..=24).contains(&index.len()), "{}", index.len());
+}

@@ -78,23 +78,12 @@ pub fn index(args: IndexBenchArgs) -> anyhow::Result<()> {
     let queries = read_fvecs(&args.queries).with_context(|| format!("reading {}", args.queries.display()))?;
     let dim = base.first().context("base is empty")?.len();
     let spec = CollectionSpec {
-        name: CollectionName::parse("bench")?,
-        dimension: dim as u32,
-        metric,
         hnsw: HnswParams {
             m: args.m,
             ef_construction: args.ef_construction,
             ef_search: 64,
         },
-        regions: vec![RegionShards {
-            region: RegionId::parse("bench")?,
-            shard_count: 1,
-            split_map: None,
-        }],
-        replication_factor: 1,
-        default_retention_seconds: 0,
-        require_lawful_basis: false,
-        require_purpose: false,
+        ..CollectionSpec::single_region(CollectionName::parse("bench")?, dim as u32, metric, RegionId::parse("bench")?)
     };
     spec.validate()?;
     let queries: Vec<Vec<f32>> = queries

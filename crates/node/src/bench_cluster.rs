@@ -12,7 +12,7 @@ use crate::dev::keyed;
 use sovra_index::synth::{MixtureSpec, gaussian_mixture};
 use sovra_proto::v1;
 use sovra_shard::{CacheBudget, ReplicaStore, SearchParams, ShardEngine};
-use sovra_types::{CollectionName, HnswParams, Metric, PointId, PointRecord, RegionId, RegionShards, ShardCommand, ShardId};
+use sovra_types::{CollectionName, Metric, PointId, PointRecord, RegionId, ShardCommand, ShardId};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -296,21 +296,7 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<()> {
 
     // The same points in one engine, searched in this process.
     let dir = tempfile::tempdir()?;
-    let spec = sovra_types::CollectionSpec {
-        name: CollectionName::parse("bench")?,
-        dimension: dim as u32,
-        metric: Metric::L2,
-        hnsw: HnswParams::default(),
-        regions: vec![RegionShards {
-            region: RegionId::parse("uk")?,
-            shard_count: 1,
-            split_map: None,
-        }],
-        replication_factor: 1,
-        default_retention_seconds: 0,
-        require_lawful_basis: false,
-        require_purpose: false,
-    };
+    let spec = sovra_types::CollectionSpec::single_region(CollectionName::parse("bench")?, dim as u32, Metric::L2, RegionId::parse("uk")?);
     let replica = ReplicaStore::open(&dir.path().join("one"), &CacheBudget::new(512 << 20, 1))?;
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build()?);
     let id = ShardId {

@@ -36,21 +36,12 @@ pub fn startup(args: StartupBenchArgs) -> anyhow::Result<()> {
     }
     let dim = base.first().context("base is empty")?.len();
     let region = RegionId::parse("eu-west")?;
-    let spec = Arc::new(CollectionSpec {
-        name: CollectionName::parse("bench")?,
-        dimension: dim as u32,
+    let spec = Arc::new(CollectionSpec::single_region(
+        CollectionName::parse("bench")?,
+        dim as u32,
         metric,
-        hnsw: HnswParams::default(),
-        regions: vec![RegionShards {
-            region: region.clone(),
-            shard_count: 1,
-            split_map: None,
-        }],
-        replication_factor: 1,
-        default_retention_seconds: 0,
-        require_lawful_basis: false,
-        require_purpose: false,
-    });
+        region.clone(),
+    ));
     spec.validate()?;
     let id = ShardId {
         collection: spec.name.clone(),

@@ -360,3 +360,60 @@ impl AsyncSeek for SnapshotFile {
         Pin::new(&mut self.file).poll_complete(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seed `fuzz/run` gives the `snapshot_file` target
+    /// (`fuzz/seeds/snapshot_file/`): a real snapshot of three points, so
+    /// libFuzzer starts past the magic, version and header. After a format
+    /// change, `SOVRA_WRITE_FUZZ_SEEDS=1 cargo test -p sovra-raft --lib
+    /// fuzz_seed` writes it again.
+    #[test]
+    fn the_fuzz_seed_is_a_snapshot_this_build_reads() {
+        use sovra_types::{CollectionName, LawfulBasis, Metric, PointId};
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/snapshot_file/three-points.snap");
+        let uk = RegionId::parse("uk").unwrap();
+        if std::env::var_os("SOVRA_WRITE_FUZZ_SEEDS").is_some() {
+            let spec = CollectionSpec::single_region(CollectionName::parse("people").unwrap(), 4, Metric::L2, uk.clone());
+            let header = SnapshotHeader {
+                shard: ShardId {
+                    collection: spec.name.clone(),
+                    region: uk.clone(),
+                    number: 0,
+                },
+                snapshot_id: "seed".into(),
+                last_log_id: None,
+                membership: Default::default(),
+                spec,
+                rejections: Default::default(),
+                suppression: Default::default(),
+            };
+            let points = (1..=3u64).map(|i| {
+                Ok::<_, std::convert::Infallible>(PointRecord {
+                    id: PointId::Num(i),
+                    region: uk.clone(),
+                    vector: vec![i as f32, 0.5, 0.25, 0.125],
+                    subject: format!("s{i}"),
+                    payload: Default::default(),
+                    lawful_basis: LawfulBasis::Consent,
+                    source: "seed".into(),
+                    expires_at_ms: 0,
+                    consent_at_ms: 0,
+                })
+            });
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            write(&path, &header, points).unwrap().unwrap();
+        }
+        let reader = Reader::open(&path).unwrap_or_else(|e| {
+            panic!(
+                "{} does not open ({e}); write it again with SOVRA_WRITE_FUZZ_SEEDS=1",
+                path.display()
+            )
+        });
+        let records: Vec<PointRecord> = reader.collect::<Result<_, _>>().unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2].subject, "s3");
+    }
+}

@@ -9,23 +9,12 @@ use std::sync::Arc;
 
 pub fn spec(name: &str, dim: u32, metric: Metric) -> CollectionSpec {
     CollectionSpec {
-        name: CollectionName::parse(name).unwrap(),
-        dimension: dim,
-        metric,
         hnsw: HnswParams {
             m: 16,
             ef_construction: 200,
             ef_search: 128,
         },
-        regions: vec![RegionShards {
-            region: RegionId::parse("eu").unwrap(),
-            shard_count: 1,
-            split_map: None,
-        }],
-        replication_factor: 1,
-        default_retention_seconds: 0,
-        require_lawful_basis: false,
-        require_purpose: false,
+        ..CollectionSpec::single_region(CollectionName::parse(name).unwrap(), dim, metric, RegionId::parse("eu").unwrap())
     }
 }
 

@@ -62,6 +62,27 @@ pub struct CollectionSpec {
 }
 
 impl CollectionSpec {
+    /// One shard in `region`, one replica, default HNSW parameters, no
+    /// retention and no requirements: what benches, seeds and tests start
+    /// from (set the fields that differ afterwards).
+    pub fn single_region(name: CollectionName, dimension: u32, metric: Metric, region: RegionId) -> Self {
+        Self {
+            name,
+            dimension,
+            metric,
+            hnsw: HnswParams::default(),
+            regions: vec![RegionShards {
+                region,
+                shard_count: 1,
+                split_map: None,
+            }],
+            replication_factor: 1,
+            default_retention_seconds: 0,
+            require_lawful_basis: false,
+            require_purpose: false,
+        }
+    }
+
     /// Checks every field against the documented ranges. Defaults (zeros) must
     /// already have been filled in by whoever built the spec.
     pub fn validate(&self) -> Result<(), ApiError> {
