@@ -10,7 +10,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// An endpoint for `addr` (host:port, or a URI): `https` checking the node's
 /// certificate against the CA in `ca` when given, else `http`.
 pub fn endpoint(addr: &str, ca: Option<&Path>) -> anyhow::Result<Endpoint> {
-    let host = addr.trim_start_matches("http://").trim_start_matches("https://");
+    let host = sovra_raft::network::host_of(addr);
     match ca {
         Some(ca) => {
             let pem = std::fs::read(ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;

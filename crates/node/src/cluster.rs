@@ -421,7 +421,7 @@ pub async fn membership_loop(state: Arc<NodeState>, grpc: String, cluster: Strin
         let mut targets: BTreeSet<String> = state.config.join.iter().cloned().collect();
         for (id, a) in meta_addresses(&state) {
             if id != 0 {
-                targets.insert(a.trim_start_matches("http://").to_string());
+                targets.insert(sovra_raft::network::host_of(&a).to_string());
             }
         }
         for t in &targets {

@@ -46,6 +46,13 @@ pub const MAX_APPEND_BYTES: usize = 1 << 20;
 pub struct AddressBook(Arc<RwLock<HashMap<NodeId, (String, u64)>>>);
 
 /// `addr` as a URI: `host:port` or a full `http://` URI.
+/// `addr` without its scheme (`http://` or `https://`), if it has one.
+pub fn host_of(addr: &str) -> &str {
+    addr.strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr)
+}
+
 pub fn uri_of(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
@@ -147,8 +154,7 @@ impl Peers {
         let Some(tls) = &self.tls else {
             return Endpoint::from_shared(uri_of(addr)).map_err(|_| NoAddress(to));
         };
-        let host = addr.trim_start_matches("http://").trim_start_matches("https://");
-        Endpoint::from_shared(format!("https://{host}"))
+        Endpoint::from_shared(format!("https://{}", host_of(addr)))
             .and_then(|e| e.tls_config(tls.client_tls(expect)))
             .map_err(|_| NoAddress(to))
     }
