@@ -4,7 +4,10 @@
 //! bootstrap node first and the others joining through it, and the
 //! nemesis's process faults: SIGKILL and restart on the same data, SIGSTOP
 //! and SIGCONT. Every node's output goes to a log file in the run's
-//! directory, kept when a run fails.
+//! directory, kept when a run fails. Every port but metrics is TLS, as in
+//! production: a throwaway CA per run signs each node's certificate (its
+//! identity, region and namespace address), and the harness's clients trust
+//! it ([`Cluster::ca`]).
 
 use crate::net::Net;
 use std::io::{BufRead, BufReader};
@@ -67,6 +70,17 @@ impl Cluster {
             "no sovra binary at {} (build it, or set SOVRA_BIN)",
             c.bin.display()
         );
+        let tls = c.dir.join("tls");
+        std::fs::create_dir_all(&tls)?;
+        let ca = sovra_node::certs::Ca::generate("sovra chaos CA", 2)?;
+        std::fs::write(c.ca(), &ca.cert_pem)?;
+        for (i, region) in regions.iter().enumerate() {
+            let host = i + 1;
+            let cert = ca.node(host as u64, region, &[c.net.addr(host)], 2)?;
+            let (cert_path, key_path) = sovra_node::certs::node_files(&tls, host as u64);
+            std::fs::write(cert_path, cert.cert_pem)?;
+            std::fs::write(key_path, cert.key_pem)?;
+        }
         for (i, region) in regions.iter().enumerate() {
             c.nodes.push(Node {
                 host: i + 1,
@@ -84,6 +98,11 @@ impl Cluster {
         Ok(c)
     }
 
+    /// The CA certificate the run's clients trust.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("tls").join("ca.pem")
+    }
+
     /// Node `host`'s public address.
     pub fn grpc(&self, host: usize) -> String {
         format!("{}:{GRPC_PORT}", self.net.addr(host))
@@ -92,14 +111,19 @@ impl Cluster {
     fn config(&self, host: usize) -> anyhow::Result<PathBuf> {
         let n = &self.nodes[host - 1];
         let addr = self.net.addr(host);
+        let (cert, key) = sovra_node::certs::node_files(&self.dir.join("tls"), host as u64);
         let mut text = format!(
             "node_id = {host}\nregion = \"{}\"\nzone = \"{}-z{host}\"\ndata_dir = \"{}\"\n\
              grpc_listen = \"{addr}:{GRPC_PORT}\"\ncluster_listen = \"{addr}:{CLUSTER_PORT}\"\n\
              metrics_listen = \"{addr}:{METRICS_PORT}\"\ncluster_secret = \"chaos-cluster-secret-0123456789\"\n\
-             heartbeat_ms = 200\ndown_after_ms = 5000\ntls = false\n",
+             heartbeat_ms = 200\ndown_after_ms = 5000\n\
+             tls = true\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n",
             n.region,
             n.region,
-            self.data_dir(host).display()
+            self.data_dir(host).display(),
+            cert.display(),
+            key.display(),
+            self.ca().display(),
         );
         if host == 1 {
             text.push_str("bootstrap = true\n");
@@ -218,6 +242,8 @@ impl Cluster {
             .arg("ctl")
             .args(args)
             .args(["--addr", &self.grpc(to), "--key", &self.admin_key])
+            .arg("--ca")
+            .arg(self.ca())
             .env("RUST_BACKTRACE", "0")
             .output()?;
         anyhow::ensure!(

@@ -14,7 +14,7 @@ use serde::Serialize;
 use sovra_proto::v1;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -197,16 +197,16 @@ where
 }
 
 async fn drive(cluster: Arc<Mutex<Cluster>>, o: Options) -> anyhow::Result<(Summary, Vec<Op>)> {
-    let (addrs, admin_key): (Vec<SocketAddr>, String) = {
+    let (addrs, admin_key, ca): (Vec<SocketAddr>, String, PathBuf) = {
         let c = cluster.lock().expect("not poisoned");
-        ((1..=HOSTS.len()).map(|h| addr(&c, h)).collect(), c.admin_key.clone())
+        ((1..=HOSTS.len()).map(|h| addr(&c, h)).collect(), c.admin_key.clone(), c.ca())
     };
     let mut summary = Summary {
         seed: o.seed,
         switch: o.switch.clone(),
         ..Default::default()
     };
-    let w = setup(&addrs, &admin_key, &o).await?;
+    let w = setup(&addrs, &ca, &admin_key, &o).await?;
     let w = Arc::new(w);
     let mut clients = Vec::new();
     for (r, _) in REGIONS.iter().enumerate() {
@@ -246,7 +246,7 @@ async fn drive(cluster: Arc<Mutex<Cluster>>, o: Options) -> anyhow::Result<(Summ
     ops.append(&mut nemesis.ops);
     let heal_at = w.clock.fetch_add(1, Ordering::SeqCst);
     let mut stuck = Vec::new();
-    if let Err(e) = all_up(&addrs, &admin_key).await {
+    if let Err(e) = all_up(&addrs, &ca, &admin_key).await {
         stuck.push(format!("{e:#}"));
     }
     if let Err(e) = jobs_end(&w, &addrs).await {
@@ -276,7 +276,7 @@ async fn drive(cluster: Arc<Mutex<Cluster>>, o: Options) -> anyhow::Result<(Summ
             }
         }
         for (j, h) in hosts.iter().enumerate() {
-            let mut c = Clients::new(addrs[h - 1], &w.admin_key, &w.scoped_keys[r]);
+            let mut c = Clients::new(addrs[h - 1], &w.ca, &w.admin_key, &w.scoped_keys[r]);
             let scoped = j % 2 == 1;
             let listed = workload::search(&w, &mut c, scoped, vec![5.0; 4], 1000, true);
             let call = workload::search_call(&w, r, scoped);
@@ -351,11 +351,11 @@ pub fn judge(summary: &mut Summary, ops: &[Op], finals: &BTreeMap<u64, Option<u6
 }
 
 /// Collections, policies and keys; returns once every shard has a leader.
-async fn setup(addrs: &[SocketAddr], admin_key: &str, o: &Options) -> anyhow::Result<Workload> {
-    let ch = sovra_node::dev::wait_serving(addrs[0], Duration::from_secs(60)).await?;
+async fn setup(addrs: &[SocketAddr], ca: &Path, admin_key: &str, o: &Options) -> anyhow::Result<Workload> {
+    let ch = sovra_node::dev::wait_serving_with(addrs[0], Some(ca), Duration::from_secs(60)).await?;
     let mut cols = v1::collections_client::CollectionsClient::new(sovra_node::dev::keyed(&ch, admin_key));
     let mut admin = v1::admin_client::AdminClient::new(sovra_node::dev::keyed(&ch, admin_key));
-    all_up(addrs, admin_key).await?;
+    all_up(addrs, ca, admin_key).await?;
     let spec = sovra_node::dev::spanning_spec(COLLECTION, 4, v1::Metric::L2, &REGIONS, 2, 3);
     cols.create_collection(v1::CreateCollectionRequest { collection: Some(spec) })
         .await?;
@@ -387,12 +387,12 @@ async fn setup(addrs: &[SocketAddr], admin_key: &str, o: &Options) -> anyhow::Re
     }
     // Every node serves, knows the collections, and every shard has a leader.
     for a in addrs {
-        sovra_node::dev::wait_serving(*a, Duration::from_secs(60)).await?;
+        sovra_node::dev::wait_serving_with(*a, Some(ca), Duration::from_secs(60)).await?;
     }
     until(Duration::from_secs(90), "a leader for every shard", || async {
         let mut led = BTreeSet::new();
         let mut all = BTreeSet::new();
-        for (_, name, s) in shard_views(addrs, admin_key, false).await? {
+        for (_, name, s) in shard_views(addrs, ca, admin_key, false).await? {
             all.insert((name, s.region.clone(), s.number));
             if s.held && s.leader != 0 {
                 led.insert((name, s.region.clone(), s.number));
@@ -410,6 +410,7 @@ async fn setup(addrs: &[SocketAddr], admin_key: &str, o: &Options) -> anyhow::Re
         seed: o.seed,
         admin_key: admin_key.into(),
         scoped_keys,
+        ca: ca.to_path_buf(),
         results_to: vec![vec!["us".into()], vec![]],
         canaries: (0..REGIONS.len()).map(|r| canary(o.seed, r)).collect(),
         clock: AtomicU64::new(0),
@@ -433,7 +434,7 @@ async fn final_read(
 ) -> Option<Op> {
     let mut i = 0;
     while i == 0 || Instant::now() < deadline {
-        let mut c = Clients::new(addrs[hosts[i % hosts.len()] - 1], &w.admin_key, &w.scoped_keys[r]);
+        let mut c = Clients::new(addrs[hosts[i % hosts.len()] - 1], &w.ca, &w.admin_key, &w.scoped_keys[r]);
         i += 1;
         let op = workload::record(
             w,
@@ -451,9 +452,9 @@ async fn final_read(
     None
 }
 
-async fn all_up(addrs: &[SocketAddr], admin_key: &str) -> anyhow::Result<()> {
+async fn all_up(addrs: &[SocketAddr], ca: &Path, admin_key: &str) -> anyhow::Result<()> {
     until(Duration::from_secs(90), "every node up after the heal", || async {
-        let mut c = Clients::new(addrs[0], admin_key, "");
+        let mut c = Clients::new(addrs[0], ca, admin_key, "");
         let s = c.admin.cluster_status(v1::ClusterStatusRequest {}).await?.into_inner();
         let down: Vec<String> = s
             .nodes
@@ -469,7 +470,7 @@ async fn all_up(addrs: &[SocketAddr], admin_key: &str) -> anyhow::Result<()> {
 
 async fn jobs_end(w: &Workload, addrs: &[SocketAddr]) -> anyhow::Result<()> {
     until(Duration::from_secs(120), "every operations job ended", || async {
-        let mut c = Clients::new(addrs[0], &w.admin_key, "");
+        let mut c = Clients::new(addrs[0], &w.ca, &w.admin_key, "");
         let jobs = c.admin.list_jobs(v1::ListJobsRequest {}).await?.into_inner().jobs;
         let running: Vec<String> = jobs
             .iter()
@@ -483,10 +484,15 @@ async fn jobs_end(w: &Workload, addrs: &[SocketAddr]) -> anyhow::Result<()> {
 }
 
 /// Every shard of both collections as each node (numbered from 1) sees it.
-async fn shard_views(addrs: &[SocketAddr], key: &str, with_digest: bool) -> anyhow::Result<Vec<(u64, &'static str, v1::ShardInfo)>> {
+async fn shard_views(
+    addrs: &[SocketAddr],
+    ca: &Path,
+    key: &str,
+    with_digest: bool,
+) -> anyhow::Result<Vec<(u64, &'static str, v1::ShardInfo)>> {
     let mut out = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
-        let mut c = Clients::new(*a, key, "");
+        let mut c = Clients::new(*a, ca, key, "");
         for name in [COLLECTION, MOVABLE] {
             let info = c
                 .collections
@@ -509,7 +515,7 @@ async fn converged(w: &Workload, addrs: &[SocketAddr]) -> anyhow::Result<()> {
         // (collection, region, shard) -> (its replicas, digest per node that answered).
         type Digests = (BTreeSet<u64>, BTreeMap<u64, u64>);
         let mut by_shard: BTreeMap<(&str, String, u32), Digests> = BTreeMap::new();
-        for (node, name, s) in shard_views(addrs, &w.admin_key, true).await? {
+        for (node, name, s) in shard_views(addrs, &w.ca, &w.admin_key, true).await? {
             let e = by_shard.entry((name, s.region.clone(), s.number)).or_default();
             e.0.extend(s.replicas.iter().copied());
             if s.held
@@ -623,7 +629,7 @@ impl Nemesis {
     }
 
     fn clients(&self, host: usize, r: usize) -> Clients {
-        Clients::new(self.addrs[host - 1], &self.w.admin_key, &self.w.scoped_keys[r])
+        Clients::new(self.addrs[host - 1], &self.w.ca, &self.w.admin_key, &self.w.scoped_keys[r])
     }
 
     fn up_host(&mut self, r: usize) -> usize {

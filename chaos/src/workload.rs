@@ -45,6 +45,8 @@ pub struct Workload {
     /// read only that region.
     pub admin_key: String,
     pub scoped_keys: Vec<String>,
+    /// The CA certificate the nodes' public ports are checked against.
+    pub ca: std::path::PathBuf,
     /// Regions whose search results may go to a coordinator of region i
     /// (besides i itself), from the policies the run set.
     pub results_to: Vec<Vec<String>>,
@@ -171,9 +173,9 @@ type Keyed = sovra_node::dev::Keyed;
 
 impl Clients {
     /// Lazily connected: a node that is down fails each call, not this.
-    pub fn new(addr: std::net::SocketAddr, admin_key: &str, scoped_key: &str) -> Clients {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("an address")
+    pub fn new(addr: std::net::SocketAddr, ca: &std::path::Path, admin_key: &str, scoped_key: &str) -> Clients {
+        let ch = sovra_node::client::endpoint(&addr.to_string(), Some(ca))
+            .expect("an address and a readable CA")
             .connect_timeout(Duration::from_secs(2))
             // Every call ends: a node that never answers one (seen in the
             // soak while meta was stuck) must not hang the harness.
@@ -311,7 +313,10 @@ pub async fn record<F: std::future::Future<Output = Outcome>>(w: &Workload, proc
 /// next after a call that found it unreachable), until the run stops.
 pub async fn client(process: u32, r: usize, addrs: Vec<std::net::SocketAddr>, w: std::sync::Arc<Workload>) -> Vec<Op> {
     let mut rng = Rng::new(w.seed, process as u64 + 1);
-    let nodes: Vec<Clients> = addrs.iter().map(|a| Clients::new(*a, &w.admin_key, &w.scoped_keys[r])).collect();
+    let nodes: Vec<Clients> = addrs
+        .iter()
+        .map(|a| Clients::new(*a, &w.ca, &w.admin_key, &w.scoped_keys[r]))
+        .collect();
     let mut at = (process as usize) % nodes.len();
     let base = r as u64 * REGION_KEYS;
     let mut out = Vec::new();
