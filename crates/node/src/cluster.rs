@@ -214,7 +214,7 @@ impl ClusterHandler for Membership {
         }
         let index = m.sm.last_applied();
         let state =
-            m.sm.read(sovra_raft::meta_sm::encode_meta)
+            m.sm.read(sovra_raft::meta_sm::encode_state)
                 .map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(pb::FetchMetaReply { index, state })
     }
@@ -491,7 +491,7 @@ pub async fn view_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
             req.set_timeout(Duration::from_secs(3));
             let Ok(r) = client.fetch_meta(req).await else { continue };
             let r = r.into_inner();
-            if let Ok(s) = sovra_raft::meta_sm::decode_meta(&r.state) {
+            if let Ok(s) = sovra_raft::meta_sm::decode_state::<MetaState>(&r.state) {
                 fetched = true;
                 if let Err(e) = state.offer_view(r.index, s).await {
                     state.stop_with(format!("saving the metadata view failed: {e}"));
@@ -533,7 +533,7 @@ async fn fetch(state: &NodeState, confirm: bool) -> Option<(u64, MetaState)> {
         req.set_timeout(Duration::from_secs(2));
         let Ok(r) = client.fetch_meta(req).await else { continue };
         let r = r.into_inner();
-        if let Ok(s) = sovra_raft::meta_sm::decode_meta(&r.state) {
+        if let Ok(s) = sovra_raft::meta_sm::decode_state::<MetaState>(&r.state) {
             return Some((r.index, s));
         }
     }

@@ -234,10 +234,7 @@ impl NodeState {
         let view = match store.get_raw(VIEW_KEY)? {
             None => View::default(),
             Some(b) => match sovra_raft::meta_sm::decode_state::<(u64, MetaState)>(&b) {
-                Ok(((index, mut state), ext)) => {
-                    state.ext = ext;
-                    View { index, state }
-                }
+                Ok((index, state)) => View { index, state },
                 Err(e) => {
                     // Only a cache: meta gives it again.
                     tracing::warn!(error = %e, "the saved metadata view does not decode; starting without it");
@@ -434,14 +431,18 @@ impl NodeState {
         // whole view on every node's heartbeat).
         let held = self.view();
         let only_heartbeats = held.index > 0 && held.state.same_but_progress(&state);
-        if !only_heartbeats {
-            let bytes = sovra_raft::meta_sm::encode_state(&(index, &state), &state.ext).map_err(ShardError::Encode)?;
+        let state = if only_heartbeats {
+            state
+        } else {
+            let saved = (index, state);
+            let bytes = sovra_raft::meta_sm::encode_state(&saved).map_err(ShardError::Encode)?;
             let this = self.clone();
             tokio::task::spawn_blocking(move || this.store.put_raw(VIEW_KEY, &bytes))
                 .await
                 .map_err(|e| ShardError::Io(std::io::Error::other(e)))??;
-            self.apply_view_addresses(&state);
-        }
+            self.apply_view_addresses(&saved.1);
+            saved.1
+        };
         {
             let mut v = self.view.write();
             if index <= v.index {

@@ -41,46 +41,60 @@ fn format_for(ext: &MetaExt) -> u32 {
     if ext.is_base() { META_FORMAT_BASE } else { META_FORMAT }
 }
 
-/// `value` (holding a [`MetaState`], last, whose ext serde skips) then the
-/// state's [`MetaExt`], unless that is the base level's: then the bytes are
-/// exactly what a build before levels writes, and such a build reads the
-/// result either way (postcard ignores what follows a value).
-pub fn encode_state<T: Serialize>(value: &T, ext: &MetaExt) -> Result<Vec<u8>, postcard::Error> {
+/// A value whose serde form ends with one [`MetaState`]: a state, the
+/// replica's persisted record, a node's saved view. The state's [`MetaExt`]
+/// (which serde skips) is written after it by [`encode_state`] and put back
+/// by [`decode_state`], so no caller can drop it.
+pub trait HoldsMeta: Serialize + DeserializeOwned {
+    fn meta(&self) -> &MetaState;
+    fn meta_mut(&mut self) -> &mut MetaState;
+}
+
+impl HoldsMeta for MetaState {
+    fn meta(&self) -> &MetaState {
+        self
+    }
+    fn meta_mut(&mut self) -> &mut MetaState {
+        self
+    }
+}
+
+impl HoldsMeta for Persisted {
+    fn meta(&self) -> &MetaState {
+        &self.state
+    }
+    fn meta_mut(&mut self) -> &mut MetaState {
+        &mut self.state
+    }
+}
+
+/// A node's saved view: the meta index it reflects, and the state.
+impl HoldsMeta for (u64, MetaState) {
+    fn meta(&self) -> &MetaState {
+        &self.1
+    }
+    fn meta_mut(&mut self) -> &mut MetaState {
+        &mut self.1
+    }
+}
+
+/// `value`, then its state's [`MetaExt`] unless that is the base level's:
+/// then the bytes are exactly what a build before levels writes, and such a
+/// build reads the result either way (postcard ignores what follows a value).
+pub fn encode_state<T: HoldsMeta>(value: &T) -> Result<Vec<u8>, postcard::Error> {
     let out = postcard::to_allocvec(value)?;
+    let ext = &value.meta().ext;
     if ext.is_base() { Ok(out) } else { postcard::to_extend(ext, out) }
 }
 
 /// Reads what [`encode_state`] wrote, or a build before levels: nothing
 /// after the value means the base level.
-pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, MetaExt), postcard::Error> {
-    let (value, rest) = postcard::take_from_bytes(bytes)?;
-    let ext = if rest.is_empty() {
-        MetaExt::default()
-    } else {
-        postcard::from_bytes(rest)?
-    };
-    Ok((value, ext))
-}
-
-/// A whole [`MetaState`] as nodes send it to each other (`FetchMeta`).
-pub fn encode_meta(s: &MetaState) -> Result<Vec<u8>, postcard::Error> {
-    encode_state(s, &s.ext)
-}
-
-pub fn decode_meta(bytes: &[u8]) -> Result<MetaState, postcard::Error> {
-    let (mut s, ext): (MetaState, _) = decode_state(bytes)?;
-    s.ext = ext;
-    Ok(s)
-}
-
-fn encode_persisted(p: &Persisted) -> Result<Vec<u8>, postcard::Error> {
-    encode_state(p, &p.state.ext)
-}
-
-fn decode_persisted(bytes: &[u8]) -> Result<Persisted, postcard::Error> {
-    let (mut p, ext): (Persisted, _) = decode_state(bytes)?;
-    p.state.ext = ext;
-    Ok(p)
+pub fn decode_state<T: HoldsMeta>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    let (mut value, rest): (T, _) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        value.meta_mut().ext = postcard::from_bytes(rest)?;
+    }
+    Ok(value)
 }
 
 fn readable(found: u32) -> bool {
@@ -115,7 +129,7 @@ pub enum MetaSnapshotError {
 fn encode_file(p: &Persisted) -> Result<Vec<u8>, postcard::Error> {
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&format_for(&p.state.ext).to_be_bytes());
-    out.extend_from_slice(&encode_persisted(p)?);
+    out.extend_from_slice(&encode_state(p)?);
     let digest = xxhash_rust::xxh3::xxh3_64(&out);
     out.extend_from_slice(&digest.to_be_bytes());
     Ok(out)
@@ -133,7 +147,7 @@ fn decode_file(bytes: &[u8]) -> Result<Persisted, MetaSnapshotError> {
     if xxhash_rust::xxh3::xxh3_64(body).to_be_bytes() != digest {
         return Err(MetaSnapshotError::Digest);
     }
-    Ok(decode_persisted(&body[12..])?)
+    Ok(decode_state(&body[12..])?)
 }
 
 struct Inner {
@@ -199,7 +213,7 @@ impl MetaStateMachine {
     }
 
     fn persist(&self, p: &Persisted) -> Result<(), StorageErr> {
-        let bytes = encode_persisted(p).map_err(|e| io_err(e, StorageIOError::write_state_machine))?;
+        let bytes = encode_state(p).map_err(|e| io_err(e, StorageIOError::write_state_machine))?;
         let mut v = format_for(&p.state.ext).to_be_bytes().to_vec();
         v.extend_from_slice(&bytes);
         let db = self.0.store.db();
@@ -227,7 +241,7 @@ fn load(store: &ReplicaStore) -> Result<Persisted, StorageErr> {
             if !readable(found) {
                 return Err(io_err(MetaSnapshotError::Version { found }, StorageIOError::read_state_machine));
             }
-            decode_persisted(body).map_err(|e| io_err(e, StorageIOError::read_state_machine))
+            decode_state(body).map_err(|e| io_err(e, StorageIOError::read_state_machine))
         }
     }
 }
@@ -477,7 +491,7 @@ mod tests {
         // levels, still in the cluster, reads it.
         assert_eq!(&encode_file(&p).unwrap()[..], &old[..]);
         assert_eq!(
-            encode_meta(&p.state).unwrap(),
+            encode_state(&p.state).unwrap(),
             include_bytes!("../tests/fixtures/meta-state3.bin").to_vec()
         );
     }
@@ -501,8 +515,8 @@ mod tests {
         let back = decode_file(&bytes).unwrap();
         assert_eq!(back.state, s);
         assert_eq!(back.state.ext.key_rates["uk-reader"], rate);
-        let sent = encode_meta(&s).unwrap();
-        assert_eq!(decode_meta(&sent).unwrap(), s);
+        let sent = encode_state(&s).unwrap();
+        assert_eq!(decode_state::<MetaState>(&sent).unwrap(), s);
         // What a build before levels makes of it (it decodes MetaState
         // alone): the same state without the level's record.
         let old_view: MetaState = postcard::from_bytes(&sent).unwrap();
