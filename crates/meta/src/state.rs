@@ -104,9 +104,10 @@ pub struct MetaState {
 
 /// The meta level of states and logs made by builds before levels existed.
 pub const BASE_LEVEL: u32 = 1;
-/// The highest meta level this build reads and writes. Level 2: per-key
-/// rates ([`crate::keys::KeyRate`]).
-pub const META_LEVEL: u32 = 2;
+/// The highest meta level this build reads and writes.
+pub const META_LEVEL: u32 = RATES_LEVEL;
+/// The level that brought per-key rates ([`crate::keys::KeyRate`]).
+pub const RATES_LEVEL: u32 = 2;
 
 /// State added after the base level, encoded after [`MetaState`]'s own
 /// fields (a later level appends its own record after this one, the same
@@ -369,12 +370,12 @@ fn shard_name(c: &CollectionName, k: &ShardKey) -> String {
 
 impl MetaState {
     /// Refuses what needs meta level `level` below it.
-    fn need_level(&self, level: u32, what: &str) -> Result<(), Refused> {
+    pub fn need_level(&self, level: u32, what: &str) -> Result<(), Refused> {
         if self.ext.level >= level {
             return Ok(());
         }
         Err(Refused::Op(format!(
-            "{what} needs meta level {level}; the cluster is at level {}. The level rises by itself once every registered node runs a build of level {level} or later (a node that is down, or runs an older build, holds it back)",
+            "{what} needs meta level {level}; the cluster is at level {}. The level rises by itself once every registered node runs a build of level {level} or later: a node that runs an older build, or is down and not drained, holds it back (ClusterStatus shows the level)",
             self.ext.level
         )))
     }
@@ -494,7 +495,7 @@ impl MetaState {
                 Ok(Applied::Done)
             }
             MetaCommand::AddRatedKey { key, rate } => {
-                self.need_level(2, "a key's rate")?;
+                self.need_level(RATES_LEVEL, "a key's rate")?;
                 rate.check().map_err(Refused::Op)?;
                 if self.api_keys.contains_key(&key.id) {
                     return Err(Refused::KeyExists(key.id));
@@ -504,7 +505,7 @@ impl MetaState {
                 Ok(Applied::Done)
             }
             MetaCommand::SetKeyRate { id, rate } => {
-                self.need_level(2, "a key's rate")?;
+                self.need_level(RATES_LEVEL, "a key's rate")?;
                 if !self.api_keys.contains_key(&id) {
                     return Err(Refused::UnknownKey(id));
                 }

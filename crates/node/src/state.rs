@@ -974,14 +974,14 @@ impl NodeState {
         Ok(shards)
     }
 
-    /// Commits `cmd` in meta (through this node's meta replica, or a meta
-    /// node), mapping a refusal to a status that says why.
     /// The highest meta level this node's build reads (what it answers
     /// joiners and the meta leader).
     pub fn meta_level(&self) -> u32 {
         self.config.claim_meta_level.unwrap_or(sovra_meta::state::META_LEVEL)
     }
 
+    /// Commits `cmd` in meta (through this node's meta replica, or a meta
+    /// node), mapping a refusal to a status that says why.
     pub async fn meta_change(&self, cmd: sovra_meta::MetaCommand, what: &str) -> Result<u64, ApiError> {
         let (index, r) = crate::cluster::meta_write(self, cmd).await?;
         match r {

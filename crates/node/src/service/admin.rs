@@ -7,7 +7,7 @@ use crate::audit::Note;
 use crate::state::NodeState;
 use sovra_meta::MetaCommand;
 use sovra_meta::keys::{ApiKeyRecord, KeyRate, Regions, Scopes, format_key, hash_secret, valid_key_id};
-use sovra_meta::state::RegionPolicy;
+use sovra_meta::state::{RATES_LEVEL, RegionPolicy};
 use sovra_proto::v1::{self, admin_server::Admin};
 use sovra_types::{ApiError, CollectionName, RegionId, quote};
 use std::collections::BTreeSet;
@@ -109,18 +109,17 @@ fn rate_to(r: Option<&KeyRate>) -> Option<v1::KeyRate> {
     })
 }
 
-/// FAILED_PRECONDITION unless the cluster's meta level is at least `level`.
+/// FAILED_PRECONDITION unless the cluster's meta level is at least `level`
+/// (the state machine's own check, [`sovra_meta::MetaState::need_level`]).
 /// Checked before proposing: a command of a higher level would stop a
 /// replica of an older build at the entry it cannot decode. The view's
 /// level never runs ahead of the committed one, so this never lets one by.
 fn need_level(state: &NodeState, level: u32, what: &str) -> Result<(), ApiError> {
-    let have = state.view().state.ext.level;
-    if have >= level {
-        return Ok(());
-    }
-    Err(ApiError::precondition(format!(
-        "{what} needs meta level {level}, and the cluster is at level {have}: some registered node runs an older build (or is down). The level rises by itself once every registered node runs this build; ClusterStatus shows it"
-    )))
+    state
+        .view()
+        .state
+        .need_level(level, what)
+        .map_err(|e| ApiError::precondition(e.to_string()))
 }
 
 fn key_to(k: &ApiKeyRecord, state: &sovra_meta::MetaState) -> v1::ApiKey {
@@ -172,7 +171,7 @@ impl Admin for AdminService {
             let cmd = match rate {
                 None => MetaCommand::AddApiKey(rec),
                 Some(rate) => {
-                    need_level(&self.state, 2, "a key with a rate")?;
+                    need_level(&self.state, RATES_LEVEL, "a key with a rate")?;
                     MetaCommand::AddRatedKey { key: rec, rate }
                 }
             };
@@ -198,7 +197,7 @@ impl Admin for AdminService {
             let req = req.into_inner();
             note.target(&req.id);
             let rate = rate_from(req.rate, "rate")?;
-            need_level(&self.state, 2, "a key's rate")?;
+            need_level(&self.state, RATES_LEVEL, "a key's rate")?;
             let index = self
                 .state
                 .meta_change(
