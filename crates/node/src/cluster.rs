@@ -228,16 +228,22 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>, d: Duration) -> bo
     }
 }
 
-/// Announces this node to `addr`, learning the addresses it answers.
-async fn announce(state: &NodeState, addr: &str, me: &NodeRecord) -> Result<(), String> {
-    let mut client = state.host.peers.client_at(addr, 0).map_err(|e| e.to_string())?;
+/// Node `me`'s `Join` to the node at `addr` (node `to`; 0: known by
+/// address only), and its answer.
+async fn join(state: &NodeState, addr: &str, to: u64, me: &NodeRecord) -> Result<pb::JoinReply, String> {
+    let mut client = state.host.peers.client_at(addr, to).map_err(|e| e.to_string())?;
     let mut req = tonic::Request::new(pb::JoinRequest {
         from: me.id,
         cluster_addr: me.cluster_addr.clone(),
         incarnation: me.incarnation,
     });
     req.set_timeout(Duration::from_secs(2));
-    let r = client.join(req).await.map_err(|s| s.message().to_string())?.into_inner();
+    Ok(client.join(req).await.map_err(|s| s.message().to_string())?.into_inner())
+}
+
+/// Announces this node to `addr`, learning the addresses it answers.
+async fn announce(state: &NodeState, addr: &str, me: &NodeRecord) -> Result<(), String> {
+    let r = join(state, addr, 0, me).await?;
     for a in r.addresses {
         if a.id != me.id {
             state.host.peers.book.set_newer(a.id, &a.cluster_addr, a.incarnation);
@@ -303,35 +309,19 @@ async fn first_level(state: &NodeState) -> bool {
     true
 }
 
-/// On the meta leader, while the cluster's meta level is below this build's:
-/// asks every registered node which level its build reads, and raises the
-/// level when all of them read this build's. A node that does not answer
-/// (down, or unreachable) holds it back, unless it is drained: it might run
-/// an older build, which would stop at the first entry of the new level.
-async fn raise_level(state: &NodeState, view: &MetaState, said: &mut String) {
+/// On the meta leader (registered as `me`), while the cluster's meta level
+/// is below this build's ([`level_loop`] checks): asks every registered node
+/// which level its build reads (its `Join` answer), and raises the level when
+/// all of them read this build's. A node that does not answer (down, or
+/// unreachable) holds it back, unless it is drained: it might run an older
+/// build, which would stop at the first entry of the new level.
+async fn raise_level(state: &NodeState, view: &MetaState, me: &NodeRecord, said: &mut String) {
     let want = state.meta_level();
-    if view.ext.level >= want {
-        return;
-    }
     let mut behind = None;
-    for n in view.nodes.values().filter(|n| n.id != state.config.node_id) {
-        let level = match state.host.peers.client_at(&n.cluster_addr, n.id) {
-            Err(e) => Err(e.to_string()),
-            Ok(mut client) => {
-                let me = view.nodes.get(&state.config.node_id);
-                let mut req = tonic::Request::new(pb::JoinRequest {
-                    from: state.config.node_id,
-                    cluster_addr: me.map(|m| m.cluster_addr.clone()).unwrap_or_default(),
-                    incarnation: state.incarnation,
-                });
-                req.set_timeout(Duration::from_secs(2));
-                client
-                    .join(req)
-                    .await
-                    .map(|r| r.into_inner().meta_level.max(sovra_meta::state::BASE_LEVEL))
-                    .map_err(|s| s.message().to_string())
-            }
-        };
+    for n in view.nodes.values().filter(|n| n.id != me.id) {
+        let level = join(state, &n.cluster_addr, n.id, me)
+            .await
+            .map(|r| r.meta_level.max(sovra_meta::state::BASE_LEVEL));
         match level {
             Ok(l) if l >= want => {}
             Ok(l) => {
@@ -382,8 +372,8 @@ pub async fn level_loop(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) 
             continue;
         }
         let view = m.sm.state();
-        if view.nodes.contains_key(&state.config.node_id) {
-            raise_level(&state, &view, &mut said).await;
+        if let Some(me) = view.nodes.get(&state.config.node_id) {
+            raise_level(&state, &view, me, &mut said).await;
         }
     }
 }
