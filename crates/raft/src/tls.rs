@@ -163,13 +163,18 @@ pub fn speaker_is(certs: Option<&[CertificateDer<'static>]>, from: NodeId, tls: 
             "the cluster listener takes messages only over mutual TLS, and this connection presented no certificate",
         )
     })?;
-    match certs.first() {
-        Some(c) if cert_names(c, &node_name(from)) => Ok(()),
-        _ => Err(tonic::Status::permission_denied(format!(
-            "the message says it is from node {from}, but the connection's certificate does not name node {from} ({})",
-            node_name(from)
-        ))),
+    if shows(Some(certs), &node_name(from)) {
+        return Ok(());
     }
+    Err(tonic::Status::permission_denied(format!(
+        "the message says it is from node {from}, but the connection's certificate does not name node {from} ({})",
+        node_name(from)
+    )))
+}
+
+/// Whether the connection's (first, leaf) certificate names `name`.
+fn shows(certs: Option<&[CertificateDer<'static>]>, name: &str) -> bool {
+    certs.and_then(|c| c.first()).is_some_and(|c| cert_names(c, name))
 }
 
 /// Over mutual TLS, refuses unless the connection's certificate names node
@@ -179,13 +184,13 @@ pub fn speaker_in(certs: Option<&[CertificateDer<'static>]>, id: NodeId, region:
     if !tls {
         return Ok(());
     }
-    match certs.and_then(|c| c.first()) {
-        Some(c) if cert_names(c, &node_region_name(id, region)) => Ok(()),
-        _ => Err(tonic::Status::permission_denied(format!(
-            "node {id} says it is in region {region}, but its certificate does not name {}: a node's region is the one its certificate was made for",
-            node_region_name(id, region)
-        ))),
+    let name = node_region_name(id, region);
+    if shows(certs, &name) {
+        return Ok(());
     }
+    Err(tonic::Status::permission_denied(format!(
+        "node {id} says it is in region {region}, but its certificate does not name {name}: a node's region is the one its certificate was made for"
+    )))
 }
 
 impl TlsState {
