@@ -70,17 +70,10 @@ impl Cluster {
             "no sovra binary at {} (build it, or set SOVRA_BIN)",
             c.bin.display()
         );
-        let tls = c.dir.join("tls");
-        std::fs::create_dir_all(&tls)?;
-        let ca = sovra_node::certs::Ca::generate("sovra chaos CA", 2)?;
-        std::fs::write(c.ca(), &ca.cert_pem)?;
-        for (i, region) in regions.iter().enumerate() {
-            let host = i + 1;
-            let cert = ca.node(host as u64, region, &[c.net.addr(host)], 2)?;
-            let (cert_path, key_path) = sovra_node::certs::node_files(&tls, host as u64);
-            std::fs::write(cert_path, cert.cert_pem)?;
-            std::fs::write(key_path, cert.key_pem)?;
-        }
+        let certs: Vec<(u64, &str, Vec<String>)> = (1..=regions.len())
+            .map(|h| (h as u64, regions[h - 1], vec![c.net.addr(h)]))
+            .collect();
+        sovra_node::certs::throwaway_with_hosts(&c.tls_dir(), &certs)?;
         for (i, region) in regions.iter().enumerate() {
             c.nodes.push(Node {
                 host: i + 1,
@@ -98,9 +91,14 @@ impl Cluster {
         Ok(c)
     }
 
+    /// The run's throwaway CA and node certificates.
+    fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
     /// The CA certificate the run's clients trust.
     pub fn ca(&self) -> PathBuf {
-        self.dir.join("tls").join("ca.pem")
+        self.tls_dir().join("ca.pem")
     }
 
     /// Node `host`'s public address.
@@ -111,7 +109,7 @@ impl Cluster {
     fn config(&self, host: usize) -> anyhow::Result<PathBuf> {
         let n = &self.nodes[host - 1];
         let addr = self.net.addr(host);
-        let (cert, key) = sovra_node::certs::node_files(&self.dir.join("tls"), host as u64);
+        let (cert, key) = sovra_node::certs::node_files(&self.tls_dir(), host as u64);
         let mut text = format!(
             "node_id = {host}\nregion = \"{}\"\nzone = \"{}-z{host}\"\ndata_dir = \"{}\"\n\
              grpc_listen = \"{addr}:{GRPC_PORT}\"\ncluster_listen = \"{addr}:{CLUSTER_PORT}\"\n\

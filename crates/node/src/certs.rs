@@ -188,11 +188,18 @@ pub fn run(cmd: &CertsCommand) -> anyhow::Result<String> {
 /// A throwaway CA in `dir` with certificates for `nodes` (id, region):
 /// `sovra dev` and the tests. Returns the CA.
 pub fn throwaway(dir: &Path, nodes: &[(u64, &str)]) -> anyhow::Result<Ca> {
+    let nodes: Vec<(u64, &str, Vec<String>)> = nodes.iter().map(|(id, r)| (*id, *r, Vec::new())).collect();
+    throwaway_with_hosts(dir, &nodes)
+}
+
+/// As [`throwaway`], each node's certificate also naming its hosts (the
+/// addresses clients dial it by, as the chaos runs' namespaces).
+pub fn throwaway_with_hosts(dir: &Path, nodes: &[(u64, &str, Vec<String>)]) -> anyhow::Result<Ca> {
     std::fs::create_dir_all(dir)?;
     let ca = Ca::generate("sovra throwaway CA", 30)?;
     std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
-    for (id, region) in nodes {
-        let c = ca.node(*id, region, &[], 30)?;
+    for (id, region, hosts) in nodes {
+        let c = ca.node(*id, region, hosts, 30)?;
         let (cert, key) = node_files(dir, *id);
         std::fs::write(cert, c.cert_pem)?;
         std::fs::write(key, c.key_pem)?;
