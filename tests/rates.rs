@@ -31,6 +31,15 @@ async fn meta_level(n: &TestNode) -> u32 {
         .meta_level
 }
 
+async fn create_key(n: &TestNode, id: &str, rate: Option<v1::KeyRate>) -> Result<v1::CreateKeyResponse, tonic::Status> {
+    let req = v1::CreateKeyRequest {
+        id: id.into(),
+        scopes: Some(reader()),
+        rate,
+    };
+    n.admin.clone().create_key(req).await.map(|r| r.into_inner())
+}
+
 async fn set_rate(c: &sovra_tests::Clients, id: &str, rate: Option<v1::KeyRate>) -> Result<v1::ApiKey, tonic::Status> {
     let req = v1::SetKeyRateRequest { id: id.into(), rate };
     c.admin.clone().set_key_rate(req).await.map(|r| r.into_inner())
@@ -59,31 +68,14 @@ async fn a_keys_rate_holds_on_every_node_and_can_be_changed_or_cleared() {
         (rate(2_000_000, 0), "per_second is 2000000"),
         (rate(5, 2_000_000), "burst is 2000000"),
     ] {
-        let e = nodes[0]
-            .admin
-            .create_key(v1::CreateKeyRequest {
-                id: "bad".into(),
-                scopes: Some(reader()),
-                rate: bad,
-            })
-            .await
-            .unwrap_err();
+        let e = create_key(&nodes[0], "bad", bad).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains(what), "{}", e.message());
     }
     let keys = nodes[0].admin.list_keys(v1::ListKeysRequest {}).await.unwrap().into_inner().keys;
     assert!(keys.iter().all(|k| k.id != "bad"));
 
-    let made = nodes[0]
-        .admin
-        .create_key(v1::CreateKeyRequest {
-            id: "slow".into(),
-            scopes: Some(reader()),
-            rate: rate(1, 3),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let made = create_key(&nodes[0], "slow", rate(1, 3)).await.unwrap();
     assert_eq!(made.rate, rate(1, 3));
     let slow: Vec<_> = nodes.iter().map(|n| n.clients(&made.key)).collect();
     // Node 2 has seen the rate once it lists it.
@@ -178,16 +170,7 @@ async fn key_rates_wait_until_every_registered_node_reads_meta_level_2() {
     let mut nodes = TestNode::start_cluster_with(&[(1, "uk"), (2, "uk"), (3, "uk"), (4, "uk")], |c| c.claim_meta_level = Some(1)).await;
     assert_eq!(meta_level(&nodes[0]).await, 1);
     let refused_below = async |n: &TestNode| {
-        let e = n
-            .admin
-            .clone()
-            .create_key(v1::CreateKeyRequest {
-                id: "rated".into(),
-                scopes: Some(reader()),
-                rate: rate(5, 5),
-            })
-            .await
-            .unwrap_err();
+        let e = create_key(n, "rated", rate(5, 5)).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
         assert!(e.message().contains("needs meta level 2"), "{}", e.message());
     };
@@ -249,16 +232,7 @@ async fn key_rates_wait_until_every_registered_node_reads_meta_level_2() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("reads level 1 only"), "{}", e.message());
 
-    let made = upgraded[0]
-        .admin
-        .create_key(v1::CreateKeyRequest {
-            id: "rated".into(),
-            scopes: Some(reader()),
-            rate: rate(5, 5),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let made = create_key(&upgraded[0], "rated", rate(5, 5)).await.unwrap();
     assert_eq!(made.rate, rate(5, 5));
     let keys = upgraded[1]
         .admin

@@ -412,7 +412,7 @@ mod tests {
         use sovra_meta::keys::{ApiKeyRecord, Regions, Scopes, hash_secret};
         use sovra_meta::state::{MetaCommand, RegionPolicy};
         use sovra_meta::{NodeRecord, NodeStatus, Roles};
-        use sovra_types::{CollectionName, CollectionSpec, HnswParams, Metric, RegionId, RegionShards};
+        use sovra_types::{CollectionName, CollectionSpec, Metric, RegionId, RegionShards};
         let uk = RegionId::parse("uk").unwrap();
         let us = RegionId::parse("us").unwrap();
         let mut s = MetaState::default();
@@ -449,10 +449,7 @@ mod tests {
             },
         });
         let spec = CollectionSpec {
-            name: CollectionName::parse("people").unwrap(),
-            dimension: 4,
             metric: Metric::Cosine,
-            hnsw: HnswParams::default(),
             regions: vec![
                 RegionShards {
                     region: uk.clone(),
@@ -465,10 +462,7 @@ mod tests {
                     split_map: None,
                 },
             ],
-            replication_factor: 1,
-            default_retention_seconds: 0,
-            require_lawful_basis: false,
-            require_purpose: false,
+            ..CollectionSpec::single_region(CollectionName::parse("people").unwrap(), 4, Metric::L2, uk.clone())
         };
         cmds.push(MetaCommand::CreateCollection {
             spec,
