@@ -408,6 +408,25 @@ fn scope_cells(s: Option<v1::KeyScopes>) -> Vec<serde_json::Value> {
 
 const SCOPE_COLUMNS: [&str; 5] = ["read", "write", "collections", "admin", "data_protection"];
 
+/// Keys as `keys list` shows them: id, scopes, rate, creation time.
+fn keys_table(keys: Vec<v1::ApiKey>) -> Table {
+    let rows = keys
+        .into_iter()
+        .map(|k| {
+            let mut row = vec![k.id.into()];
+            row.extend(scope_cells(k.scopes));
+            row.push(rate_cell(k.rate));
+            row.push(k.created_ms.into());
+            row
+        })
+        .collect();
+    let mut columns = vec!["id"];
+    columns.extend(SCOPE_COLUMNS);
+    columns.push("rate");
+    columns.push("created_ms");
+    Table { columns, rows }
+}
+
 /// `sovra ctl keys ...`.
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<String> {
     match cmd {
@@ -459,22 +478,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<String> {
                 .await
                 .map_err(status("ListKeys"))?
                 .into_inner();
-            let rows = r
-                .keys
-                .into_iter()
-                .map(|k| {
-                    let mut row = vec![k.id.into()];
-                    row.extend(scope_cells(k.scopes));
-                    row.push(rate_cell(k.rate));
-                    row.push(k.created_ms.into());
-                    row
-                })
-                .collect();
-            let mut columns = vec!["id"];
-            columns.extend(SCOPE_COLUMNS);
-            columns.push("rate");
-            columns.push("created_ms");
-            Ok(Table { columns, rows }.render(conn.format))
+            Ok(keys_table(r.keys).render(conn.format))
         }
         KeysCommand::Revoke { conn, id } => {
             conn.admin()
@@ -497,15 +501,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<String> {
                 .await
                 .map_err(status("SetKeyRate"))?
                 .into_inner();
-            let mut row = vec![k.id.into()];
-            row.extend(scope_cells(k.scopes));
-            row.push(rate_cell(k.rate));
-            row.push(k.created_ms.into());
-            let mut columns = vec!["id"];
-            columns.extend(SCOPE_COLUMNS);
-            columns.push("rate");
-            columns.push("created_ms");
-            Ok(Table { columns, rows: vec![row] }.render(conn.format))
+            Ok(keys_table(vec![k]).render(conn.format))
         }
     }
 }
